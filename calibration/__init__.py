@@ -1,0 +1,1 @@
+"""Calibration inputs and the per-layer measurement that picks quantization formats."""

@@ -1,0 +1,1 @@
+"""Offline converter: upstream checkpoint -> quantized, streamable liveavatar-lite artifact."""
