@@ -178,7 +178,7 @@ def test_reader_bad_input(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 def test_lora_bad_input(tmp_path: Path) -> None:
     bf16 = torch.bfloat16
-    one = lambda k, s: torch.ones(s, dtype=bf16)  # noqa: E731
+    one = lambda k, s: [torch.ones(s, dtype=bf16)]  # noqa: E731
     mc.write_safetensors(tmp_path / "odd.safetensors", [("blocks.0.self_attn.q.alpha", (1,))], bf16, one)
     with pytest.raises(CheckpointError, match="not a PEFT LoRA key"):
         ck.LoraWeights.open(tmp_path / "odd.safetensors")

@@ -24,7 +24,7 @@ import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,25 +43,50 @@ _STORAGE_CLS = {torch.bfloat16: "BFloat16Storage", torch.float32: "FloatStorage"
 Spec = tuple[str, tuple[int, ...]]  # (key, shape)
 
 
+CHUNK_ELEMS = 1 << 24  # values are generated in row chunks of <= 16 M elements to bound RSS
+
+
+def iter_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, fill: str, seed: int) -> Iterator[torch.Tensor]:
+    """Deterministic values for one key, as consecutive row chunks (each chunk seeded by (seed, key, chunk)).
+
+    Random fill gives unit-scale activations: fan-in scaled weights, norm gains around 1, small biases.
+    """
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    rows_per_chunk = max(1, CHUNK_ELEMS // row) if shape else 1
+    n_rows = shape[0] if shape else 1
+    for c, r0 in enumerate(range(0, max(n_rows, 1), rows_per_chunk)):
+        part = (min(rows_per_chunk, n_rows - r0), *shape[1:]) if shape else ()
+        if fill == "zeros":
+            yield torch.zeros(part, dtype=dtype)
+            continue
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()) + 7919 * c)
+        t = torch.randn(part, generator=g)
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "gamma" or (leaf == "weight" and "norm" in key and len(shape) == 1):
+            t = 1.0 + 0.1 * t  # norm gains around 1
+        elif leaf == "weight" and len(shape) >= 2:
+            t = t / math.sqrt(row)  # fan-in scaling keeps activations O(1)
+        elif key.endswith("casual_audio_encoder.weights"):
+            t = 0.01 + 0.001 * t  # upstream initializes these layer weights at 0.01
+        else:
+            t = 0.02 * t  # biases, modulation tables, padding tokens
+        yield t.to(dtype)
+
+
 def tensor_for(key: str, shape: tuple[int, ...], dtype: torch.dtype, fill: str, seed: int) -> torch.Tensor:
-    """Deterministic values for one key: unit-scale activations for random weights, exact zeros otherwise."""
-    if fill == "zeros":
-        return torch.zeros(shape, dtype=dtype)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    t = torch.randn(shape, generator=g)
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf == "gamma" or (leaf == "weight" and re.search(r"norm", key) and len(shape) == 1):
-        t = 1.0 + 0.1 * t  # norm gains around 1
-    elif leaf == "weight" and len(shape) >= 2:
-        t = t / math.sqrt(math.prod(shape[1:]))  # fan-in scaling keeps activations O(1)
-    elif key.endswith("casual_audio_encoder.weights"):
-        t = 0.01 + 0.001 * t  # upstream initializes these layer weights at 0.01
-    else:
-        t = 0.02 * t  # biases, modulation tables, padding tokens
-    return t.to(dtype)
+    """The whole tensor `iter_tensor` streams (small tensors and tests)."""
+    return torch.cat(list(iter_tensor(key, shape, dtype, fill, seed))).reshape(shape)
 
 
-def write_safetensors(path: Path, specs: list[Spec], dtype: torch.dtype, make: Callable[[str, tuple[int, ...]], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+Maker = Callable[[str, tuple[int, ...]], Iterable[torch.Tensor]]
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor without copying them."""
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def write_safetensors(path: Path, specs: list[Spec], dtype: torch.dtype, make: Maker, metadata: dict[str, str] | None = None) -> int:
     """Stream tensors into one safetensors file: header first (shapes are known), then data in order."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -75,7 +100,8 @@ def write_safetensors(path: Path, specs: list[Spec], dtype: torch.dtype, make: C
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for key, shape in specs:
-            f.write(make(key, shape).contiguous().view(torch.uint8).numpy().tobytes())
+            for part in make(key, shape):
+                f.write(_raw(part))
     return offset
 
 
@@ -102,7 +128,7 @@ class _PthPickler(pickle.Pickler):
         return None
 
 
-def write_pth(path: Path, specs: list[Spec], dtype: torch.dtype, make: Callable[[str, tuple[int, ...]], torch.Tensor]) -> int:
+def write_pth(path: Path, specs: list[Spec], dtype: torch.dtype, make: Maker) -> int:
     """Stream a torch.save-compatible state_dict (zip format), one storage record at a time.
 
     torch.save needs every tensor in memory; this writes the same archive (data.pkl + data/N records,
@@ -121,24 +147,25 @@ def write_pth(path: Path, specs: list[Spec], dtype: torch.dtype, make: Callable[
         zf.writestr(f"{arch}/.storage_alignment", "64")
         zf.writestr(f"{arch}/byteorder", "little")
         for i, (key, shape) in enumerate(specs):
-            data = make(key, shape).contiguous().view(torch.uint8).numpy().tobytes()
-            _write_aligned(zf, f"{arch}/data/{i}", data)
-            total += len(data)
+            total += _write_aligned(zf, f"{arch}/data/{i}", make(key, shape), math.prod(shape) * dtype.itemsize)
         zf.writestr(f"{arch}/version", "3\n")
         zf.writestr(f"{arch}/.data/serialization_id", f"{zlib.crc32(path.name.encode()):040d}")
     return total
 
 
-def _write_aligned(zf: zipfile.ZipFile, name: str, data: bytes, align: int = 64) -> None:
+def _write_aligned(zf: zipfile.ZipFile, name: str, parts: Iterable[torch.Tensor], nbytes: int, align: int = 64) -> int:
     """Write one stored record whose data starts on an `align`-byte boundary (padding in the extra field)."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
-    zip64 = len(data) > 0xFFFFFFFF - 1024 or zf.fp.tell() > 0xFFFFFFFF - 1024  # type: ignore[union-attr]
+    info.file_size = nbytes
+    zip64 = nbytes > 0xFFFFFFFF - 1024 or zf.fp.tell() > 0xFFFFFFFF - 1024  # type: ignore[union-attr]
     start = zf.fp.tell() + 30 + len(name.encode()) + (20 if zip64 else 0)  # type: ignore[union-attr]
     pad = (-(start + 4)) % align  # a 4-byte extra-field header precedes the padding
     info.extra = (0xCAFE).to_bytes(2, "little") + pad.to_bytes(2, "little") + b"\0" * pad
     with zf.open(info, "w", force_zip64=zip64) as w:
-        w.write(data)
+        for part in parts:
+            w.write(_raw(part))
+    return nbytes
 
 
 def shard_plan(specs: list[Spec], itemsize: int, max_bytes: int | None) -> list[list[Spec]]:
@@ -200,8 +227,8 @@ def write_checkpoint(preset_name: str, out: Path, fill: str = "random", seed: in
     tmp.mkdir(parents=True)
     bf16 = torch.bfloat16
 
-    def make(dtype: torch.dtype) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
-        return lambda key, shape: tensor_for(key, shape, dtype, fill, seed)
+    def make(dtype: torch.dtype) -> Maker:
+        return lambda key, shape: iter_tensor(key, shape, dtype, fill, seed)
 
     log = _Progress(progress)
     (tmp / ck.DIT_CONFIG).write_text(json.dumps(preset.dit.to_upstream_json(), indent=2) + "\n")
@@ -223,9 +250,10 @@ def write_checkpoint(preset_name: str, out: Path, fill: str = "random", seed: in
         entries = lora_specs(specs, preset.lora_rank, lora_spelling)
         shapes = {name: shape for name, _, shape in entries}
 
-        def make_lora(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-            t = tensor_for(key.replace(".default", "").replace("base_model.model.", ""), shape, torch.float32, fill, seed + 1)
-            return (t if ".lora_A" in key else 0.1 * t).to(bf16)  # B small: the LoRA is a correction
+        def make_lora(key: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+            module_key = key.replace(".default", "").replace("base_model.model.", "")  # same values in both spellings
+            for t in iter_tensor(module_key, shape, torch.float32, fill, seed + 1):
+                yield (t if ".lora_A" in key else 0.1 * t).to(bf16)  # B small: the LoRA is a correction
 
         write_safetensors(tmp / ck.LORA_FILE, list(shapes.items()), bf16, make_lora)
         log("LoRA")
