@@ -267,3 +267,13 @@ PRESETS: dict[str, ModelPreset] = {
     ),
 }
 
+
+
+def preset_for_dit(dit: DiTConfig) -> ModelPreset:
+    """The preset whose DiT this is (its umT5, VAE and wav2vec2 configs come with it)."""
+    for preset in PRESETS.values():
+        if preset.dit == dit:
+            return preset
+    raise CheckpointError(
+        f"a DiT with dim {dit.dim} and {dit.num_layers} layers is not Wan2.2-S2V-14B (nor the tiny test model)"
+    )
