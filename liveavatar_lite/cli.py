@@ -15,6 +15,7 @@ from .errors import UserError
 # name -> (module under liveavatar_lite.commands, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("quantize_cmd", "convert an upstream checkpoint into a quantized, streamable artifact"),
+    "calibrate": ("calibrate_cmd", "measure each Linear's quantization error on a synthetic calibration set"),
     "inspect": ("inspect_cmd", "summarize an artifact: formats, bytes per unit, source, verification"),
     "plan": ("plan_cmd", "place weights and KV caches within a VRAM/RAM budget and predict speed"),
     "generate": ("generate_cmd", "photo + speech + prompt -> mp4 (streaming, resumable)"),

@@ -1,14 +1,38 @@
-"""`liveavatar-lite bench` (not implemented yet)."""
+"""`liveavatar-lite bench NAME [ARGS...]`: run one of the benchmark scripts in tools/.
+
+    liveavatar-lite bench stream --preset 14b --vram 16 --kv fp8
+    liveavatar-lite bench stream --help
+"""
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
+
+BENCHES = {
+    "stream": "bench_stream.py",  # streamed vs resident step time, copy-wait fraction, H2D GB/s
+    "quantize": "bench_quantize.py",  # converter throughput and RSS vs optimum-quanto
+    "vae": "bench_vae.py",  # ONNX Runtime vs torch VAE decode
+}
+
+DESCRIPTION = (
+    "Run a benchmark from the source checkout's tools/ directory and print its side-by-side table: "
+    "stream (streamed vs resident DiT step time, copy-wait fraction, H2D GB/s), quantize, vae. "
+    "Arguments after NAME go to the script (NAME --help lists them)."
+)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("liveavatar-lite bench: not implemented yet", file=sys.stderr)
-    return 2
+    import subprocess
+    import sys
+
+    from ..errors import UserError
+
+    script = Path(__file__).resolve().parents[2] / "tools" / BENCHES[args.name]
+    if not script.is_file():
+        raise UserError(f"{script} not found: benchmarks run from a source checkout of liveavatar-lite")
+    return subprocess.call([sys.executable, str(script), *args.args])

@@ -1,14 +1,119 @@
-"""`liveavatar-lite plan` (not implemented yet)."""
+"""`liveavatar-lite plan`: place weights and KV caches within a VRAM/RAM budget and predict speed.
+
+    liveavatar-lite plan ARTIFACT --vram 24 [--ram 64] [--size 704*384] [--kv fp8] [--device-profile rtx4090] [--json]
+    liveavatar-lite plan 14b --format int4 --vram 12      # no artifact needed: sizes from the config
+"""
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import os
+from pathlib import Path
+
+DESCRIPTION = (
+    "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "
+    "pinned host RAM or disk so that weights, KV, activations, staging slots, the VAE's ONNX Runtime "
+    "arena and the CUDA context fit ONE VRAM budget; print the layout and the predicted seconds per "
+    "clip. ARTIFACT is an artifact directory, or a preset name (14b, tiny) with --format to plan "
+    "before converting. Sizes are decimal GB (1e9 bytes)."
+)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("artifact", metavar="ARTIFACT", help="artifact directory, or a preset name: 14b | tiny")
+    parser.add_argument("--vram", type=float, required=True, metavar="GB", help="VRAM budget in GB (the one knob)")
+    parser.add_argument("--ram", type=float, metavar="GB", help="host RAM budget in GB (default: this machine's RAM)")
+    parser.add_argument("--size", default="704*384", metavar="W*H", help="video size (default 704*384)")
+    parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"), help="KV cache storage dtype")
+    parser.add_argument("--format", choices=("bf16", "int8", "fp8", "int4", "nf4"),
+                        help="weight format when ARTIFACT is a preset name")
+    parser.add_argument("--device-profile", metavar="NAME",
+                        help="bandwidth/throughput figures: rtx4090, rtx3090, rtx5090, l40s, h100-pcie "
+                             "(default: this GPU's profile if known, else a short probe)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("liveavatar-lite plan: not implemented yet", file=sys.stderr)
-    return 2
+    from ..config import PRESETS
+    from ..errors import UserError
+    from ..format import read_manifest
+    from ..plan import GB, Budget, make_plan
+    from ..plan_inputs import manifest_unit_sizes, parse_size, plan_input
+
+    size = parse_size(args.size)
+    if args.vram <= 0 or (args.ram is not None and args.ram <= 0):
+        raise UserError("--vram and --ram must be positive numbers of GB")
+    if args.artifact in PRESETS:
+        if not args.format:
+            raise UserError(f"planning preset {args.artifact!r} needs --format (e.g. --format int8)")
+        inp = plan_input(PRESETS[args.artifact].dit, size, args.format)
+    else:
+        if args.format:
+            raise UserError("--format is only for preset names; an artifact's format is in its manifest")
+        m = read_manifest(Path(args.artifact))
+        inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
+    ram = args.ram * GB if args.ram is not None else _physical_ram()
+    profile, note = _profile(args.device_profile)
+    plan = make_plan(inp, Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv), profile)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+    else:
+        print(format_plan(plan, ram))
+        if note:
+            print(note)
+    return 0
+
+
+def _physical_ram() -> float | None:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _profile(name: str | None):
+    from ..device_profiles import PROFILES, get_profile, probe_profile
+
+    if name:
+        return get_profile(name), ""
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name().lower().replace(" ", "").replace("-", "")
+        for key, prof in PROFILES.items():
+            if key.replace("-", "") in gpu:
+                return prof, ""
+        return probe_profile(), ""
+    return probe_profile("cpu", seconds=1.0), ("note: no GPU here, so times are for this CPU; "
+                                               "pass --device-profile rtx4090 (or another) to predict a GPU")
+
+
+def format_plan(plan, ram_budget: float | None) -> str:
+    """The human-readable plan table."""
+    from ..plan import GB
+
+    gb = lambda b: f"{b / GB:8.2f}"  # noqa: E731
+    w, h = plan.size
+    kv_dtype = plan.kv[0].dtype if plan.kv else "-"
+    lines = [f"plan: {plan.weight_format} weights, {w}*{h}, KV {kv_dtype}, profile {plan.device_profile}", "",
+             f"{'VRAM':<32}GB"]
+    for k, v in plan.breakdown.items():
+        lines.append(f"  {k.replace('_', ' '):<24}{gb(v)}")
+    lines.append(f"  {'peak':<24}{gb(plan.peak_vram_bytes)}   of {plan.vram_budget_bytes / GB:.2f} GB budget")
+    lines += ["", f"{'weight units':<36}GB"]
+    for where, label in (("gpu", "resident on GPU"), ("host", "streamed from pinned RAM"), ("disk", "streamed from disk")):
+        us = [u for u in plan.units if u.placement == where]
+        if us:
+            lines.append(f"  {len(us):3d} {label:<24}{gb(sum(u.nbytes for u in us))}")
+    streamed = [u.name for u in plan.units if u.placement != "gpu"]
+    if streamed:
+        lines.append(f"      streamed: {', '.join(streamed)}")
+    lines += ["", f"{'KV caches':<36}GB   where"]
+    for k in plan.kv:
+        label = f"{k.name} ({'sink, all steps' if k.step is None else f'step {k.step}'})"
+        lines.append(f"  {label:<28}{gb(k.nbytes)}   {k.placement}")
+    ram = f" of {ram_budget / GB:.1f} GB" if ram_budget else ""
+    lines += ["", f"host RAM    {plan.host_ram_bytes / GB:.1f} GB{ram} (pinned weights + host KV + 3 GB baseline)",
+              f"per clip    H2D {plan.h2d_bytes_per_clip / GB:.1f} GB, predicted {plan.predicted_seconds_per_clip:.1f} s "
+              f"(DiT only, 4 steps x 4 blocks, 48 frames)"]
+    return "\n".join(lines)

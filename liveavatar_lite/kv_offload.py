@@ -1,0 +1,269 @@
+"""KV caches placed by the plan: on the GPU or pinned on the host, stored bf16, fp8 or int8.
+
+Same per-layer interface as `kv_cache.py` (ring: write / history, sink: write / read; `begin` on
+the ring), so `WanS2VDiT.forward_unit` runs unchanged. Each (cache, layer) is ONE packed buffer
+{k, v[, k_scale, v_scale]} (`streamer.pack_tensors` layout). Host-placed layers reach the GPU
+through a `UnitStreamer` (two slots shared by all host rings, two for the sink); after a layer's
+forward only the rows this block wrote go back to the host (`release(writeback=...)`).
+
+8-bit storage: symmetric per (token, head) with an fp32 scale (absmax / 127 for int8, / 448 for
+fp8 e4m3); `history()` / `read()` dequantize to the compute dtype. bf16 storage is exact with
+respect to `kv_cache.RingKVCache` (both round to bf16).
+
+    kv = KVOffload.build(cfg, ring_tokens, sink_tokens, kv_dtype="fp8", ring_gpu=[False]*4, sink_gpu=True,
+                         device="cuda")
+    lkv = kv.open_layer(step, i); x = dit.forward_unit(i, x, ctx, lkv); kv.close_layer(step, i)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import DiTConfig
+from .kv_cache import LayerKV
+from .qtypes import FP8_MAX, INT8_QMAX
+from .streamer import PinnedSource, UnitStreamer, pack_tensors, unpack_views
+
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def quantize_kv(x: Tensor, kv_dtype: str) -> tuple[Tensor, Tensor | None]:
+    """x [1, n, heads, d] -> (stored [1, n, heads, d], fp32 scale [1, n, heads, 1] or None for bf16)."""
+    if kv_dtype == "bf16":
+        return x.to(torch.bfloat16), None
+    xf = x.float()
+    qmax = INT8_QMAX if kv_dtype == "int8" else FP8_MAX
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax  # [1, n, heads, 1]
+    q = (xf / scale).clamp_(-qmax, qmax)
+    q = torch.round(q).to(torch.int8) if kv_dtype == "int8" else q.to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_kv(q: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Inverse of quantize_kv, in `dtype` (bf16 storage: the stored tensor itself, no copy)."""
+    if scale is None:
+        return q
+    return (q.float() * scale).to(dtype)
+
+
+class LayerStore:
+    """`layers` packed {k, v[, scales]} buffers of `tokens` rows, resident on `device` or pinned on
+    the host and streamed by `streamer` (unit ids `first_unit + layer`)."""
+
+    def __init__(self, layers: int, tokens: int, heads: int, head_dim: int, kv_dtype: str, on_device: bool,
+                 device: torch.device) -> None:
+        self.kv_dtype, self.on_device, self.device = kv_dtype, on_device, torch.device(device)
+        dt = STORE_DTYPES[kv_dtype]
+        shape = (1, tokens, heads, head_dim)
+        tensors = {"k": torch.zeros(shape, dtype=dt), "v": torch.zeros(shape, dtype=dt)}
+        if kv_dtype != "bf16":
+            tensors |= {"k_scale": torch.zeros(*shape[:3], 1), "v_scale": torch.zeros(*shape[:3], 1)}
+        pin = not on_device and self.device.type == "cuda"
+        template, self.layout = pack_tensors(tensors, pin=False)  # all zeros: only the layout is used
+        where = self.device if on_device else torch.device("cpu")
+        self.bufs = [torch.zeros(template.numel(), dtype=torch.uint8, device=where, pin_memory=pin)
+                     for _ in range(layers)]
+        self.streamer: UnitStreamer | None = None
+        self.first_unit = 0
+
+    def host_views(self, i: int) -> dict[str, Tensor]:
+        return unpack_views(self.bufs[i], self.layout)
+
+    def open(self, i: int, next_unit: int | None) -> dict[str, Tensor]:
+        """Typed views of layer i where compute can use them; prefetches `next_unit` meanwhile."""
+        if self.on_device:
+            return unpack_views(self.bufs[i], self.layout)
+        assert self.streamer is not None
+        buf = self.streamer.acquire(self.first_unit + i)  # sync point inside: waits for this layer's copy
+        if next_unit is not None:
+            self.streamer.prefetch(next_unit)  # the next host layer copies while this one computes
+        return unpack_views(buf, self.layout)
+
+    def close(self, i: int, views: dict[str, Tensor], rows: slice | None) -> None:
+        """Done with layer i; a host layer copies `rows` (the ones this forward wrote) back."""
+        if self.on_device:
+            return
+        assert self.streamer is not None
+        host = self.host_views(i)
+        wb = [(views[name][:, rows], host[name][:, rows]) for name in views] if rows is not None else []
+        self.streamer.release(self.first_unit + i, writeback=wb)
+
+    def state(self) -> list[Tensor]:
+        if self.streamer is not None:
+            self.streamer.wait_copies()  # write-backs to these host buffers may still be in flight
+        return [b.detach().cpu().clone() for b in self.bufs]
+
+    def load_state(self, bufs: Sequence[Tensor]) -> None:
+        for dst, src in zip(self.bufs, bufs, strict=True):
+            dst.copy_(src)
+        if self.streamer is not None:
+            self.streamer.invalidate()  # slots may hold stale copies of the old host bytes
+
+
+class OffloadRingLayer:
+    """Ring layer view over one layer's views (kv_cache.RingLayer's interface)."""
+
+    def __init__(self, ring: OffloadRing, views: dict[str, Tensor], dtype: torch.dtype) -> None:
+        self._ring, self._views, self._dtype = ring, views, dtype
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        r = self._ring
+        lo, n = r.write_slot, r.write_len
+        if k.shape[1] != n:
+            raise ValueError(f"ring.write got {k.shape[1]} tokens, begin() announced {n}")
+        for name, x in (("k", k), ("v", v)):
+            q, scale = quantize_kv(x, r.kv_dtype)
+            self._views[name][:, lo:lo + n] = q
+            if scale is not None:
+                self._views[f"{name}_scale"][:, lo:lo + n] = scale
+
+    def history(self) -> tuple[Tensor, Tensor]:
+        a = self._ring.active
+        out = []
+        for name in ("k", "v"):
+            scale = self._views.get(f"{name}_scale")
+            out.append(dequantize_kv(self._views[name][:, :a], None if scale is None else scale[:, :a], self._dtype))
+        return out[0], out[1]
+
+
+class OffloadSinkLayer:
+    """Sink layer view (kv_cache.SinkLayer's interface); `length` rows are valid after the prefill."""
+
+    def __init__(self, sink: OffloadSink, views: dict[str, Tensor], dtype: torch.dtype) -> None:
+        self._sink, self._views, self._dtype = sink, views, dtype
+        self.written = False
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        n = k.shape[1]
+        if n > self._views["k"].shape[1]:
+            raise ValueError(f"sink prefill has {n} tokens, the sink cache holds {self._views['k'].shape[1]}")
+        self._sink.length = n
+        for name, x in (("k", k), ("v", v)):
+            q, scale = quantize_kv(x, self._sink.kv_dtype)
+            self._views[name][:, :n] = q
+            if scale is not None:
+                self._views[f"{name}_scale"][:, :n] = scale
+        self.written = True
+
+    def read(self) -> tuple[Tensor, Tensor]:
+        n = self._sink.length
+        if n == 0:
+            raise RuntimeError("sink cache is empty: run the sink prefill first")
+        out = []
+        for name in ("k", "v"):
+            scale = self._views.get(f"{name}_scale")
+            out.append(dequantize_kv(self._views[name][:, :n], None if scale is None else scale[:, :n], self._dtype))
+        return out[0], out[1]
+
+
+class OffloadRing(LayerStore):
+    """One denoising step's ring (kv_cache.RingKVCache's rules for begin / write slot / active)."""
+
+    def __init__(self, capacity: int, **kw) -> None:
+        super().__init__(tokens=capacity, **kw)
+        self.capacity, self.kv_dtype = capacity, kw["kv_dtype"]
+        self.write_slot = self.write_len = self.active = 0
+
+    def begin(self, start_token: int, num_tokens: int) -> None:
+        """Position this forward's writes (block at absolute token `start_token`), as RingKVCache."""
+        if start_token >= self.capacity:
+            self.write_slot, self.active = start_token % self.capacity, self.capacity
+        else:
+            self.write_slot, self.active = start_token, start_token + num_tokens
+        if self.write_slot + num_tokens > self.capacity:
+            raise ValueError(f"block [{start_token}, +{num_tokens}) does not fit ring capacity {self.capacity}")
+        self.write_len = num_tokens
+
+
+class OffloadSink(LayerStore):
+    def __init__(self, capacity: int, **kw) -> None:
+        super().__init__(tokens=capacity, **kw)
+        self.kv_dtype = kw["kv_dtype"]
+        self.length = 0
+
+
+@dataclass
+class _Open:
+    ring: dict[str, Tensor] | None
+    sink: dict[str, Tensor]
+    sink_layer: OffloadSinkLayer
+
+
+class KVOffload:
+    """All KV caches of a run: `steps` rings + the sink, each on the GPU or streamed from the host."""
+
+    def __init__(self, rings: list[OffloadRing], sink: OffloadSink, num_layers: int, compute_dtype: torch.dtype,
+                 device: torch.device, copy_stream: object | None = None) -> None:
+        self.rings, self.sink, self.num_layers = rings, sink, num_layers
+        self.compute_dtype, self.device = compute_dtype, torch.device(device)
+        # Host rings share ONE streamer (two slots, as the plan counts them): units in execution order.
+        host_rings = [r for r in rings if not r.on_device]
+        sources = []
+        for r in host_rings:
+            r.first_unit = len(sources)
+            sources += [PinnedSource(b) for b in r.bufs]
+        self._ring_units = len(sources)
+        if sources:
+            st = UnitStreamer(sources, self.device, copy_stream=copy_stream)
+            for r in host_rings:
+                r.streamer = st
+        if not sink.on_device:
+            sink.streamer = UnitStreamer([PinnedSource(b) for b in sink.bufs], self.device, copy_stream=copy_stream)
+        self._open: dict[tuple[int | None, int], _Open] = {}
+
+    @classmethod
+    def build(cls, cfg: DiTConfig, ring_tokens: int, sink_tokens: int, kv_dtype: str, ring_gpu: Sequence[bool],
+              sink_gpu: bool, device: torch.device | str, compute_dtype: torch.dtype = torch.bfloat16,
+              copy_stream: object | None = None) -> KVOffload:
+        """Caches for `len(ring_gpu)` steps; ring_gpu[s] / sink_gpu: keep that cache on `device`."""
+        if kv_dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown KV dtype {kv_dtype!r}")
+        dev = torch.device(device)
+        common = dict(layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.head_dim, kv_dtype=kv_dtype, device=dev)
+        rings = [OffloadRing(ring_tokens, on_device=g, **common) for g in ring_gpu]
+        sink = OffloadSink(sink_tokens, on_device=sink_gpu, **common)
+        return cls(rings, sink, cfg.num_layers, compute_dtype, dev, copy_stream)
+
+    def streamers(self) -> list[UnitStreamer]:
+        out = {id(s.streamer): s.streamer for s in [*self.rings, self.sink] if s.streamer is not None}
+        return list(out.values())
+
+    def _next_ring_unit(self, ring: OffloadRing, i: int) -> int | None:
+        if ring.on_device:
+            return None
+        return (ring.first_unit + i + 1) % self._ring_units  # cyclic: the next host ring's layer 0 follows
+
+    def open_layer(self, step: int | None, i: int) -> LayerKV:
+        """LayerKV for layer i of denoising step `step` (None: the sink prefill, no ring)."""
+        ring = None if step is None else self.rings[step]
+        ring_views = ring.open(i, self._next_ring_unit(ring, i)) if ring is not None else None
+        sink_next = None if self.sink.on_device else (i + 1) % self.num_layers
+        sink_views = self.sink.open(i, sink_next)
+        sink_layer = OffloadSinkLayer(self.sink, sink_views, self.compute_dtype)
+        self._open[(step, i)] = _Open(ring_views, sink_views, sink_layer)
+        ring_layer = None if ring is None else OffloadRingLayer(ring, ring_views, self.compute_dtype)
+        return LayerKV(ring=ring_layer, sink=sink_layer)  # type: ignore[arg-type]
+
+    def close_layer(self, step: int | None, i: int) -> None:
+        """Release layer i's slots; host caches get back only the rows this forward wrote."""
+        o = self._open.pop((step, i))
+        if step is not None:
+            ring = self.rings[step]
+            ring.close(i, o.ring, slice(ring.write_slot, ring.write_slot + ring.write_len))
+        self.sink.close(i, o.sink, slice(0, self.sink.length) if o.sink_layer.written else None)
+
+    def state_dict(self) -> dict[str, object]:
+        """Every cache's bytes on the CPU (plus the sink length), for resume."""
+        return {"rings": [r.state() for r in self.rings], "sink": self.sink.state(), "sink_length": self.sink.length,
+                "kv_dtype": self.sink.kv_dtype}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if state["kv_dtype"] != self.sink.kv_dtype:
+            raise ValueError(f"KV state is {state['kv_dtype']}, these caches are {self.sink.kv_dtype}")
+        for r, bufs in zip(self.rings, state["rings"], strict=True):  # type: ignore[call-overload]
+            r.load_state(bufs)
+        self.sink.load_state(state["sink"])  # type: ignore[arg-type]
+        self.sink.length = int(state["sink_length"])  # type: ignore[call-overload]

@@ -1,0 +1,222 @@
+"""Build the planner's `PlanInput` from a DiT config + size + weight format (or an artifact's unit sizes).
+
+The 14B plan is computed without any weights: unit byte sizes come from the architecture's
+tensor shapes and `qtypes.stored_nbytes`, so `plan` answers before a 32 GB checkpoint exists.
+
+    inp = plan_input(PRESETS["14b"].dit, (704, 384), "int8"); make_plan(inp, Budget(24e9), prof)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+
+from .config import PRESETS, DiTConfig, SampleConfig, VAEConfig
+from .errors import UserError
+from .format import Manifest, block_unit_name
+from .plan import Budget, KVSpec, Plan, PlanInput, UnitSize, Workload, make_plan
+from .qtypes import QuantType, stored_nbytes
+
+# Sizes the smallest-change search tries, largest first (LIVEAVATAR.md §5), as (width, height).
+SIZES: tuple[tuple[int, int], ...] = ((704, 384), (688, 368), (640, 384), (384, 256))
+WEIGHT_FORMATS = ("bf16", "int8", "fp8", "int4", "nf4")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'704*384' -> (704, 384) = (width, height); both must be multiples of 16 (VAE 8 x patch 2).
+
+        parse_size("704*384")
+    """
+    try:
+        w, h = (int(x) for x in text.lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise UserError(f"size {text!r} is not WIDTH*HEIGHT, e.g. 704*384") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise UserError(f"size {text!r}: width and height must be positive multiples of 16")
+    return w, h
+
+
+def unit_shapes(cfg: DiTConfig) -> dict[str, list[tuple[str, tuple[int, ...], bool]]]:
+    """Unit name -> [(key, shape, quantizable)] for every DiT tensor, grouped as the runtime streams it:
+    'resident' (embeddings, audio encoder, FramePack, head) and 'block_{i:03d}' (block i with the
+    audio injector and AdaLN that run right after it), as `format.py` names the artifact's files. `quantizable`: a Linear weight the artifact may
+    quantize (LA's set: block and injector Linears; embeddings, time_projection, head stay bf16)."""
+    d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_dim
+    a = cfg.audio_dim
+    pk = (1, *cfg.patch_size[1:])  # (1, 2, 2) conv kernels of patch/cond embedding
+
+    def lin(name: str, n: int, k: int, quant: bool) -> list[tuple[str, tuple[int, ...], bool]]:
+        return [(f"{name}.weight", (n, k), quant), (f"{name}.bias", (n,), False)]
+
+    pro: list[tuple[str, tuple[int, ...], bool]] = []
+    pro += [("patch_embedding.weight", (d, cfg.in_dim, *pk), False), ("patch_embedding.bias", (d,), False)]
+    pro += lin("text_embedding.0", d, t, False) + lin("text_embedding.2", d, d, False)
+    pro += lin("time_embedding.0", d, cfg.freq_dim, False) + lin("time_embedding.2", d, d, False)
+    pro += lin("time_projection.1", 6 * d, d, False)
+    pro += [("cond_encoder.weight", (d, cfg.cond_dim, *pk), False), ("cond_encoder.bias", (d,), False)]
+    pro += [("trainable_cond_mask.weight", (3, d), False)]
+    enc = "casual_audio_encoder"  # (sic, the checkpoint's spelling)
+    q = d // 4  # the audio encoder's per-head width
+    pro += [(f"{enc}.weights", (1, cfg.audio_layers, 1, 1), False)]
+    for name, n, k in (("conv1_local", q * cfg.num_audio_token, a), ("conv1_global", q, a),
+                       ("conv2", 2 * q, q), ("conv3", d, 2 * q)):
+        pro += [(f"{enc}.encoder.{name}.conv.weight", (n, k, 3), False), (f"{enc}.encoder.{name}.conv.bias", (n,), False)]
+    pro += lin(f"{enc}.encoder.final_linear", d, d, False) + [(f"{enc}.encoder.padding_tokens", (1, 1, 1, d), False)]
+    for name, k in (("proj", (1, 2, 2)), ("proj_2x", (2, 4, 4)), ("proj_4x", (4, 8, 8))):
+        pro += [(f"frame_packer.{name}.weight", (d, cfg.in_dim, *k), False), (f"frame_packer.{name}.bias", (d,), False)]
+
+    pro += [("head.modulation", (1, 2, d), False)] + lin("head.head", cfg.out_dim * 4, d, False)
+    units = {"resident": pro}
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}"
+        ts = [(f"{b}.modulation", (1, 6, d), False), (f"{b}.norm3.weight", (d,), False), (f"{b}.norm3.bias", (d,), False)]
+        for att in ("self_attn", "cross_attn"):
+            for p in "qkvo":
+                ts += lin(f"{b}.{att}.{p}", d, d, True)
+            ts += [(f"{b}.{att}.norm_q.weight", (d,), False), (f"{b}.{att}.norm_k.weight", (d,), False)]
+        ts += lin(f"{b}.ffn.0", f, d, True) + lin(f"{b}.ffn.2", d, f, True)
+        if i in cfg.audio_inject_layers:
+            j = cfg.audio_inject_layers.index(i)
+            inj = f"audio_injector.injector.{j}"
+            for p in "qkvo":
+                ts += lin(f"{inj}.{p}", d, d, True)
+            ts += [(f"{inj}.norm_q.weight", (d,), False), (f"{inj}.norm_k.weight", (d,), False)]
+            ts += lin(f"audio_injector.injector_adain_layers.{j}.linear", 2 * d, d, True)
+        units[block_unit_name(i)] = ts
+    return units
+
+
+def synthesize_unit_sizes(cfg: DiTConfig, weight_format: str, group_size: int = 128) -> tuple[UnitSize, ...]:
+    """Byte size of every unit if quantizable Linears are stored as `weight_format`, the rest bf16.
+
+        synthesize_unit_sizes(PRESETS["14b"].dit, "int8")[1].nbytes  # block_000 with injector 0
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise UserError(f"unknown weight format {weight_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    qt = QuantType(weight_format)
+    out = []
+    for name, tensors in unit_shapes(cfg).items():
+        total = sum(stored_nbytes(qt if quant else QuantType.BF16, shape, group_size if qt is QuantType.INT4 else None)
+                    for _, shape, quant in tensors)
+        out.append(UnitSize(name, total, _layer_of(name)))
+    return tuple(out)
+
+
+def vae_cache_bytes(vae: VAEConfig, size: tuple[int, int], itemsize: int = 2) -> int:
+    """Device bytes of the ONNX decoder's two cache banks at `size` (fp16 graph: itemsize 2).
+    Cache i is [1, C_i, 2, h*s_i, w*s_i] (`WanVAE.decoder_cache_layout`, 2.56 GB at 704*384)."""
+    import torch
+
+    from .model.vae import WanVAE
+
+    with torch.device("meta"):
+        layout = WanVAE(vae).decoder_cache_layout()
+    h, w = size[1] // vae.stride[1], size[0] // vae.stride[2]
+    return 2 * itemsize * sum(c * 2 * (h * s) * (w * s) for c, s in layout)
+
+
+def workload(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = SampleConfig(),
+             vae: VAEConfig | None = None) -> Workload:
+    """FLOPs per layer and activation peak of one block-step at `size` (LIVEAVATAR.md §5 formulas),
+    and the VAE decoder caches that stay on the device next to the DiT."""
+    w, h = size
+    lh, lw = h // 8, w // 8  # latent grid
+    tpf = (lh // 2) * (lw // 2)  # tokens per latent frame after the 2x2 patch
+    t = sample.frames_per_block * tpf  # tokens denoised per block
+    ring = sample.latent_frames_per_clip * tpf
+    motion = (lh // 2) * (lw // 2) + (lh // 4) * (lw // 4) + 4 * (lh // 8) * (lw // 8)
+    keys = ring + tpf + motion  # ring (incl. this block) + sink (ref frame + FramePack)
+    d, f, tl = cfg.dim, cfg.ffn_dim, cfg.text_len
+    lin, attn = [], []
+    for i in range(cfg.num_layers):
+        flops = 2 * t * (6 * d * d + 2 * d * f) + 2 * tl * 2 * d * d  # qkvo + cross q,o + FFN; cross k,v on text
+        a_flops = 4 * t * keys * d + 4 * t * tl * d  # QK^T and PV for self- and cross-attention
+        if i in cfg.audio_inject_layers:
+            flops += 2 * t * 2 * d * d  # injector q, o on the tokens (k, v act on 5 audio tokens)
+        lin.append(float(flops))
+        attn.append(float(a_flops))
+    # fp32 residual + six fp32 modulation maps + norms (~12 [t, d] fp32), the concatenated bf16 K/V
+    # with their fp32 RoPE copies (~4 [keys, d] bf16), the FFN hidden with its GELU (3 [t, f] bf16),
+    # and one fp32 [ring, d] temporary while an 8-bit ring is dequantized.
+    act = 12 * t * d * 4 + 4 * keys * d * 2 + 3 * t * f * 2 + ring * d * 4
+    return Workload(
+        size=(w, h), block_tokens=t, linear_flops=tuple(lin), attn_flops=tuple(attn), activation_bytes=act,
+        new_kv_layer_bytes_bf16=2 * t * d * 2, steps=sample.num_steps, blocks_per_clip=sample.blocks_per_clip,
+        vae_cache_bytes=vae_cache_bytes(vae or _vae_for(cfg), size),
+    )
+
+
+def _vae_for(cfg: DiTConfig) -> VAEConfig:
+    """The VAE that ships with this DiT (the tiny preset's for the tiny DiT, the real one otherwise)."""
+    return next((p.vae for p in PRESETS.values() if p.dit == cfg), VAEConfig())
+
+
+def kv_specs(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = SampleConfig()) -> tuple[KVSpec, ...]:
+    """The 4 per-step rings (one clip of tokens each) and the sink (ref + FramePack motion tokens)."""
+    w, h = size
+    lh, lw = h // 8, w // 8
+    tpf = (lh // 2) * (lw // 2)
+    motion = (lh // 2) * (lw // 2) + (lh // 4) * (lw // 4) + 4 * (lh // 8) * (lw // 8)
+    hd = cfg.head_dim
+    rings = tuple(KVSpec(f"ring.{s}", s, cfg.num_layers, sample.latent_frames_per_clip * tpf, cfg.num_heads, hd)
+                  for s in range(sample.num_steps))
+    return rings + (KVSpec("sink", None, cfg.num_layers, tpf + motion, cfg.num_heads, hd),)
+
+
+def _layer_of(unit_name: str) -> int | None:
+    """'block_007' -> 7; any other unit (the resident set) -> None."""
+    return int(unit_name[len("block_"):]) if unit_name.startswith("block_") else None
+
+
+def manifest_unit_sizes(manifest: Manifest) -> dict[str, int]:
+    """Unit name -> bytes of the DiT's units in an artifact (T5 and the VAE are not planned here)."""
+    return {u.name: u.data_nbytes for u in manifest.units if u.kind in ("dit_block", "dit_resident")}
+
+
+def plan_input(cfg: DiTConfig, size: tuple[int, int], weight_format: str,
+               unit_sizes: Mapping[str, int] | None = None, sample: SampleConfig = SampleConfig()) -> PlanInput:
+    """The planner's input: real unit sizes (an artifact's manifest) or synthesized ones.
+
+        plan_input(PRESETS["14b"].dit, (704, 384), "int8")
+    """
+    if unit_sizes is None:
+        units = synthesize_unit_sizes(cfg, weight_format)
+    else:
+        units = tuple(UnitSize(n, int(b), _layer_of(n)) for n, b in unit_sizes.items())
+    return PlanInput(weight_format=weight_format, units=units, kv=kv_specs(cfg, size, sample),
+                     workload=workload(cfg, size, sample), dit=cfg, sample=sample)
+
+
+def plan_for_artifact(directory, size: tuple[int, int], budget: Budget, profile) -> Plan:
+    """The plan of an artifact directory (what `generate` and `plan ARTIFACT` use).
+
+        plan = plan_for_artifact("art", (704, 384), Budget(vram_bytes=24e9, kv_dtype="fp8"), get_profile("rtx4090"))
+    """
+    from .format import read_manifest
+
+    m = read_manifest(directory)
+    inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
+    return make_plan(inp, budget, profile)
+
+
+def alternatives(inp: PlanInput, budget: Budget) -> Iterator[tuple[str, PlanInput, Budget]]:
+    """Smaller variants in order of how little they change: KV dtype, then weight format, then size."""
+    if budget.kv_dtype == "bf16":
+        yield "--kv fp8", inp, replace(budget, kv_dtype="fp8")
+    if inp.dit is None:
+        return
+    cfg, sample = inp.dit, inp.sample
+    kv8 = replace(budget, kv_dtype="fp8")
+    smaller = {"bf16": ("int8", "int4"), "int8": ("int4",), "fp8": ("int4",)}.get(inp.weight_format, ())
+    for fmt in smaller:
+        alt = plan_input(cfg, inp.workload.size, fmt, sample=sample)
+        yield f"re-quantize with --format {fmt}", alt, budget
+        if budget.kv_dtype == "bf16":
+            yield f"re-quantize with --format {fmt} and --kv fp8", alt, kv8
+    cur = inp.workload.size[0] * inp.workload.size[1]
+    for w, h in SIZES:
+        if w * h >= cur:
+            continue
+        alt = replace(inp, kv=kv_specs(cfg, (w, h), sample), workload=workload(cfg, (w, h), sample))
+        yield f"--size {w}*{h}", alt, budget
+        if budget.kv_dtype == "bf16":
+            yield f"--size {w}*{h} --kv fp8", alt, kv8

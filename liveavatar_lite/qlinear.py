@@ -1,0 +1,194 @@
+"""Quantized linear layers, one per stored QuantType, and the module swap that installs them.
+
+`QuantLinear` holds a weight's stored parts (`qtypes.part_specs`) as buffers named
+`weight_<role>` (weight_data, weight_scale, ...), so the runtime can bind them to views of a
+streamed unit buffer. Kernels, picked per call from the device and the qtype:
+
+| qtype | CUDA                                                                   | reference (CPU, tests)        |
+|-------|------------------------------------------------------------------------|-------------------------------|
+| int8  | W8A8: per-token dynamic activation scale + `torch._int_mm` (int32 acc);| dequantize + `F.linear`       |
+|       | W8A16 (dequantize + matmul) when M <= 16 or K/N not multiples of 8     |                               |
+| fp8   | `torch._scaled_mm` with row-wise scales (per-token x, per-channel w)   | dequantize + `F.linear`       |
+|       | on sm_89+, never per-tensor activation scales; dequantize otherwise    |                               |
+| int4  | dequantize into bf16 + matmul                                          | dequantize + `F.linear`       |
+| nf4   | bitsandbytes' dequantize_4bit kernel + matmul (dequantize without bnb) | dequantize + `F.linear`       |
+
+    swap_linears(dit, {"blocks.0.ffn.0": (QuantType.INT8, None)}); dit.blocks[0].ffn[0].weight_data
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .qtypes import FP8_MAX, INT8_QMAX, NF4_BLOCKSIZE, NF4_CODE, QuantType, dequantize, part_specs
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "reference", "w8a8", "w8a16", "scaled_mm", "bnb")
+
+
+def part_attr(role: str) -> str:
+    """Buffer name of a stored part: 'data' -> 'weight_data'."""
+    return f"weight_{role}"
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as `qtype` parts. Build on meta; the runtime binds the buffers.
+
+    kernel: "auto" (per device, table above), or force one: "reference" (dequantize + F.linear),
+    "w8a8" (int8 `_int_mm`), "w8a16", "scaled_mm" (fp8), "bnb" (nf4 via bitsandbytes).
+    """
+
+    def __init__(self, in_features: int, out_features: int, qtype: QuantType, group_size: int | None = None,
+                 bias: bool = True, bias_dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "meta",
+                 kernel: str = "auto") -> None:
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.qtype, self.group_size, self.kernel = QuantType(qtype), group_size, kernel
+        specs = part_specs(self.qtype, (out_features, in_features), group_size)
+        self.roles = tuple(p.role for p in specs)
+        for p in specs:
+            self.register_buffer(part_attr(p.role), torch.empty(p.shape, dtype=p.dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
+
+    def parts(self) -> dict[str, Tensor]:
+        """role -> the bound stored tensor."""
+        return {role: getattr(self, part_attr(role)) for role in self.roles}
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The logical weight [out, in] in `dtype` (qtypes' reference dequantizer)."""
+        return dequantize(self.qtype, self.parts(), (self.out_features, self.in_features), self.group_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.kernel if self.kernel != "auto" else self._auto_kernel(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
+        y = None
+        try:
+            if kernel == "w8a8" and _int_mm_ok(x2, self.out_features):
+                y = linear_w8a8(x2, self.weight_data, self.weight_scale, self.bias)
+            elif kernel == "scaled_mm" and _scaled_mm_ok(x2, self.out_features):
+                y = linear_fp8_rowwise(x2, self.weight_data, self.weight_scale, self.bias)
+            elif kernel == "bnb":
+                y = F.linear(x2, _bnb_dequant_nf4(self, x2.dtype), _cast(self.bias, x2.dtype))
+        except RuntimeError as e:  # a kernel this torch build / GPU lacks: fall back for good, loudly
+            if self.kernel != "auto":
+                raise
+            log.warning("%s kernel failed (%s); using dequantize + matmul for this layer", kernel, str(e).splitlines()[0])
+            self.kernel = "reference"
+        if y is None:  # reference / w8a16 / shapes the fast kernels refuse: dequantize then matmul
+            y = F.linear(x2, self.dequantized(x2.dtype), _cast(self.bias, x2.dtype))
+        return y.reshape(*lead, self.out_features)
+
+    def _auto_kernel(self, x: Tensor) -> str:
+        if x.device.type != "cuda":
+            return "reference"
+        if self.qtype is QuantType.INT8:
+            return "w8a8"
+        if self.qtype is QuantType.FP8 and torch.cuda.get_device_capability(x.device) >= (8, 9):
+            return "scaled_mm"
+        if self.qtype is QuantType.NF4 and _has_bnb():
+            return "bnb"
+        return "reference"
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{self.in_features}, {self.out_features}, {self.qtype.value}{g}, kernel={self.kernel}"
+
+
+def _cast(b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if b is None else b.to(dtype)
+
+
+def _int_mm_ok(x2: Tensor, n: int) -> bool:
+    """cuBLASLt int8 GEMM limits: M > 16 and K, N multiples of 8 (CPU has no limits)."""
+    if x2.device.type != "cuda":
+        return True
+    return x2.shape[0] > 16 and x2.shape[1] % 8 == 0 and n % 8 == 0
+
+
+def _scaled_mm_ok(x2: Tensor, n: int) -> bool:
+    """fp8 `_scaled_mm` needs every GEMM dim divisible by 16 (the 5 audio tokens per frame are not)."""
+    return x2.shape[0] % 16 == 0 and x2.shape[1] % 16 == 0 and n % 16 == 0
+
+
+def quantize_per_token_int8(x2: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scale [M, 1]), symmetric per row (token)."""
+    xf = x2.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT8_QMAX  # [M, 1]
+    q = torch.round(xf / scale).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def linear_w8a8(x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """W8A8: per-token int8 x [M, K] times per-channel int8 W [N, K] with int32 accumulation.
+
+    y = (xq @ Wq^T) * sx[:, None] * sw[None, :] + b, in x's dtype.
+    """
+    xq, sx = quantize_per_token_int8(x2)
+    acc = torch._int_mm(xq, w_int8.t())  # [M, K] @ [K, N] (column-major view of W) -> int32 [M, N]
+    y = acc.float() * sx * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)
+
+
+def linear_fp8_rowwise(x2: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """FP8 e4m3 with row-wise scales: per-token activation scale [M, 1], per-channel weight [1, N]."""
+    xf = x2.float()
+    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # [M, 1]
+    xq = (xf / sx).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=sx, scale_b=w_scale.float()[None, :],
+                         out_dtype=torch.bfloat16)  # row-wise scaling needs a bf16 output
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x2.dtype)
+
+
+def _has_bnb() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _bnb_dequant_nf4(m: QuantLinear, dtype: torch.dtype) -> Tensor:
+    """nf4 weight via bitsandbytes' dequantize kernel (our nf4 layout is bnb's, blocksize 64)."""
+    import bitsandbytes.functional as bnbf
+
+    data, absmax = m.weight_data, m.weight_absmax
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=data.device)
+    state = bnbf.QuantState(absmax=absmax.float(), shape=torch.Size((m.out_features, m.in_features)), code=code,
+                            blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=dtype)
+    return bnbf.dequantize_4bit(data, state)
+
+
+def swap_linears(root: nn.Module, specs: Mapping[str, tuple[QuantType, int | None]], kernel: str = "auto",
+                 bias_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace each `nn.Linear` named in `specs` (module path -> (qtype, group size)) by a meta
+    QuantLinear, by assignment in its parent module. Non-quantized qtypes are left alone.
+    Returns the swapped module names.
+
+        swap_linears(dit, {"blocks.0.self_attn.q": (QuantType.INT8, None)})
+    """
+    swapped = []
+    for name, (qtype, group) in specs.items():
+        if not QuantType(qtype).is_quantized:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        old = getattr(parent, child)
+        if not isinstance(old, nn.Linear):
+            raise TypeError(f"{name} is a {type(old).__name__}, not an nn.Linear")
+        new = QuantLinear(old.in_features, old.out_features, qtype, group, bias=old.bias is not None,
+                          bias_dtype=bias_dtype, kernel=kernel)
+        setattr(parent, child, new)  # nn.Module.__setattr__ re-registers the child module
+        swapped.append(name)
+    return swapped

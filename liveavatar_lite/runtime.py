@@ -1,0 +1,322 @@
+"""The DiT runtime: an artifact's weights placed by a `Plan`, run unit by unit with streaming.
+
+Loading builds `WanS2VDiT` on the meta device, swaps every quantized Linear for a `QuantLinear`
+(module replacement), and binds each stored tensor to a zero-copy view of its unit's buffer:
+resident units are bound once to a device buffer; streamed units are bound to a streamer slot
+for the duration of their forward and unbound (back to meta) after it. KV caches come from
+`kv_offload.KVOffload`, placed per the plan.
+
+    rt = DiTRuntime.from_artifact("art/", plan, device="cuda")
+    text = rt.embed_text(t5_states)
+    rt.prefill_sink(ref_latents, motion_latents, text)
+    flow = rt.denoise(step, latents, t, frame0, audio, text, sink_offset)   # [16, F, h, w]
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import DiTConfig
+from .errors import ArtifactError
+from .format import Manifest, TensorEntry, read_manifest, read_unit
+from .kv_offload import KVOffload
+from .plan import Plan
+from .plan_inputs import kv_specs
+from .qlinear import QuantLinear, part_attr, swap_linears
+from .streamer import DiskSource, PinnedSource, UnitStreamer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitData:
+    """One weight unit: its tensors (names, qtypes, offsets into the buffer) and where its bytes are.
+
+    Exactly one of `host` (the unit's ONE contiguous host buffer) and `read_into` (fills a uint8
+    buffer from disk) is set.
+    """
+
+    name: str
+    layer: int | None
+    nbytes: int
+    tensors: tuple[TensorEntry, ...]
+    host: Tensor | None = None
+    read_into: object | None = None
+
+    def load(self) -> Tensor:
+        """The bytes in host memory (reads from disk if needed)."""
+        if self.host is not None:
+            return self.host
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.read_into(buf)  # type: ignore[misc, operator]
+        return buf
+
+
+def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: bool) -> list[UnitData]:
+    """The DiT units of an artifact; streamed-from-host units are read now into (pinned) buffers,
+    disk units stay on disk, resident units are read when they are moved to the device."""
+    placement = {u.name: u.placement for u in plan.units}
+    out = []
+    for u in manifest.units:
+        if u.kind not in ("dit_block", "dit_resident"):
+            continue
+        where = placement.get(u.name)
+        if where is None:
+            raise ArtifactError(f"the plan does not place unit {u.name}; re-run `liveavatar-lite plan` for this artifact")
+        reader = partial(_read_into, directory, u.name, manifest)
+        host = read_unit(directory, u, manifest=manifest, pin=pin)[0] if where == "host" else None
+        out.append(UnitData(u.name, u.block_index if u.kind == "dit_block" else None, u.data_nbytes, u.tensors,
+                            host=host, read_into=None if host is not None else reader))
+    return out
+
+
+def _read_into(directory: str | Path, name: str, manifest: Manifest, out: Tensor) -> None:
+    read_unit(directory, name, manifest=manifest, out=out)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one stored tensor goes: module attribute, and its bytes inside the unit buffer."""
+
+    module: nn.Module
+    attr: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    cast: torch.dtype | None  # passthrough tensors not stored in the compute dtype (rare)
+    placeholder: Tensor  # meta tensor bound while the unit is not loaded
+
+
+class _Binder:
+    """Points a module tree's parameters/buffers at views of a unit buffer (no copies). The module
+    lookups are resolved once per unit, so a bind is one view + one setattr per stored tensor."""
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype) -> None:
+        self.model, self.compute_dtype = model, compute_dtype
+        self._slots: dict[str, list[_Slot]] = {}
+
+    def _resolve(self, unit: UnitData) -> list[_Slot]:
+        slots = self._slots.get(unit.name)
+        if slots is not None:
+            return slots
+        slots = []
+        for e in unit.tensors:
+            path, _, attr = e.name.rpartition(".")
+            module = self.model.get_submodule(path)
+            if e.qtype.is_quantized:
+                if not isinstance(module, QuantLinear):
+                    raise ArtifactError(f"{e.name} is stored {e.qtype.value} but {path} is not a quantized linear")
+                for p in e.parts:
+                    slots.append(_Slot(module, part_attr(p.role), p.offset, p.nbytes, p.torch_dtype, p.shape, None,
+                                       torch.empty(p.shape, dtype=p.torch_dtype, device="meta")))
+            else:
+                p = e.part("data")
+                cast = self.compute_dtype if p.torch_dtype.is_floating_point and p.torch_dtype != self.compute_dtype else None
+                slots.append(_Slot(module, attr, p.offset, p.nbytes, p.torch_dtype, tuple(e.logical_shape), cast,
+                                   torch.empty(e.logical_shape, dtype=cast or p.torch_dtype, device="meta")))
+        self._slots[unit.name] = slots
+        return slots
+
+    def bind(self, unit: UnitData, buf: Tensor) -> None:
+        for s in self._resolve(unit):
+            t = buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)  # uint8 bytes -> typed view
+            if s.cast is not None:
+                t = t.to(s.cast)  # one small copy per bind (fp32 passthrough)
+            _set_tensor(s.module, s.attr, t)
+
+    def unbind(self, unit: UnitData) -> None:
+        """Point the unit's tensors back at meta, so a stale slot can never be read by mistake."""
+        for s in self._resolve(unit):
+            _set_tensor(s.module, s.attr, s.placeholder)
+
+
+def _set_tensor(module: nn.Module, attr: str, t: Tensor) -> None:
+    """Replace a registered parameter or buffer in place. The registries are written directly (as
+    accelerate's set_module_tensor_to_device does): nn.Module.__setattr__'s generic checks cost
+    ~20 us per call, which adds up to milliseconds per streamed unit."""
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = t
+    else:
+        raise ArtifactError(f"{type(module).__name__} has no parameter or buffer {attr!r}")
+
+
+class WeightStreamer:
+    """The weight side of the unit loop: resident units are bound once; streamed ones go through a
+    `UnitStreamer` (two slots) and are bound only between `open(i)` and `close(i)`."""
+
+    def __init__(self, units: Sequence[UnitData], binder: _Binder, device: torch.device,
+                 copy_stream: object | None, timing: bool) -> None:
+        self.binder, self.device = binder, device
+        self.resident_bufs: list[Tensor] = []
+        streamed = sorted(units, key=lambda u: -1 if u.layer is None else u.layer)
+        self.by_layer: dict[int, UnitData] = {}
+        sources: list[PinnedSource | DiskSource] = []
+        for u in streamed:
+            if u.layer is None:
+                raise ArtifactError(f"unit {u.name} must be resident")
+            self.by_layer[u.layer] = u
+            sources.append(PinnedSource(u.host) if u.host is not None else DiskSource(u.nbytes, u.read_into))  # type: ignore[arg-type]
+        self.order = [u.layer for u in streamed]  # streamed layers in execution order
+        self.streamer = UnitStreamer(sources, device, copy_stream=copy_stream, timing=timing) if sources else None
+
+    def make_resident(self, unit: UnitData, buf: Tensor) -> None:
+        dev = buf.to(self.device, copy=True)  # ONE copy per resident unit, kept for the whole run
+        self.resident_bufs.append(dev)
+        self.binder.bind(unit, dev)
+
+    def open(self, i: int) -> None:
+        if i not in self.by_layer:
+            return
+        k = self.order.index(i)
+        buf = self.streamer.acquire(k)  # sync point inside: compute waits for unit i's copy only
+        # Prefetch the next streamed unit (cyclically: the first unit of the next step follows the
+        # last one) into the other slot, so its copy overlaps this unit's compute.
+        self.streamer.prefetch((k + 1) % len(self.order))
+        self.binder.bind(self.by_layer[i], buf)
+
+    def close(self, i: int) -> None:
+        if i not in self.by_layer:
+            return
+        self.binder.unbind(self.by_layer[i])
+        self.streamer.release(self.order.index(i))  # sync point inside: the slot frees when these kernels finish
+
+
+class DiTRuntime:
+    """A loaded DiT + placed KV caches; runs sink prefills and denoising steps."""
+
+    def __init__(self, cfg: DiTConfig, units: Sequence[UnitData], plan: Plan, device: torch.device | str = "cpu",
+                 compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", timing: bool = False) -> None:
+        from .model.dit import WanS2VDiT
+
+        self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
+        with torch.device("meta"):
+            self.dit = WanS2VDiT(cfg)
+        specs = {e.name[: -len(".weight")]: (e.qtype, e.group_size)
+                 for u in units for e in u.tensors if e.qtype.is_quantized and e.name.endswith(".weight")}
+        swap_linears(self.dit, specs, kernel=kernel, bias_dtype=compute_dtype)
+        self.dit.eval()
+        _check_coverage(self.dit, units)
+        copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        binder = _Binder(self.dit, compute_dtype)
+        placement = {u.name: u.placement for u in plan.units}
+        resident = [u for u in units if placement.get(u.name, "gpu") == "gpu"]
+        streamed = [u for u in units if placement.get(u.name, "gpu") != "gpu"]
+        self.weights = WeightStreamer(streamed, binder, self.device, copy_stream, timing)
+        for u in resident:
+            self.weights.make_resident(u, u.load())
+        _check_materialized(self.dit, set(self.weights.by_layer))
+
+        w, h = plan.size
+        specs_kv = kv_specs(cfg, (w, h))
+        ring_gpu = [k.placement == "gpu" for k in plan.kv if k.step is not None]
+        sink_gpu = next(k.placement == "gpu" for k in plan.kv if k.step is None)
+        kv_dtype = plan.kv[0].dtype
+        self.kv = KVOffload.build(cfg, specs_kv[0].tokens, specs_kv[-1].tokens, kv_dtype, ring_gpu, sink_gpu,
+                                  self.device, compute_dtype=compute_dtype, copy_stream=copy_stream)
+
+    @classmethod
+    def from_artifact(cls, directory: str | Path, plan: Plan, device: torch.device | str = "cuda",
+                      kernel: str = "auto", timing: bool = False) -> DiTRuntime:
+        """Load an artifact's DiT per `plan` (from `plan.make_plan` over this artifact's manifest)."""
+        m = read_manifest(directory)
+        pin = torch.device(device).type == "cuda"
+        return cls(m.dit, artifact_units(directory, m, plan, pin), plan, device, kernel=kernel, timing=timing)
+
+    # ---- the unit loop ---------------------------------------------------------------------------
+
+    def _run_units(self, x: Tensor, ctx, step: int | None) -> Tensor:
+        """All units in order: prefetch i+1, compute i, release i (comments mark the sync points)."""
+        for i in range(self.cfg.num_layers):
+            self.weights.open(i)  # streamed: waits for unit i's copy, starts the next unit's copy, binds
+            lkv = self.kv.open_layer(step, i)  # same for layer i's KV when its cache lives on the host
+            x = self.dit.forward_unit(i, x, ctx, lkv)
+            self.kv.close_layer(step, i)  # host caches: copy back only this block's new K/V rows
+            self.weights.close(i)  # the slot frees once the kernels queued above have finished
+        return x
+
+    @torch.no_grad()
+    def prefill_units(self, x: Tensor, ctx) -> None:
+        """Sink prefill over prepared inputs (`dit.prepare_sink`): fills the sink KV cache."""
+        self._run_units(x, ctx, step=None)
+
+    @torch.no_grad()
+    def denoise_units(self, step: int, start_token: int, x: Tensor, ctx) -> Tensor:
+        """All units of step `step` over prepared inputs (`dit.prepare_block`); the block starts at
+        absolute token `start_token` (its ring position). Returns x for `dit.finish`."""
+        self.kv.rings[step].begin(start_token, x.shape[1])
+        return self._run_units(x, ctx, step)
+
+    @torch.no_grad()
+    def embed_text(self, text_states: Tensor) -> Tensor:
+        """umT5 states [L, text_dim] -> [1, text_len, dim] (resident weights)."""
+        return self.dit.embed_text(text_states.to(self.device))
+
+    @torch.no_grad()
+    def prefill_sink(self, ref_latents: Tensor, motion_latents: Tensor, text: Tensor) -> None:
+        """Fill the sink KV cache from the reference and FramePack motion latents."""
+        x, ctx = self.dit.prepare_sink(ref_latents.to(self.device), motion_latents.to(self.device), text)
+        self.prefill_units(x, ctx)
+
+    @torch.no_grad()
+    def denoise(self, step: int, latents: Tensor, t: float | Tensor, frame0: int, audio: Tensor, text: Tensor,
+                sink_offset: int) -> Tensor:
+        """One denoising call of step `step` on a block: latents [16, F, h, w] -> flow [16, F, h, w]."""
+        x, ctx = self.dit.prepare_block(latents.to(self.device), t, frame0, audio.to(self.device), text, sink_offset)
+        tokens_per_frame = x.shape[1] // latents.shape[1]  # x [1, F * h/2 * w/2, dim]
+        x = self.denoise_units(step, frame0 * tokens_per_frame, x, ctx)
+        return self.dit.finish(x, ctx)
+
+    # ---- observability / resume ------------------------------------------------------------------
+
+    def streamers(self) -> list[UnitStreamer]:
+        return ([self.weights.streamer] if self.weights.streamer else []) + self.kv.streamers()
+
+    def copy_wait_seconds(self) -> float:
+        """Compute-stream time spent waiting on copies so far (CUDA with timing=True; else 0)."""
+        total = 0.0
+        for st in self.streamers():
+            st.stats.collect()
+            total += st.stats.wait_seconds
+        return total
+
+    def kv_state(self) -> dict[str, object]:
+        return self.kv.state_dict()
+
+    def load_kv_state(self, state: dict[str, object]) -> None:
+        self.kv.load_state_dict(state)
+
+
+def _check_coverage(model: nn.Module, units: Sequence[UnitData]) -> None:
+    """Every model tensor is stored exactly once in the units, and nothing else is."""
+    want = set(model.state_dict().keys())
+    got: set[str] = set()
+    for u in units:
+        for e in u.tensors:
+            if e.name in got:
+                raise ArtifactError(f"tensor {e.name} is stored twice")
+            got.add(e.name)
+    have = set()
+    for name in want:  # QuantLinear buffers weight_<role> stand for "<path>.weight"
+        path, _, attr = name.rpartition(".")
+        have.add(f"{path}.weight" if attr.startswith("weight_") else name)
+    if got != have:
+        odd = sorted(have - got)[:1] or sorted(got - have)[:1]
+        raise ArtifactError(f"artifact does not match the model (first odd tensor: {odd[0]})")
+
+
+def _check_materialized(model: nn.Module, streamed_layers: set[int]) -> None:
+    from .model.units import unit_of_key
+
+    cfg = model.cfg  # type: ignore[attr-defined]
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta and unit_of_key(cfg, name) not in streamed_layers:
+            raise ArtifactError(f"{name} was not loaded")

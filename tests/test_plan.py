@@ -1,0 +1,161 @@
+"""The memory plan: pure, within budget, interleaved, and the 14B figures the project promises."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from liveavatar_lite.config import PRESETS
+from liveavatar_lite.device_profiles import get_profile
+from liveavatar_lite.errors import BudgetError, UserError
+from liveavatar_lite.plan import GB, Budget, KVSpec, PlanInput, UnitSize, Workload, make_plan, min_vram_bytes
+from liveavatar_lite.plan_inputs import parse_size, plan_input, synthesize_unit_sizes, workload
+
+RTX4090 = get_profile("rtx4090")
+CFG14 = PRESETS["14b"].dit
+
+
+def _toy(n_layers: int, unit_bytes: list[int], ring_tokens: int, sink_tokens: int) -> PlanInput:
+    units = (UnitSize("resident", 1000, None),) + tuple(
+        UnitSize(f"block_{i:03d}", unit_bytes[i % len(unit_bytes)], i) for i in range(n_layers))
+    kv = tuple(KVSpec(f"ring.{s}", s, n_layers, ring_tokens, 2, 128) for s in range(4)) + (
+        KVSpec("sink", None, n_layers, sink_tokens, 2, 128),)
+    wl = Workload(size=(64, 64), block_tokens=48, linear_flops=(1e9,) * n_layers, attn_flops=(1e9,) * n_layers,
+                  activation_bytes=10_000, new_kv_layer_bytes_bf16=48 * 256 * 4)
+    return PlanInput("int8", units, kv, wl)
+
+
+def _small_budget(vram: float, **kw) -> Budget:
+    return Budget(vram_bytes=vram, cuda_context_bytes=1000, vae_arena_bytes=1000, host_baseline_bytes=0, **kw)
+
+
+def test_14b_int8_fits_24gb_with_peak_under_22_5():
+    plan = make_plan(plan_input(CFG14, (704, 384), "int8"), Budget(vram_bytes=24 * GB), RTX4090)
+    assert plan.peak_vram_bytes <= 22.5 * GB
+    assert {k.placement for k in plan.kv} == {"host"}  # 40.8 GiB of bf16 KV cannot stay on the card
+
+
+def test_14b_int4_fits_12gb():
+    plan = make_plan(plan_input(CFG14, (704, 384), "int4"), Budget(vram_bytes=12 * GB), RTX4090)
+    assert plan.peak_vram_bytes <= 12 * GB * 0.93
+    assert plan.streamed_units, "12 GB cannot hold 9 GB of int4 weights next to the fixed costs"
+
+
+def test_14b_unit_sizes_match_reference(reference_dir):
+    ref = json.loads((reference_dir / "wan22_s2v_14b_keys.json").read_text())
+    bf16 = synthesize_unit_sizes(CFG14, "bf16")
+    assert sum(u.nbytes for u in bf16) == 2 * ref["total_params"]
+    int8 = sum(u.nbytes for u in synthesize_unit_sizes(CFG14, "int8"))
+    assert abs(int8 / GB - 16.65) < 0.05  # LIVEAVATAR.md §2.3: 15.94 + 0.71 GB
+
+
+def test_14b_workload_matches_reference_figures():
+    wl = workload(CFG14, (704, 384))
+    assert wl.block_tokens == 3168
+    attn_self = sum(4 * 3168 * 15312 * 5120 for _ in range(40))
+    assert abs(attn_self / 1e12 - 39.7) < 0.1
+    kv = plan_input(CFG14, (704, 384), "int8").kv
+    assert abs(sum(k.nbytes("bf16") for k in kv if k.step is not None) / 2**30 - 38.67) < 0.01
+
+
+def test_interleaved_streaming():
+    inp = _toy(8, [1_000_000], 16, 8)
+    fixed = 1000 + 1000 + 10_000 + 1000
+    kv_slot = 2 * inp.kv[0].layer_bytes("bf16") + 2 * inp.kv[-1].layer_bytes("bf16")
+    # room for 5 resident units + 2 slots, KV on the host
+    budget = _small_budget((fixed + kv_slot + 7 * 1_000_000 + 50) / 0.93)
+    plan = make_plan(inp, budget, RTX4090)
+    streamed = sorted(u.layer for u in plan.streamed_units)
+    assert len(streamed) == 3
+    assert all(b - a > 1 for a, b in zip(streamed, streamed[1:])), streamed  # never two in a row
+
+
+def test_no_fit_names_smallest_change():
+    inp = plan_input(CFG14, (704, 384), "int8")
+    with pytest.raises(BudgetError, match="smallest change that fits: --kv fp8"):
+        make_plan(inp, Budget(vram_bytes=9.9 * GB), RTX4090)
+    with pytest.raises(BudgetError, match="--format int4"):
+        make_plan(inp, Budget(vram_bytes=9.4 * GB, kv_dtype="fp8"), RTX4090)
+    with pytest.raises(BudgetError, match="--kv fp8"):  # host RAM too small for bf16 KV
+        make_plan(inp, Budget(vram_bytes=24 * GB, ram_bytes=32 * GB), RTX4090)
+
+
+def test_ram_limit_moves_weights_to_disk():
+    inp = _toy(8, [100_000], 4, 4)
+    kv_host = sum(k.nbytes("bf16") for k in inp.kv)
+    vram = (13_000 + 4 * 100_000 + 2 * 100_000 + 4 * inp.kv[0].layer_bytes("bf16")) / 0.93
+    roomy = make_plan(inp, _small_budget(vram), RTX4090)
+    assert {u.placement for u in roomy.streamed_units} == {"host"}
+    tight = make_plan(inp, _small_budget(vram, ram_bytes=kv_host + 2 * 100_000), RTX4090)
+    assert {u.placement for u in tight.streamed_units} == {"disk"}
+    assert tight.host_ram_bytes <= kv_host + 2 * 100_000
+
+
+def test_plan_is_pure_and_json():
+    inp = plan_input(CFG14, (704, 384), "int8")
+    a = make_plan(inp, Budget(vram_bytes=16 * GB, kv_dtype="fp8"), RTX4090)
+    b = make_plan(inp, Budget(vram_bytes=16 * GB, kv_dtype="fp8"), RTX4090)
+    assert a == b
+    d = json.loads(json.dumps(a.to_json()))
+    for key in ("peak_vram_bytes", "host_ram_bytes", "h2d_bytes_per_clip", "predicted_seconds_per_clip"):
+        assert key in d
+    assert {"name", "nbytes", "placement"} <= set(d["units"][0])
+    assert {"step", "dtype", "nbytes", "placement"} <= set(d["kv"][0])
+
+
+def test_fp8_kv_is_faster_when_kv_streams():
+    inp = plan_input(CFG14, (704, 384), "int8")
+    bf16 = make_plan(inp, Budget(vram_bytes=24 * GB), RTX4090)
+    fp8 = make_plan(inp, Budget(vram_bytes=24 * GB, kv_dtype="fp8"), RTX4090)
+    assert fp8.h2d_bytes_per_clip < bf16.h2d_bytes_per_clip
+    assert fp8.predicted_seconds_per_clip <= bf16.predicted_seconds_per_clip
+
+
+def test_bad_inputs():
+    with pytest.raises(UserError, match="WIDTH\\*HEIGHT"):
+        parse_size("big")
+    with pytest.raises(UserError, match="multiples of 16"):
+        parse_size("700*384")
+    assert parse_size("704*384") == (704, 384)
+    with pytest.raises(BudgetError, match="KV dtype"):
+        make_plan(_toy(2, [10], 4, 4), _small_budget(1e9, kv_dtype="fp4"), RTX4090)
+    with pytest.raises(UserError, match="device profile"):
+        get_profile("gtx480")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_layers=st.integers(1, 12),
+    unit_bytes=st.lists(st.integers(1_000, 2_000_000), min_size=1, max_size=4),
+    ring=st.integers(1, 64),
+    sink=st.integers(1, 32),
+    vram=st.floats(1e4, 5e7),
+    ram=st.one_of(st.none(), st.floats(1e4, 5e7)),
+    kv_dtype=st.sampled_from(["bf16", "fp8", "int8"]),
+)
+def test_plan_never_exceeds_budget(n_layers, unit_bytes, ring, sink, vram, ram, kv_dtype):
+    inp = _toy(n_layers, unit_bytes, ring, sink)
+    budget = _small_budget(vram, ram_bytes=ram, kv_dtype=kv_dtype)
+    try:
+        plan = make_plan(inp, budget, RTX4090)
+    except BudgetError:
+        assert min_vram_bytes(inp, budget) > vram or ram is not None
+        return
+    assert plan.peak_vram_bytes <= vram * (1 - budget.reserve_frac)
+    if ram is not None:
+        assert plan.host_ram_bytes <= ram
+    streamed = [u for u in plan.units if u.placement != "gpu"]
+    assert all(u.layer is not None for u in streamed)  # the resident set never streams
+    layers = sorted(u.layer for u in streamed)
+    if 2 * len(layers) <= n_layers:  # at most half streamed: never two streamed units in a row
+        assert all(b - a > 1 for a, b in zip(layers, layers[1:])), layers
+
+
+def test_probe_profile_measures_this_machine():
+    from liveavatar_lite.device_profiles import probe_profile
+
+    prof = probe_profile("cpu", seconds=0.1)
+    assert prof.h2d_gbps > 0 and prof.bf16_tflops > 0 and prof.name == "probe:cpu"
+    assert prof.linear_tops("int8") > 0 and prof.attention_tflops() > 0

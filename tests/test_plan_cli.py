@@ -1,0 +1,63 @@
+"""`liveavatar-lite plan` and `bench stream` from the command line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from liveavatar_lite.cli import main
+
+
+def test_plan_json_14b_preset(capsys):
+    rc = main(["plan", "14b", "--format", "int8", "--vram", "24", "--ram", "64", "--device-profile", "rtx4090", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["peak_vram_bytes"] <= 22.5e9
+    for key in ("host_ram_bytes", "h2d_bytes_per_clip", "predicted_seconds_per_clip", "units", "kv"):
+        assert key in d
+    assert {u["placement"] for u in d["units"]} <= {"gpu", "host", "disk"}
+    assert [k["step"] for k in d["kv"]] == [0, 1, 2, 3, None]
+
+
+def test_plan_table(capsys):
+    assert main(["plan", "14b", "--format", "int4", "--vram", "12", "--ram", "64", "--kv", "fp8",
+                 "--device-profile", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    assert "peak" in out and "streamed from pinned RAM" in out and "predicted" in out
+
+
+def test_plan_budget_error_exit_3(capsys):
+    rc = main(["plan", "14b", "--format", "int8", "--vram", "9.9", "--ram", "64", "--device-profile", "rtx4090"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert err.startswith("liveavatar-lite plan: error:") and "smallest change that fits: --kv fp8" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["plan", "14b", "--vram", "24"], "needs --format"),
+    (["plan", "14b", "--format", "int8", "--vram", "24", "--size", "700*400"], "multiples of 16"),
+    (["plan", "/nonexistent/art", "--vram", "24"], "no manifest.json"),
+    (["plan", "14b", "--format", "int8", "--vram", "24", "--device-profile", "voodoo2"], "unknown device profile"),
+])
+def test_plan_bad_input_exit_2(capsys, argv, msg):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_plan_artifact(capsys, artifacts):
+    rc = main(["plan", str(artifacts["int8"]), "--vram", "2", "--size", "64*64", "--device-profile", "rtx4090", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {u["name"] for u in d["units"]} == {"resident", "block_000", "block_001", "block_002", "block_003"}
+
+
+def test_bench_stream_runs_on_cpu(capsys):
+    from bench_stream import main as bench_main
+
+    assert bench_main(["--preset", "tiny", "--device", "cpu", "--blocks", "2", "--device-profile", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    assert "copy_wait_fraction" in out and "streamed / resident step time" in out
+
+
+from test_runtime import artifacts  # noqa: E402,F401  (the tiny artifacts fixture)

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Streamed vs resident DiT step time, copy-wait fraction and H2D GB/s, side by side.
+
+Builds the DiT's units with random bytes in the artifact's exact layout (no checkpoint needed:
+14B-shaped INT8 blocks at 704*384 on a GPU, the tiny model on CPU), then runs the real runtime
+(`DiTRuntime`, the same loop `generate` uses) twice: every unit resident, and placed by the plan
+for `--vram`. On CPU the same control flow runs (copies are synchronous memcpys, so copy-wait is
+the copy time itself).
+
+    python tools/bench_stream.py --preset 14b --size 704*384 --vram 12 --device cuda
+    python tools/bench_stream.py --preset tiny --size 64*64 --device cpu        # CPU: control flow only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from liveavatar_lite.config import PRESETS, DiTConfig
+from liveavatar_lite.device_profiles import get_profile, probe_profile
+from liveavatar_lite.format import TensorSpec, block_unit_name, layout_file
+from liveavatar_lite.plan import GB, Budget, Plan, make_plan, min_vram_bytes
+from liveavatar_lite.plan_inputs import parse_size, plan_input
+from liveavatar_lite.qtypes import QuantType
+from liveavatar_lite.runtime import DiTRuntime, UnitData
+
+TIMESTEPS = (1000.0, 857.69, 602.15, 8.93)
+
+
+def synthetic_units(cfg: DiTConfig, fmt: str, pin: bool, seed: int = 0, group_size: int = 128) -> list[UnitData]:
+    """Every DiT unit with random, numerically sane bytes, laid out exactly as `format.py` writes them."""
+    from liveavatar_lite.model.dit import WanS2VDiT
+    from liveavatar_lite.model.units import resident_keys, unit_keys
+    from quantize.policy import Policy
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in WanS2VDiT(cfg).state_dict().items()}
+    policy = Policy(QuantType(fmt), group_size=group_size)
+    groups = [("resident", None, resident_keys(cfg))] + [(block_unit_name(i), i, unit_keys(cfg, i))
+                                                         for i in range(cfg.num_layers)]
+    g = torch.Generator().manual_seed(seed)
+    units = []
+    for name, layer, keys in groups:
+        specs = []
+        for k in keys:
+            qt, grp = policy.decide(k, shapes[k])
+            specs.append(TensorSpec(k, qt, shapes[k], grp, "BF16"))
+        lay = layout_file(specs, name)
+        buf = torch.zeros(lay.data_nbytes, dtype=torch.uint8, pin_memory=pin)
+        for e in lay.tensors:
+            for p in e.parts:
+                view = buf[p.offset:p.offset + p.nbytes].view(p.torch_dtype).reshape(p.shape)
+                _fill(view, e.name, p.role, e.logical_shape, g)
+        units.append(UnitData(name, layer, lay.data_nbytes, lay.tensors, host=buf))
+    return units
+
+
+def _fill(view: torch.Tensor, key: str, role: str, logical: tuple[int, ...], g: torch.Generator) -> None:
+    k_in = logical[1] if len(logical) == 2 else max(1, math.prod(logical[1:]))
+    if role == "data" and view.dtype in (torch.int8, torch.uint8):
+        hi = 127 if view.dtype == torch.int8 else 255
+        view.copy_(torch.randint(-hi if hi == 127 else 0, hi + 1, view.shape, generator=g, dtype=torch.int16).to(view.dtype))
+    elif role == "data" and view.dtype == torch.float8_e4m3fn:
+        view.copy_((torch.randn(view.shape, generator=g) * 100).to(view.dtype))
+    elif role == "scale":  # int8/fp8: |w| ~ 1/sqrt(K); int4: (q - zero) * scale
+        view.fill_(1.0 / (60 * math.sqrt(k_in)) if view.dtype == torch.float32 else 1.0 / (8 * math.sqrt(k_in)))
+    elif role == "zero":
+        view.fill_(7.5)
+    elif role == "absmax":
+        view.fill_(2.0 / math.sqrt(k_in))
+    elif "norm" in key and key.endswith("weight"):
+        view.fill_(1.0)
+    elif len(logical) >= 2 and key.endswith("weight"):
+        view.copy_((torch.randn(view.shape, generator=g) / math.sqrt(k_in)).to(view.dtype))
+    else:
+        view.copy_((torch.randn(view.shape, generator=g) * 0.02).to(view.dtype))
+
+
+def run_steps(rt: DiTRuntime, cfg: DiTConfig, size: tuple[int, int], blocks: int, device: str) -> list[float]:
+    """Sink prefill, then `blocks` blocks x 4 steps at steady state (full rings); seconds per step."""
+    g = torch.Generator().manual_seed(1)
+    h, w = size[1] // 8, size[0] // 8
+    text = rt.embed_text(torch.randn(16, cfg.text_dim, generator=g))
+    rt.prefill_sink(torch.randn(16, 1, h, w, generator=g), torch.randn(16, 19, h, w, generator=g), text)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for b in range(blocks):
+        x = torch.randn(16, 3, h, w, generator=g)
+        audio = torch.randn(cfg.audio_layers, cfg.audio_dim, 12, generator=g)
+        for step, t in enumerate(TIMESTEPS):
+            sync()  # timing boundary only: each step is timed on its own
+            t0 = time.perf_counter()
+            v = rt.denoise(step, x, t, 12 + 3 * b, audio, text, sink_offset=7)
+            sync()
+            times.append(time.perf_counter() - t0)
+            x = (x.float() - 0.25 * v.float().cpu()).to(x.dtype)
+    return times
+
+
+def measure(cfg: DiTConfig, units: list[UnitData], plan: Plan, size, blocks: int, device: str) -> dict:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rt = DiTRuntime(cfg, units, plan, device=device, timing=device == "cuda")
+    times = run_steps(rt, cfg, size, blocks, device)
+    steady = times[4:] or times  # the first block warms up kernels and caches
+    wait = rt.copy_wait_seconds()
+    copy_s = sum(st.stats.copy_seconds for st in rt.streamers())
+    h2d = sum(st.stats.h2d_bytes for st in rt.streamers())
+    total = sum(times)
+    out = {
+        "streamed_units": len(plan.streamed_units),
+        "host_kv": [k.name for k in plan.kv if k.placement == "host"],
+        "s_per_step": sum(steady) / len(steady),
+        "copy_wait_fraction": (wait if device == "cuda" else copy_s) / total,
+        "h2d_gbps": h2d / copy_s / GB if copy_s else 0.0,
+        "h2d_gb_per_step": h2d / len(times) / GB,
+        "predicted_s_per_step": plan.predicted_seconds_per_clip / (4 * 4),
+        "predicted_peak_gb": plan.peak_vram_bytes / GB,
+    }
+    if device == "cuda":
+        out["max_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int, help="keep only the first N blocks (quick runs)")
+    ap.add_argument("--size", default=None, help="W*H (default 704*384 for 14b, 64*64 for tiny)")
+    ap.add_argument("--format", default="int8", choices=("int8", "fp8", "int4", "nf4", "bf16"))
+    ap.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"))
+    ap.add_argument("--vram", type=float, help="budget in GB for the streamed run (default: the leanest layout)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device-profile", default=None)
+    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    cfg = PRESETS[args.preset].dit
+    if args.layers:
+        cfg = replace(cfg, num_layers=args.layers,
+                      audio_inject_layers=tuple(i for i in cfg.audio_inject_layers if i < args.layers))
+    size = parse_size(args.size or ("704*384" if args.preset == "14b" else "64*64"))
+    profile = get_profile(args.device_profile) if args.device_profile else probe_profile(args.device, seconds=1.0)
+    units = synthetic_units(cfg, args.format, pin=args.device == "cuda")
+    inp = plan_input(cfg, size, args.format, unit_sizes={u.name: u.nbytes for u in units})
+    budget = lambda v: Budget(vram_bytes=v, kv_dtype=args.kv, vae_arena_bytes=0)  # noqa: E731
+    lean = args.vram * GB if args.vram else min_vram_bytes(inp, budget(1)) * 1.001
+    resident_plan = make_plan(inp, budget(1e15), profile)
+    resident_plan = replace(resident_plan, kv=tuple(replace(k, placement="host") for k in resident_plan.kv)) \
+        if args.device == "cuda" and args.preset == "14b" else resident_plan  # 40 GiB of KV never fits a card
+    streamed_plan = make_plan(inp, budget(lean), profile)
+    results = {}
+    for label, plan in (("resident", resident_plan), ("streamed", streamed_plan)):
+        results[label] = measure(cfg, units, plan, size, args.blocks, args.device)
+    ratio = results["streamed"]["s_per_step"] / results["resident"]["s_per_step"]
+    if args.json:
+        print(json.dumps({"device": args.device, "preset": args.preset, "layers": cfg.num_layers,
+                          "size": f"{size[0]}*{size[1]}", "format": args.format, "kv": args.kv,
+                          "results": results, "streamed_over_resident": ratio}, indent=1))
+        return 0
+    cols = ("s_per_step", "copy_wait_fraction", "h2d_gbps", "h2d_gb_per_step", "streamed_units", "predicted_s_per_step")
+    print(f"{args.preset} ({cfg.num_layers} layers) {args.format} at {size[0]}*{size[1]}, KV {args.kv}, on {args.device}")
+    print(f"{'':10}" + "".join(f"{c:>22}" for c in cols))
+    for label, r in results.items():
+        print(f"{label:10}" + "".join(f"{r[c]:>22.4f}" if isinstance(r[c], float) else f"{r[c]:>22}" for c in cols))
+    print(f"streamed / resident step time: {ratio:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
