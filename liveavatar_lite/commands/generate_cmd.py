@@ -1,14 +1,91 @@
-"""`liveavatar-lite generate` (not implemented yet)."""
+"""`liveavatar-lite generate`: photo + speech + prompt -> mp4 (streaming, resumable)."""
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
+
+DESCRIPTION = (
+    "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
+    "decoded and written block by block; finished clips survive a crash (rerun with --resume). "
+    "The output file appears only when the video is complete."
+)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--artifact", required=True, type=Path,
+                        help="artifact directory from `liveavatar-lite quantize`")
+    parser.add_argument("--image", required=True, type=Path, help="reference photo (jpg, png, webp)")
+    parser.add_argument("--audio", required=True, type=Path, help="speech (wav, flac, ogg; any rate, mono or stereo)")
+    parser.add_argument("--prompt", required=True, help="text prompt (its umT5 embedding is cached on disk)")
+    parser.add_argument("-o", "--out", required=True, type=Path, help="output .mp4 (h264 25 fps + aac)")
+    parser.add_argument("--size", default="704*384",
+                        help="maximum pixel area as W*H (upstream keys such as 704*384, 720*400, 688*368, "
+                             "384*256, or a custom one); the photo's aspect is kept, sides snap to 64 "
+                             "(default: %(default)s)")
+    parser.add_argument("--num-clip", type=_positive_int, default=None,
+                        help="number of clips (45 frames, then 48 each); default: until the audio ends")
+    parser.add_argument("--seed", type=int, default=42, help="noise seed (default: %(default)s)")
+    parser.add_argument("--vram", type=_positive_float, default=None, metavar="GB",
+                        help="GPU memory budget in GB (default: what the GPU has free)")
+    parser.add_argument("--ram", type=_positive_float, default=None, metavar="GB",
+                        help="host memory budget in GB (default: this machine's physical RAM)")
+    parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
+                        help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted render of the same inputs from its newest checkpoint")
+    parser.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
+                        help="seconds between resume checkpoints; each holds every KV cache (tens of GB at 14B), "
+                             "a resume re-renders the clips after the newest one; 0 = after every clip "
+                             "(default: %(default)s)")
+    parser.add_argument("--telemetry", type=Path, default=None, metavar="FILE",
+                        help="write per-clip JSON lines (seconds, frames, peak VRAM, host RSS, copy-wait) "
+                             "and a summary")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where prompt embeddings are cached "
+                             "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("liveavatar-lite generate: not implemented yet", file=sys.stderr)
-    return 2
+    import logging
+
+    from ..generate import GenerateRequest, generate
+
+    request = GenerateRequest(
+        artifact=args.artifact,
+        image=args.image,
+        audio=args.audio,
+        prompt=args.prompt,
+        out=args.out,
+        size=args.size,
+        num_clip=args.num_clip,
+        seed=args.seed,
+        vram_gb=args.vram,
+        ram_gb=args.ram,
+        kv_dtype=args.kv,
+        resume=args.resume,
+        telemetry=args.telemetry,
+        cache_dir=args.cache_dir,
+        checkpoint_interval_s=args.checkpoint_interval,
+        progress=not args.no_progress,
+    )
+    result = generate(request)
+    logging.getLogger("liveavatar_lite.generate").info(
+        "wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
+        result.width, result.height, result.seconds,
+        f" (resumed after {result.resumed_clips} clips)" if result.resumed_clips else "")
+    return 0

@@ -1,0 +1,122 @@
+"""Per-clip measurements of a render, written as JSON lines, plus a summary line at the end.
+
+Each clip line: seconds, frames, fps, peak VRAM (bytes, since the clip began), host RSS (bytes,
+now and peak) and the copy-wait fraction (time the GPU waited for weight copies / clip time).
+
+    tel = Telemetry.open(Path("run.jsonl"), append=False)
+    tel.clip_done(index=0, frames=45, seconds=12.3, copy_wait_s=1.2)
+    tel.summary(); tel.close()
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+
+def host_rss_bytes() -> tuple[int | None, int | None]:
+    """(current, peak) resident set size of this process, or None where the OS does not say."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        fields = {}
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024  # reported in kB
+        return fields.get("VmRSS"), fields.get("VmHWM")
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return None, peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
+    except ImportError:  # Windows
+        return None, None
+
+
+def peak_vram_bytes(reset: bool = True) -> int | None:
+    """Peak CUDA memory allocated by torch since the last reset (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = int(torch.cuda.max_memory_allocated())
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+@dataclass
+class Telemetry:
+    """Collects clip records; writes each as one JSON line when a file is given (else only keeps it)."""
+
+    stream: IO[str] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, path: Path | None, append: bool) -> Telemetry:
+        """Telemetry writing to `path` (appended to when resuming), or in memory only if None."""
+        if path is None:
+            return cls()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(stream=open(path, "a" if append else "w", encoding="utf-8"))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.stream is not None:
+            self.stream.write(json.dumps(record, sort_keys=True) + "\n")
+            self.stream.flush()
+            os.fsync(self.stream.fileno())  # the lines must survive a crash: they explain it
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A one-off line (start, resume) that is not a clip."""
+        self._write({"event": name, "time": time.time(), **fields})
+
+    def clip_done(self, index: int, frames: int, seconds: float, copy_wait_s: float | None = None,
+                  **extra: Any) -> dict[str, Any]:
+        rss, rss_peak = host_rss_bytes()
+        record: dict[str, Any] = {
+            "event": "clip",
+            "clip": index,
+            "frames": frames,
+            "seconds": round(seconds, 4),
+            "fps": round(frames / seconds, 3) if seconds > 0 else None,
+            "peak_vram_bytes": peak_vram_bytes(),
+            "host_rss_bytes": rss,
+            "host_rss_peak_bytes": rss_peak,
+            "copy_wait_fraction": (round(min(1.0, copy_wait_s / seconds), 4)
+                                   if copy_wait_s is not None and seconds > 0 else None),
+            **extra,
+        }
+        self.records.append(record)
+        self._write(record)
+        return record
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        clips = [r for r in self.records if r["event"] == "clip"]
+        seconds = sum(r["seconds"] for r in clips)
+        frames = sum(r["frames"] for r in clips)
+        waits = [r["copy_wait_fraction"] * r["seconds"] for r in clips if r["copy_wait_fraction"] is not None]
+        vram = [r["peak_vram_bytes"] for r in clips if r["peak_vram_bytes"] is not None]
+        record: dict[str, Any] = {
+            "event": "summary",
+            "clips": len(clips),
+            "frames": frames,
+            "clip_seconds": round(seconds, 4),
+            "wall_seconds": round(time.perf_counter() - self.started, 4),
+            "fps": round(frames / seconds, 3) if seconds > 0 else None,
+            "peak_vram_bytes": max(vram) if vram else None,
+            "host_rss_peak_bytes": host_rss_bytes()[1],
+            "copy_wait_fraction": round(sum(waits) / seconds, 4) if waits and seconds > 0 else None,
+            **extra,
+        }
+        self._write(record)
+        return record
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None

@@ -1,0 +1,408 @@
+"""Crash-safe mp4 output: per-clip h264 segments in a work dir, muxed with the speech (aac) at the end.
+
+An mp4 cannot be appended to after a crash (its index is written on close), so a render keeps one
+h264 segment per finished clip in a work directory beside the output, plus a journal. Frames are
+appended to the current clip's segment as soon as they are decoded, so memory does not grow with
+video length. When every clip is done, the segments are stream-copied (no re-encode) into
+`OUT.tmp` together with the audio encoded as aac, and `OUT.tmp` is renamed to `OUT`: nothing that
+looks like a finished video exists before the render is complete.
+
+    work = RenderWorkDir.open(out, job_key="...", resume=False)
+    seg = work.begin_clip(0, VideoSpec(height=384, width=704)); seg.append(frames_uint8_thwc)
+    work.commit_clip(seg, write_state=lambda p: torch.save(state, p))  # or write_state=None: no checkpoint
+    mux_segments(work.segment_paths(), audio_path, out, VideoSpec(384, 704))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FORMAT = "liveavatar-lite-render"
+JOURNAL_VERSION = 1
+AAC_RATE = 48000  # aac frames are 1024 samples: 21 ms at 48 kHz, well under one 40 ms video frame
+_H264_CANDIDATES = ("libx264", "h264", "libopenh264", "h264_nvenc")
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """What every segment of one render is encoded with (identical settings keep segments joinable)."""
+
+    height: int
+    width: int
+    fps: int = 25
+    crf: int = 18
+    preset: str = "medium"
+    threads: int = 4  # fixed, so the bitstream does not depend on the machine's core count
+
+
+def h264_encoder_name() -> str:
+    """The h264 encoder PyAV's FFmpeg offers here, preferring libx264.
+
+    h264_encoder_name()  # 'libx264'
+    """
+    import av
+
+    for name in _H264_CANDIDATES:
+        try:
+            av.codec.Codec(name, "w")
+        except Exception:  # noqa: BLE001 - PyAV raises several types for "unknown codec"
+            continue
+        return name
+    raise UserError("this PyAV build has no h264 encoder (install PyAV wheels from PyPI, which bundle libx264)")
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, rename it over `final`, fsync the directory: after return it survives a crash."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    durable_replace(tmp, path)
+
+
+class ClipSegmentWriter:
+    """One clip's frames -> a video-only h264 mp4 written under a temporary name.
+
+    seg = ClipSegmentWriter(path, spec); seg.append(frames); seg.close()  # then the owner renames
+    """
+
+    def __init__(self, index: int, path: Path, final_path: Path, spec: VideoSpec) -> None:
+        import av
+
+        self.index, self.path, self.final_path, self.spec = index, path, final_path, spec
+        self.frames = 0
+        self._container = av.open(str(path), mode="w", format="mp4")
+        stream = self._container.add_stream(h264_encoder_name(), rate=spec.fps)
+        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
+        # No B-frames: every segment's decode order equals display order, so segments concatenate
+        # by shifting timestamps alone.
+        stream.options = {"crf": str(spec.crf), "preset": spec.preset, "bf": "0", "threads": str(spec.threads)}
+        self._stream = stream
+
+    def append(self, frames: np.ndarray) -> None:
+        """Encode frames uint8 [T, H, W, 3] (RGB) and write their packets now."""
+        import av
+
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.spec.height, self.spec.width, 3):
+            raise ValueError(f"frames must be uint8 [T, {self.spec.height}, {self.spec.width}, 3], got "
+                             f"{frames.dtype} {tuple(frames.shape)}")
+        for frame in frames:
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in self._stream.encode(vf):
+                self._container.mux(packet)
+        self.frames += int(frames.shape[0])
+
+    def close(self) -> None:
+        for packet in self._stream.encode():  # flush the encoder's delayed frames
+            self._container.mux(packet)
+        self._container.close()
+
+    def abort(self) -> None:
+        try:
+            self._container.close()
+        except Exception:  # noqa: BLE001 - best effort on an error path; the file is deleted next
+            pass
+        self.path.unlink(missing_ok=True)
+
+
+class RenderWorkDir:
+    """The crash-safe state of one render: finished clip segments, the latest resume state, a journal.
+
+    Lives at `OUT.parent / ".OUT.work"`. The journal is rewritten (temp + rename) only after a clip's
+    segment (and state, when one is written) is durable, so after a kill -9 it names complete files.
+    The state (a checkpoint of everything the next clip depends on) need not follow every clip:
+    `state_clips` says how many clips it covers, and a resume continues from there, re-rendering
+    (identically) any later segments unless every clip is already done.
+
+    work = RenderWorkDir.open(Path("out.mp4"), job_key, resume=True); work.clips_done
+    """
+
+    def __init__(self, root: Path, journal: dict) -> None:
+        self.root, self._journal = root, journal
+
+    @staticmethod
+    def path_for(out: Path) -> Path:
+        return out.parent / f".{out.name}.work"
+
+    @classmethod
+    def open(cls, out: Path, job_key: str, resume: bool) -> RenderWorkDir:
+        """Continue the journal in the work dir (resume) or start a fresh one, discarding old files."""
+        root = cls.path_for(out)
+        journal_path = root / "journal.json"
+        if resume and journal_path.exists():
+            try:
+                journal = json.loads(journal_path.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot resume: {journal_path} is unreadable ({e}); run without --resume") from None
+            if journal.get("format") != JOURNAL_FORMAT or journal.get("version") != JOURNAL_VERSION:
+                raise UserError(f"cannot resume: {journal_path} is from another version; run without --resume")
+            if journal.get("job_key") != job_key:
+                raise UserError(
+                    f"cannot resume: {root} belongs to a render with other inputs, prompt, size or seed; "
+                    "run without --resume to start over"
+                )
+            work = cls(root, journal)
+            work._drop_uncommitted()
+            log.info("resuming after %d finished clips (%d frames)", work.clips_done, work.frames_done)
+            return work
+        if resume:
+            log.info("nothing to resume at %s; starting from the first clip", root)
+        elif journal_path.exists():
+            log.info("discarding an earlier unfinished render in %s (pass --resume to continue it)", root)
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        journal = {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "job_key": job_key,
+                   "segments": [], "state": None, "state_clips": 0}
+        write_json_atomic(journal_path, journal)
+        return cls(root, journal)
+
+    @property
+    def clips_done(self) -> int:
+        return len(self._journal["segments"])
+
+    @property
+    def frames_done(self) -> int:
+        return sum(int(s["frames"]) for s in self._journal["segments"])
+
+    @property
+    def state_path(self) -> Path | None:
+        """The newest resume state (None before the first checkpoint)."""
+        name = self._journal["state"]
+        return self.root / name if name else None
+
+    @property
+    def state_clips(self) -> int:
+        """How many clips the newest resume state covers (0 without one)."""
+        return int(self._journal["state_clips"])
+
+    def rewind_to_state(self) -> None:
+        """Forget segments after the newest checkpoint (a resume renders them again, identically)."""
+        extra = self._journal["segments"][self.state_clips:]
+        if not extra:
+            return
+        self._journal["segments"] = self._journal["segments"][: self.state_clips]
+        write_json_atomic(self.root / "journal.json", self._journal)
+        for s in extra:
+            (self.root / s["name"]).unlink(missing_ok=True)
+        log.info("continuing from the checkpoint after clip %d (%d later clips are rendered again)",
+                 self.state_clips, len(extra))
+
+    def segment_paths(self) -> list[Path]:
+        return [self.root / s["name"] for s in self._journal["segments"]]
+
+    def begin_clip(self, index: int, spec: VideoSpec) -> ClipSegmentWriter:
+        if index != self.clips_done:
+            raise ValueError(f"clip {index} started but {self.clips_done} clips are finished")
+        final = self.root / f"clip_{index:05d}.mp4"
+        return ClipSegmentWriter(index, final.with_name(final.name + ".part"), final, spec)
+
+    def commit_clip(self, segment: ClipSegmentWriter, write_state: Callable[[Path], None] | None) -> None:
+        """Make a finished clip durable: segment, then (if given) its resume state, then the journal."""
+        segment.close()
+        durable_replace(segment.path, segment.final_path)
+        previous = self.state_path
+        self._journal["segments"].append({"name": segment.final_path.name, "frames": segment.frames})
+        if write_state is not None:
+            state_name = f"state_{segment.index:05d}.pt"
+            tmp = self.root / (state_name + ".tmp")
+            write_state(tmp)
+            durable_replace(tmp, self.root / state_name)
+            self._journal["state"] = state_name
+            self._journal["state_clips"] = len(self._journal["segments"])
+        write_json_atomic(self.root / "journal.json", self._journal)
+        if previous is not None and previous != self.state_path:
+            previous.unlink(missing_ok=True)  # only the newest state is ever resumed from
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _drop_uncommitted(self) -> None:
+        """Delete files a killed run left behind that the journal does not name."""
+        keep = {"journal.json", *(s["name"] for s in self._journal["segments"])}
+        if self._journal["state"]:
+            keep.add(self._journal["state"])
+        for p in self.root.iterdir():
+            if p.name not in keep:
+                p.unlink()
+        missing = [p.name for p in self.segment_paths() if not p.exists()]
+        if self.state_path is not None and not self.state_path.exists():
+            missing.append(self.state_path.name)
+        if missing:
+            raise UserError(f"cannot resume: {self.root} lacks {', '.join(missing)}; run without --resume")
+
+
+def _read_audio_blocks(path: Path, block: int) -> tuple[int, int, Iterator[np.ndarray]]:
+    """(sample_rate, channels, blocks of float32 [n, channels]) streamed from an audio file."""
+    import soundfile as sf
+
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:  # noqa: BLE001 - libsndfile raises RuntimeError/LibsndfileError variants
+        raise UserError(f"cannot read audio {path}: {e}") from None
+
+    def blocks() -> Iterator[np.ndarray]:
+        with f:
+            while True:
+                data = f.read(block, dtype="float32", always_2d=True)  # [n, channels]
+                if not len(data):
+                    return
+                yield data
+
+    return f.samplerate, f.channels, blocks()
+
+
+def _audio_frames(path: Path, seconds_total: float, layout: str) -> Iterator[object]:
+    """The speech as 48 kHz av.AudioFrames, cut or zero-padded to exactly `seconds_total`."""
+    import av
+
+    rate, channels, blocks = _read_audio_blocks(path, block=1 << 16)
+    keep_in = math.ceil(seconds_total * rate)  # source samples needed
+    keep_out = round(seconds_total * AAC_RATE)  # samples the aac stream must carry
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=AAC_RATE)
+    out_count = 0
+    pts = 0
+
+    def source() -> Iterator[np.ndarray]:
+        taken = 0
+        for data in blocks:
+            data = data[: keep_in - taken]
+            if data.shape[1] > 2 or (layout == "mono" and data.shape[1] != 1):
+                data = data.mean(axis=1, keepdims=True)  # [n, 1]: downmix what aac stereo cannot carry
+            if layout == "stereo" and data.shape[1] == 1:
+                data = np.repeat(data, 2, axis=1)  # [n, 2]
+            taken += len(data)
+            if len(data):
+                yield data
+            if taken >= keep_in:
+                return
+        if taken < keep_in:  # the video outlasts the speech: pad with silence
+            yield np.zeros((keep_in - taken, 2 if layout == "stereo" else 1), np.float32)
+
+    def resampled() -> Iterator[np.ndarray]:
+        for data in source():
+            # packed float: [1, n * channels], samples interleaved as in the [n, channels] array
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data).reshape(1, -1), format="flt", layout=layout)
+            frame.sample_rate = rate
+            for out in resampler.resample(frame):
+                yield out.to_ndarray()  # fltp: [channels, n]
+        for out in resampler.resample(None):
+            yield out.to_ndarray()
+
+    for planes in resampled():
+        planes = planes[:, : keep_out - out_count]
+        if planes.shape[1]:
+            yield _make_frame(planes, layout, pts)
+            pts += planes.shape[1]
+            out_count += planes.shape[1]
+    if out_count < keep_out:
+        yield _make_frame(np.zeros((2 if layout == "stereo" else 1, keep_out - out_count), np.float32), layout, pts)
+
+
+def _make_frame(planes: np.ndarray, layout: str, pts: int) -> object:
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes, dtype=np.float32), format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = AAC_RATE, pts
+    return frame
+
+
+def mux_segments(segments: list[Path], audio: Path, out: Path, spec: VideoSpec, audio_bitrate: int = 192_000) -> int:
+    """Join clip segments (stream copy) with `audio` as aac into `out`, atomically; returns the frame count.
+
+    The audio is cut or padded with silence to the video's length, so both durations agree within
+    one aac frame (21 ms). Writes `out.tmp` and renames it only when complete.
+
+    n = mux_segments([Path("clip_00000.mp4")], Path("speech.wav"), Path("out.mp4"), VideoSpec(384, 704))
+    """
+    import av
+    import soundfile as sf
+
+    if not segments:
+        raise ValueError("no segments to mux")
+    counts = []
+    for seg in segments:
+        with av.open(str(seg)) as c:
+            counts.append(c.streams.video[0].frames)
+    total = sum(counts)
+    try:
+        channels = sf.info(str(audio)).channels
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read audio {audio}: {e}") from None
+    layout = "stereo" if channels >= 2 else "mono"
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        _mux(segments, counts, audio, tmp, spec, layout, audio_bitrate, total)
+        durable_replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return total
+
+
+def _mux(segments: list[Path], counts: list[int], audio: Path, tmp: Path, spec: VideoSpec,
+         layout: str, bitrate: int, total: int) -> None:
+    import av
+
+    with av.open(str(tmp), mode="w", format="mp4") as out:
+        with av.open(str(segments[0])) as first:
+            vstream = out.add_stream_from_template(first.streams.video[0])
+        astream = out.add_stream("aac", rate=AAC_RATE, layout=layout)
+        astream.bit_rate = bitrate
+        audio_frames = _audio_frames(audio, total / spec.fps, layout)
+        pending = None
+        frames_written = 0
+        for seg, count in zip(segments, counts):
+            with av.open(str(seg)) as src:
+                sstream = src.streams.video[0]
+                # Segment timestamps start at 0; shift them to where this segment begins.
+                offset = round(frames_written / spec.fps / sstream.time_base)
+                for packet in src.demux(sstream):
+                    if packet.dts is None:  # the demuxer's end-of-stream marker
+                        continue
+                    packet.pts += offset
+                    packet.dts += offset
+                    packet.stream = vstream
+                    out.mux(packet)
+            frames_written += count
+            # Interleave: audio up to the end of this segment, so the muxer never buffers a whole track.
+            limit = round(frames_written / spec.fps * AAC_RATE)
+            while True:
+                frame = pending if pending is not None else next(audio_frames, None)
+                pending = None
+                if frame is None:
+                    break
+                if frame.pts >= limit and frames_written < total:
+                    pending = frame
+                    break
+                for packet in astream.encode(frame):
+                    out.mux(packet)
+        for packet in astream.encode(None):
+            out.mux(packet)

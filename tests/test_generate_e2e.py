@@ -1,0 +1,220 @@
+"""End to end on CPU: tiny checkpoint -> quantize -> generate 3 clips -> mp4; kill -9 + --resume; bad artifacts.
+
+The renders run as `liveavatar-lite` subprocesses with OMP_NUM_THREADS=1, exactly as a user runs
+them, so the uninterrupted and the resumed render see identical thread counts (bit-identical math).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("onnxruntime")
+
+from liveavatar_lite.cli import main as cli_main  # noqa: E402
+from liveavatar_lite.video import RenderWorkDir  # noqa: E402
+
+SIZE = "64*64"  # a custom size the tiny model accepts (upstream keys stay the user-facing default)
+SPEECH_SECONDS = 4.7  # int(4.7 s * 30 / 57.6) + 1 = 3 clips: 45 + 48 + 48 frames
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "liveavatar_lite.cli", *args]
+
+
+def _speech(path: Path, seconds: float, rate: int = 22050) -> Path:
+    """A voiced-speech stand-in: a 140 Hz harmonic source under a ~4 syllables/s envelope, stereo."""
+    t = np.arange(int(seconds * rate)) / rate
+    source = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 8))
+    envelope = np.clip(np.sin(2 * np.pi * 2.1 * t), 0, None) ** 0.5
+    wave = 0.2 * source * envelope
+    sf.write(str(path), np.stack([wave, 0.8 * wave], axis=1).astype(np.float32), rate)
+    return path
+
+
+def _photo(path: Path) -> Path:
+    from PIL import Image
+
+    y, x = np.mgrid[0:120, 0:160]
+    face = ((x - 80) ** 2 + (y - 60) ** 2 < 40 ** 2)[..., None] * np.array([60, 40, 20])
+    rgb = np.clip(np.stack([x + 40, y + 60, (x + y) // 2 + 30], axis=-1) + face, 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("artifact") / "art"
+    rc = cli_main(["quantize", str(tiny_ckpt), str(out), "-q", "int8",
+                   "--lora", str(tiny_ckpt / "liveavatar.safetensors"), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    _photo(root / "photo.png")
+    _speech(root / "speech.wav", SPEECH_SECONDS)
+    return root
+
+
+def _generate_args(art: Path, media: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--artifact", str(art), "--image", str(media / "photo.png"),
+            "--audio", str(media / "speech.wav"), "--prompt", "a person talking to the camera",
+            "--out", str(out), "--size", SIZE, "--seed", "7", "--cache-dir", str(media / "cache"),
+            "--checkpoint-interval", "0", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def clean_render(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted render of 3 clips through the CLI, with telemetry and its wall time."""
+    root = tmp_path_factory.mktemp("clean")
+    out, tel = root / "clean.mp4", root / "tel.jsonl"
+    t0 = time.perf_counter()
+    proc = subprocess.run(_cli(*_generate_args(tiny_artifact, media, out, "--telemetry", str(tel))),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "telemetry": tel, "wall": wall, "stderr": proc.stderr}
+
+
+def test_end_to_end_three_clips_h264_25fps_with_aac(clean_render: dict, media: Path) -> None:
+    out = clean_render["out"]
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        assert v.codec_context.name == "h264" and v.average_rate == 25
+        assert (v.codec_context.width, v.codec_context.height) == (64, 64)
+        assert v.frames == 45 + 48 + 48
+        assert a.codec_context.name == "aac"
+        video_s, audio_s = float(v.duration * v.time_base), float(a.duration * a.time_base)
+    assert abs(video_s - 141 / 25) < 1e-6
+    assert abs(audio_s - video_s) <= 1 / 25
+    frames = _frames(out)
+    assert frames.shape == (141, 64, 64, 3) and frames.std() > 1  # decoded pixels, not a blank video
+    records = [json.loads(line) for line in clean_render["telemetry"].read_text().splitlines()]
+    assert [r["frames"] for r in records if r["event"] == "clip"] == [45, 48, 48]
+    assert records[-1]["event"] == "summary" and records[-1]["frames"] == 141
+    assert all(r["host_rss_bytes"] > 0 and r["seconds"] > 0 for r in records if r["event"] == "clip")
+    assert not RenderWorkDir.path_for(out).exists()
+    assert len(list((media / "cache" / "prompts").glob("*.safetensors"))) == 1  # prompt cached
+    print(f"\nend-to-end render of 3 clips (tiny model, {SIZE}, CPU): {clean_render['wall']:.1f} s wall")
+
+
+def test_kill_9_then_resume_gives_identical_frames(clean_render: dict, tiny_artifact: Path, media: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "resumed.mp4"
+    journal = RenderWorkDir.path_for(out) / "journal.json"
+    proc = subprocess.Popen(_cli(*_generate_args(tiny_artifact, media, out)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(journal.read_text())["segments"]) >= 1:
+                break  # clip 0 is durable; the process is now inside clip 1
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    time.sleep(0.05)  # land inside clip 1 (a tiny clip takes seconds on CPU)
+    assert proc.poll() is None, "the render finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing that looks finished
+    assert len(json.loads(journal.read_text())["segments"]) in (1, 2)
+    resumed = subprocess.run(_cli(*_generate_args(tiny_artifact, media, out, "--resume")), env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after" in resumed.stderr
+    assert np.array_equal(_frames(out), _frames(clean_render["out"]))
+
+
+@pytest.mark.gpu
+def test_gpu_render_reports_vram_and_copy_wait(clean_render: dict) -> None:
+    records = [json.loads(line) for line in clean_render["telemetry"].read_text().splitlines()]
+    clips = [r for r in records if r["event"] == "clip"]
+    assert all(r["peak_vram_bytes"] and r["peak_vram_bytes"] > 0 for r in clips)
+    assert all(r["copy_wait_fraction"] is not None and 0 <= r["copy_wait_fraction"] <= 1 for r in clips)
+
+
+def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = cli_main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_artifact_of_another_format_version_is_refused(tiny_artifact: Path, media: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    rc, err = _run_cli(_generate_args(art, media, tmp_path / "o.mp4"), capsys)
+    assert rc == 2 and "unknown format version 99" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_artifact_of_another_model_is_refused(tiny_artifact: Path, media: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["dit"]["num_layers"] = 3
+    manifest["dit"]["audio_inject_layers"] = [0, 2]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    rc, err = _run_cli(_generate_args(art, media, tmp_path / "o.mp4"), capsys)
+    assert rc == 2 and "not a model this runtime knows" in err and err.count("\n") == 1
+
+
+def test_missing_artifact_and_not_an_artifact(media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _run_cli(_generate_args(tmp_path / "nope", media, tmp_path / "o.mp4"), capsys)
+    assert rc == 2 and "manifest.json" in err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "manifest.json").write_text("{not json")
+    rc, err = _run_cli(_generate_args(tmp_path / "junk", media, tmp_path / "o.mp4"), capsys)
+    assert rc == 2 and "corrupt" in err
+
+
+def test_budget_too_small_names_the_plan_suggestion(tiny_artifact: Path, media: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _run_cli(_generate_args(tiny_artifact, media, tmp_path / "o.mp4", "--vram", "0.001"), capsys)
+    assert rc == 3 and "do not fit" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.mp4.tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["silent", "corrupt-image", "bad-size"])
+def test_bad_media_through_the_cli(tiny_artifact: Path, media: Path, tmp_path: Path, kind: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    local = tmp_path / "media"
+    shutil.copytree(media, local, ignore=shutil.ignore_patterns("cache"))
+    extra: list[str] = []
+    if kind == "silent":
+        sf.write(str(local / "speech.wav"), np.zeros((16000, 1), np.float32), 16000)
+    elif kind == "corrupt-image":
+        (local / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    else:
+        extra = ["--size", "10*10"]
+    args = _generate_args(tiny_artifact, local, tmp_path / "o.mp4")
+    if extra:
+        args[args.index("--size") + 1] = extra[1]
+    rc, err = _run_cli(args, capsys)
+    assert rc == 2 and err.startswith("liveavatar-lite generate: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "o.mp4").exists()
