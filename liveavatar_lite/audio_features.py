@@ -33,10 +33,10 @@ import torch
 
 from .config import Wav2VecConfig
 from .errors import CheckpointError, UserError
+from .media_io import SAMPLE_RATE  # the rate load_audio delivers and wav2vec2 expects (16 kHz)
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 FEATURE_FPS = 50  # wav2vec2 frames per second: 16000 / 320 (the conv strides' product)
 RESAMPLED_FPS = 30  # upstream's `video_rate`: features are re-timed to 30 Hz before bucketing
 VIDEO_FPS = 25
@@ -144,7 +144,11 @@ def num_clips_for_audio(num_samples: int, clip_frames: int = CLIP_FRAMES,
 
         nr = num_clips_for_audio(len(wave))  # 10 s of audio -> 6 clips
     """
-    t30 = resampled_frame_count(wav2vec_frame_count(num_samples))
+    return _clips_for_frames(resampled_frame_count(wav2vec_frame_count(num_samples)), clip_frames, fps)
+
+
+def _clips_for_frames(t30: int, clip_frames: int, fps: int) -> int:
+    """Upstream's clip count from the 30 Hz feature length: int(T30 / (clip_frames * 30 / fps)) + 1."""
     return int(t30 / (clip_frames * (RESAMPLED_FPS / fps))) + 1
 
 
@@ -301,8 +305,7 @@ def extract_audio_features(
         min_ms = 1000 * (wav2vec_frame_receptive_field(kernels, strides) + math.prod(strides)) / SAMPLE_RATE
         raise UserError(f"audio is too short ({len(wave)} samples); need at least {min_ms:.0f} ms")
     values = normalize_waveform(encoder, wave)
-    t30 = resampled_frame_count(frames_50)
-    n_clips = int(t30 / (clip_frames * (RESAMPLED_FPS / fps))) + 1
+    n_clips = _clips_for_frames(resampled_frame_count(frames_50), clip_frames, fps)
     taps = _video_frame_taps(frames_50, n_clips, clip_frames, fps)
 
     cfg = encoder.model.config

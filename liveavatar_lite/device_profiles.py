@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import UserError
 
@@ -121,8 +121,3 @@ def _rate(fn, work: float, dev, budget_s: float) -> float:
             break
     sync()  # the timed calls are asynchronous on CUDA; the wall clock is only valid after this
     return n * work / max(time.perf_counter() - t0, 1e-9)
-
-
-def with_overrides(prof: DeviceProfile, **kw: float) -> DeviceProfile:
-    """A copy of `prof` with some figures replaced (for `plan --h2d-gbps` style overrides)."""
-    return replace(prof, **{k: v for k, v in kw.items() if v is not None})

@@ -33,6 +33,21 @@ import torch
 from torch import Tensor
 
 
+def ring_window(start_token: int, num_tokens: int, capacity: int) -> tuple[int, int]:
+    """(write slot, active slots) of a block at absolute token `start_token` (upstream's rule).
+
+        ring_window(96, 48, 192)   # (96, 144): filling up, attend to slots [0, 144)
+        ring_window(240, 48, 192)  # (48, 192): steady state, overwrite the oldest block, attend to all
+    """
+    if start_token >= capacity:
+        slot, active = start_token % capacity, capacity
+    else:
+        slot, active = start_token, start_token + num_tokens
+    if slot + num_tokens > capacity:
+        raise ValueError(f"block [{start_token}, +{num_tokens}) does not fit ring capacity {capacity}")
+    return slot, active
+
+
 class RingLayer:
     """Layer view of a RingKVCache (see module docstring)."""
 
@@ -101,16 +116,7 @@ class RingKVCache:
 
     def begin(self, start_token: int, num_tokens: int) -> None:
         """Position the next forward's writes: its block starts at absolute token `start_token`."""
-        if start_token >= self.capacity:  # steady state: overwrite the oldest block, attend to all
-            self.write_slot = start_token % self.capacity
-            self.active = self.capacity
-        else:
-            self.write_slot = start_token
-            self.active = start_token + num_tokens
-        if self.write_slot + num_tokens > self.capacity:
-            raise ValueError(
-                f"block [{start_token}, +{num_tokens}) does not fit ring capacity {self.capacity}"
-            )
+        self.write_slot, self.active = ring_window(start_token, num_tokens, self.capacity)
         self.write_len = num_tokens
 
     def layer(self, i: int) -> RingLayer:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .config import DiTConfig
-from .kv_cache import LayerKV
+from .kv_cache import LayerKV, ring_window
 from .qtypes import FP8_MAX, INT8_QMAX
 from .streamer import PinnedSource, UnitStreamer, pack_tensors, unpack_views
 
@@ -97,6 +97,9 @@ class LayerStore:
         return [b.detach().cpu().clone() for b in self.bufs]
 
     def load_state(self, bufs: Sequence[Tensor]) -> None:
+        if self.streamer is not None:
+            # Sync point: a write-back still in flight would land on top of the restored bytes.
+            self.streamer.wait_copies()
         for dst, src in zip(self.bufs, bufs, strict=True):
             dst.copy_(src)
         if self.streamer is not None:
@@ -164,24 +167,20 @@ class OffloadRing(LayerStore):
 
     def __init__(self, capacity: int, **kw) -> None:
         super().__init__(tokens=capacity, **kw)
-        self.capacity, self.kv_dtype = capacity, kw["kv_dtype"]
+        self.capacity = capacity
         self.write_slot = self.write_len = self.active = 0
 
     def begin(self, start_token: int, num_tokens: int) -> None:
         """Position this forward's writes (block at absolute token `start_token`), as RingKVCache."""
-        if start_token >= self.capacity:
-            self.write_slot, self.active = start_token % self.capacity, self.capacity
-        else:
-            self.write_slot, self.active = start_token, start_token + num_tokens
-        if self.write_slot + num_tokens > self.capacity:
-            raise ValueError(f"block [{start_token}, +{num_tokens}) does not fit ring capacity {self.capacity}")
+        self.write_slot, self.active = ring_window(start_token, num_tokens, self.capacity)
         self.write_len = num_tokens
 
 
 class OffloadSink(LayerStore):
+    """The sink cache (kv_cache.SinkKVCache's role); `length` rows are valid after the prefill."""
+
     def __init__(self, capacity: int, **kw) -> None:
         super().__init__(tokens=capacity, **kw)
-        self.kv_dtype = kw["kv_dtype"]
         self.length = 0
 
 

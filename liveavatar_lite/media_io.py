@@ -176,6 +176,24 @@ def resize_and_crop(img: "PIL.Image.Image", height: int, width: int) -> "PIL.Ima
     return img.crop((left, top, left + width, top + height))
 
 
+def read_rgb(path: str | Path) -> "PIL.Image.Image":  # noqa: F821
+    """Decode an image file fully as RGB; UserError (one line) for a missing or undecodable file.
+
+        img = read_rgb("face.jpg")  # PIL image, size (W, H)
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes fully here, so truncated files fail inside the try
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read image {path}: {msg}") from None
+
+
 def load_image(path: str | Path, size_key: str) -> torch.Tensor:
     """Reference image -> float32 [3, H, W] in [-1, 1], sized for `size_key` as upstream does.
 
@@ -184,18 +202,8 @@ def load_image(path: str | Path, size_key: str) -> torch.Tensor:
 
         ref = load_image("face.png", "704*384")  # a 16:9 image gives [3, 384, 704]
     """
-    from PIL import Image, UnidentifiedImageError
-
     max_area = max_area_for_size(size_key)
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image file {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")  # decodes fully here, so truncated files fail inside the try
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot read image {path}: {msg}") from None
+    img = read_rgb(path)
     w0, h0 = img.size
     h, w = generation_size(h0, w0, max_area)
     if h < _SNAP or w < _SNAP:

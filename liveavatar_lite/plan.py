@@ -11,6 +11,7 @@ builds the `PlanInput` from an artifact manifest or from a config + format.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from .config import DiTConfig, SampleConfig
@@ -94,6 +95,8 @@ class Budget:
 
 @dataclass(frozen=True)
 class UnitPlacement:
+    """Where one weight unit lives for the whole run."""
+
     name: str
     nbytes: int
     placement: str  # "gpu" (resident), "host" (pinned, streamed) or "disk" (read when streamed)
@@ -102,6 +105,8 @@ class UnitPlacement:
 
 @dataclass(frozen=True)
 class KVPlacement:
+    """Where one KV cache (a step's ring or the sink) lives, and its size in `dtype`."""
+
     name: str
     step: int | None
     dtype: str
@@ -172,25 +177,34 @@ def min_vram_bytes(inp: PlanInput, budget: Budget) -> int:
     return math.ceil(_peak(inp, budget, lean)[0] / (1 - budget.reserve_frac))
 
 
-def _best_layout(inp: PlanInput, budget: Budget, profile: DeviceProfile) -> _Layout | None:
+def _candidates(inp: PlanInput, budget: Budget) -> Iterator[_Layout]:
+    """The layouts worth comparing: for each choice of GPU rings, sink placement and weight source
+    (host or disk), the one keeping the most weight units resident within the VRAM budget."""
     usable = budget.vram_bytes * (1 - budget.reserve_frac)
     steps = sorted({k.step for k in inp.kv if k.step is not None})
     has_sink = any(k.step is None for k in inp.kv)
-    best: tuple[tuple[float, int, float], _Layout] | None = None
     for n_gpu_steps in range(len(steps) + 1):
         # Which steps go on the GPU does not change bytes or time (all rings are equal); take the last ones.
         gpu_steps = frozenset(steps[len(steps) - n_gpu_steps:])
         for sink_gpu in ((False, True) if has_sink else (False,)):
             for on_disk in (False, True):
                 layout = _most_resident(inp, budget, usable, gpu_steps, sink_gpu, on_disk)
-                if layout is None or not _ram_fits(inp, budget, layout):
-                    continue
-                seconds, h2d = _predict(inp, budget, profile, layout)
-                # fastest first; among equally fast layouts (transfers hidden anyway) the one that
-                # moves fewer bytes, then the smaller peak
-                key = (round(seconds, 4), h2d, _peak(inp, budget, layout)[0])
-                if best is None or key < best[0]:
-                    best = (key, layout)
+                if layout is not None:
+                    yield layout
+
+
+def _best_layout(inp: PlanInput, budget: Budget, profile: DeviceProfile) -> _Layout | None:
+    """The fastest candidate that also fits the host RAM budget, or None."""
+    best: tuple[tuple[float, int, float], _Layout] | None = None
+    for layout in _candidates(inp, budget):
+        if not _ram_fits(inp, budget, layout):
+            continue
+        seconds, h2d = _predict(inp, budget, profile, layout)
+        # fastest first; among equally fast layouts (transfers hidden anyway) the one that
+        # moves fewer bytes, then the smaller peak
+        key = (round(seconds, 4), h2d, _peak(inp, budget, layout)[0])
+        if best is None or key < best[0]:
+            best = (key, layout)
     return best[1] if best else None
 
 
@@ -316,17 +330,7 @@ def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) ->
 
 def min_ram_bytes(inp: PlanInput, budget: Budget) -> int | None:
     """The least host RAM any layout that fits the VRAM budget needs (None: none fits the VRAM)."""
-    usable = budget.vram_bytes * (1 - budget.reserve_frac)
-    steps = sorted({k.step for k in inp.kv if k.step is not None})
-    best = None
-    for n in range(len(steps) + 1):
-        for sink_gpu in (False, True):
-            lay = _most_resident(inp, budget, usable, frozenset(steps[len(steps) - n:]), sink_gpu, True) \
-                or _most_resident(inp, budget, usable, frozenset(steps[len(steps) - n:]), sink_gpu, False)
-            if lay is not None:
-                ram = _host_bytes(inp, budget, lay)
-                best = ram if best is None else min(best, ram)
-    return best
+    return min((_host_bytes(inp, budget, lay) for lay in _candidates(inp, budget)), default=None)
 
 
 def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:

@@ -38,8 +38,10 @@ def parse_size(text: str) -> tuple[int, int]:
 def unit_shapes(cfg: DiTConfig) -> dict[str, list[tuple[str, tuple[int, ...], bool]]]:
     """Unit name -> [(key, shape, quantizable)] for every DiT tensor, grouped as the runtime streams it:
     'resident' (embeddings, audio encoder, FramePack, head) and 'block_{i:03d}' (block i with the
-    audio injector and AdaLN that run right after it), as `format.py` names the artifact's files. `quantizable`: a Linear weight the artifact may
-    quantize (LA's set: block and injector Linears; embeddings, time_projection, head stay bf16)."""
+    audio injector and AdaLN that run right after it), as `format.py` names the artifact's files.
+    `quantizable`: a Linear weight the artifact may quantize (LA's set: block and injector Linears;
+    embeddings, time_projection, head stay bf16). A table, so `plan` never builds the 14B model;
+    tests/test_plan.py checks it against the meta-built model's keys and shapes."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_dim
     a = cfg.audio_dim
     pk = (1, *cfg.patch_size[1:])  # (1, 2, 2) conv kernels of patch/cond embedding
@@ -114,16 +116,26 @@ def vae_cache_bytes(vae: VAEConfig, size: tuple[int, int], itemsize: int = 2) ->
     return 2 * itemsize * sum(c * 2 * (h * s) * (w * s) for c, s in layout)
 
 
+def _token_counts(size: tuple[int, int]) -> tuple[int, int]:
+    """(tokens per latent frame, FramePack motion tokens of the sink) at pixel `size` = (w, h).
+
+    Latents are 8x smaller than pixels and 2x2-patched; the motion buckets pack 1 frame at 2x2, 2
+    frames at 4x4 and 16 frames at 8x8 latent pixels per token (dit_blocks.FramePacker)."""
+    w, h = size
+    lh, lw = h // 8, w // 8  # latent grid
+    tpf = (lh // 2) * (lw // 2)
+    motion = (lh // 2) * (lw // 2) + (lh // 4) * (lw // 4) + 4 * (lh // 8) * (lw // 8)
+    return tpf, motion
+
+
 def workload(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = SampleConfig(),
              vae: VAEConfig | None = None) -> Workload:
     """FLOPs per layer and activation peak of one block-step at `size` (LIVEAVATAR.md §5 formulas),
     and the VAE decoder caches that stay on the device next to the DiT."""
     w, h = size
-    lh, lw = h // 8, w // 8  # latent grid
-    tpf = (lh // 2) * (lw // 2)  # tokens per latent frame after the 2x2 patch
+    tpf, motion = _token_counts(size)
     t = sample.frames_per_block * tpf  # tokens denoised per block
     ring = sample.latent_frames_per_clip * tpf
-    motion = (lh // 2) * (lw // 2) + (lh // 4) * (lw // 4) + 4 * (lh // 8) * (lw // 8)
     keys = ring + tpf + motion  # ring (incl. this block) + sink (ref frame + FramePack)
     d, f, tl = cfg.dim, cfg.ffn_dim, cfg.text_len
     lin, attn = [], []
@@ -152,10 +164,7 @@ def _vae_for(cfg: DiTConfig) -> VAEConfig:
 
 def kv_specs(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = SampleConfig()) -> tuple[KVSpec, ...]:
     """The 4 per-step rings (one clip of tokens each) and the sink (ref + FramePack motion tokens)."""
-    w, h = size
-    lh, lw = h // 8, w // 8
-    tpf = (lh // 2) * (lw // 2)
-    motion = (lh // 2) * (lw // 2) + (lh // 4) * (lw // 4) + 4 * (lh // 8) * (lw // 8)
+    tpf, motion = _token_counts(size)
     hd = cfg.head_dim
     rings = tuple(KVSpec(f"ring.{s}", s, cfg.num_layers, sample.latent_frames_per_clip * tpf, cfg.num_heads, hd)
                   for s in range(sample.num_steps))

@@ -56,6 +56,7 @@ class QuantLinear(nn.Module):
         for p in specs:
             self.register_buffer(part_attr(p.role), torch.empty(p.shape, dtype=p.dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
+        self._nf4_code: Tensor | None = None  # bnb's nf4 lookup table on the weights' device (built on first use)
 
     def parts(self) -> dict[str, Tensor]:
         """role -> the bound stored tensor."""
@@ -84,7 +85,7 @@ class QuantLinear(nn.Module):
             self.kernel = "reference"
         if y is None:  # reference / w8a16 / shapes the fast kernels refuse: dequantize then matmul
             y = F.linear(x2, self.dequantized(x2.dtype), _cast(self.bias, x2.dtype))
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features)  # [M, N] -> [..., N]
 
     def _auto_kernel(self, x: Tensor) -> str:
         if x.device.type != "cuda":
@@ -164,7 +165,11 @@ def _bnb_dequant_nf4(m: QuantLinear, dtype: torch.dtype) -> Tensor:
     import bitsandbytes.functional as bnbf
 
     data, absmax = m.weight_data, m.weight_absmax
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=data.device)
+    code = m._nf4_code
+    if code is None or code.device != data.device:
+        # Built once per device, not per call: torch.tensor(..., device="cuda") copies from pageable
+        # host memory, which blocks the host until the GPU queue drains (a hidden sync per layer).
+        code = m._nf4_code = torch.tensor(NF4_CODE, dtype=torch.float32, device=data.device)
     state = bnbf.QuantState(absmax=absmax.float(), shape=torch.Size((m.out_features, m.in_features)), code=code,
                             blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=dtype)
     return bnbf.dequantize_4bit(data, state)

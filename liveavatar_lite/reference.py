@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .config import SampleConfig
+from .config import DiTConfig, SampleConfig
 from .kv_cache import RingKVCache, SinkKVCache, layer_kv
 from .model.dit import DiTContext, WanS2VDiT
 from .scheduler import FlowSchedule
@@ -153,17 +153,18 @@ class VaeMotionRefresher:
         self.frames: Tensor | None = None
 
     def __call__(self, clip_latents: Tensor) -> Tensor:
-        z = torch.cat([self.motion_latents, clip_latents.to(self.motion_latents.dtype)], dim=1)
+        # .to(tensor) matches dtype AND device: the clip's latents live on the CPU, the VAE may not
+        z = torch.cat([self.motion_latents, clip_latents.to(self.motion_latents)], dim=1)  # [16, T, h, w]
         image = self.vae.decode(z.unsqueeze(0))[0]  # [3, 1 + 4(T-1), H, W]
         image = image[:, -self.infer_frames :][:, self.drop :]  # [3, 45, H, W]
         keep = min(self.history.shape[1], image.shape[1])
-        self.history = torch.cat([self.history[:, keep:], image[:, -keep:].to(self.history.dtype)], dim=1)
+        self.history = torch.cat([self.history[:, keep:], image[:, -keep:].to(self.history)], dim=1)
         self.frames = image
         self.motion_latents = self.vae.encode(self.history.unsqueeze(0))[0]  # [16, T', h, w]
         return self.motion_latents
 
 
-def _check_inputs(inputs: GenerationInputs, cfg) -> None:
+def _check_inputs(inputs: GenerationInputs, cfg: DiTConfig) -> None:
     """One clear ValueError for mis-shaped inputs (instead of a shape error deep in the model)."""
     want = {
         "text": (2, {1: cfg.text_dim}),
@@ -308,9 +309,9 @@ class CausalGenerator:
         self.block = 0
 
     def _draw_sink_offset(self) -> int:
-        lo, hi = self.sample.sink_offset_range
         if self.sink_offset is not None:
             return self.sink_offset
+        lo, hi = self.sample.sink_offset_range
         return int(torch.randint(lo, hi + 1, (1,), generator=self.sink_rng))
 
     # ---- resume ---------------------------------------------------------------------------

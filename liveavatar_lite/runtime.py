@@ -14,10 +14,11 @@ for the duration of their forward and unbound (back to meta) after it. KV caches
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,9 @@ from .plan import Plan
 from .plan_inputs import kv_specs
 from .qlinear import QuantLinear, part_attr, swap_linears
 from .streamer import DiskSource, PinnedSource, UnitStreamer
+
+if TYPE_CHECKING:  # annotations only: the model is imported when a runtime is built
+    from .model.dit import DiTContext
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +51,15 @@ class UnitData:
     nbytes: int
     tensors: tuple[TensorEntry, ...]
     host: Tensor | None = None
-    read_into: object | None = None
+    read_into: Callable[[Tensor], None] | None = None
 
     def load(self) -> Tensor:
         """The bytes in host memory (reads from disk if needed)."""
         if self.host is not None:
             return self.host
         buf = torch.empty(self.nbytes, dtype=torch.uint8)
-        self.read_into(buf)  # type: ignore[misc, operator]
+        assert self.read_into is not None  # exactly one of host / read_into is set
+        self.read_into(buf)
         return buf
 
 
@@ -215,8 +220,7 @@ class DiTRuntime:
             self.weights.make_resident(u, u.load())
         _check_materialized(self.dit, set(self.weights.by_layer))
 
-        w, h = plan.size
-        specs_kv = kv_specs(cfg, (w, h))
+        specs_kv = kv_specs(cfg, plan.size)  # 4 rings, then the sink
         ring_gpu = [k.placement == "gpu" for k in plan.kv if k.step is not None]
         sink_gpu = next(k.placement == "gpu" for k in plan.kv if k.step is None)
         kv_dtype = plan.kv[0].dtype
@@ -233,7 +237,7 @@ class DiTRuntime:
 
     # ---- the unit loop ---------------------------------------------------------------------------
 
-    def _run_units(self, x: Tensor, ctx, step: int | None) -> Tensor:
+    def _run_units(self, x: Tensor, ctx: DiTContext, step: int | None) -> Tensor:
         """All units in order: prefetch i+1, compute i, release i (comments mark the sync points)."""
         for i in range(self.cfg.num_layers):
             self.weights.open(i)  # streamed: waits for unit i's copy, starts the next unit's copy, binds
@@ -244,12 +248,12 @@ class DiTRuntime:
         return x
 
     @torch.no_grad()
-    def prefill_units(self, x: Tensor, ctx) -> None:
+    def prefill_units(self, x: Tensor, ctx: DiTContext) -> None:
         """Sink prefill over prepared inputs (`dit.prepare_sink`): fills the sink KV cache."""
         self._run_units(x, ctx, step=None)
 
     @torch.no_grad()
-    def denoise_units(self, step: int, start_token: int, x: Tensor, ctx) -> Tensor:
+    def denoise_units(self, step: int, start_token: int, x: Tensor, ctx: DiTContext) -> Tensor:
         """All units of step `step` over prepared inputs (`dit.prepare_block`); the block starts at
         absolute token `start_token` (its ring position). Returns x for `dit.finish`."""
         self.kv.rings[step].begin(start_token, x.shape[1])

@@ -27,6 +27,7 @@ The loop a caller writes (prefetch i+1, compute i, release i):
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -104,8 +105,8 @@ def unpack_views(buf: Tensor, layout: dict[str, tuple]) -> dict[str, Tensor]:
     """Typed zero-copy views of a packed buffer (on whichever device `buf` lives)."""
     out = {}
     for name, (o, dt, shape) in layout.items():
-        n = dt.itemsize * (1 if not shape else int(torch.tensor(shape).prod()))
-        out[name] = buf[o:o + n].view(dt).reshape(shape)
+        n = dt.itemsize * math.prod(shape)
+        out[name] = buf[o:o + n].view(dt).reshape(shape)  # uint8 [n] -> dt [shape]
     return out
 
 

@@ -85,3 +85,39 @@ def test_quantize_kv_roundtrip():
         assert ((y - x).norm(dim=-1) / x.norm(dim=-1)).max() < tol
     q, s = quantize_kv(x, "bf16")
     assert s is None and torch.equal(dequantize_kv(q, s, torch.float32), q)
+
+
+
+def test_load_state_waits_for_in_flight_writebacks_first():
+    """On CUDA a write-back may still be copying into the host buffers: restoring must wait for it."""
+    _, kv = _offload("bf16", [False] * 4, False, blocks=1)
+    state = kv.state_dict()
+    logs = []
+    for store in (*kv.rings, kv.sink):
+        log: list[str] = []
+        logs.append(log)
+        store.streamer = _SpyStreamer(log)  # type: ignore[assignment]
+        store.bufs = [_SpyBuffer(b, log) for b in store.bufs]  # type: ignore[assignment]
+    kv.load_state_dict(state)
+    for log in logs:
+        assert log == ["wait"] + ["copy"] * CFG.num_layers + ["invalidate"]
+
+
+class _SpyStreamer:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def wait_copies(self) -> None:
+        self.log.append("wait")
+
+    def invalidate(self) -> None:
+        self.log.append("invalidate")
+
+
+class _SpyBuffer:
+    def __init__(self, buf: torch.Tensor, log: list[str]) -> None:
+        self.buf, self.log = buf, log
+
+    def copy_(self, src: torch.Tensor) -> torch.Tensor:
+        self.log.append("copy")
+        return self.buf.copy_(src)

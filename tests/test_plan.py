@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -159,3 +160,41 @@ def test_probe_profile_measures_this_machine():
     prof = probe_profile("cpu", seconds=0.1)
     assert prof.h2d_gbps > 0 and prof.bf16_tflops > 0 and prof.name == "probe:cpu"
     assert prof.linear_tops("int8") > 0 and prof.attention_tflops() > 0
+
+
+def test_unit_shape_table_matches_the_model():
+    """plan_inputs.unit_shapes is a hand-written table (plan never builds the 14B model): it must list
+    exactly the meta-built model's keys and shapes per streaming unit, quantizable = block Linears."""
+    import torch
+    from torch import nn
+
+    from liveavatar_lite.format import block_unit_name
+    from liveavatar_lite.model.dit import WanS2VDiT
+    from liveavatar_lite.model.units import resident_keys, unit_keys
+    from liveavatar_lite.plan_inputs import unit_shapes
+
+    cfg = PRESETS["tiny"].dit
+    with torch.device("meta"):
+        model = WanS2VDiT(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    table = unit_shapes(cfg)
+    groups = {"resident": resident_keys(cfg)} | {block_unit_name(i): unit_keys(cfg, i) for i in range(cfg.num_layers)}
+    assert set(table) == set(groups)
+    for name, keys in groups.items():
+        got = {k: (shape, quant) for k, shape, quant in table[name]}
+        want = {k: (shapes[k], name != "resident" and k in linears) for k in keys}
+        assert got == want, name
+
+
+def test_min_ram_counts_the_all_resident_layout():
+    """When VRAM holds everything, the RAM the no-fit message asks for is the baseline alone (it once
+    reported a disk-streaming layout's two staging buffers on top)."""
+    from liveavatar_lite.plan import min_ram_bytes
+
+    inp = _toy(4, [500_000_000], 16, 8)
+    budget = Budget(vram_bytes=1e12, ram_bytes=0.5e9, cuda_context_bytes=0, vae_arena_bytes=0, host_baseline_bytes=1e9)
+    assert min_ram_bytes(inp, budget) == 1e9
+    with pytest.raises(BudgetError, match="raise --ram to at least 1.0$"):
+        make_plan(inp, budget, RTX4090)
+    assert make_plan(inp, replace(budget, ram_bytes=1e9), RTX4090).host_ram_bytes == 1e9

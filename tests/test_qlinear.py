@@ -77,6 +77,9 @@ def test_nf4_bnb_kernel_matches_reference(wxb, caplog):
     ref = _qlinear(QuantType.NF4, w, b, kernel="reference")
     fast = _qlinear(QuantType.NF4, w, b, kernel="bnb")
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+    code = fast._nf4_code
+    fast(x)
+    assert fast._nf4_code is code  # the lookup table is built once, not copied to the device per call
 
 
 def test_swap_linears_replaces_in_parent():

@@ -69,7 +69,7 @@ class AudioMotionEncoder(nn.Module):
         local = local.unflatten(1, (self.num_token, -1)).permute(0, 1, 3, 2).flatten(0, 1)
         local = self._shared_tail(local)  # [B*n, T/4, C]
         local = local.unflatten(0, (b, self.num_token)).transpose(1, 2)  # [B, T/4, n, C]
-        pad = self.padding_tokens.float().expand(b, local.shape[1], 1, -1)
+        pad = self.padding_tokens.float().expand(b, local.shape[1], 1, -1)  # [B, T/4, 1, C]
         local = torch.cat([local, pad], dim=2)  # [B, T/4, n+1, C]
 
         glob = self.conv1_global(xc).transpose(1, 2)  # [B, T, C/4]

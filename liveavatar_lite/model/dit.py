@@ -33,6 +33,7 @@ from ..config import DiTConfig
 from .audio_modules import AdaLayerNorm, AudioInjector, CausalAudioEncoder
 from .dit_blocks import CrossAttention, DiTBlock, FramePacker, Head
 from .rope import RopeGrid, rope_factors
+from .units import inject_slot
 
 if TYPE_CHECKING:  # only for annotations: the model never imports the cache implementations
     from ..kv_cache import LayerKV
@@ -73,7 +74,9 @@ def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
     """t [N] -> [N, dim] fp32: [cos, sin] of t * 10000^(-j/half), computed in fp64."""
     half = dim // 2
     pos = t.to(torch.float64)
-    angles = torch.outer(pos, torch.pow(10000, -torch.arange(half, dtype=torch.float64).div(half)))
+    # the frequency ladder is built on t's device: torch.outer refuses a CPU operand for a CUDA t
+    inv_freq = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    angles = torch.outer(pos, inv_freq)  # [N, half]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
 
 
@@ -108,7 +111,7 @@ def unit_forward(
         h = x.unflatten(1, (frames, -1)).squeeze(0)  # [1, F*hw, dim] -> [F, hw, dim]
         h = adain(h, ctx.audio_global)
         res = attn(h, ctx.audio_tokens, ctx.la_roundings)  # [F, hw, dim]
-        x = x + res.flatten(0, 1).unsqueeze(0).to(x.dtype)
+        x = x + res.flatten(0, 1).unsqueeze(0).to(x.dtype)  # [F, hw, dim] -> [1, F*hw, dim]
     return x
 
 
@@ -132,7 +135,6 @@ class WanS2VDiT(nn.Module):
         self.audio_injector = AudioInjector(cfg)
         self.trainable_cond_mask = nn.Embedding(3, dim)
         self.frame_packer = FramePacker(cfg)
-        self._inject_index = {layer: j for j, layer in enumerate(cfg.audio_inject_layers)}
 
     # ---- resident stage -------------------------------------------------------------------
 
@@ -145,8 +147,8 @@ class WanS2VDiT(nn.Module):
         return self.patch_embedding.weight.device
 
     def inject_slot(self, i: int) -> int | None:
-        """Injector index j applied after block i, or None."""
-        return self._inject_index.get(i)
+        """Injector index j applied after block i, or None (the same rule as `units.unit_keys`)."""
+        return inject_slot(self.cfg, i)
 
     def embed_text(self, text: Tensor) -> Tensor:
         """text [L, text_dim] umT5 states (L <= text_len) -> [1, text_len, dim], zero-padded first."""
@@ -155,7 +157,8 @@ class WanS2VDiT(nn.Module):
             raise ValueError(f"text has {text.shape[0]} tokens, more than text_len {cfg.text_len}")
         padded = text.new_zeros(cfg.text_len, text.shape[1])
         padded[: text.shape[0]] = text
-        return self.text_embedding(padded.to(self.compute_device, self.compute_dtype).unsqueeze(0))
+        padded = padded.to(self.compute_device, self.compute_dtype).unsqueeze(0)  # [1, text_len, text_dim]
+        return self.text_embedding(padded)  # [1, text_len, dim]
 
     def _time_embed(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """t [N] per-frame timesteps -> (e [N, dim], e0 [N, 6, dim]) fp32 (fp32 math on stored weights).
@@ -173,8 +176,8 @@ class WanS2VDiT(nn.Module):
         h = F.linear(sinusoidal_embedding(self.cfg.freq_dim, t), lin0.weight.float(), lin0.bias.float())
         e = F.linear(F.silu(h), lin2.weight.float(), lin2.bias.float())
         proj = self.time_projection[1]
-        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float()).unflatten(1, (6, self.cfg.dim))
-        return e, e0
+        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float())  # [N, 6*dim]
+        return e, e0.unflatten(1, (6, self.cfg.dim))  # [N, dim], [N, 6, dim]
 
     def _factors(self, grids: list[RopeGrid]) -> Tensor:
         """RoPE factors on the compute device (built once per call, used by every unit)."""
@@ -217,7 +220,7 @@ class WanS2VDiT(nn.Module):
         first 19 encoder outputs dropped.
         """
         audio = audio.to(self.compute_device)
-        pad = audio[..., :1].expand(-1, -1, MOTION_PAD_FRAMES)
+        pad = audio[..., :1].expand(-1, -1, MOTION_PAD_FRAMES)  # [layers, audio_dim, 73]
         feats = torch.cat([pad, audio], dim=-1).unsqueeze(0)  # [1, layers, audio_dim, 73 + 4F]
         glob, local = self.casual_audio_encoder(feats)
         dt = self.compute_dtype
@@ -251,11 +254,11 @@ class WanS2VDiT(nn.Module):
         if cond is None:
             x = x + self.cond_encoder.bias.view(1, -1, 1, 1, 1)  # the conv of zeros is its bias
         else:
-            x = x + self.cond_encoder(cond.to(dev, dt).unsqueeze(0))
+            x = x + self.cond_encoder(cond.to(dev, dt).unsqueeze(0))  # [1, dim, F, h/2, w/2]
         x = x.flatten(2).transpose(1, 2)  # [1, F*hw/4, dim]
         x = x + self.trainable_cond_mask.weight[MASK_NOISY].to(dt)
 
-        t_vec = torch.as_tensor(t, dtype=torch.float32).reshape(1).expand(frames).to(dev)
+        t_vec = torch.as_tensor(t, dtype=torch.float32).reshape(1).expand(frames).to(dev)  # [F]
         e, e0 = self._time_embed(t_vec)  # [F, dim], [F, 6, dim]
         tokens, glob = self.encode_audio(audio)
         if tokens.shape[0] != frames:

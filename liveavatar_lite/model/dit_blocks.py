@@ -118,7 +118,7 @@ class CrossAttention(nn.Module):
         b, n, d = x.shape[0], self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, -1, n, d)  # [B, L, n, d]
         k = self.norm_k(self.k(context)).view(b, -1, n, d)  # [B, Lc, n, d]
-        v = self.v(context).view(b, -1, n, d)
+        v = self.v(context).view(b, -1, n, d)  # [B, Lc, n, d]
         return self.o(attend(q, k, v, bf16_attn))
 
 
@@ -178,9 +178,9 @@ class DiTBlock(nn.Module):
         x = x + self.cross_attn(self.norm3(norm3_in).to(act_dtype), context, la_roundings).float()
 
         h = per_frame(self.norm2(x).float()) * (1 + scale_mlp) + shift_mlp
-        y = self.ffn(h.flatten(1, 2).to(act_dtype))
+        y = self.ffn(h.flatten(1, 2).to(act_dtype))  # [1, F, hw, dim] -> [1, F*hw, dim]
         x = per_frame(x) + per_frame(y).float() * gate_mlp
-        return x.flatten(1, 2).to(act_dtype)
+        return x.flatten(1, 2).to(act_dtype)  # [1, F*hw, dim]
 
 
 class Head(nn.Module):
@@ -200,7 +200,7 @@ class Head(nn.Module):
         h = self.norm(x).float().unflatten(1, (num_frames, -1))  # [1, F, hw, dim]
         h = h * (1 + scale[None, :, None]) + shift[None, :, None]
         # LA runs the head Linear inside an fp32 autocast region: fp32 math on the stored weights
-        out = F.linear(h.flatten(1, 2), self.head.weight.float(), self.head.bias.float())
+        out = F.linear(h.flatten(1, 2), self.head.weight.float(), self.head.bias.float())  # [1, F*hw, out]
         return out.to(x.dtype)
 
 

@@ -28,7 +28,7 @@ def _all_keys(cfg: DiTConfig) -> tuple[str, ...]:
 
 def inject_slot(cfg: DiTConfig, i: int) -> int | None:
     """Injector index j run after block i, or None when block i has no audio injection."""
-    layers = list(cfg.audio_inject_layers)
+    layers = cfg.audio_inject_layers
     return layers.index(i) if i in layers else None
 
 
