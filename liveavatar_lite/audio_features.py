@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .config import Wav2VecConfig
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, UserError, first_line
 from .media_io import SAMPLE_RATE  # the rate load_audio delivers and wav2vec2 expects (16 kHz)
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def load_wav2vec(model_dir: str | Path, device: str | torch.device = "cpu",
         extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(model_dir))
         model = Wav2Vec2ForCTC.from_pretrained(str(model_dir))
     except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise CheckpointError(f"cannot load wav2vec2 from {model_dir}: {msg}") from None
     return Wav2VecEncoder(model=model.to(device=device, dtype=dtype).eval(), feature_extractor=extractor)
 

@@ -23,3 +23,9 @@ class BudgetError(UserError):
     """A memory budget cannot hold the plan; the message names the smallest change that fits."""
 
     exit_code = 3
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 SAMPLE_RATE = 16000
 # --size keys upstream accepts; each stands for a maximum pixel area (h * w of the key).
@@ -94,7 +94,7 @@ def load_audio(path: str | Path) -> np.ndarray:
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [N, channels]
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError by format
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise UserError(f"cannot read audio {path}: {msg} (supported: wav, flac, ogg, mp3, aiff)") from None
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise UserError(f"audio {path} is empty (0 samples)")
@@ -190,7 +190,7 @@ def read_rgb(path: str | Path) -> "PIL.Image.Image":  # noqa: F821
         with Image.open(path) as im:
             return im.convert("RGB")  # decodes fully here, so truncated files fail inside the try
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise UserError(f"cannot read image {path}: {msg}") from None
 
 

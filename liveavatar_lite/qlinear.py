@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import first_line
 from .qtypes import FP8_MAX, INT8_QMAX, NF4_BLOCKSIZE, NF4_CODE, QuantType, dequantize, part_specs
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class QuantLinear(nn.Module):
         except RuntimeError as e:  # a kernel this torch build / GPU lacks: fall back for good, loudly
             if self.kernel != "auto":
                 raise
-            log.warning("%s kernel failed (%s); using dequantize + matmul for this layer", kernel, str(e).splitlines()[0])
+            log.warning("%s kernel failed (%s); using dequantize + matmul for this layer", kernel, first_line(e))
             self.kernel = "reference"
         if y is None:  # reference / w8a16 / shapes the fast kernels refuse: dequantize then matmul
             y = F.linear(x2, self.dequantized(x2.dtype), _cast(self.bias, x2.dtype))

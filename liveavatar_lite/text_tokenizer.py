@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # T5 / umT5 special token ids
 _SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -44,7 +44,7 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types (OSError, ValueError, JSON errors)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise CheckpointError(f"cannot load tokenizer from {path}: {msg}") from None
 
 
