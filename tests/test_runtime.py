@@ -15,6 +15,8 @@ from liveavatar_lite.plan import Budget, make_plan, min_vram_bytes
 from liveavatar_lite.plan_inputs import manifest_unit_sizes, plan_input
 from liveavatar_lite.qtypes import QuantType
 from liveavatar_lite.runtime import DiTRuntime
+from bench_kv_accuracy import TIMESTEPS, synthetic_inputs
+from bench_kv_accuracy import run_blocks as _run
 
 CFG = PRESETS["tiny"].dit
 SIZE = (64, 64)  # latents 8 x 8: 16 tokens per frame, 48 per block
@@ -50,29 +52,8 @@ def _plans(art: Path, kv: str) -> list:
     return plans
 
 
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    h, w = SIZE[1] // 8, SIZE[0] // 8
-    return dict(
-        ref=torch.randn(16, 1, h, w, generator=g),
-        motion=torch.randn(16, 19, h, w, generator=g),
-        text=torch.randn(7, CFG.text_dim, generator=g),
-        audio=[torch.randn(CFG.audio_layers, CFG.audio_dim, 12, generator=g) for _ in range(5)],
-        latents=[torch.randn(16, 3, h, w, generator=g) for _ in range(5)],
-    )
-
-
-def _run(rt: DiTRuntime, inp: dict, blocks: int) -> list[torch.Tensor]:
-    text = rt.embed_text(inp["text"])
-    rt.prefill_sink(inp["ref"], inp["motion"], text)
-    outs = []
-    for b in range(blocks):  # 5 blocks of 3 frames: the 12-frame rings wrap around
-        x = inp["latents"][b]
-        for step, t in enumerate((1000.0, 857.69, 602.15, 8.93)):
-            v = rt.denoise(step, x, t, 3 * b, inp["audio"][b], text, sink_offset=7)
-            outs.append(v.clone())
-            x = (x.float() - 0.2 * v.float()).to(x.dtype)
-    return outs
+def _inputs(seed: int = 0) -> dict:
+    return synthetic_inputs(CFG, SIZE, blocks=5, seed=seed)
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8"])
@@ -126,7 +107,7 @@ def test_matches_plain_model_with_resident_caches(artifacts):
         want = []
         for b in range(2):
             lat = inp["latents"][b]
-            for step, t in enumerate((1000.0, 857.69, 602.15, 8.93)):
+            for step, t in enumerate(TIMESTEPS):
                 x, ctx = dit.prepare_block(lat, t, 3 * b, inp["audio"][b], text, 7)
                 rings[step].begin(3 * b * tpf, x.shape[1])
                 v = dit.forward(x, ctx, lambda i, s=step: layer_kv(rings[s], sink, i))
