@@ -23,7 +23,10 @@ _KEY_VERSION = "1"  # bump when the stored layout or the encoder's preprocessing
 
 
 def default_cache_dir() -> Path:
-    """$LIVEAVATAR_LITE_CACHE, else $XDG_CACHE_HOME/liveavatar-lite, else ~/.cache/liveavatar-lite."""
+    """$LIVEAVATAR_LITE_CACHE, else $XDG_CACHE_HOME/liveavatar-lite, else ~/.cache/liveavatar-lite.
+
+    PromptCache(default_cache_dir())
+    """
     env = os.environ.get("LIVEAVATAR_LITE_CACHE")
     if env:
         return Path(env)
@@ -45,12 +48,16 @@ def prompt_key(prompt: str, artifact_id: str) -> str:
 
 
 class PromptCache:
-    """Prompt embeddings stored as safetensors files, one per key, written temp + rename."""
+    """Prompt embeddings stored as safetensors files, one per key, written temp + rename.
+
+    emb, hit = PromptCache(Path("~/.cache/liveavatar-lite")).get_or_compute(prompt, artifact_id, encode)
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root) / "prompts"
 
     def path(self, prompt: str, artifact_id: str) -> Path:
+        """Where the entry for (prompt, artifact) lives, whether or not it exists yet."""
         return self.root / f"{prompt_key(prompt, artifact_id)}.safetensors"
 
     def get(self, prompt: str, artifact_id: str) -> torch.Tensor | None:
@@ -69,6 +76,7 @@ class PromptCache:
             return None
 
     def put(self, prompt: str, artifact_id: str, embedding: torch.Tensor) -> None:
+        """Store `embedding` atomically; an unwritable cache only logs a warning."""
         from safetensors.torch import save_file
 
         path = self.path(prompt, artifact_id)

@@ -63,6 +63,12 @@ def h264_encoder_name() -> str:
     raise UserError("this PyAV build has no h264 encoder (install PyAV wheels from PyPI, which bundle libx264)")
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (errors shown to the user are one line)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _fsync_dir(path: Path) -> None:
     if os.name != "posix":
         return
@@ -74,7 +80,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def durable_replace(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, rename it over `final`, fsync the directory: after return it survives a crash."""
+    """fsync `tmp`, rename it over `final`, fsync the directory: after return it survives a crash.
+
+    durable_replace(Path("clip_00000.mp4.part"), Path("clip_00000.mp4"))
+    """
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -82,6 +91,10 @@ def durable_replace(tmp: Path, final: Path) -> None:
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
+    """Write `obj` as JSON to `path` via a temp file and a durable rename (never half-written).
+
+    write_json_atomic(work / "journal.json", {"segments": []})
+    """
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     durable_replace(tmp, path)
@@ -120,11 +133,13 @@ class ClipSegmentWriter:
         self.frames += int(frames.shape[0])
 
     def close(self) -> None:
+        """Flush the encoder and finish the file (the owner then renames it into place)."""
         for packet in self._stream.encode():  # flush the encoder's delayed frames
             self._container.mux(packet)
         self._container.close()
 
     def abort(self) -> None:
+        """Drop the unfinished segment (error path)."""
         try:
             self._container.close()
         except Exception:  # noqa: BLE001 - best effort on an error path; the file is deleted next
@@ -149,6 +164,7 @@ class RenderWorkDir:
 
     @staticmethod
     def path_for(out: Path) -> Path:
+        """The work dir of a render to `out`: `out.parent / ".OUT.work"`."""
         return out.parent / f".{out.name}.work"
 
     @classmethod
@@ -160,7 +176,8 @@ class RenderWorkDir:
             try:
                 journal = json.loads(journal_path.read_text())
             except (OSError, ValueError) as e:
-                raise UserError(f"cannot resume: {journal_path} is unreadable ({e}); run without --resume") from None
+                raise UserError(f"cannot resume: {journal_path} is unreadable ({_first_line(e)}); "
+                                "run without --resume") from None
             if journal.get("format") != JOURNAL_FORMAT or journal.get("version") != JOURNAL_VERSION:
                 raise UserError(f"cannot resume: {journal_path} is from another version; run without --resume")
             if journal.get("job_key") != job_key:
@@ -216,9 +233,11 @@ class RenderWorkDir:
                  self.state_clips, len(extra))
 
     def segment_paths(self) -> list[Path]:
+        """The finished clips' segments, in clip order."""
         return [self.root / s["name"] for s in self._journal["segments"]]
 
     def begin_clip(self, index: int, spec: VideoSpec) -> ClipSegmentWriter:
+        """A writer for clip `index`, which must be the next unfinished clip."""
         if index != self.clips_done:
             raise ValueError(f"clip {index} started but {self.clips_done} clips are finished")
         final = self.root / f"clip_{index:05d}.mp4"
@@ -242,6 +261,7 @@ class RenderWorkDir:
             previous.unlink(missing_ok=True)  # only the newest state is ever resumed from
 
     def remove(self) -> None:
+        """Delete the work dir (once the final mp4 exists)."""
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _drop_uncommitted(self) -> None:
@@ -266,7 +286,7 @@ def _read_audio_blocks(path: Path, block: int) -> tuple[int, int, Iterator[np.nd
     try:
         f = sf.SoundFile(str(path))
     except Exception as e:  # noqa: BLE001 - libsndfile raises RuntimeError/LibsndfileError variants
-        raise UserError(f"cannot read audio {path}: {e}") from None
+        raise UserError(f"cannot read audio {path}: {_first_line(e)}") from None
 
     def blocks() -> Iterator[np.ndarray]:
         with f:
@@ -327,6 +347,7 @@ def _audio_frames(path: Path, seconds_total: float, layout: str) -> Iterator[obj
 
 
 def _make_frame(planes: np.ndarray, layout: str, pts: int) -> object:
+    """An aac-rate av.AudioFrame from float32 planes [channels, n], starting at sample `pts`."""
     import av
 
     frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes, dtype=np.float32), format="fltp", layout=layout)
@@ -355,7 +376,7 @@ def mux_segments(segments: list[Path], audio: Path, out: Path, spec: VideoSpec, 
     try:
         channels = sf.info(str(audio)).channels
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read audio {audio}: {e}") from None
+        raise UserError(f"cannot read audio {audio}: {_first_line(e)}") from None
     layout = "stereo" if channels >= 2 else "mono"
     tmp = out.with_name(out.name + ".tmp")
     try:
@@ -369,6 +390,7 @@ def mux_segments(segments: list[Path], audio: Path, out: Path, spec: VideoSpec, 
 
 def _mux(segments: list[Path], counts: list[int], audio: Path, tmp: Path, spec: VideoSpec,
          layout: str, bitrate: int, total: int) -> None:
+    """Write the muxed mp4 to `tmp`: video packets copied with shifted timestamps, aac interleaved."""
     import av
 
     with av.open(str(tmp), mode="w", format="mp4") as out:

@@ -17,7 +17,7 @@ import torch
 av = pytest.importorskip("av")
 sf = pytest.importorskip("soundfile")
 
-from liveavatar_lite.errors import UserError  # noqa: E402
+from liveavatar_lite.errors import BudgetError, UserError  # noqa: E402
 from liveavatar_lite.generate import (  # noqa: E402
     GenerateRequest,
     RenderInputs,
@@ -27,6 +27,7 @@ from liveavatar_lite.generate import (  # noqa: E402
     parse_size,
 )
 from liveavatar_lite.video import RenderWorkDir  # noqa: E402
+from media_fixtures import decoded_frames, write_photo, write_speech  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -64,6 +65,19 @@ class FakeRenderer:
         return 0.25 * self.blocks * self.delay
 
 
+class FailingRenderer(FakeRenderer):
+    """A FakeRenderer that raises `error` when asked for block `fail_at` = (clip, block)."""
+
+    def __init__(self, inputs: RenderInputs, fail_at: tuple[int, int], error: BaseException) -> None:
+        super().__init__(inputs)
+        self.fail_at, self.error = fail_at, error
+
+    def block_frames(self, clip: int, block: int) -> np.ndarray:
+        if (clip, block) == self.fail_at:
+            raise self.error
+        return super().block_frames(clip, block)
+
+
 class FakeBackend:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
@@ -75,20 +89,15 @@ class FakeBackend:
         return FakeRenderer(inputs, self.delay)
 
 
-def write_speech(path: Path, seconds: float, rate: int = 22050, channels: int = 2, amp: float = 0.3) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    wave = amp * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
-    sf.write(str(path), np.stack([wave] * channels, axis=1), rate)
-    return path
+class FailingBackend(FakeBackend):
+    """Renderers that fail at (clip, block) with `error`, like a crash or an OOM mid-render."""
 
+    def __init__(self, clip: int, block: int, error: BaseException) -> None:
+        super().__init__()
+        self.fail_at, self.error = (clip, block), error
 
-def write_photo(path: Path, width: int = 160, height: int = 120) -> Path:
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
-    Image.fromarray(rgb).save(path)
-    return path
+    def build(self, inputs: RenderInputs) -> FakeRenderer:
+        return FailingRenderer(inputs, self.fail_at, self.error)
 
 
 def request_for(tmp_path: Path, **kw: Any) -> GenerateRequest:
@@ -104,11 +113,6 @@ def inputs(tmp_path: Path) -> Path:
     write_photo(tmp_path / "photo.png")
     write_speech(tmp_path / "speech.wav", 4.7)  # int(4.7*30/57.6)+1 = 3 clips
     return tmp_path
-
-
-def decoded_frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
 # ------------------------------------------------------------------------------------------ pure parts
@@ -206,21 +210,8 @@ def test_bad_input_fails_cleanly(inputs: Path, kind: str) -> None:
 
 
 def test_crash_mid_render_leaves_no_finished_looking_file(inputs: Path) -> None:
-    class Exploding(FakeBackend):
-        def build(self, inputs: RenderInputs) -> FakeRenderer:
-            r = FakeRenderer(inputs)
-            original = r.block_frames
-
-            def block_frames(clip: int, block: int) -> np.ndarray:
-                if clip == 1 and block == 2:
-                    raise RuntimeError("simulated failure")
-                return original(clip, block)
-
-            r.block_frames = block_frames  # type: ignore[method-assign]
-            return r
-
     with pytest.raises(RuntimeError):
-        generate(request_for(inputs), backend=Exploding())
+        generate(request_for(inputs), backend=FailingBackend(1, 2, RuntimeError("simulated failure")))
     assert not (inputs / "out.mp4").exists()
     work = RenderWorkDir.path_for(inputs / "out.mp4")
     assert sorted(p.name for p in work.iterdir()) == ["clip_00000.mp4", "journal.json", "state_00000.pt"]
@@ -231,46 +222,21 @@ def test_crash_mid_render_leaves_no_finished_looking_file(inputs: Path) -> None:
 
 
 def test_out_of_memory_becomes_a_budget_error_and_keeps_progress(inputs: Path) -> None:
-    from liveavatar_lite.errors import BudgetError
-
-    class OomInClip1(FakeBackend):
-        def build(self, inputs: RenderInputs) -> FakeRenderer:
-            r = FakeRenderer(inputs)
-            original = r.block_frames
-
-            def block_frames(clip: int, block: int) -> np.ndarray:
-                if clip == 1:
-                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-                return original(clip, block)
-
-            r.block_frames = block_frames  # type: ignore[method-assign]
-            return r
-
+    class OomInClip1(FailingBackend):
         def oom_advice(self) -> str:
             return "rerun with --resume --vram 20.4"
 
+    oom = OomInClip1(1, 0, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     with pytest.raises(BudgetError, match=r"out of memory after 1 finished clips; rerun with --resume --vram 20.4"):
-        generate(request_for(inputs), backend=OomInClip1())
+        generate(request_for(inputs), backend=oom)
     assert not (inputs / "out.mp4").exists()
     assert generate(request_for(inputs, resume=True), backend=FakeBackend()).resumed_clips == 1
 
 
 def test_sparse_checkpoints_resume_from_the_newest_and_rerender_the_rest(inputs: Path) -> None:
-    class FailsInClip2(FakeBackend):
-        def build(self, inputs: RenderInputs) -> FakeRenderer:
-            r = FakeRenderer(inputs)
-            original = r.block_frames
-
-            def block_frames(clip: int, block: int) -> np.ndarray:
-                if clip == 2:
-                    raise RuntimeError("simulated failure")
-                return original(clip, block)
-
-            r.block_frames = block_frames  # type: ignore[method-assign]
-            return r
-
+    fails_in_clip_2 = FailingBackend(2, 0, RuntimeError("simulated failure"))
     with pytest.raises(RuntimeError):  # no checkpoint is due within an hour: clips 0-1 have none
-        generate(request_for(inputs, checkpoint_interval_s=3600), backend=FailsInClip2())
+        generate(request_for(inputs, checkpoint_interval_s=3600), backend=fails_in_clip_2)
     work = RenderWorkDir.path_for(inputs / "out.mp4")
     assert sorted(p.name for p in work.iterdir()) == ["clip_00000.mp4", "clip_00001.mp4", "journal.json"]
     resumed = generate(request_for(inputs, resume=True), backend=FakeBackend())

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ pytest.importorskip("onnxruntime")
 
 from liveavatar_lite.cli import main as cli_main  # noqa: E402
 from liveavatar_lite.video import RenderWorkDir  # noqa: E402
+from media_fixtures import decoded_frames, write_photo, write_speech  # noqa: E402
 
 SIZE = "64*64"  # a custom size the tiny model accepts (upstream keys stay the user-facing default)
 SPEECH_SECONDS = 4.7  # int(4.7 s * 30 / 57.6) + 1 = 3 clips: 45 + 48 + 48 frames
@@ -34,31 +36,6 @@ def _env() -> dict[str, str]:
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "liveavatar_lite.cli", *args]
-
-
-def _speech(path: Path, seconds: float, rate: int = 22050) -> Path:
-    """A voiced-speech stand-in: a 140 Hz harmonic source under a ~4 syllables/s envelope, stereo."""
-    t = np.arange(int(seconds * rate)) / rate
-    source = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 8))
-    envelope = np.clip(np.sin(2 * np.pi * 2.1 * t), 0, None) ** 0.5
-    wave = 0.2 * source * envelope
-    sf.write(str(path), np.stack([wave, 0.8 * wave], axis=1).astype(np.float32), rate)
-    return path
-
-
-def _photo(path: Path) -> Path:
-    from PIL import Image
-
-    y, x = np.mgrid[0:120, 0:160]
-    face = ((x - 80) ** 2 + (y - 60) ** 2 < 40 ** 2)[..., None] * np.array([60, 40, 20])
-    rgb = np.clip(np.stack([x + 40, y + 60, (x + y) // 2 + 30], axis=-1) + face, 0, 255).astype(np.uint8)
-    Image.fromarray(rgb).save(path)
-    return path
-
-
-def _frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +50,8 @@ def tiny_artifact(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("media")
-    _photo(root / "photo.png")
-    _speech(root / "speech.wav", SPEECH_SECONDS)
+    write_photo(root / "photo.png")
+    write_speech(root / "speech.wav", SPEECH_SECONDS)
     return root
 
 
@@ -109,7 +86,7 @@ def test_end_to_end_three_clips_h264_25fps_with_aac(clean_render: dict, media: P
         video_s, audio_s = float(v.duration * v.time_base), float(a.duration * a.time_base)
     assert abs(video_s - 141 / 25) < 1e-6
     assert abs(audio_s - video_s) <= 1 / 25
-    frames = _frames(out)
+    frames = decoded_frames(out)
     assert frames.shape == (141, 64, 64, 3) and frames.std() > 1  # decoded pixels, not a blank video
     records = [json.loads(line) for line in clean_render["telemetry"].read_text().splitlines()]
     assert [r["frames"] for r in records if r["event"] == "clip"] == [45, 48, 48]
@@ -144,7 +121,7 @@ def test_kill_9_then_resume_gives_identical_frames(clean_render: dict, tiny_arti
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after" in resumed.stderr
-    assert np.array_equal(_frames(out), _frames(clean_render["out"]))
+    assert np.array_equal(decoded_frames(out), decoded_frames(clean_render["out"]))
 
 
 @pytest.mark.gpu
@@ -160,13 +137,18 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return rc, capsys.readouterr().err
 
 
+def _edited_copy(artifact: Path, dest: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of `artifact` at `dest` whose manifest `edit` changed in place."""
+    shutil.copytree(artifact, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    edit(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
 def test_artifact_of_another_format_version_is_refused(tiny_artifact: Path, media: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    art = tmp_path / "art"
-    shutil.copytree(tiny_artifact, art)
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    art = _edited_copy(tiny_artifact, tmp_path / "art", lambda m: m.update(format_version=99))
     rc, err = _run_cli(_generate_args(art, media, tmp_path / "o.mp4"), capsys)
     assert rc == 2 and "unknown format version 99" in err and err.count("\n") == 1
     assert not (tmp_path / "o.mp4").exists()
@@ -174,12 +156,8 @@ def test_artifact_of_another_format_version_is_refused(tiny_artifact: Path, medi
 
 def test_artifact_of_another_model_is_refused(tiny_artifact: Path, media: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    art = tmp_path / "art"
-    shutil.copytree(tiny_artifact, art)
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["dit"]["num_layers"] = 3
-    manifest["dit"]["audio_inject_layers"] = [0, 2]
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    art = _edited_copy(tiny_artifact, tmp_path / "art",
+                       lambda m: m["dit"].update(num_layers=3, audio_inject_layers=[0, 2]))
     rc, err = _run_cli(_generate_args(art, media, tmp_path / "o.mp4"), capsys)
     assert rc == 2 and "not a model this runtime knows" in err and err.count("\n") == 1
 

@@ -86,7 +86,7 @@ def test_telemetry_lines_and_summary(tmp_path: Path) -> None:
 
 def test_constant_video_encode_is_exact() -> None:
     from liveavatar_lite.config import PRESETS
-    from liveavatar_lite.generate import encode_constant_video
+    from liveavatar_lite.render import encode_constant_video
     from liveavatar_lite.model.vae import WanVAE
 
     torch.manual_seed(0)
@@ -101,3 +101,21 @@ def test_constant_video_encode_is_exact() -> None:
     assert fast.shape == (1, 16, 92, 4, 4)
     assert torch.equal(fast, full)  # bit-identical, not just close
     assert torch.equal(five[:, :, 1:], full[:, :, 1:2])  # the ref latent is a prefix of the motion encode
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--num-clip", "abc", "must be a positive integer, got abc"),
+                                            ("--num-clip", "0", "must be a positive integer, got 0"),
+                                            ("--vram", "lots", "must be a positive number, got lots"),
+                                            ("--vram", "nan", "must be a positive number, got nan")])
+def test_generate_flags_reject_non_positive_numbers(flag: str, value: str, msg: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from liveavatar_lite.commands import generate_cmd
+
+    parser = argparse.ArgumentParser(prog="liveavatar-lite generate")
+    generate_cmd.register(parser)
+    required = ["--artifact", "a", "--image", "i.png", "--audio", "s.wav", "--prompt", "p", "-o", "o.mp4"]
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([*required, flag, value])
+    assert exit_info.value.code == 2 and msg in capsys.readouterr().err

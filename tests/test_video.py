@@ -18,6 +18,7 @@ from liveavatar_lite.video import (  # noqa: E402
     h264_encoder_name,
     mux_segments,
 )
+from media_fixtures import decoded_frames, write_speech  # noqa: E402
 
 SPEC = VideoSpec(height=64, width=96, preset="ultrafast")
 
@@ -30,13 +31,6 @@ def _frames(n: int, seed: int) -> np.ndarray:
         for c in range(3):
             out[i, :, :, c] = (x * (c + 1) + y * 2 + 7 * i + 40 * seed) % 200 + 20
     return out
-
-
-def _speech(path: Path, seconds: float, rate: int = 22050, channels: int = 2) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    wave = 0.3 * np.sin(2 * np.pi * 220 * t)
-    sf.write(str(path), np.stack([wave] * channels, axis=1), rate)
-    return path
 
 
 def _render(tmp_path: Path, counts: list[int], key: str = "job") -> RenderWorkDir:
@@ -73,7 +67,7 @@ def test_segments_mux_to_h264_25fps_with_aac_of_equal_duration(tmp_path: Path) -
     assert sorted(p.name for p in work.root.iterdir()) == [
         "clip_00000.mp4", "clip_00001.mp4", "clip_00002.mp4", "journal.json", "state_00002.pt"]
     out = tmp_path / "out.mp4"
-    assert mux_segments(work.segment_paths(), _speech(tmp_path / "s.wav", 7.0), out, SPEC) == 141
+    assert mux_segments(work.segment_paths(), write_speech(tmp_path / "s.wav", 7.0), out, SPEC) == 141
     info = _probe(out)
     assert info["vcodec"] == "h264" and info["fps"] == 25 and info["frames"] == 141 == info["decoded"]
     assert info["acodec"] == "aac" and info["rate"] == AAC_RATE
@@ -85,7 +79,7 @@ def test_segments_mux_to_h264_25fps_with_aac_of_equal_duration(tmp_path: Path) -
 def test_short_mono_speech_is_padded_to_the_video(tmp_path: Path) -> None:
     work = _render(tmp_path, [45, 48])
     out = tmp_path / "out.mp4"
-    mux_segments(work.segment_paths(), _speech(tmp_path / "s.wav", 1.0, rate=16000, channels=1), out, SPEC)
+    mux_segments(work.segment_paths(), write_speech(tmp_path / "s.wav", 1.0, rate=16000, channels=1), out, SPEC)
     info = _probe(out)
     assert abs(info["adur"] - 93 / 25) <= 1 / 25
 
@@ -105,9 +99,8 @@ def test_speech_in_other_formats_and_rates(tmp_path: Path, fmt: str, rate: int) 
 def test_decoded_frames_match_input(tmp_path: Path) -> None:
     work = _render(tmp_path, [45])
     out = tmp_path / "out.mp4"
-    mux_segments(work.segment_paths(), _speech(tmp_path / "s.wav", 2.0), out, SPEC)
-    with av.open(str(out)) as c:
-        got = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    mux_segments(work.segment_paths(), write_speech(tmp_path / "s.wav", 2.0), out, SPEC)
+    got = decoded_frames(out)
     want = np.concatenate([_frames(23, 0), _frames(22, 10)])
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want).mean() < 8  # lossy but close (yuv420 chroma, crf 18)

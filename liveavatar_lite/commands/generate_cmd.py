@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
@@ -11,21 +13,26 @@ DESCRIPTION = (
 )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _positive(convert: Callable[[str], Any], noun: str) -> Callable[[str], Any]:
+    """argparse type: `convert(text)` when it is > 0, else a one-line error ("must be a positive NOUN").
 
+    parser.add_argument("--num-clip", type=_positive(int, "integer"))
+    """
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:  # `not >` also refuses nan
+            raise argparse.ArgumentTypeError(f"must be a positive {noun}, got {text}")
+        return value
+
+    return parse
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    """Add generate's flags to its subparser (cli.py calls this once)."""
     parser.add_argument("--artifact", required=True, type=Path,
                         help="artifact directory from `liveavatar-lite quantize`")
     parser.add_argument("--image", required=True, type=Path, help="reference photo (jpg, png, webp)")
@@ -36,12 +43,12 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="maximum pixel area as W*H (upstream keys such as 704*384, 720*400, 688*368, "
                              "384*256, or a custom one); the photo's aspect is kept, sides snap to 64 "
                              "(default: %(default)s)")
-    parser.add_argument("--num-clip", type=_positive_int, default=None,
+    parser.add_argument("--num-clip", type=_positive(int, "integer"), default=None,
                         help="number of clips (45 frames, then 48 each); default: until the audio ends")
     parser.add_argument("--seed", type=int, default=42, help="noise seed (default: %(default)s)")
-    parser.add_argument("--vram", type=_positive_float, default=None, metavar="GB",
+    parser.add_argument("--vram", type=_positive(float, "number"), default=None, metavar="GB",
                         help="GPU memory budget in GB (default: what the GPU has free)")
-    parser.add_argument("--ram", type=_positive_float, default=None, metavar="GB",
+    parser.add_argument("--ram", type=_positive(float, "number"), default=None, metavar="GB",
                         help="host memory budget in GB (default: this machine's physical RAM)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
                         help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
@@ -61,6 +68,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build a GenerateRequest from the flags and render it; exit code 0 (errors raise UserError).
+
+    liveavatar-lite generate --artifact art --image me.jpg --audio hi.wav --prompt "..." -o out.mp4
+    """
     import logging
 
     from ..generate import GenerateRequest, generate
