@@ -1,0 +1,143 @@
+"""ONNX export of the VAE decoder step + the ORT streaming decoder vs the torch reference (tiny VAE)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from liveavatar_lite.config import PRESETS
+from liveavatar_lite.errors import ArtifactError, UserError
+from liveavatar_lite.model.vae import WanVAE
+from liveavatar_lite.vae_export import export_decoder
+from liveavatar_lite.vae_onnx import OnnxVAEDecoder
+from vae_fixtures import random_latents, random_vae
+
+FP32_TOL = 1e-4  # measured ~4e-6
+FP16_TOL = 2e-2  # measured ~4e-3 on outputs of magnitude ~3 (tiny random weights)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae() -> WanVAE:
+    return random_vae(PRESETS["tiny"].vae, seed=0)
+
+
+@pytest.fixture(scope="session")
+def float_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 decoder step graph with float frames out (exported once per session)."""
+    vae = random_vae(PRESETS["tiny"].vae, seed=0)
+    return export_decoder(vae, tmp_path_factory.mktemp("vae_onnx") / "tiny_fp32_float.onnx", output="float")
+
+
+@pytest.fixture(scope="module")
+def z() -> torch.Tensor:
+    return random_latents((1, 16, 6, 3, 4), seed=7)
+
+
+@pytest.fixture(scope="module")
+def torch_frames(tiny_vae: WanVAE, z: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return tiny_vae.decode(z).numpy()  # [1, 3, 21, 24, 32]
+
+
+def _decode_chunks(decoder: OnnxVAEDecoder, z: torch.Tensor, chunks: tuple[int, ...]) -> np.ndarray:
+    parts, start = [], 0
+    for n in chunks:
+        parts.append(decoder.decode(z[0, :, start:start + n].numpy()))
+        start += n
+    return np.concatenate(parts, axis=2)
+
+
+def test_graph_contract(float_onnx: Path) -> None:
+    model = onnx.load(str(float_onnx), load_external_data=False)
+    assert model.opset_import[0].version == 20
+    assert not any(n.op_type == "If" for n in model.graph.node)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["liveavatar_lite.vae_decoder"] == "1"
+    assert meta["liveavatar_lite.format_version"] == "1"
+    assert meta["liveavatar_lite.dtype"] == "fp32"
+    names = [i.name for i in model.graph.input]
+    assert names[:3] == ["latents", "first", "cache_in_0"] and len(names) == 2 + 32
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[:2] == [1, 16] and all(isinstance(d, str) for d in dims[2:])  # T, h, w dynamic
+
+
+@pytest.mark.parametrize("chunks", [(6,), (1, 2, 3), (3, 3), (1, 1, 1, 1, 1, 1)])
+def test_chunked_ort_equals_torch_whole(float_onnx: Path, z, torch_frames, chunks) -> None:
+    decoder = OnnxVAEDecoder(float_onnx, device="cpu", threads=1)
+    frames = _decode_chunks(decoder, z, chunks)
+    assert frames.shape == torch_frames.shape == (1, 3, 21, 24, 32)
+    assert np.abs(frames - torch_frames).max() <= FP32_TOL
+
+
+def test_other_resolution_same_graph(float_onnx: Path, tiny_vae: WanVAE) -> None:
+    z5 = random_latents((1, 16, 2, 5, 2), seed=8)
+    with torch.no_grad():
+        want = tiny_vae.decode(z5).numpy()
+    got = OnnxVAEDecoder(float_onnx, device="cpu", threads=1).decode(z5[0].numpy())
+    assert got.shape == want.shape == (1, 3, 5, 40, 16)
+    assert np.abs(got - want).max() <= FP32_TOL
+
+
+def test_state_reset_and_resume(float_onnx: Path, z, torch_frames) -> None:
+    decoder = OnnxVAEDecoder(float_onnx, device="cpu", threads=1)
+    decoder.decode(z[0, :, :2].numpy())
+    snapshot = decoder.state()
+    tail = decoder.decode(z[0, :, 2:].numpy())
+    resumed = OnnxVAEDecoder(float_onnx, device="cpu", threads=1)
+    resumed.load_state(snapshot)
+    assert np.array_equal(resumed.decode(z[0, :, 2:].numpy()), tail)
+    decoder.reset()
+    assert np.abs(_decode_chunks(decoder, z, (6,)) - torch_frames).max() <= FP32_TOL
+    assert decoder.cache_bytes((3, 4)) == 2 * 4 * sum(c * 2 * 3 * 4 * s * s for c, s in decoder.cache_layout)
+
+
+def test_bad_latents_and_files(float_onnx: Path, tmp_path: Path) -> None:
+    decoder = OnnxVAEDecoder(float_onnx, device="cpu", threads=1)
+    with pytest.raises(UserError, match="latents must be"):
+        decoder.decode(np.zeros((8, 1, 3, 4), np.float32))
+    with pytest.raises(UserError, match="NaN or Inf"):
+        decoder.decode(np.full((16, 1, 3, 4), np.nan, np.float32))
+    decoder.decode(np.zeros((16, 1, 3, 4), np.float32))
+    with pytest.raises(UserError, match="changed mid-stream"):
+        decoder.decode(np.zeros((16, 1, 4, 4), np.float32))
+    with pytest.raises(ArtifactError, match="not found"):
+        OnnxVAEDecoder(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ArtifactError, match="not a loadable"):
+        OnnxVAEDecoder(garbage)
+    foreign = tmp_path / "foreign.onnx"
+    model = onnx.load(str(float_onnx))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    with pytest.raises(ArtifactError, match="not a liveavatar-lite VAE decoder"):
+        OnnxVAEDecoder(foreign)
+
+
+@pytest.mark.slow
+def test_fp16_graph_within_tolerance(float_onnx: Path, tiny_vae: WanVAE, z, torch_frames, tmp_path: Path) -> None:
+    path = export_decoder(tiny_vae, tmp_path / "tiny_fp16.onnx", dtype="fp16", output="float")
+    assert next(tiny_vae.parameters()).dtype == torch.float32  # the caller's module is left alone
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["liveavatar_lite.dtype"] == "fp16"
+    decoder = OnnxVAEDecoder(path, device="cpu", threads=1)
+    fp32_bytes = OnnxVAEDecoder(float_onnx, device="cpu").cache_bytes((3, 4))
+    assert decoder.cache_bytes((3, 4)) * 2 == fp32_bytes
+    frames = _decode_chunks(decoder, z, (1, 5))
+    assert np.abs(frames - torch_frames).max() <= FP16_TOL
+
+
+@pytest.mark.gpu
+def test_cuda_ep_streams_like_cpu(float_onnx: Path, z, torch_frames) -> None:
+    decoder = OnnxVAEDecoder(float_onnx, device="cuda", gpu_mem_limit=1 << 30)
+    assert decoder.device == "cuda"
+    head = decoder.decode(z[0, :, :1].numpy())
+    snapshot = decoder.state()  # device caches copied to host
+    tail = decoder.decode(z[0, :, 1:].numpy())
+    frames = np.concatenate([head, tail], axis=2)
+    assert np.abs(frames - torch_frames).max() <= 1e-2  # the CUDA EP may use TF32 convs
+    decoder.load_state(snapshot)
+    assert np.abs(decoder.decode(z[0, :, 1:].numpy()) - tail).max() <= 1e-5
