@@ -1,0 +1,463 @@
+"""The liveavatar-lite artifact, in code: the only module that reads or writes its layout (docs/FORMAT.md).
+
+API (runtime side):
+    m = read_manifest(dir)                       # Manifest; ArtifactError if absent/incomplete/unknown version
+    m.units                                      # tuple[UnitEntry]: "block_000".."block_039", "resident", "t5", "vae"
+    m.unit("block_003").tensors                  # tuple[TensorEntry]: name, qtype, logical_shape, group_size, parts
+    buf, views = read_unit(dir, "block_003", manifest=m, out=None, pin=False, verify=False)
+        # buf: ONE contiguous uint8 tensor = the file's data section (64-byte aligned parts; pass `out=` a
+        #      pinned uint8 tensor of >= unit.data_nbytes to fill it instead of allocating)
+        # views: {logical tensor name: TensorView}; views[k].parts(buf) -> {role: zero-copy typed Tensor}
+        #        views[k].dequantize(buf, dtype) -> the logical weight (qtypes.dequantize)
+    path = unit_path(dir, m.unit("vae"))          # for readers that want safe_open on the file
+
+API (writer side, used by quantize/):
+    layout = layout_file(specs, unit_name)       # FileLayout: header bytes + TensorEntry offsets
+    write_manifest(dir, manifest)                # temp file + rename; call it LAST
+
+Each unit file is a valid safetensors file whose header length makes the data section start at a
+multiple of 64 bytes, and whose parts all start at multiples of 64 (gaps are filled with
+`__pad_<n>__` uint8 tensors, which the manifest does not list).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DiTConfig
+from .errors import ArtifactError
+from .qtypes import QuantType, dequantize, part_specs
+
+FORMAT_NAME = "liveavatar-lite"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ALIGN = 64  # bytes: every part starts at a multiple of this inside the data section and in the file
+PAD_PREFIX = "__pad_"
+
+# torch dtype <-> safetensors header code, for every dtype a part can have
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
+CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+
+
+# ------------------------------------------------------------------------------------------ entries
+
+@dataclass(frozen=True)
+class StoredPart:
+    """One stored tensor: `role` of a logical tensor, at `offset` bytes into its file's data section."""
+
+    role: str
+    name: str  # the key in the safetensors header
+    dtype: str  # safetensors code, e.g. "I8"
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return CODE_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One logical tensor (a checkpoint key) and how it is stored."""
+
+    name: str
+    qtype: QuantType
+    logical_shape: tuple[int, ...]
+    group_size: int | None
+    source_dtype: str  # safetensors code of the source tensor
+    parts: tuple[StoredPart, ...]
+
+    def part(self, role: str) -> StoredPart:
+        for p in self.parts:
+            if p.role == role:
+                return p
+        raise KeyError(f"{self.name} has no {role!r} part")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+@dataclass(frozen=True)
+class UnitEntry:
+    """One file of the artifact: a DiT block (+ its audio injector), the resident set, T5 or the VAE."""
+
+    name: str  # "block_007", "resident", "t5", "vae"
+    file: str  # path relative to the artifact directory
+    kind: str  # "dit_block" | "dit_resident" | "t5" | "vae"
+    block_index: int | None
+    header_nbytes: int  # = file offset of the data section (a multiple of ALIGN)
+    data_nbytes: int  # size of the data section (a multiple of ALIGN)
+    sha256: str  # of the whole file
+    tensors: tuple[TensorEntry, ...]
+
+    @property
+    def file_nbytes(self) -> int:
+        return self.header_nbytes + self.data_nbytes
+
+    def tensor(self, name: str) -> TensorEntry:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"unit {self.name} has no tensor {name!r}")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    name: str  # relative to the checkpoint directory (or the LoRA file's name)
+    size: int
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """Which checkpoint the artifact was made from: shard names and sizes, config/index hashes."""
+
+    files: tuple[SourceFile, ...]
+    config_sha256: str
+    index_sha256: str | None
+    lora: SourceFile | None = None
+    lora_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The converter options that shaped the bytes (recorded so `inspect` can show them)."""
+
+    format: str
+    group_size: int
+    keep_bf16: tuple[str, ...] = ()
+    t5: str | None = None
+    target_size_gb: float | None = None
+    measurement_sha256: str | None = None
+    lora_alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a loader needs to know about an artifact directory."""
+
+    dit: DiTConfig
+    source: SourceIdentity
+    quant: QuantSettings
+    units: tuple[UnitEntry, ...]
+    components: tuple[str, ...]  # which of dit, t5, vae, audio, tokenizer were converted
+    paths: dict[str, str] = field(default_factory=dict)  # "audio_dir", "tokenizer_dir", "vae_onnx" -> rel path
+    format_version: int = FORMAT_VERSION
+
+    def unit(self, name: str) -> UnitEntry:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise ArtifactError(f"artifact has no unit {name!r}")
+
+    @property
+    def block_units(self) -> tuple[UnitEntry, ...]:
+        return tuple(sorted((u for u in self.units if u.kind == "dit_block"), key=lambda u: u.block_index or 0))
+
+    @property
+    def total_nbytes(self) -> int:
+        return sum(u.file_nbytes for u in self.units)
+
+
+def block_unit_name(i: int) -> str:
+    return f"block_{i:03d}"
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer will store for one logical tensor (before offsets are known)."""
+
+    name: str
+    qtype: QuantType
+    logical_shape: tuple[int, ...]
+    group_size: int | None
+    source_dtype: str
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """The exact bytes of a unit file's header and where every part goes in its data section."""
+
+    header: bytes  # 8-byte length + JSON, padded with spaces to a multiple of ALIGN
+    tensors: tuple[TensorEntry, ...]
+    pads: tuple[tuple[int, int], ...]  # (offset, nbytes) of each zero pad, in the data section
+    data_nbytes: int
+
+    def writes(self) -> list[tuple[str, TensorEntry | None, StoredPart | None, int]]:
+        """Data-section writes in file order: ("part", entry, part, nbytes) or ("pad", None, None, nbytes)."""
+        items: list[tuple[int, str, TensorEntry | None, StoredPart | None, int]] = []
+        for t in self.tensors:
+            items += [(p.offset, "part", t, p, p.nbytes) for p in t.parts]
+        items += [(off, "pad", None, None, n) for off, n in self.pads]
+        return [(kind, t, p, n) for _, kind, t, p, n in sorted(items, key=lambda x: x[0])]
+
+
+def part_name(tensor: str, role: str) -> str:
+    """Header key of a part: the logical name for "data", `<name>.<role>` for the others."""
+    return tensor if role == "data" else f"{tensor}.{role}"
+
+
+def layout_file(specs: Sequence[TensorSpec], unit_name: str) -> FileLayout:
+    """Place every part of `specs` (in order) at 64-byte aligned offsets; build the header bytes.
+
+        layout = layout_file([TensorSpec("w", QuantType.INT8, (8, 64), None, "BF16")], "block_000")
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                                               "unit": unit_name}}
+    entries, pads, seen = [], [], set()
+    offset = 0
+    for spec in specs:
+        parts = []
+        for ps in part_specs(spec.qtype, spec.logical_shape, spec.group_size):
+            name = part_name(spec.name, ps.role)
+            if name in seen or name.startswith(PAD_PREFIX):
+                raise ValueError(f"duplicate or reserved tensor name {name!r} in unit {unit_name}")
+            seen.add(name)
+            parts.append(StoredPart(ps.role, name, DTYPE_CODES[ps.dtype], ps.shape, offset, ps.nbytes))
+            header[name] = {"dtype": DTYPE_CODES[ps.dtype], "shape": list(ps.shape),
+                            "data_offsets": [offset, offset + ps.nbytes]}
+            offset += ps.nbytes
+            gap = -offset % ALIGN
+            if gap:  # safetensors wants the data section covered without holes: fill gaps with pad tensors
+                pads.append((offset, gap))
+                header[f"{PAD_PREFIX}{len(pads)}__"] = {"dtype": "U8", "shape": [gap],
+                                                        "data_offsets": [offset, offset + gap]}
+                offset += gap
+        entries.append(TensorEntry(spec.name, spec.qtype, tuple(spec.logical_shape), spec.group_size,
+                                   spec.source_dtype, tuple(parts)))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    n = len(raw) + (-(8 + len(raw)) % ALIGN)  # header length so that 8 + n is a multiple of ALIGN
+    header_bytes = n.to_bytes(8, "little") + raw + b" " * (n - len(raw))
+    return FileLayout(header_bytes, tuple(entries), tuple(pads), offset)
+
+
+# ------------------------------------------------------------------------------------------ manifest I/O
+
+def _to_json(m: Manifest) -> dict[str, Any]:
+    d = asdict(m)
+    d = {"format": FORMAT_NAME, **d}
+    for u in d["units"]:
+        for t in u["tensors"]:
+            t["qtype"] = QuantType(t["qtype"]).value
+    return d
+
+
+def _tuple(x: Any) -> Any:
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def _from_json(d: dict[str, Any]) -> Manifest:
+    dit = DiTConfig(**{k: _tuple(v) for k, v in d["dit"].items()})
+    src = d["source"]
+    source = SourceIdentity(
+        files=tuple(SourceFile(**f) for f in src["files"]),
+        config_sha256=src["config_sha256"],
+        index_sha256=src["index_sha256"],
+        lora=SourceFile(**src["lora"]) if src.get("lora") else None,
+        lora_sha256=src.get("lora_sha256"),
+    )
+    quant = QuantSettings(**{k: _tuple(v) for k, v in d["quant"].items()})
+    units = []
+    for u in d["units"]:
+        tensors = tuple(
+            TensorEntry(
+                name=t["name"], qtype=QuantType(t["qtype"]), logical_shape=tuple(t["logical_shape"]),
+                group_size=t["group_size"], source_dtype=t["source_dtype"],
+                parts=tuple(StoredPart(**{**p, "shape": tuple(p["shape"])}) for p in t["parts"]),
+            )
+            for t in u["tensors"]
+        )
+        units.append(UnitEntry(**{**u, "tensors": tensors}))
+    return Manifest(dit=dit, source=source, quant=quant, units=tuple(units),
+                    components=tuple(d["components"]), paths=dict(d.get("paths", {})),
+                    format_version=int(d["format_version"]))
+
+
+def manifest_bytes(m: Manifest) -> bytes:
+    """The exact bytes of manifest.json (deterministic: same manifest, same bytes)."""
+    return (json.dumps(_to_json(m), indent=1) + "\n").encode()
+
+
+def write_manifest(directory: str | os.PathLike[str], m: Manifest) -> Path:
+    """Write manifest.json via a temp file + fsync + rename. Call it after every unit file is final."""
+    path = Path(directory) / MANIFEST_FILE
+    tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(manifest_bytes(m))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Parse and validate manifest.json; refuse missing, foreign or unknown-version artifacts.
+
+        m = read_manifest("artifact/"); [u.name for u in m.block_units]
+    """
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory}: no {MANIFEST_FILE} (not an artifact, or an unfinished conversion)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path}: corrupt (not JSON)") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path}: not a {FORMAT_NAME} manifest")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: unknown format version {d.get('format_version')!r} (this liveavatar-lite reads {FORMAT_VERSION})"
+        )
+    try:
+        return _from_json(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+# ------------------------------------------------------------------------------------------ unit reading
+
+@dataclass(frozen=True)
+class TensorView:
+    """Where one logical tensor's parts are inside a unit buffer."""
+
+    entry: TensorEntry
+
+    def parts(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """role -> typed tensor viewing `buf` (no copy)."""
+        out = {}
+        for p in self.entry.parts:
+            raw = buf[p.offset:p.offset + p.nbytes]  # uint8 [nbytes]
+            out[p.role] = raw.view(p.torch_dtype).reshape(p.shape)
+        return out
+
+    def dequantize(self, buf: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        e = self.entry
+        return dequantize(e.qtype, self.parts(buf), e.logical_shape, e.group_size, dtype)
+
+
+def unit_path(directory: str | os.PathLike[str], unit: UnitEntry) -> Path:
+    return Path(directory) / unit.file
+
+
+def read_unit(
+    directory: str | os.PathLike[str],
+    unit: str | UnitEntry,
+    manifest: Manifest | None = None,
+    out: torch.Tensor | None = None,
+    pin: bool = False,
+    verify: bool = False,
+) -> tuple[torch.Tensor, dict[str, TensorView]]:
+    """Read one unit's data section into ONE contiguous uint8 buffer; return it with per-tensor views.
+
+        buf, views = read_unit("artifact", "block_000"); w = views["blocks.0.ffn.0.weight"].dequantize(buf)
+    """
+    if isinstance(unit, str):
+        unit = (manifest or read_manifest(directory)).unit(unit)
+    path = unit_path(directory, unit)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: unit file is missing") from None
+    if size != unit.file_nbytes:
+        raise ArtifactError(f"{path}: {size} bytes, the manifest says {unit.file_nbytes}")
+    if out is None:
+        buf = torch.empty(unit.data_nbytes, dtype=torch.uint8, pin_memory=pin)
+    else:
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < unit.data_nbytes or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous 1-D uint8 tensor of >= {unit.data_nbytes} bytes")
+        buf = out[:unit.data_nbytes]
+    digest = hashlib.sha256() if verify else None
+    with open(path, "rb", buffering=0) as f:
+        header = f.read(unit.header_nbytes)
+        if len(header) != unit.header_nbytes or int.from_bytes(header[:8], "little") + 8 != unit.header_nbytes:
+            raise ArtifactError(f"{path}: header does not match the manifest")
+        if digest:
+            digest.update(header)
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < unit.data_nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise ArtifactError(f"{path}: truncated")
+            done += n
+    if digest:
+        digest.update(view)
+        if digest.hexdigest() != unit.sha256:
+            raise ArtifactError(f"{path}: checksum mismatch (file changed or corrupt)")
+    return buf, {t.name: TensorView(t) for t in unit.tensors}
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 16 << 20) -> str:
+    """sha256 of a whole file, read in chunks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def verify_artifact(directory: str | os.PathLike[str], m: Manifest, checksums: bool = False) -> list[str]:
+    """Problems found (empty when sound): missing files, wrong sizes, and with `checksums` wrong sha256."""
+    problems = []
+    for u in m.units:
+        p = unit_path(directory, u)
+        if not p.exists():
+            problems.append(f"{u.file}: missing")
+        elif p.stat().st_size != u.file_nbytes:
+            problems.append(f"{u.file}: {p.stat().st_size} bytes, expected {u.file_nbytes}")
+        elif checksums and file_sha256(p) != u.sha256:
+            problems.append(f"{u.file}: checksum mismatch")
+    for key, rel in m.paths.items():
+        if not (Path(directory) / rel).exists():
+            problems.append(f"{rel} ({key}): missing")
+    return problems
+
+
+def summary(m: Manifest) -> dict[str, Any]:
+    """Per-unit byte counts and qtype mix, for `liveavatar-lite inspect`."""
+    units = []
+    for u in m.units:
+        mix: dict[str, int] = {}
+        for t in u.tensors:
+            mix[t.qtype.value] = mix.get(t.qtype.value, 0) + t.nbytes
+        units.append({"name": u.name, "kind": u.kind, "file": u.file, "bytes": u.file_nbytes,
+                      "tensors": len(u.tensors), "bytes_by_qtype": mix})
+    totals: dict[str, int] = {}
+    params: dict[str, int] = {}
+    for u in m.units:
+        for t in u.tensors:
+            totals[t.qtype.value] = totals.get(t.qtype.value, 0) + t.nbytes
+            params[t.qtype.value] = params.get(t.qtype.value, 0) + math.prod(t.logical_shape)
+    return {
+        "format_version": m.format_version,
+        "components": list(m.components),
+        "quant": asdict(m.quant),
+        "source": asdict(m.source),
+        "units": units,
+        "bytes_by_qtype": totals,
+        "params_by_qtype": params,
+        "total_bytes": m.total_nbytes,
+        "paths": dict(m.paths),
+    }
