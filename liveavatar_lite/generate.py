@@ -28,7 +28,8 @@ import numpy as np
 
 from .config import SampleConfig
 from .errors import BudgetError, UserError
-from .render import ArtifactBackend, encode_constant_video  # noqa: F401 - encode_constant_video: re-exported
+from .format import file_sha256
+from .render import ArtifactBackend
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,7 @@ def job_key(request: GenerateRequest, artifact_id: str) -> str:
         data = part.encode()
         h.update(len(data).to_bytes(8, "little") + data)
     for path in (request.image, request.audio):
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        h.update(bytes.fromhex(file_sha256(path)))
     return h.hexdigest()
 
 

@@ -8,7 +8,6 @@ every key must have.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -19,7 +18,7 @@ import torch
 from liveavatar_lite.checkpoint import CheckpointDir, check_keys, expected_shapes
 from liveavatar_lite.config import DiTConfig
 from liveavatar_lite.errors import CheckpointError
-from liveavatar_lite.format import SourceFile, SourceIdentity, block_unit_name
+from liveavatar_lite.format import SourceFile, SourceIdentity, block_unit_name, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +72,6 @@ class DitSource:
         return units, resident
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_identity(ck: CheckpointDir, lora_path: Path | None) -> SourceIdentity:
     """Names and sizes of the source files + sha256 of config.json and the index (cheap: no shard hashing)."""
     from liveavatar_lite.checkpoint import DIT_CONFIG, DIT_INDEX
@@ -92,10 +83,10 @@ def source_identity(ck: CheckpointDir, lora_path: Path | None) -> SourceIdentity
         lora = SourceFile(lora_path.name, lora_path.stat().st_size)
     return SourceIdentity(
         files=tuple(files),
-        config_sha256=sha256_file(ck.path / DIT_CONFIG),
-        index_sha256=sha256_file(index) if index.exists() else None,
+        config_sha256=file_sha256(ck.path / DIT_CONFIG),
+        index_sha256=file_sha256(index) if index.exists() else None,
         lora=lora,
-        lora_sha256=sha256_file(lora_path) if lora_path is not None else None,
+        lora_sha256=file_sha256(lora_path) if lora_path is not None else None,
     )
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from liveavatar_lite.checkpoint import CheckpointDir
 from liveavatar_lite.errors import UserError
-from liveavatar_lite.format import ALIGN, TensorSpec, layout_file
+from liveavatar_lite.format import ALIGN, TensorSpec, file_sha256, layout_file
 from liveavatar_lite.qtypes import QuantType, part_specs
 
 from .policy import DIT_KEEP, Policy
-from .source import DitSource, sha256_file
+from .source import DitSource
 
 
 @dataclass(frozen=True)
@@ -91,4 +91,4 @@ def plan_for_target(ckpt_dir: Path, measurement_path: Path, target_bytes: float,
         budget = used - int(total - target_bytes)  # below what this choice used, so the next one differs
     else:
         raise UserError(f"--target-size {target_bytes / 1e9:.3f} GB: no per-layer choice fits")
-    return TargetPlan(tuple(sorted(choice.items())), total, sha256_file(measurement_path))
+    return TargetPlan(tuple(sorted(choice.items())), total, file_sha256(measurement_path))

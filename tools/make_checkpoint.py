@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import torch
 
 from liveavatar_lite import checkpoint as ck
 from liveavatar_lite.checkpoint import expected_shapes
-from liveavatar_lite.config import PRESETS, ModelPreset
+from liveavatar_lite.config import PRESETS, DiTConfig, ModelPreset
 
 # The Linear layers the Live Avatar LoRA targets (s2v_causal_sft.yaml: q,k,v,o,ffn.0,ffn.2, matched by
 # module-name suffix), i.e. 448 modules at 14B.
@@ -168,8 +169,14 @@ def _write_aligned(zf: zipfile.ZipFile, name: str, parts: Iterable[torch.Tensor]
     return nbytes
 
 
-def shard_plan(specs: list[Spec], itemsize: int, max_bytes: int | None) -> list[list[Spec]]:
-    """Greedy in-order sharding like HF's save_pretrained (a new shard when the next tensor overflows)."""
+def shard_plan(specs: list[Spec], itemsize: int, max_bytes: int | None, num_shards: int | None = None) -> list[list[Spec]]:
+    """Greedy in-order sharding like HF's save_pretrained (a new shard when the next tensor overflows).
+
+    num_shards: split into exactly that many shards of about equal key counts instead (test fixtures).
+    """
+    if num_shards:
+        per = math.ceil(len(specs) / num_shards)
+        return [specs[i * per : (i + 1) * per] for i in range(num_shards)]
     total = sum(math.prod(s) * itemsize for _, s in specs)
     limit = max_bytes or max(1, total // 3 + 1)
     shards: list[list[Spec]] = [[]]
@@ -219,9 +226,23 @@ def lora_specs(dit: list[Spec], rank: int, spelling: str) -> list[tuple[str, str
     return out
 
 
-def write_checkpoint(preset_name: str, out: Path, fill: str = "random", seed: int = 0, dit_only: bool = False, lora_spelling: str = "peft", with_lora: bool = True, progress: bool = False) -> Path:
-    """Write the whole directory into a temp dir next to `out`, then rename it into place."""
-    preset = PRESETS[preset_name]
+def write_checkpoint(
+    preset_name: str,
+    out: Path,
+    fill: str = "random",
+    seed: int = 0,
+    dit_only: bool = False,
+    lora_spelling: str = "peft",
+    with_lora: bool = True,
+    progress: bool = False,
+    dit: DiTConfig | None = None,
+    num_shards: int | None = None,
+) -> Path:
+    """Write the whole directory into a temp dir next to `out`, then rename it into place.
+
+    dit: another DiT config than the preset's (DiT-only fixtures); num_shards: exact shard count.
+    """
+    preset = PRESETS[preset_name] if dit is None else dataclasses.replace(PRESETS[preset_name], dit=dit)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -235,7 +256,7 @@ def write_checkpoint(preset_name: str, out: Path, fill: str = "random", seed: in
     (tmp / "configuration.json").write_text(json.dumps({"framework": "Pytorch", "task": "s2v"}) + "\n")
 
     specs = dit_specs(preset)
-    shards = shard_plan(specs, bf16.itemsize, SHARD_BYTES[preset_name])
+    shards = shard_plan(specs, bf16.itemsize, SHARD_BYTES[preset_name], num_shards)
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(shards, start=1):
