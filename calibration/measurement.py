@@ -29,6 +29,7 @@ from typing import Any
 
 from liveavatar_lite.config import DiTConfig
 from liveavatar_lite.errors import UserError
+from liveavatar_lite.jsonio import read_json
 from liveavatar_lite.qtypes import QuantType
 
 MEASUREMENT_FORMAT = "liveavatar-lite-measurement"
@@ -93,12 +94,7 @@ def write_measurement(path: Path, m: Measurement) -> None:
 
 def read_measurement(path: Path) -> Measurement:
     """Parse measurement.json; UserError for a missing, foreign or newer file."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: measurement file is missing (make one with `liveavatar-lite calibrate`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not a measurement file (invalid JSON)") from None
+    doc = read_json(path, UserError, missing=f"{path}: measurement file is missing (make one with `liveavatar-lite calibrate`)")
     if not isinstance(doc, dict) or doc.get("format") != MEASUREMENT_FORMAT:
         raise UserError(f"{path}: not a liveavatar-lite measurement file")
     if doc.get("version") != MEASUREMENT_VERSION:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import DiTConfig
 from .errors import CheckpointError
+from .jsonio import read_json
 
 DIT_CONFIG = "config.json"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -137,12 +138,7 @@ class CheckpointDir:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a checkpoint directory")
         cfg_path = self.path / DIT_CONFIG
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{cfg_path}: missing (is this a Wan2.2-S2V-14B download?)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{cfg_path}: not valid JSON") from None
+        raw = read_json(cfg_path, CheckpointError, missing=f"{cfg_path}: missing (is this a Wan2.2-S2V-14B download?)")
         self.dit_config: DiTConfig = DiTConfig.from_upstream_json(raw, source=str(cfg_path))
         self._weight_map = self._read_weight_map()
 

@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint import SAFETENSORS_DTYPES
 from .config import DiTConfig
 from .errors import ArtifactError
+from .jsonio import read_json
 from .qtypes import QuantType, dequantize, part_specs
 
 FORMAT_NAME = "liveavatar-lite"
@@ -42,18 +44,9 @@ MANIFEST_FILE = "manifest.json"
 ALIGN = 64  # bytes: every part starts at a multiple of this inside the data section and in the file
 PAD_PREFIX = "__pad_"
 
-# torch dtype <-> safetensors header code, for every dtype a part can have
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float32: "F32",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.int32: "I32",
-    torch.int64: "I64",
-}
-CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+# safetensors header code <-> torch dtype (one table for checkpoints and artifacts)
+CODE_DTYPES: dict[str, torch.dtype] = SAFETENSORS_DTYPES
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 # ------------------------------------------------------------------------------------------ entries
@@ -316,12 +309,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         m = read_manifest("artifact/"); [u.name for u in m.block_units]
     """
     path = Path(directory) / MANIFEST_FILE
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{directory}: no {MANIFEST_FILE} (not an artifact, or an unfinished conversion)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ArtifactError(f"{path}: corrupt (not JSON)") from None
+    d = read_json(path, ArtifactError, missing=f"{directory}: no {MANIFEST_FILE} (not an artifact, or an unfinished conversion)")
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path}: not a {FORMAT_NAME} manifest")
     if d.get("format_version") != FORMAT_VERSION:
