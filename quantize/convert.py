@@ -14,13 +14,13 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights, check_keys, expected_shapes, load_pth, merge_lora
+from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights, PthFile, check_keys, expected_shapes, merge_lora
 from liveavatar_lite.config import PRESETS, ModelPreset
 from liveavatar_lite.errors import CheckpointError, UserError
 from liveavatar_lite.format import (
@@ -234,15 +234,15 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
 
     vae_sd = None
     for comp, rel, qtype, keep, load, build in (
-        ("t5", T5_FILE, opts.t5, T5_KEEP, lambda: load_pth(ck.t5_path), _t5_shapes),
-        ("vae", VAE_FILE, QuantType.FP32, (), lambda: load_pth(ck.vae_path), _vae_shapes),
+        ("t5", T5_FILE, opts.t5, T5_KEEP, lambda: PthFile(ck.t5_path), _t5_shapes),
+        ("vae", VAE_FILE, QuantType.FP32, (), lambda: PthFile(ck.vae_path), _vae_shapes),
     ):
         if comp not in opts.components:
             continue
-        sd = load()  # mmap'ed: tensors are read when produced
-        check_keys(build(preset), {k: tuple(v.shape) for k, v in sd.items()}, str(ck.t5_path if comp == "t5" else ck.vae_path))
+        sd = load()  # tensors are read one at a time (pread) when produced: RSS stays at one tensor
+        check_keys(build(preset), {k: sd.info(k)[1] for k in sd}, str(ck.t5_path if comp == "t5" else ck.vae_path))
         pol = Policy(qtype, opts.group_size, keep, passthrough=QuantType.BF16 if comp == "t5" else QuantType.FP32)
-        specs = _specs(list(sd), pol, lambda k, sd=sd: (sd[k].dtype, tuple(sd[k].shape)))
+        specs = _specs(list(sd), pol, sd.info)
 
         def produce(entry: TensorEntry, sd=sd, where=comp) -> dict[str, torch.Tensor]:
             t = sd[entry.name]
@@ -303,7 +303,7 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
     return manifest
 
 
-def _export_vae_onnx(out: Path, preset: ModelPreset, sd: dict[str, torch.Tensor], job: _Job) -> str:
+def _export_vae_onnx(out: Path, preset: ModelPreset, sd: Mapping[str, torch.Tensor], job: _Job) -> str:
     """The VAE decoder as ONNX (helper "vae"'s exporter), fp16 graph for the GPU runtime."""
     path = out / VAE_ONNX
     if job.finished(VAE_ONNX, lambda: file_sha256(path) if path.exists() else ""):

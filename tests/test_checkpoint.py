@@ -212,3 +212,22 @@ def test_make_checkpoint_cli_refuses_existing_dir(tmp_path: Path, capsys: pytest
     (tmp_path / "x").mkdir()
     assert mc.main(["--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_pth_file_reads_one_tensor_at_a_time_exactly(tiny_ckpt: Path, tmp_path: Path) -> None:
+    pth = ck.PthFile(tiny_ckpt / ck.T5_FILE)
+    ref = torch.load(tiny_ckpt / ck.T5_FILE, weights_only=True)
+    assert list(pth) == list(ref)
+    for key, t in ref.items():
+        assert pth.info(key) == (t.dtype, tuple(t.shape))
+        assert torch.equal(pth[key], t)
+    base = torch.arange(20.0).reshape(4, 5)  # views into one storage, as torch.save keeps them
+    torch.save({"full": base, "row": base[1], "transposed": base.t()}, tmp_path / "views.pth")
+    views = ck.PthFile(tmp_path / "views.pth")
+    assert torch.equal(views["row"], base[1]) and torch.equal(views["transposed"], base.t())
+    (tmp_path / "junk.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="not a readable torch state_dict"):
+        ck.PthFile(tmp_path / "junk.pth")
+    torch.save({"obj": {"nested": 1}}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="not a plain state_dict"):
+        ck.PthFile(tmp_path / "foreign.pth")
