@@ -36,26 +36,27 @@ def _absmax_rows(w: torch.Tensor) -> torch.Tensor:
     return torch.maximum(w.amax(dim=1), -w.amin(dim=1)).float()  # [N]
 
 
-def quantize_int8(w: torch.Tensor, group_size: int | None) -> Parts:
-    """Symmetric per output channel: scale = absmax(row) / 127, q = round(w / scale)."""
-    scale = (_absmax_rows(w) / INT8_QMAX).clamp_min(_TINY)  # [N]
-    q = torch.empty(w.shape, dtype=torch.int8)
+def _per_row_scaled(w: torch.Tensor, qmax: float, dtype: torch.dtype, rounding: bool) -> Parts:
+    """q = w / scale with scale = absmax(row) / qmax, in fp32 row chunks (bounded memory), within +-qmax."""
+    scale = (_absmax_rows(w) / qmax).clamp_min(_TINY)  # [N]
+    q = torch.empty(w.shape, dtype=dtype)
     step = (1 << 18) // w.shape[1] or 1
     for r in _row_chunks(*w.shape):
-        c = w[r:r + step].to(torch.float32, copy=True)  # [rows, K], never a view of w
-        q[r:r + step] = c.div_(scale[r:r + step, None]).round_().clamp_(-INT8_QMAX, INT8_QMAX)
+        c = w[r:r + step].to(torch.float32, copy=True).div_(scale[r:r + step, None])  # [rows, K], never a view of w
+        if rounding:
+            c.round_()
+        q[r:r + step] = c.clamp_(-qmax, qmax)
     return {"data": q, "scale": scale}
+
+
+def quantize_int8(w: torch.Tensor, group_size: int | None) -> Parts:
+    """Symmetric per output channel: scale = absmax(row) / 127, q = round(w / scale)."""
+    return _per_row_scaled(w, INT8_QMAX, torch.int8, rounding=True)
 
 
 def quantize_fp8(w: torch.Tensor, group_size: int | None) -> Parts:
     """e4m3 with a per-output-channel scale mapping absmax(row) to 448 (the largest finite value)."""
-    scale = (_absmax_rows(w) / FP8_MAX).clamp_min(_TINY)  # [N]
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
-    step = (1 << 18) // w.shape[1] or 1
-    for r in _row_chunks(*w.shape):
-        c = w[r:r + step].to(torch.float32, copy=True)  # [rows, K], never a view of w
-        q[r:r + step] = c.div_(scale[r:r + step, None]).clamp_(-FP8_MAX, FP8_MAX)
-    return {"data": q, "scale": scale}
+    return _per_row_scaled(w, FP8_MAX, torch.float8_e4m3fn, rounding=False)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int | None) -> Parts:
