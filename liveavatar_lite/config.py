@@ -269,11 +269,16 @@ PRESETS: dict[str, ModelPreset] = {
 
 
 
-def preset_for_dit(dit: DiTConfig) -> ModelPreset:
-    """The preset whose DiT this is (its umT5, VAE and wav2vec2 configs come with it)."""
+def preset_for_dit(dit: DiTConfig, default: ModelPreset | None = None) -> ModelPreset:
+    """The preset whose DiT this is (its umT5, VAE and wav2vec2 configs come with it).
+
+    An unknown DiT gives `default` when one is passed, else CheckpointError.
+    """
     for preset in PRESETS.values():
         if preset.dit == dit:
             return preset
+    if default is not None:
+        return default
     raise CheckpointError(
         f"a DiT with dim {dit.dim} and {dit.num_layers} layers is not Wan2.2-S2V-14B (nor the tiny test model)"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
-from .config import PRESETS, DiTConfig, SampleConfig, VAEConfig
+from .config import PRESETS, DiTConfig, SampleConfig, VAEConfig, preset_for_dit
 from .errors import UserError
 from .format import Manifest, block_unit_name
 from .plan import Budget, KVSpec, Plan, PlanInput, UnitSize, Workload, make_plan
@@ -159,7 +159,7 @@ def workload(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = Sampl
 
 def _vae_for(cfg: DiTConfig) -> VAEConfig:
     """The VAE that ships with this DiT (the tiny preset's for the tiny DiT, the real one otherwise)."""
-    return next((p.vae for p in PRESETS.values() if p.dit == cfg), VAEConfig())
+    return preset_for_dit(cfg, default=PRESETS["14b"]).vae
 
 
 def kv_specs(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = SampleConfig()) -> tuple[KVSpec, ...]:

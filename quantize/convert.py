@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights, PthFile, check_keys, expected_shapes, merge_lora
-from liveavatar_lite.config import PRESETS, ModelPreset
+from liveavatar_lite.config import PRESETS, ModelPreset, preset_for_dit
 from liveavatar_lite.errors import CheckpointError, UserError
 from liveavatar_lite.format import (
     FORMAT_VERSION, MANIFEST_FILE, DTYPE_CODES, FileLayout, Manifest, QuantSettings, TensorEntry, TensorSpec,
@@ -88,7 +88,7 @@ class _Job:
 
 def _preset_for(ck: CheckpointDir) -> ModelPreset:
     """The preset whose DiT matches the checkpoint (gives the T5/VAE configs); the 14B one otherwise."""
-    return next((p for p in PRESETS.values() if p.dit == ck.dit_config), PRESETS["14b"])
+    return preset_for_dit(ck.dit_config, default=PRESETS["14b"])
 
 
 def _prepare_out_dir(out: Path, fingerprint: str, force: bool) -> tuple[_Job, bool]:
