@@ -1,8 +1,10 @@
 """Our causal DiT + generator against upstream Live Avatar outputs (tests/golden/dit/, see README).
 
 Upstream ran in fp32 on CPU on the tensors of tests/dit_fixtures.py; ours matched it bitwise when
-the golden was made. The tolerance leaves room for other CPUs' GEMM kernels (a different fp32
-rounding can flip one of LA's bf16 roundings, ~4e-3 relative on one element).
+the golden was made (an AVX-512 machine). Other CPUs' fp32 GEMM kernels round differently, and LA's
+bf16 roundings amplify that: on a 2-core AVX2 AMD EPYC (2026-11-25) the blocks differ by at most
+3.0e-3 (mean 5.4e-4), flows by 3.5e-3. ATOL bounds every element, MEAN_TOL the average, so a real
+divergence (a wrong RoPE position, a missing term: errors of 1e-1 and more) still fails.
 """
 from pathlib import Path
 
@@ -18,7 +20,15 @@ from liveavatar_lite.scheduler import FlowSchedule
 
 GOLDEN = Path(__file__).parent / "golden" / "dit" / "tiny_causal_fp32.safetensors"
 CFG = PRESETS["tiny"].dit
-ATOL = 2e-3
+ATOL = 6e-3  # max abs error per element (see the module docstring)
+MEAN_TOL = 1.5e-3  # mean abs error of a whole tensor
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rtol: float = 0) -> None:
+    """Every element within `atol` and the mean abs error within MEAN_TOL (see the module docstring)."""
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    mean = (actual.double() - expected.double()).abs().mean().item()
+    assert mean <= MEAN_TOL, f"mean abs error {mean:.2e} > {MEAN_TOL:.1e}"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +65,7 @@ def test_fp32_generation_matches_upstream(case):
     for b in range(GOLDEN_BLOCKS):
         out = gen.next_block()
         assert (out.clip, out.block) == divmod(b, 4)
-        torch.testing.assert_close(out.latents, golden["blocks"][b], atol=ATOL, rtol=0)
+        _assert_close(out.latents, golden["blocks"][b], atol=ATOL, rtol=0)
 
 
 def test_fp32_flows_and_sink_cache_match_upstream(case):
@@ -68,13 +78,13 @@ def test_fp32_flows_and_sink_cache_match_upstream(case):
         text = model.embed_text(inputs["text"])
         x, ctx = model.prepare_sink(inputs["ref"], inputs["motion"], text)
         model(x, ctx, lambda i: layer_kv(None, sink, i))
-        torch.testing.assert_close(sink.k[3], golden["sink_k_layer3"], atol=ATOL, rtol=0)
+        _assert_close(sink.k[3], golden["sink_k_layer3"], atol=ATOL, rtol=0)
         lat = inputs["noise"][:, :3]
         for i, t in enumerate(sched.timesteps):
             ring[i].begin(0, 48)
             x, ctx = model.prepare_block(lat, t, 0, inputs["audio"][..., :12], text, GOLDEN_SINK_OFFSET)
             flow = model(x, ctx, lambda layer: layer_kv(ring[i], sink, layer))
-            torch.testing.assert_close(flow, golden["flows_block0"][i], atol=ATOL, rtol=0)
+            _assert_close(flow, golden["flows_block0"][i], atol=ATOL, rtol=0)
             lat = sched.step(i, flow, lat)
 
 
@@ -84,8 +94,8 @@ def test_online_decode_refreshes_sink_like_upstream(case):
     # the golden used this stand-in for decode + re-encode: old motion latents, then clip 0
     gen = _generator(load_model(CFG, sd), inputs, refresher=lambda clip0: torch.cat([motion, clip0], dim=1))
     outs = [gen.next_block() for _ in range(GOLDEN_BLOCKS)]
-    torch.testing.assert_close(outs[3].latents, golden["blocks"][3], atol=ATOL, rtol=0)
-    torch.testing.assert_close(outs[4].latents, golden["online_block4"], atol=ATOL, rtol=0)
+    _assert_close(outs[3].latents, golden["blocks"][3], atol=ATOL, rtol=0)
+    _assert_close(outs[4].latents, golden["online_block4"], atol=ATOL, rtol=0)
     assert torch.equal(gen.ref_latents, torch.cat([o.latents for o in outs[:4]], 1)[:, :1])
 
 
@@ -135,4 +145,4 @@ def test_seeded_generation_matches_upstream_pipeline(case):
     gi = GenerationInputs(inputs["text"], audio, golden["pipe_ref_latents"], motion)
     gen = CausalGenerator(load_model(CFG, sd), gi, seed=1234, sink_offset=GOLDEN_SINK_OFFSET)
     assert gen.num_clips == 2
-    torch.testing.assert_close(gen.generate_all(), golden["pipe_clips"], atol=ATOL, rtol=0)
+    _assert_close(gen.generate_all(), golden["pipe_clips"], atol=ATOL, rtol=0)
