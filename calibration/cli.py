@@ -6,10 +6,10 @@ import logging
 
 import torch
 
-from liveavatar_lite.checkpoint import LORA_FILE, CheckpointDir, LoraWeights
+from liveavatar_lite.artifact.checkpoint import LORA_FILE, CheckpointDir, LoraWeights
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import preset_for_dit
 from liveavatar_lite.errors import UserError
-from liveavatar_lite.qtypes import QuantType
 
 from .inputs import default_samples
 from .measure import measure

@@ -20,9 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from liveavatar_lite.checkpoint import CheckpointDir, load_pth, materialize_strict
+from liveavatar_lite.artifact.checkpoint import (
+    CheckpointDir,
+    load_pth,
+    materialize_strict,
+)
 from liveavatar_lite.config import ModelPreset, SampleConfig
-from liveavatar_lite.reference import GenerationInputs
+from liveavatar_lite.pipeline.generator import GenerationInputs
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +125,8 @@ def _text_encoder(ck: CheckpointDir, preset: ModelPreset):  # type: ignore[no-un
     if not (ck.t5_path.exists() and ck.tokenizer_dir.is_dir()):
         log.warning("no umT5 encoder/tokenizer in %s: calibration uses Gaussian text states", ck.path)
         return None
+    from liveavatar_lite.conditioning.text_tokenizer import load_tokenizer, tokenize
     from liveavatar_lite.model.t5 import UMT5Encoder
-    from liveavatar_lite.text_tokenizer import load_tokenizer, tokenize
 
     with torch.device("meta"):
         enc = UMT5Encoder(preset.t5)
@@ -142,7 +146,10 @@ def _audio_encoder(ck: CheckpointDir):  # type: ignore[no-untyped-def]
     if not ck.wav2vec_dir.is_dir():
         log.warning("no wav2vec2 folder in %s: calibration uses Gaussian audio features", ck.path)
         return None
-    from liveavatar_lite.audio_features import extract_audio_features, load_wav2vec
+    from liveavatar_lite.conditioning.audio_features import (
+        extract_audio_features,
+        load_wav2vec,
+    )
 
     enc = load_wav2vec(ck.wav2vec_dir)
     return lambda wave: extract_audio_features(enc, wave)  # [25, audio_dim, clips * 48]

@@ -1,11 +1,11 @@
 """Measure every DiT Linear's output error under each candidate format, one streaming unit at a time.
 
-The reference generation (liveavatar_lite.reference.CausalGenerator: sink prefill, then block 0 of
+The reference generation (liveavatar_lite.pipeline.generator.CausalGenerator: sink prefill, then block 0 of
 clip 0 through all 4 steps) runs with a stand-in for the DiT's units: each `forward_unit(i)` reads
 unit i's weights from the checkpoint (LoRA merged in fp32), runs it, and frees them again, so only
 the resident weights plus ONE unit are in memory: it fits the CPU or a small GPU. While unit i runs,
 forward hooks see each Linear's real input x and output y; for every candidate format the weight is
-quantized and dequantized (quantize.quantizers + liveavatar_lite.qtypes) and
+quantized and dequantized (quantize.quantizers + liveavatar_lite.artifact.qtypes) and
 rel_mse = sum((x W_q^T + b - y)^2) / sum(y^2) is accumulated.
 
     m = measure(ck, preset_for_dit(ck.dit_config), LoraWeights.open(l), [QuantType.INT8, QuantType.INT4], samples)
@@ -24,13 +24,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights, check_keys, expected_shapes
+from liveavatar_lite.artifact.checkpoint import (
+    CheckpointDir,
+    LoraWeights,
+    check_keys,
+    expected_shapes,
+)
+from liveavatar_lite.artifact.dit_loading import build_meta_dit, merged_dit_tensor
+from liveavatar_lite.artifact.qtypes import QuantType, dequantize, stored_nbytes
 from liveavatar_lite.config import ModelPreset, SampleConfig
-from liveavatar_lite.dit_loading import build_meta_dit, merged_dit_tensor
 from liveavatar_lite.model.dit import WanS2VDiT
 from liveavatar_lite.model.units import resident_keys, unit_keys
-from liveavatar_lite.qtypes import QuantType, dequantize, stored_nbytes
-from liveavatar_lite.reference import CausalGenerator, GenerationInputs, LocalRunner
+from liveavatar_lite.pipeline.generator import (
+    CausalGenerator,
+    GenerationInputs,
+    LocalRunner,
+)
 from quantize.policy import Policy, quantizable
 from quantize.quantizers import quantize_tensor
 
@@ -137,7 +146,7 @@ class MeasuredUnits:
 
 
 def source_identity(ck: CheckpointDir, lora: LoraWeights | None) -> dict[str, str]:
-    from liveavatar_lite import checkpoint as c
+    from liveavatar_lite.artifact import checkpoint as c
 
     ident = {"config_sha256": hashlib.sha256((ck.path / c.DIT_CONFIG).read_bytes()).hexdigest()}
     index = ck.path / c.DIT_INDEX

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import DiTConfig
 from liveavatar_lite.errors import UserError
-from liveavatar_lite.jsonio import read_json
-from liveavatar_lite.qtypes import QuantType
+from liveavatar_lite.fileio import read_json
 
 MEASUREMENT_FORMAT = "liveavatar-lite-measurement"
 MEASUREMENT_VERSION = 1

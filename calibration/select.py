@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import heapq
 
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.errors import UserError
-from liveavatar_lite.qtypes import QuantType
 
 from .measurement import FormatError, Measurement
 

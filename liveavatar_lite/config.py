@@ -56,6 +56,10 @@ class DiTConfig:
     zero_init: bool = True
     motion_token_num: int = 1024
 
+    def inject_slot(self, i: int) -> int | None:
+        """Injector index j run after block i, or None when block i has no audio injection."""
+        return self.audio_inject_layers.index(i) if i in self.audio_inject_layers else None
+
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.errors import UserError
-from liveavatar_lite.qtypes import QuantType
 
 from .convert import ConvertOptions, convert
 

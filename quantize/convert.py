@@ -20,14 +20,31 @@ from pathlib import Path
 
 import torch
 
-from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights, PthFile, check_keys, expected_shapes, merge_lora
+from liveavatar_lite.artifact.checkpoint import (
+    CheckpointDir,
+    LoraWeights,
+    PthFile,
+    check_keys,
+    expected_shapes,
+    merge_lora,
+)
+from liveavatar_lite.artifact.format import (
+    DTYPE_CODES,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    FileLayout,
+    Manifest,
+    QuantSettings,
+    TensorEntry,
+    TensorSpec,
+    UnitEntry,
+    file_sha256,
+    layout_file,
+    write_manifest,
+)
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import PRESETS, ModelPreset, preset_for_dit
 from liveavatar_lite.errors import CheckpointError, UserError
-from liveavatar_lite.format import (
-    FORMAT_VERSION, MANIFEST_FILE, DTYPE_CODES, FileLayout, Manifest, QuantSettings, TensorEntry, TensorSpec,
-    UnitEntry, file_sha256, layout_file, write_manifest,
-)
-from liveavatar_lite.qtypes import QuantType
 
 from .policy import DIT_KEEP, T5_KEEP, Policy
 from .quantizers import quantize_tensor
@@ -308,9 +325,9 @@ def _export_vae_onnx(out: Path, preset: ModelPreset, sd: Mapping[str, torch.Tens
     path = out / VAE_ONNX
     if job.finished(VAE_ONNX, lambda: file_sha256(path) if path.exists() else ""):
         return VAE_ONNX
-    from liveavatar_lite.checkpoint import materialize_strict
+    from liveavatar_lite.artifact.checkpoint import materialize_strict
+    from liveavatar_lite.decode.vae_export import export_decoder
     from liveavatar_lite.model.vae import WanVAE
-    from liveavatar_lite.vae_export import export_decoder
 
     with torch.device("meta"):
         vae = WanVAE(preset.vae)
@@ -336,7 +353,7 @@ def _vae_shapes(preset: ModelPreset) -> dict[str, tuple[int, ...]]:
 
 
 def _entry_source_nbytes(e: TensorEntry) -> int:
-    from liveavatar_lite.format import CODE_DTYPES
+    from liveavatar_lite.artifact.format import CODE_DTYPES
 
     n = 1
     for s in e.logical_shape:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from liveavatar_lite.qtypes import QuantType, check_quantizable
+from liveavatar_lite.artifact.qtypes import QuantType, check_quantizable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""One quantizer per QuantType: fp32 weight -> the stored parts `liveavatar_lite.qtypes` dequantizes.
+"""One quantizer per QuantType: fp32 weight -> the stored parts `liveavatar_lite.artifact.qtypes` dequantizes.
 
 Pure functions, no I/O. Each returns {role: tensor} with exactly the dtypes and shapes of
 `qtypes.part_specs` (checked by `quantize_tensor`).
@@ -11,7 +11,14 @@ from collections.abc import Callable
 
 import torch
 
-from liveavatar_lite.qtypes import FP8_MAX, INT8_QMAX, NF4_BLOCKSIZE, NF4_CODE, QuantType, part_specs
+from liveavatar_lite.artifact.qtypes import (
+    FP8_MAX,
+    INT8_QMAX,
+    NF4_BLOCKSIZE,
+    NF4_CODE,
+    QuantType,
+    part_specs,
+)
 
 Parts = dict[str, torch.Tensor]
 

@@ -15,10 +15,19 @@ from pathlib import Path
 
 import torch
 
-from liveavatar_lite.checkpoint import CheckpointDir, check_keys, expected_shapes
+from liveavatar_lite.artifact.checkpoint import (
+    CheckpointDir,
+    check_keys,
+    expected_shapes,
+)
+from liveavatar_lite.artifact.format import (
+    SourceFile,
+    SourceIdentity,
+    block_unit_name,
+    file_sha256,
+)
 from liveavatar_lite.config import DiTConfig
 from liveavatar_lite.errors import CheckpointError
-from liveavatar_lite.format import SourceFile, SourceIdentity, block_unit_name, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +83,7 @@ class DitSource:
 
 def source_identity(ck: CheckpointDir, lora_path: Path | None) -> SourceIdentity:
     """Names and sizes of the source files + sha256 of config.json and the index (cheap: no shard hashing)."""
-    from liveavatar_lite.checkpoint import DIT_CONFIG, DIT_INDEX
+    from liveavatar_lite.artifact.checkpoint import DIT_CONFIG, DIT_INDEX
 
     files = [SourceFile(p.name, p.stat().st_size) for p in ck.shard_files]
     index = ck.path / DIT_INDEX

@@ -12,10 +12,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from liveavatar_lite.checkpoint import CheckpointDir
+from liveavatar_lite.artifact.checkpoint import CheckpointDir
+from liveavatar_lite.artifact.format import ALIGN, TensorSpec, file_sha256, layout_file
+from liveavatar_lite.artifact.qtypes import QuantType, part_specs
 from liveavatar_lite.errors import UserError
-from liveavatar_lite.format import ALIGN, TensorSpec, file_sha256, layout_file
-from liveavatar_lite.qtypes import QuantType, part_specs
 
 from .policy import DIT_KEEP, Policy
 from .source import DitSource

@@ -1,6 +1,6 @@
 """Crash-safe file output: every file goes to a temp name, is fsync'ed, then renamed into place.
 
-Byte layout comes from `liveavatar_lite.format.layout_file`; this module only moves bytes, hashes
+Byte layout comes from `liveavatar_lite.artifact.format.layout_file`; this module only moves bytes, hashes
 them on the way out (sha256 of the whole file, no re-read) and turns a full disk into one clear
 error. `write_chunk` is the single low-level write: the ENOSPC test replaces it.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from liveavatar_lite.artifact.format import FileLayout, TensorEntry
 from liveavatar_lite.errors import ArtifactError, UserError
-from liveavatar_lite.format import FileLayout, TensorEntry
 
 _ZEROS = bytes(64)  # pads are < 64 bytes (format.ALIGN)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from liveavatar_lite.config import DiTConfig
 from make_checkpoint import write_checkpoint
+
+from liveavatar_lite.config import DiTConfig
 
 
 def write_dit_checkpoint(out: Path, cfg: DiTConfig | None = None, seed: int = 0, shards: int = 2,

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from tiny_components import write_tiny_wav2vec
 
-from liveavatar_lite.audio_features import (
+from liveavatar_lite.conditioning.audio_features import (
     AudioChunking,
     Wav2VecEncoder,
     _chunk_plan,
@@ -20,7 +21,6 @@ from liveavatar_lite.audio_features import (
     num_clips_for_audio,
     resampled_frame_count,
     wav2vec_frame_count,
-    write_tiny_wav2vec,
 )
 from liveavatar_lite.config import PRESETS
 from liveavatar_lite.errors import CheckpointError, UserError

@@ -12,10 +12,10 @@ from calibration.inputs import default_samples
 from calibration.measure import measure
 from calibration.measurement import read_measurement, write_measurement
 from calibration.select import pick_formats
-from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights
+from liveavatar_lite.artifact.checkpoint import CheckpointDir, LoraWeights
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import preset_for_dit
 from liveavatar_lite.errors import UserError
-from liveavatar_lite.qtypes import QuantType
 
 FORMATS = [QuantType.INT8, QuantType.FP8, QuantType.INT4, QuantType.NF4]
 

@@ -7,11 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import make_checkpoint as mc
 import pytest
 import torch
 
-import make_checkpoint as mc
-from liveavatar_lite import checkpoint as ck
+from liveavatar_lite.artifact import checkpoint as ck
 from liveavatar_lite.config import PRESETS, DiTConfig
 from liveavatar_lite.errors import CheckpointError
 

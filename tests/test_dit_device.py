@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.kv_cache import RingKVCache, SinkKVCache, layer_kv
 from liveavatar_lite.model.dit import WanS2VDiT, sinusoidal_embedding
+from liveavatar_lite.runtime.kv_cache import RingKVCache, SinkKVCache, layer_kv
 
 CFG = PRESETS["tiny"].dit
 META = torch.device("meta")

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from dit_fixtures import GOLDEN_BLOCKS, GOLDEN_SINK_OFFSET, golden_case, load_model
 from safetensors.torch import load_file
 
-from dit_fixtures import GOLDEN_BLOCKS, GOLDEN_SINK_OFFSET, golden_case, load_model
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.kv_cache import RingKVCache, SinkKVCache, layer_kv
-from liveavatar_lite.reference import CausalGenerator, GenerationInputs
-from liveavatar_lite.scheduler import FlowSchedule
+from liveavatar_lite.pipeline.generator import CausalGenerator, GenerationInputs
+from liveavatar_lite.pipeline.scheduler import FlowSchedule
+from liveavatar_lite.runtime.kv_cache import RingKVCache, SinkKVCache, layer_kv
 
 GOLDEN = Path(__file__).parent / "golden" / "dit" / "tiny_causal_fp32.safetensors"
 CFG = PRESETS["tiny"].dit

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights
-from liveavatar_lite.dit_loading import load_dit
+from liveavatar_lite.artifact.checkpoint import CheckpointDir, LoraWeights
+from liveavatar_lite.artifact.dit_loading import load_dit
 from liveavatar_lite.errors import CheckpointError
 
 
@@ -50,7 +50,7 @@ def test_config_mismatch_is_a_checkpoint_error(tiny_ckpt, tmp_path):
 
 
 def test_loaded_checkpoint_generates_a_block(tiny_ckpt):
-    from liveavatar_lite.reference import CausalGenerator, GenerationInputs
+    from liveavatar_lite.pipeline.generator import CausalGenerator, GenerationInputs
 
     model = load_dit(CheckpointDir(tiny_ckpt), _lora(tiny_ckpt), dtype=torch.bfloat16)
     cfg = model.cfg

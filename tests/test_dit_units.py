@@ -1,10 +1,10 @@
 """forward_unit(i) reads only streaming unit i's weights, and runs under functional_call."""
 import torch
-
 from dit_fixtures import golden_case, load_model
+
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.kv_cache import RingKVCache, SinkKVCache, layer_kv
 from liveavatar_lite.model.units import unit_keys
+from liveavatar_lite.runtime.kv_cache import RingKVCache, SinkKVCache, layer_kv
 
 CFG = PRESETS["tiny"].dit
 

@@ -9,13 +9,25 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from liveavatar_lite.artifact.format import (
+    ALIGN,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    Manifest,
+    QuantSettings,
+    SourceFile,
+    SourceIdentity,
+    TensorSpec,
+    UnitEntry,
+    layout_file,
+    manifest_bytes,
+    read_manifest,
+    read_unit,
+    write_manifest,
+)
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import PRESETS
 from liveavatar_lite.errors import ArtifactError
-from liveavatar_lite.format import (
-    ALIGN, FORMAT_VERSION, MANIFEST_FILE, Manifest, QuantSettings, SourceFile, SourceIdentity, TensorSpec,
-    UnitEntry, layout_file, manifest_bytes, read_manifest, read_unit, write_manifest,
-)
-from liveavatar_lite.qtypes import QuantType
 from quantize.quantizers import quantize_tensor
 from quantize.writer import write_unit_file
 

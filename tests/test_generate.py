@@ -17,17 +17,17 @@ import torch
 av = pytest.importorskip("av")
 sf = pytest.importorskip("soundfile")
 
+from media_fixtures import decoded_frames, write_photo, write_speech  # noqa: E402
+
+from liveavatar_lite.conditioning.photo import load_reference, parse_size  # noqa: E402
 from liveavatar_lite.errors import BudgetError, UserError  # noqa: E402
-from liveavatar_lite.generate import (  # noqa: E402
+from liveavatar_lite.pipeline.generate import (  # noqa: E402
     GenerateRequest,
     RenderInputs,
     generate,
-    load_reference,
     num_clips_for,
-    parse_size,
 )
-from liveavatar_lite.video import RenderWorkDir  # noqa: E402
-from media_fixtures import decoded_frames, write_photo, write_speech  # noqa: E402
+from liveavatar_lite.pipeline.workdir import RenderWorkDir  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -246,7 +246,7 @@ def test_sparse_checkpoints_resume_from_the_newest_and_rerender_the_rest(inputs:
 
 
 def test_killed_while_muxing_resumes_without_rendering(inputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import liveavatar_lite.video as video
+    import liveavatar_lite.decode.video as video
 
     class NoBuild(FakeBackend):
         def build(self, inputs: RenderInputs) -> FakeRenderer:
@@ -269,7 +269,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_generate import FakeBackend, request_for
-from liveavatar_lite.generate import generate
+from liveavatar_lite.pipeline.generate import generate
 generate(request_for(Path({root!r}), resume={resume}), backend=FakeBackend(delay=0.05))
 """
 

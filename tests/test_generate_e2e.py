@@ -22,9 +22,10 @@ av = pytest.importorskip("av")
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("onnxruntime")
 
-from liveavatar_lite.cli import main as cli_main  # noqa: E402
-from liveavatar_lite.video import RenderWorkDir  # noqa: E402
 from media_fixtures import decoded_frames, write_photo, write_speech  # noqa: E402
+
+from liveavatar_lite.cli import main as cli_main  # noqa: E402
+from liveavatar_lite.pipeline.workdir import RenderWorkDir  # noqa: E402
 
 SIZE = "64*64"  # a custom size the tiny model accepts (upstream keys stay the user-facing default)
 SPEECH_SECONDS = 4.7  # int(4.7 s * 30 / 57.6) + 1 = 3 clips: 45 + 48 + 48 frames

@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from liveavatar_lite.prompt_cache import PromptCache, default_cache_dir, prompt_key
-from liveavatar_lite.telemetry import Telemetry, host_rss_bytes
+from liveavatar_lite.conditioning.prompt_cache import (
+    PromptCache,
+    default_cache_dir,
+    prompt_key,
+)
+from liveavatar_lite.pipeline.telemetry import Telemetry, host_rss_bytes
 
 
 def test_prompt_cache_computes_once_per_prompt_and_artifact(tmp_path: Path) -> None:
@@ -85,8 +89,8 @@ def test_telemetry_lines_and_summary(tmp_path: Path) -> None:
 
 
 def test_constant_video_encode_is_exact() -> None:
+    from liveavatar_lite.conditioning.photo import encode_constant_video
     from liveavatar_lite.config import PRESETS
-    from liveavatar_lite.render import encode_constant_video
     from liveavatar_lite.model.vae import WanVAE
 
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.kv_cache import RingKVCache, SinkKVCache, layer_kv
-from liveavatar_lite.kv_offload import KVOffload, dequantize_kv, quantize_kv
+from liveavatar_lite.runtime.kv_cache import RingKVCache, SinkKVCache, layer_kv
+from liveavatar_lite.runtime.kv_offload import KVOffload, dequantize_kv, quantize_kv
 
 CFG = PRESETS["tiny"].dit  # 4 layers, 2 heads x 128
 BLOCK, CAP, SINK = 6, 24, 10  # tokens per block, ring capacity (4 blocks), sink tokens

@@ -9,10 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.device_profiles import get_profile
 from liveavatar_lite.errors import BudgetError, UserError
-from liveavatar_lite.plan import GB, Budget, KVSpec, PlanInput, UnitSize, Workload, make_plan, min_vram_bytes
-from liveavatar_lite.plan_inputs import parse_size, plan_input, synthesize_unit_sizes, workload
+from liveavatar_lite.runtime.device_profiles import get_profile
+from liveavatar_lite.runtime.plan import make_plan, min_vram_bytes
+from liveavatar_lite.runtime.plan_inputs import (
+    GB,
+    Budget,
+    KVSpec,
+    PlanInput,
+    UnitSize,
+    Workload,
+    parse_size,
+    plan_input,
+    synthesize_unit_sizes,
+    workload,
+)
 
 RTX4090 = get_profile("rtx4090")
 CFG14 = PRESETS["14b"].dit
@@ -155,7 +166,7 @@ def test_plan_never_exceeds_budget(n_layers, unit_bytes, ring, sink, vram, ram, 
 
 
 def test_probe_profile_measures_this_machine():
-    from liveavatar_lite.device_profiles import probe_profile
+    from liveavatar_lite.runtime.device_profiles import probe_profile
 
     prof = probe_profile("cpu", seconds=0.1)
     assert prof.h2d_gbps > 0 and prof.bf16_tflops > 0 and prof.name == "probe:cpu"
@@ -168,10 +179,10 @@ def test_unit_shape_table_matches_the_model():
     import torch
     from torch import nn
 
-    from liveavatar_lite.format import block_unit_name
+    from liveavatar_lite.artifact.format import block_unit_name
     from liveavatar_lite.model.dit import WanS2VDiT
     from liveavatar_lite.model.units import resident_keys, unit_keys
-    from liveavatar_lite.plan_inputs import unit_shapes
+    from liveavatar_lite.runtime.plan_inputs import unit_shapes
 
     cfg = PRESETS["tiny"].dit
     with torch.device("meta"):
@@ -190,7 +201,7 @@ def test_unit_shape_table_matches_the_model():
 def test_min_ram_counts_the_all_resident_layout():
     """When VRAM holds everything, the RAM the no-fit message asks for is the baseline alone (it once
     reported a disk-streaming layout's two staging buffers on top)."""
-    from liveavatar_lite.plan import min_ram_bytes
+    from liveavatar_lite.runtime.plan import min_ram_bytes
 
     inp = _toy(4, [500_000_000], 16, 8)
     budget = Budget(vram_bytes=1e12, ram_bytes=0.5e9, cuda_context_bytes=0, vae_arena_bytes=0, host_baseline_bytes=1e9)

@@ -7,8 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from liveavatar_lite.qlinear import QuantLinear, linear_w8a8, quantize_per_token_int8, swap_linears
-from liveavatar_lite.qtypes import QuantType
+from liveavatar_lite.artifact.qtypes import QuantType
+from liveavatar_lite.runtime.qlinear import (
+    QuantLinear,
+    linear_w8a8,
+    quantize_per_token_int8,
+    swap_linears,
+)
 from quantize.quantizers import quantize_tensor
 
 N, K, M = 64, 256, 24

@@ -6,7 +6,15 @@ import logging
 import pytest
 import torch
 
-from liveavatar_lite.qtypes import NF4_CODE, QuantType, SIZE_TABLE, dequantize, part_specs, stored_nbytes, unpack_int4
+from liveavatar_lite.artifact.qtypes import (
+    NF4_CODE,
+    SIZE_TABLE,
+    QuantType,
+    dequantize,
+    part_specs,
+    stored_nbytes,
+    unpack_int4,
+)
 from quantize.quantizers import quantize_tensor
 
 

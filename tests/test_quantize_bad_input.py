@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from quantize_fixtures import write_dit_checkpoint
 from safetensors.torch import load_file, save_file
 
 import quantize.writer
 from liveavatar_lite.cli import main
-from quantize_fixtures import write_dit_checkpoint
 
 SHARD1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
 SHARD2 = "diffusion_pytorch_model-00002-of-00002.safetensors"

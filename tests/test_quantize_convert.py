@@ -5,13 +5,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights, load_pth, merge_lora
-from liveavatar_lite.cli import main
-from liveavatar_lite.format import read_manifest, read_unit, verify_artifact
-from liveavatar_lite.qtypes import QuantType
-from quantize.convert import ConvertOptions, convert
 from quantize_fixtures import write_dit_checkpoint
+
+from liveavatar_lite.artifact.checkpoint import (
+    CheckpointDir,
+    LoraWeights,
+    load_pth,
+    merge_lora,
+)
+from liveavatar_lite.artifact.format import read_manifest, read_unit, verify_artifact
+from liveavatar_lite.artifact.qtypes import QuantType
+from liveavatar_lite.cli import main
+from quantize.convert import ConvertOptions, convert
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from quantize_fixtures import write_dit_checkpoint
 
+from liveavatar_lite.artifact.format import read_manifest
 from liveavatar_lite.config import DiTConfig
 from liveavatar_lite.errors import ArtifactError
-from liveavatar_lite.format import read_manifest
 from quantize.convert import JOB_FILE
-from quantize_fixtures import write_dit_checkpoint
 
 # Big enough that one nf4 unit takes a noticeable time, small enough for a test (~20 MB bf16).
 CFG = DiTConfig(dim=384, ffn_dim=1024, num_heads=3, num_layers=5, text_dim=64, audio_dim=32, audio_inject_layers=(0, 2, 4))

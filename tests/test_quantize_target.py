@@ -4,15 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from quantize_fixtures import write_dit_checkpoint
 
-from calibration.measurement import FormatError, LayerMeasurement, Measurement, write_measurement
-from liveavatar_lite.checkpoint import CheckpointDir
+from calibration.measurement import (
+    FormatError,
+    LayerMeasurement,
+    Measurement,
+    write_measurement,
+)
+from liveavatar_lite.artifact.checkpoint import CheckpointDir
+from liveavatar_lite.artifact.format import read_manifest
+from liveavatar_lite.artifact.qtypes import QuantType, stored_nbytes
 from liveavatar_lite.cli import main
-from liveavatar_lite.format import read_manifest
-from liveavatar_lite.qtypes import QuantType, stored_nbytes
 from quantize.policy import Policy, quantizable
 from quantize.source import DitSource
-from quantize_fixtures import write_dit_checkpoint
 
 ERR = {QuantType.BF16: 1e-6, QuantType.INT8: 1e-4, QuantType.INT4: 1e-2}
 

@@ -1,10 +1,10 @@
 """CausalGenerator: seeding, clip/block bookkeeping, ring rolling, resume."""
 import pytest
 import torch
-
 from dit_fixtures import golden_case, load_model
+
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.reference import CausalGenerator, GenerationInputs
+from liveavatar_lite.pipeline.generator import CausalGenerator, GenerationInputs
 
 CFG = PRESETS["tiny"].dit
 
@@ -80,7 +80,7 @@ def test_audio_shorter_than_a_clip_is_refused(setup):
 
 
 def test_vae_refresher_slides_history_like_upstream():
-    from liveavatar_lite.reference import VaeMotionRefresher
+    from liveavatar_lite.pipeline.generator import VaeMotionRefresher
 
     class FakeVAE:  # latents <-> pixels by repeating / subsampling, enough to check the bookkeeping
         def decode(self, z):

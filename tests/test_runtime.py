@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from liveavatar_lite.config import PRESETS
-from liveavatar_lite.device_profiles import get_profile
-from liveavatar_lite.errors import ArtifactError
-from liveavatar_lite.format import read_manifest
-from liveavatar_lite.plan import Budget, make_plan, min_vram_bytes
-from liveavatar_lite.plan_inputs import manifest_unit_sizes, plan_input
-from liveavatar_lite.qtypes import QuantType
-from liveavatar_lite.runtime import DiTRuntime
 from bench_kv_accuracy import TIMESTEPS, synthetic_inputs
 from bench_kv_accuracy import run_blocks as _run
+
+from liveavatar_lite.artifact.format import read_manifest
+from liveavatar_lite.artifact.qtypes import QuantType
+from liveavatar_lite.config import PRESETS
+from liveavatar_lite.errors import ArtifactError
+from liveavatar_lite.runtime.device_profiles import get_profile
+from liveavatar_lite.runtime.dit_runtime import DiTRuntime
+from liveavatar_lite.runtime.plan import Budget, make_plan, min_vram_bytes
+from liveavatar_lite.runtime.plan_inputs import manifest_unit_sizes, plan_input
 
 CFG = PRESETS["tiny"].dit
 SIZE = (64, 64)  # latents 8 x 8: 16 tokens per frame, 48 per block
@@ -25,8 +25,9 @@ PROFILE = get_profile("rtx4090")
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
-    from quantize.convert import ConvertOptions, convert
     from quantize_fixtures import write_dit_checkpoint
+
+    from quantize.convert import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("rt")
     ck = write_dit_checkpoint(root / "ck")
@@ -89,7 +90,7 @@ def test_int4_artifact_runs_streamed(artifacts):
 
 def test_matches_plain_model_with_resident_caches(artifacts):
     """The runtime's loop == WanS2VDiT.forward with kv_cache.py's caches and dequantized weights."""
-    from liveavatar_lite.kv_cache import RingKVCache, SinkKVCache, layer_kv
+    from liveavatar_lite.runtime.kv_cache import RingKVCache, SinkKVCache, layer_kv
 
     plans = _plans(artifacts["int8"], "bf16")
     rt = DiTRuntime.from_artifact(artifacts["int8"], plans[-2], device="cpu")

@@ -12,12 +12,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_runtime import artifacts  # noqa: F401  (the tiny int8/int4 artifacts fixture)
 
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.device_profiles import get_profile
-from liveavatar_lite.plan import GB, Budget, make_plan, min_vram_bytes
-from liveavatar_lite.plan_inputs import plan_input
-from test_runtime import artifacts  # noqa: F401  (the tiny int8/int4 artifacts fixture)
+from liveavatar_lite.runtime.device_profiles import get_profile
+from liveavatar_lite.runtime.plan import GB, Budget, make_plan, min_vram_bytes
+from liveavatar_lite.runtime.plan_inputs import plan_input
 
 pytestmark = pytest.mark.gpu
 SIZE = (704, 384)
@@ -32,7 +32,7 @@ def _cfg14(layers: int = LAYERS):
 def test_cuda_streamed_equals_resident_tiny(artifacts):
     from test_runtime import _inputs, _plans, _run
 
-    from liveavatar_lite.runtime import DiTRuntime
+    from liveavatar_lite.runtime.dit_runtime import DiTRuntime
 
     plans = _plans(artifacts["int8"], "bf16")
     inp = _inputs()
@@ -52,7 +52,7 @@ def units14():
 def test_memory_within_predicted_peak(units14):
     from bench_stream import run_steps
 
-    from liveavatar_lite.runtime import DiTRuntime
+    from liveavatar_lite.runtime.dit_runtime import DiTRuntime
 
     cfg = _cfg14()
     inp = plan_input(cfg, SIZE, "int8", unit_sizes={u.name: u.nbytes for u in units14})
@@ -79,7 +79,7 @@ def test_memory_within_predicted_peak(units14):
 def test_streamed_step_time_within_10_percent(units14):
     from bench_stream import run_steps
 
-    from liveavatar_lite.runtime import DiTRuntime
+    from liveavatar_lite.runtime.dit_runtime import DiTRuntime
 
     cfg = _cfg14()
     inp = plan_input(cfg, SIZE, "int8", unit_sizes={u.name: u.nbytes for u in units14})

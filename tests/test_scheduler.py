@@ -4,7 +4,7 @@ Expected values were printed from diffusers 0.42.1 (see tests/golden/README.md, 
 """
 import torch
 
-from liveavatar_lite.scheduler import FlowSchedule
+from liveavatar_lite.pipeline.scheduler import FlowSchedule
 
 DIFFUSERS_TIMESTEPS = [1000.0, 857.6923217773438, 602.1505737304688, 8.928571701049805]
 DIFFUSERS_SIGMAS = [1.0, 0.857692301273346, 0.602150559425354, 0.008928571827709675, 0.0]

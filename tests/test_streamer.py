@@ -4,7 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liveavatar_lite.streamer import DiskSource, PinnedSource, UnitStreamer, pack_tensors, unpack_views
+from liveavatar_lite.runtime.streamer import (
+    DiskSource,
+    PinnedSource,
+    UnitStreamer,
+    pack_tensors,
+    unpack_views,
+)
 
 
 def _units(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -7,11 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_components import write_tiny_tokenizer
 
+from liveavatar_lite.conditioning.text_tokenizer import (
+    clean_prompt,
+    load_tokenizer,
+    tokenize,
+)
 from liveavatar_lite.config import PRESETS, T5Config
 from liveavatar_lite.errors import CheckpointError
 from liveavatar_lite.model.t5 import UMT5Encoder, _clamp_fp16_overflow, encode_prompt
-from liveavatar_lite.text_tokenizer import clean_prompt, load_tokenizer, tokenize, write_tiny_tokenizer
 
 GOLDEN = Path(__file__).parent / "golden" / "cond"
 

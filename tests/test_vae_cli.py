@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from vae_fixtures import random_latents, random_vae, random_vae_state
 
 from liveavatar_lite.cli import main
 from liveavatar_lite.config import PRESETS
-from liveavatar_lite.vae_export import frames_to_uint8
-from vae_fixtures import random_latents, random_vae, random_vae_state
+from liveavatar_lite.decode.vae_export import frames_to_uint8
 
 
 @pytest.fixture(scope="session")

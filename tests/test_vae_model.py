@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from vae_fixtures import random_latents, random_vae, random_video
 
 from liveavatar_lite.config import PRESETS
 from liveavatar_lite.model.vae import FIRST_CALL_JUNK_FRAMES, WanVAE
-from vae_fixtures import random_latents, random_vae, random_video
 
 GOLDEN = Path(__file__).parent / "golden" / "vae" / "tiny_seed0.safetensors"
 TOL = 1e-4  # fp32; measured ~3e-6

@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from vae_fixtures import random_latents, random_vae
 
 from liveavatar_lite.config import PRESETS
+from liveavatar_lite.decode.vae_export import export_decoder
+from liveavatar_lite.decode.vae_onnx import OnnxVAEDecoder
 from liveavatar_lite.errors import ArtifactError, UserError
 from liveavatar_lite.model.vae import WanVAE
-from liveavatar_lite.vae_export import export_decoder
-from liveavatar_lite.vae_onnx import OnnxVAEDecoder
-from vae_fixtures import random_latents, random_vae
 
 FP32_TOL = 1e-4  # measured ~4e-6
 FP16_TOL = 2e-2  # measured ~4e-3 on outputs of magnitude ~3 (tiny random weights)

@@ -10,15 +10,16 @@ import pytest
 av = pytest.importorskip("av")
 sf = pytest.importorskip("soundfile")
 
-from liveavatar_lite.errors import UserError  # noqa: E402
-from liveavatar_lite.video import (  # noqa: E402
+from media_fixtures import decoded_frames, write_speech  # noqa: E402
+
+from liveavatar_lite.decode.video import (  # noqa: E402
     AAC_RATE,
-    RenderWorkDir,
     VideoSpec,
     h264_encoder_name,
     mux_segments,
 )
-from media_fixtures import decoded_frames, write_speech  # noqa: E402
+from liveavatar_lite.errors import UserError  # noqa: E402
+from liveavatar_lite.pipeline.workdir import RenderWorkDir  # noqa: E402
 
 SPEC = VideoSpec(height=64, width=96, preset="ultrafast")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from liveavatar_lite.artifact.format import read_manifest
 from liveavatar_lite.config import PRESETS, DiTConfig
-from liveavatar_lite.device_profiles import get_profile
-from liveavatar_lite.format import read_manifest
-from liveavatar_lite.plan import Budget, make_plan, min_vram_bytes
-from liveavatar_lite.plan_inputs import manifest_unit_sizes, plan_input
-from liveavatar_lite.runtime import DiTRuntime
+from liveavatar_lite.runtime.device_profiles import get_profile
+from liveavatar_lite.runtime.dit_runtime import DiTRuntime
+from liveavatar_lite.runtime.plan import Budget, make_plan, min_vram_bytes
+from liveavatar_lite.runtime.plan_inputs import manifest_unit_sizes, plan_input
 
 TIMESTEPS = (1000.0, 857.69, 602.15, 8.93)
 
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from make_checkpoint import write_checkpoint
+
+    from liveavatar_lite.artifact.qtypes import QuantType
     from quantize.convert import ConvertOptions, convert
-    from liveavatar_lite.qtypes import QuantType
 
     cfg, size = PRESETS["tiny"].dit, (64, 64)
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ kernel choices.
 
 Part 2 (end to end): the tiny checkpoint converted to every format by `liveavatar-lite quantize`,
 each artifact dequantized into the reference DiT, and the latents after 1 block x 4 denoising
-steps (liveavatar_lite.reference.CausalGenerator) compared with the bf16 reference (the LoRA-merged
+steps (liveavatar_lite.pipeline.generator.CausalGenerator) compared with the bf16 reference (the LoRA-merged
 bf16 weights, computed in fp32): SNR in dB per format.
 
     python tools/bench_quant_accuracy.py --tokens 256          # part 1 + part 2
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from liveavatar_lite.qtypes import QuantType, dequantize
+from liveavatar_lite.artifact.qtypes import QuantType, dequantize
 from quantize.quantizers import quantize_tensor
 
 SHAPES = ((5120, 5120), (13824, 5120))  # [out, in]: attention projections and ffn.0
@@ -105,11 +105,11 @@ def linear_accuracy(tokens: int, seed: int, shapes=SHAPES) -> list[tuple[str, tu
 
 def end_to_end(ckpt: Path | None, seed: int) -> list[tuple[str, float]]:
     from calibration.inputs import build_conditioning, default_samples
-    from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights
+    from liveavatar_lite.artifact.checkpoint import CheckpointDir, LoraWeights
+    from liveavatar_lite.artifact.dit_loading import build_meta_dit, merged_dit_tensor
+    from liveavatar_lite.artifact.format import read_manifest, read_unit
     from liveavatar_lite.config import preset_for_dit
-    from liveavatar_lite.dit_loading import build_meta_dit, merged_dit_tensor
-    from liveavatar_lite.format import read_manifest, read_unit
-    from liveavatar_lite.reference import CausalGenerator
+    from liveavatar_lite.pipeline.generator import CausalGenerator
     from quantize.convert import ConvertOptions, convert
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ def _dir_bytes(p: Path) -> int:
 
 
 def run_ours(ckpt: Path, out: Path, fmt: str, lora: Path | None) -> None:
-    from liveavatar_lite.qtypes import QuantType
+    from liveavatar_lite.artifact.qtypes import QuantType
     from quantize.convert import ConvertOptions, convert
 
     convert(ConvertOptions(ckpt, out, QuantType(fmt), lora=lora, components=("dit",), progress=False))
@@ -43,8 +43,12 @@ def run_quanto(ckpt: Path, out: Path, lora: Path | None) -> None:
     from safetensors.torch import save_file
     from torch import nn
 
-    from liveavatar_lite.checkpoint import CheckpointDir, LoraWeights, merge_lora
-    from liveavatar_lite.qtypes import QuantType
+    from liveavatar_lite.artifact.checkpoint import (
+        CheckpointDir,
+        LoraWeights,
+        merge_lora,
+    )
+    from liveavatar_lite.artifact.qtypes import QuantType
     from quantize.policy import Policy
     from quantize.source import DitSource
 
@@ -104,8 +108,8 @@ def compute_only(args: argparse.Namespace) -> int:
     from optimum.quanto import freeze, qint8, quantize
     from torch import nn
 
-    from liveavatar_lite.checkpoint import CheckpointDir
-    from liveavatar_lite.qtypes import QuantType
+    from liveavatar_lite.artifact.checkpoint import CheckpointDir
+    from liveavatar_lite.artifact.qtypes import QuantType
     from quantize.quantizers import quantize_tensor
 
     ck = CheckpointDir(args.ckpt)
@@ -146,7 +150,7 @@ def compute_only(args: argparse.Namespace) -> int:
 
 
 def parent(args: argparse.Namespace) -> int:
-    from liveavatar_lite.checkpoint import CheckpointDir
+    from liveavatar_lite.artifact.checkpoint import CheckpointDir
 
     if args.out is None:
         print("--out is required (scratch directory for the outputs)", file=sys.stderr)

@@ -21,13 +21,13 @@ from dataclasses import replace
 
 import torch
 
+from liveavatar_lite.artifact.format import TensorSpec, block_unit_name, layout_file
+from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import PRESETS, DiTConfig
-from liveavatar_lite.device_profiles import get_profile, probe_profile
-from liveavatar_lite.format import TensorSpec, block_unit_name, layout_file
-from liveavatar_lite.plan import GB, Budget, Plan, make_plan, min_vram_bytes
-from liveavatar_lite.plan_inputs import parse_size, plan_input
-from liveavatar_lite.qtypes import QuantType
-from liveavatar_lite.runtime import DiTRuntime, UnitData
+from liveavatar_lite.runtime.device_profiles import get_profile, probe_profile
+from liveavatar_lite.runtime.dit_runtime import DiTRuntime, UnitData
+from liveavatar_lite.runtime.plan import GB, Budget, Plan, make_plan, min_vram_bytes
+from liveavatar_lite.runtime.plan_inputs import parse_size, plan_input
 
 TIMESTEPS = (1000.0, 857.69, 602.15, 8.93)
 

@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from liveavatar_lite.config import PRESETS  # noqa: E402
-from liveavatar_lite.vae_export import DTYPES, frames_to_uint8, export_decoder  # noqa: E402
-from liveavatar_lite.vae_onnx import OnnxVAEDecoder  # noqa: E402
 from vae_fixtures import random_latents, random_vae  # noqa: E402
+
+from liveavatar_lite.config import PRESETS  # noqa: E402
+from liveavatar_lite.decode.vae_export import DTYPES, export_decoder, frames_to_uint8  # noqa: E402
+from liveavatar_lite.decode.vae_onnx import OnnxVAEDecoder  # noqa: E402
 
 
 def _cpu_name() -> str:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from liveavatar_lite import checkpoint as ck
-from liveavatar_lite.checkpoint import expected_shapes
+from liveavatar_lite.artifact import checkpoint as ck
+from liveavatar_lite.artifact.checkpoint import expected_shapes
 from liveavatar_lite.config import PRESETS, DiTConfig, ModelPreset
 
 # The Linear layers the Live Avatar LoRA targets (s2v_causal_sft.yaml: q,k,v,o,ffn.0,ffn.2, matched by
@@ -284,8 +284,7 @@ def write_checkpoint(
         log("umT5")
         write_pth(tmp / ck.VAE_FILE, vae_specs(preset), torch.float32, make(torch.float32))
         log("VAE")
-        from liveavatar_lite.audio_features import write_tiny_wav2vec
-        from liveavatar_lite.text_tokenizer import write_tiny_tokenizer
+        from tiny_components import write_tiny_tokenizer, write_tiny_wav2vec
 
         write_tiny_wav2vec(tmp / ck.WAV2VEC_DIR, preset.wav2vec, seed)
         write_tiny_tokenizer(tmp / ck.TOKENIZER_DIR, vocab_size=preset.t5.vocab)

@@ -29,6 +29,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibration.cli import run as run_calibrate  # offline code, loaded only for this subcommand
+    from calibration.cli import (
+        run as run_calibrate,  # offline code, loaded only for this subcommand
+    )
 
     return run_calibrate(args)

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     """
     import logging
 
-    from ..generate import GenerateRequest, generate
+    from ..pipeline.generate import GenerateRequest, generate
 
     request = GenerateRequest(
         artifact=args.artifact,
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = generate(request)
-    logging.getLogger("liveavatar_lite.generate").info(
+    logging.getLogger("liveavatar_lite.pipeline.generate").info(
         "wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
         result.width, result.height, result.seconds,
         f" (resumed after {result.resumed_clips} clips)" if result.resumed_clips else "")

@@ -17,7 +17,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from liveavatar_lite.format import read_manifest, summary, verify_artifact
+    from ..artifact.format import read_manifest, summary, verify_artifact
 
     m = read_manifest(args.artifact)
     info = summary(m)

@@ -34,11 +34,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifact.format import read_manifest
     from ..config import PRESETS
     from ..errors import UserError
-    from ..format import read_manifest
-    from ..plan import GB, Budget, make_plan
-    from ..plan_inputs import manifest_unit_sizes, parse_size, plan_input
+    from ..runtime.plan import GB, Budget, make_plan
+    from ..runtime.plan_inputs import manifest_unit_sizes, parse_size, plan_input
 
     size = parse_size(args.size)
     if args.vram <= 0 or (args.ram is not None and args.ram <= 0):
@@ -72,7 +72,7 @@ def _physical_ram() -> float | None:
 
 
 def _profile(name: str | None):
-    from ..device_profiles import PROFILES, get_profile, probe_profile
+    from ..runtime.device_profiles import PROFILES, get_profile, probe_profile
 
     if name:
         return get_profile(name), ""
@@ -90,7 +90,7 @@ def _profile(name: str | None):
 
 def format_plan(plan, ram_budget: float | None) -> str:
     """The human-readable plan table."""
-    from ..plan import GB
+    from ..runtime.plan import GB
 
     gb = lambda b: f"{b / GB:8.2f}"  # noqa: E731
     w, h = plan.size

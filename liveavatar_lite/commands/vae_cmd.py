@@ -47,10 +47,10 @@ def _export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint import VAE_FILE, load_pth, materialize_strict
+    from ..artifact.checkpoint import VAE_FILE, load_pth, materialize_strict
     from ..config import VAEConfig
+    from ..decode.vae_export import export_decoder
     from ..model.vae import WanVAE
-    from ..vae_export import export_decoder
 
     src: Path = args.ckpt_dir
     pth = src / VAE_FILE if src.is_dir() else src
@@ -75,7 +75,7 @@ def _decode(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from ..vae_onnx import OnnxVAEDecoder
+    from ..decode.vae_onnx import OnnxVAEDecoder
 
     if args.chunk < 1:
         raise UserError(f"--chunk must be >= 1, got {args.chunk}")

@@ -33,10 +33,9 @@ from ..config import DiTConfig
 from .audio_modules import AdaLayerNorm, AudioInjector, CausalAudioEncoder
 from .dit_blocks import CrossAttention, DiTBlock, FramePacker, Head
 from .rope import RopeGrid, rope_factors
-from .units import inject_slot
 
 if TYPE_CHECKING:  # only for annotations: the model never imports the cache implementations
-    from ..kv_cache import LayerKV
+    from .kv import LayerKV
 
 # Live Avatar's fixed layout constants (upstream hard-codes them in the model)
 REF_BASE_FRAME = 30  # RoPE frame of the reference (sink) frame during the prefill
@@ -148,7 +147,7 @@ class WanS2VDiT(nn.Module):
 
     def inject_slot(self, i: int) -> int | None:
         """Injector index j applied after block i, or None (the same rule as `units.unit_keys`)."""
-        return inject_slot(self.cfg, i)
+        return self.cfg.inject_slot(i)
 
     def embed_text(self, text: Tensor) -> Tensor:
         """text [L, text_dim] umT5 states (L <= text_len) -> [1, text_len, dim], zero-padded first."""
@@ -289,7 +288,7 @@ class WanS2VDiT(nn.Module):
         return self.blocks[i], inject
 
     def forward_unit(self, i: int, x: Tensor, ctx: DiTContext, kv: LayerKV) -> Tensor:
-        """Streaming unit i on x [1, L, dim]; kv: the LayerKV of layer i (see kv_cache.py)."""
+        """Streaming unit i on x [1, L, dim]; kv: the LayerKV of layer i (see model/kv.py)."""
         block, inject = self.unit_modules(i)
         return unit_forward(block, inject, x, ctx, kv)
 

@@ -23,7 +23,7 @@ from ..config import DiTConfig
 from .rope import apply_rope
 
 if TYPE_CHECKING:  # the cache types are only used in annotations
-    from ..kv_cache import LayerKV
+    from .kv import LayerKV
 
 
 class RMSNorm(nn.Module):

@@ -26,18 +26,12 @@ def _all_keys(cfg: DiTConfig) -> tuple[str, ...]:
     return tuple(model.state_dict().keys())
 
 
-def inject_slot(cfg: DiTConfig, i: int) -> int | None:
-    """Injector index j run after block i, or None when block i has no audio injection."""
-    layers = cfg.audio_inject_layers
-    return layers.index(i) if i in layers else None
-
-
 def unit_prefixes(cfg: DiTConfig, i: int) -> tuple[str, ...]:
     """Key prefixes (ending in '.') of streaming unit i."""
     if not 0 <= i < cfg.num_layers:
         raise ValueError(f"unit {i} outside 0..{cfg.num_layers - 1}")
     prefixes = [f"blocks.{i}."]
-    j = inject_slot(cfg, i)
+    j = cfg.inject_slot(i)
     if j is not None:
         prefixes += [f"audio_injector.injector.{j}.", f"audio_injector.injector_adain_layers.{j}."]
     return tuple(prefixes)

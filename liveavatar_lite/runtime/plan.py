@@ -14,83 +14,18 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from .config import DiTConfig, SampleConfig
+from ..artifact.format import read_manifest
+from ..errors import BudgetError
 from .device_profiles import DeviceProfile
-from .errors import BudgetError
-
-GB = 1e9  # budgets and reports use decimal GB (a "24 GB" card has 24.0-25.7e9 bytes)
-KV_DTYPES = ("bf16", "fp8", "int8")
-
-
-@dataclass(frozen=True)
-class UnitSize:
-    """One weight unit as stored in the artifact. `layer` None = always resident (prologue, head)."""
-
-    name: str
-    nbytes: int
-    layer: int | None = None
-
-
-@dataclass(frozen=True)
-class KVSpec:
-    """One KV cache: `step` 0..3 for a per-step ring, None for the sink (ref + motion, all steps)."""
-
-    name: str
-    step: int | None
-    layers: int
-    tokens: int
-    heads: int
-    head_dim: int
-
-    def layer_bytes(self, dtype: str) -> int:
-        """K + V of one layer; 8-bit dtypes add one fp32 scale per (token, head) for K and for V."""
-        elems = 2 * self.tokens * self.heads * self.head_dim
-        if dtype == "bf16":
-            return 2 * elems
-        return elems + 2 * self.tokens * self.heads * 4
-
-    def nbytes(self, dtype: str) -> int:
-        return self.layers * self.layer_bytes(dtype)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Per-step compute of one block of frames at one size (computed from the config)."""
-
-    size: tuple[int, int]  # (width, height) in pixels
-    block_tokens: int  # tokens denoised together (frames_per_block x tokens_per_frame)
-    linear_flops: tuple[float, ...]  # per layer, quantized-linear FLOPs
-    attn_flops: tuple[float, ...]  # per layer, bf16 attention FLOPs
-    activation_bytes: int  # peak transient memory of one unit forward
-    new_kv_layer_bytes_bf16: int  # K + V of the current block for one layer (the write-back)
-    vae_cache_bytes: int = 0  # the streaming VAE decoder's causal caches (both banks), resident all run
-    steps: int = 4
-    blocks_per_clip: int = 4
-
-
-@dataclass(frozen=True)
-class PlanInput:
-    """Everything the plan depends on besides the budgets: bytes, shapes, workload."""
-
-    weight_format: str  # the artifact's main linear format: bf16 / int8 / fp8 / int4 / nf4
-    units: tuple[UnitSize, ...]  # execution order
-    kv: tuple[KVSpec, ...]
-    workload: Workload
-    dit: DiTConfig | None = None  # lets a no-fit message try other formats and sizes
-    sample: SampleConfig = SampleConfig()
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The one knob (VRAM) and its companions. Fixed costs are counted inside `vram_bytes`."""
-
-    vram_bytes: float
-    ram_bytes: float | None = None  # None: host RAM is not limited
-    kv_dtype: str = "bf16"
-    reserve_frac: float = 0.07  # kept free for allocator fragmentation and driver surprises
-    cuda_context_bytes: float = 0.8e9  # CUDA context + cuBLAS/cuDNN workspaces
-    vae_arena_bytes: float | None = None  # ORT arena cap; None = estimate from the size
-    host_baseline_bytes: float = 3.0e9  # python, torch, encoders kept on the host
+from .plan_inputs import (
+    GB,
+    KV_DTYPES,
+    Budget,
+    PlanInput,
+    alternatives,
+    manifest_unit_sizes,
+    plan_input,
+)
 
 
 @dataclass(frozen=True)
@@ -334,8 +269,6 @@ def min_ram_bytes(inp: PlanInput, budget: Budget) -> int | None:
 
 
 def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:
-    from .plan_inputs import alternatives  # the alternatives rebuild inputs for other formats/sizes
-
     need = min_vram_bytes(inp, budget)
     have = f"{budget.vram_bytes / GB:.1f} GB VRAM" + (
         f" + {budget.ram_bytes / GB:.1f} GB RAM" if budget.ram_bytes is not None else "")
@@ -350,3 +283,13 @@ def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:
     if need_ram is not None:
         return f"{head}; nothing smaller fits either: raise --ram to at least {need_ram / GB:.1f}"
     return f"{head}; nothing smaller fits either: raise --vram to at least {need / GB:.1f}"
+
+
+def plan_for_artifact(directory, size: tuple[int, int], budget: Budget, profile) -> Plan:
+    """The plan of an artifact directory (what `generate` and `plan ARTIFACT` use).
+
+        plan = plan_for_artifact("art", (704, 384), Budget(vram_bytes=24e9, kv_dtype="fp8"), get_profile("rtx4090"))
+    """
+    m = read_manifest(directory)
+    inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
+    return make_plan(inp, budget, profile)

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
+from ..config import DiTConfig
+from ..errors import ArtifactError
+from ..fileio import read_json, write_bytes_atomic
 from .checkpoint import SAFETENSORS_DTYPES
-from .config import DiTConfig
-from .errors import ArtifactError
-from .jsonio import read_json
 from .qtypes import QuantType, dequantize, part_specs
 
 FORMAT_NAME = "liveavatar-lite"
@@ -294,13 +294,7 @@ def manifest_bytes(m: Manifest) -> bytes:
 def write_manifest(directory: str | os.PathLike[str], m: Manifest) -> Path:
     """Write manifest.json via a temp file + fsync + rename. Call it after every unit file is final."""
     path = Path(directory) / MANIFEST_FILE
-    tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(manifest_bytes(m))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, manifest_bytes(m), tmp=path.with_name(f".{MANIFEST_FILE}.tmp"))
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:

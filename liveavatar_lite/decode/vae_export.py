@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .model.vae import FIRST_CALL_JUNK_FRAMES, WanVAE
+from ..model.vae import FIRST_CALL_JUNK_FRAMES, WanVAE
 
 log = logging.getLogger(__name__)
 

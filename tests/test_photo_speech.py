@@ -12,15 +12,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from liveavatar_lite.errors import UserError
-from liveavatar_lite.media_io import (
+from liveavatar_lite.conditioning.photo import (
     SIZE_KEYS,
     generation_size,
-    load_audio,
     load_image,
     max_area_for_size,
-    resample,
 )
+from liveavatar_lite.conditioning.speech import load_audio, resample
+from liveavatar_lite.errors import UserError
 
 GOLDEN = Path(__file__).parent / "golden" / "cond"
 

@@ -11,15 +11,7 @@ Two kinds (LIVEAVATAR.md §1.4):
   (ref frame + FramePack motion tokens), written by the sink prefill. Every denoising call re-ropes
   K with that call's sink position (the model does it, the cache only stores).
 
-Per-layer interface the attention uses (implement these to make a host-pinned / fp8 / int8 cache):
-
-    lkv = layer_kv(ring, sink, i)      # LayerKV(ring=RingLayer | None, sink=SinkLayer)
-    lkv.ring.write(k, v)               # k, v [1, n, heads, head_dim]: this call's block, at the
-                                       #   position set by ring.begin(start, n)
-    k_all, v_all = lkv.ring.history()  # [1, active, heads, head_dim], INCLUDING the block just
-                                       #   written; any dtype (the model casts to its own)
-    lkv.sink.write(k, v)               # sink prefill only: un-roped k, v [1, Lc, heads, head_dim]
-    k_s, v_s = lkv.sink.read()         # [1, Lc, heads, head_dim]
+Both implement the per-layer interface of `model/kv.py` (`layer_kv(ring, sink, i)` -> LayerKV).
 
 Call order per forward: `ring.begin(start_token, n_tokens)` once, then for each layer i in order
 `write` then `history` (denoising) or `sink.write` (prefill). `state_dict()` / `load_state_dict()`
@@ -27,10 +19,10 @@ snapshot a cache for resume.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
+
+from ..model.kv import LayerKV
 
 
 def ring_window(start_token: int, num_tokens: int, capacity: int) -> tuple[int, int]:
@@ -84,14 +76,6 @@ class SinkLayer:
         if k is None or v is None:
             raise RuntimeError(f"sink cache layer {self._i} is empty: run the sink prefill first")
         return k, v
-
-
-@dataclass
-class LayerKV:
-    """What one layer's self-attention gets: its ring view (None in the sink prefill) and sink view."""
-
-    ring: RingLayer | None
-    sink: SinkLayer
 
 
 class RingKVCache:

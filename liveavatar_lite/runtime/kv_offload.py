@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import DiTConfig
-from .kv_cache import LayerKV, ring_window
-from .qtypes import FP8_MAX, INT8_QMAX
+from ..artifact.qtypes import FP8_MAX, INT8_QMAX
+from ..config import DiTConfig
+from ..model.kv import LayerKV
+from .kv_cache import ring_window
 from .streamer import PinnedSource, UnitStreamer, pack_tensors, unpack_views
 
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}

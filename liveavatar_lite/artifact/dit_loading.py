@@ -14,8 +14,14 @@ import logging
 
 import torch
 
-from .checkpoint import CheckpointDir, LoraWeights, expected_shapes, materialize_strict, merge_lora
-from .model.dit import WanS2VDiT
+from ..model.dit import WanS2VDiT
+from .checkpoint import (
+    CheckpointDir,
+    LoraWeights,
+    expected_shapes,
+    materialize_strict,
+    merge_lora,
+)
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .config import DiTConfig
-from .errors import ArtifactError
-from .format import Manifest, TensorEntry, read_manifest, read_unit
+from ..artifact.format import Manifest, TensorEntry, read_manifest, read_unit
+from ..config import DiTConfig
+from ..errors import ArtifactError
 from .kv_offload import KVOffload
 from .plan import Plan
 from .plan_inputs import kv_specs
@@ -33,7 +33,7 @@ from .qlinear import QuantLinear, part_attr, swap_linears
 from .streamer import DiskSource, PinnedSource, UnitStreamer
 
 if TYPE_CHECKING:  # annotations only: the model is imported when a runtime is built
-    from .model.dit import DiTContext
+    from ..model.dit import DiTContext
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class DiTRuntime:
 
     def __init__(self, cfg: DiTConfig, units: Sequence[UnitData], plan: Plan, device: torch.device | str = "cpu",
                  compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", timing: bool = False) -> None:
-        from .model.dit import WanS2VDiT
+        from ..model.dit import WanS2VDiT
 
         self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
         with torch.device("meta"):
@@ -318,7 +318,7 @@ def _check_coverage(model: nn.Module, units: Sequence[UnitData]) -> None:
 
 
 def _check_materialized(model: nn.Module, streamed_layers: set[int]) -> None:
-    from .model.units import unit_of_key
+    from ..model.units import unit_of_key
 
     cfg = model.cfg  # type: ignore[attr-defined]
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):

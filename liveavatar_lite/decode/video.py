@@ -1,36 +1,31 @@
-"""Crash-safe mp4 output: per-clip h264 segments in a work dir, muxed with the speech (aac) at the end.
+"""Crash-safe mp4 output: h264 clip segments written as frames arrive, muxed with the speech (aac).
 
-An mp4 cannot be appended to after a crash (its index is written on close), so a render keeps one
-h264 segment per finished clip in a work directory beside the output, plus a journal. Frames are
-appended to the current clip's segment as soon as they are decoded, so memory does not grow with
-video length. When every clip is done, the segments are stream-copied (no re-encode) into
-`OUT.tmp` together with the audio encoded as aac, and `OUT.tmp` is renamed to `OUT`: nothing that
-looks like a finished video exists before the render is complete.
+An mp4 cannot be appended to after a crash (its index is written on close), so a render writes one
+video-only h264 segment per clip (`ClipSegmentWriter`, frames appended as soon as they are decoded,
+so memory does not grow with video length). When every clip is done, `mux_segments` stream-copies
+the segments (no re-encode) into `OUT.tmp` together with the audio encoded as aac, and renames
+`OUT.tmp` to `OUT`: nothing that looks like a finished video exists before the render is complete.
+Where the segments live between crashes is `pipeline/workdir.py`'s job.
 
-    work = RenderWorkDir.open(out, job_key="...", resume=False)
-    seg = work.begin_clip(0, VideoSpec(height=384, width=704)); seg.append(frames_uint8_thwc)
-    work.commit_clip(seg, write_state=lambda p: torch.save(state, p))  # or write_state=None: no checkpoint
-    mux_segments(work.segment_paths(), audio_path, out, VideoSpec(384, 704))
+    seg = ClipSegmentWriter(0, Path("clip.mp4.part"), Path("clip.mp4"), VideoSpec(height=384, width=704))
+    seg.append(frames_uint8_thwc); seg.close()
+    mux_segments([Path("clip.mp4")], Path("speech.wav"), Path("out.mp4"), VideoSpec(384, 704))
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError, first_line
+from ..fileio import durable_replace
 
 log = logging.getLogger(__name__)
 
-JOURNAL_FORMAT = "liveavatar-lite-render"
-JOURNAL_VERSION = 1
 AAC_RATE = 48000  # aac frames are 1024 samples: 21 ms at 48 kHz, well under one 40 ms video frame
 _H264_CANDIDATES = ("libx264", "h264", "libopenh264", "h264_nvenc")
 
@@ -61,43 +56,6 @@ def h264_encoder_name() -> str:
             continue
         return name
     raise UserError("this PyAV build has no h264 encoder (install PyAV wheels from PyPI, which bundle libx264)")
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception's message cut to its first line (errors shown to the user are one line)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def durable_replace(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, rename it over `final`, fsync the directory: after return it survives a crash.
-
-    durable_replace(Path("clip_00000.mp4.part"), Path("clip_00000.mp4"))
-    """
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write `obj` as JSON to `path` via a temp file and a durable rename (never half-written).
-
-    write_json_atomic(work / "journal.json", {"segments": []})
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    durable_replace(tmp, path)
 
 
 class ClipSegmentWriter:
@@ -147,138 +105,6 @@ class ClipSegmentWriter:
         self.path.unlink(missing_ok=True)
 
 
-class RenderWorkDir:
-    """The crash-safe state of one render: finished clip segments, the latest resume state, a journal.
-
-    Lives at `OUT.parent / ".OUT.work"`. The journal is rewritten (temp + rename) only after a clip's
-    segment (and state, when one is written) is durable, so after a kill -9 it names complete files.
-    The state (a checkpoint of everything the next clip depends on) need not follow every clip:
-    `state_clips` says how many clips it covers, and a resume continues from there, re-rendering
-    (identically) any later segments unless every clip is already done.
-
-    work = RenderWorkDir.open(Path("out.mp4"), job_key, resume=True); work.clips_done
-    """
-
-    def __init__(self, root: Path, journal: dict) -> None:
-        self.root, self._journal = root, journal
-
-    @staticmethod
-    def path_for(out: Path) -> Path:
-        """The work dir of a render to `out`: `out.parent / ".OUT.work"`."""
-        return out.parent / f".{out.name}.work"
-
-    @classmethod
-    def open(cls, out: Path, job_key: str, resume: bool) -> RenderWorkDir:
-        """Continue the journal in the work dir (resume) or start a fresh one, discarding old files."""
-        root = cls.path_for(out)
-        journal_path = root / "journal.json"
-        if resume and journal_path.exists():
-            try:
-                journal = json.loads(journal_path.read_text())
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot resume: {journal_path} is unreadable ({_first_line(e)}); "
-                                "run without --resume") from None
-            if journal.get("format") != JOURNAL_FORMAT or journal.get("version") != JOURNAL_VERSION:
-                raise UserError(f"cannot resume: {journal_path} is from another version; run without --resume")
-            if journal.get("job_key") != job_key:
-                raise UserError(
-                    f"cannot resume: {root} belongs to a render with other inputs, prompt, size or seed; "
-                    "run without --resume to start over"
-                )
-            work = cls(root, journal)
-            work._drop_uncommitted()
-            log.info("resuming after %d finished clips (%d frames)", work.clips_done, work.frames_done)
-            return work
-        if resume:
-            log.info("nothing to resume at %s; starting from the first clip", root)
-        elif journal_path.exists():
-            log.info("discarding an earlier unfinished render in %s (pass --resume to continue it)", root)
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-        journal = {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "job_key": job_key,
-                   "segments": [], "state": None, "state_clips": 0}
-        write_json_atomic(journal_path, journal)
-        return cls(root, journal)
-
-    @property
-    def clips_done(self) -> int:
-        return len(self._journal["segments"])
-
-    @property
-    def frames_done(self) -> int:
-        return sum(int(s["frames"]) for s in self._journal["segments"])
-
-    @property
-    def state_path(self) -> Path | None:
-        """The newest resume state (None before the first checkpoint)."""
-        name = self._journal["state"]
-        return self.root / name if name else None
-
-    @property
-    def state_clips(self) -> int:
-        """How many clips the newest resume state covers (0 without one)."""
-        return int(self._journal["state_clips"])
-
-    def rewind_to_state(self) -> None:
-        """Forget segments after the newest checkpoint (a resume renders them again, identically)."""
-        extra = self._journal["segments"][self.state_clips:]
-        if not extra:
-            return
-        self._journal["segments"] = self._journal["segments"][: self.state_clips]
-        write_json_atomic(self.root / "journal.json", self._journal)
-        for s in extra:
-            (self.root / s["name"]).unlink(missing_ok=True)
-        log.info("continuing from the checkpoint after clip %d (%d later clips are rendered again)",
-                 self.state_clips, len(extra))
-
-    def segment_paths(self) -> list[Path]:
-        """The finished clips' segments, in clip order."""
-        return [self.root / s["name"] for s in self._journal["segments"]]
-
-    def begin_clip(self, index: int, spec: VideoSpec) -> ClipSegmentWriter:
-        """A writer for clip `index`, which must be the next unfinished clip."""
-        if index != self.clips_done:
-            raise ValueError(f"clip {index} started but {self.clips_done} clips are finished")
-        final = self.root / f"clip_{index:05d}.mp4"
-        return ClipSegmentWriter(index, final.with_name(final.name + ".part"), final, spec)
-
-    def commit_clip(self, segment: ClipSegmentWriter, write_state: Callable[[Path], None] | None) -> None:
-        """Make a finished clip durable: segment, then (if given) its resume state, then the journal."""
-        segment.close()
-        durable_replace(segment.path, segment.final_path)
-        previous = self.state_path
-        self._journal["segments"].append({"name": segment.final_path.name, "frames": segment.frames})
-        if write_state is not None:
-            state_name = f"state_{segment.index:05d}.pt"
-            tmp = self.root / (state_name + ".tmp")
-            write_state(tmp)
-            durable_replace(tmp, self.root / state_name)
-            self._journal["state"] = state_name
-            self._journal["state_clips"] = len(self._journal["segments"])
-        write_json_atomic(self.root / "journal.json", self._journal)
-        if previous is not None and previous != self.state_path:
-            previous.unlink(missing_ok=True)  # only the newest state is ever resumed from
-
-    def remove(self) -> None:
-        """Delete the work dir (once the final mp4 exists)."""
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def _drop_uncommitted(self) -> None:
-        """Delete files a killed run left behind that the journal does not name."""
-        keep = {"journal.json", *(s["name"] for s in self._journal["segments"])}
-        if self._journal["state"]:
-            keep.add(self._journal["state"])
-        for p in self.root.iterdir():
-            if p.name not in keep:
-                p.unlink()
-        missing = [p.name for p in self.segment_paths() if not p.exists()]
-        if self.state_path is not None and not self.state_path.exists():
-            missing.append(self.state_path.name)
-        if missing:
-            raise UserError(f"cannot resume: {self.root} lacks {', '.join(missing)}; run without --resume")
-
-
 def _read_audio_blocks(path: Path, block: int) -> tuple[int, int, Iterator[np.ndarray]]:
     """(sample_rate, channels, blocks of float32 [n, channels]) streamed from an audio file."""
     import soundfile as sf
@@ -286,7 +112,7 @@ def _read_audio_blocks(path: Path, block: int) -> tuple[int, int, Iterator[np.nd
     try:
         f = sf.SoundFile(str(path))
     except Exception as e:  # noqa: BLE001 - libsndfile raises RuntimeError/LibsndfileError variants
-        raise UserError(f"cannot read audio {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot read audio {path}: {first_line(e)}") from None
 
     def blocks() -> Iterator[np.ndarray]:
         with f:
@@ -376,7 +202,7 @@ def mux_segments(segments: list[Path], audio: Path, out: Path, spec: VideoSpec, 
     try:
         channels = sf.info(str(audio)).channels
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read audio {audio}: {_first_line(e)}") from None
+        raise UserError(f"cannot read audio {audio}: {first_line(e)}") from None
     layout = "stereo" if channels >= 2 else "mono"
     tmp = out.with_name(out.name + ".tmp")
     try:

@@ -31,9 +31,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .config import DiTConfig, SampleConfig
-from .kv_cache import RingKVCache, SinkKVCache, layer_kv
-from .model.dit import DiTContext, WanS2VDiT
+from ..config import DiTConfig, SampleConfig
+from ..model.dit import DiTContext, WanS2VDiT
+from ..runtime.kv_cache import RingKVCache, SinkKVCache, layer_kv
 from .scheduler import FlowSchedule
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DiTConfig
-from .errors import CheckpointError, first_line
-from .jsonio import read_json
+from ..config import DiTConfig
+from ..errors import CheckpointError, first_line
+from ..fileio import read_json
 
 DIT_CONFIG = "config.json"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"

@@ -15,40 +15,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .generate import RenderInputs
+from .request import RenderInputs
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("dit", "t5", "vae", "audio", "tokenizer")
-
-
-def encode_constant_video(vae: Any, frame: Any, num_frames: int) -> Any:
-    """`vae.encode` of `frame` [1, 3, 1, H, W] repeated `num_frames` times, computed exactly but cheaply.
-
-    The encoder steps over chunks of 1, 4, 4, ... frames with causal caches. With a constant input,
-    once a chunk leaves the caches bit-identical to the previous chunk's, every later chunk repeats
-    the same output (same input, same state): the rest are copies, not approximations.
-    encode_constant_video(vae, photo, 365).shape  # [1, 16, 92, H/8, W/8]
-    """
-    import torch
-
-    n_chunks = 1 + (num_frames - 1) // 4  # chunks of 1, then 4 (a partial tail is ignored, as upstream)
-    outs, caches = [], None
-    for i in range(n_chunks):
-        chunk = frame if i == 0 else frame.expand(-1, -1, 4, -1, -1)  # [1, 3, 1 or 4, H, W], a view
-        y, new_caches = vae.encoder.step(chunk, i == 0, caches)
-        outs.append(y)
-        if i >= 2 and all(torch.equal(a, b) for a, b in zip(caches, new_caches)):
-            outs.extend([y] * (n_chunks - 1 - i))  # fixed point reached: the remaining outputs repeat
-            break
-        caches = new_caches
-    mu = vae.conv1(torch.cat(outs, dim=2))[:, : vae.cfg.z_dim]  # [1, z, n_chunks, h, w]
-    return vae.normalize_latents(mu)
 
 
 class ArtifactBackend:
@@ -75,9 +50,9 @@ class ArtifactBackend:
 
         ArtifactBackend.open(Path("artifact"), vram_gb=20.0, kv_dtype="int8")  # ArtifactError if unusable
         """
-        from .config import preset_for_dit
-        from .errors import ArtifactError, CheckpointError
-        from .format import read_manifest
+        from ..artifact.format import read_manifest
+        from ..config import preset_for_dit
+        from ..errors import ArtifactError, CheckpointError
 
         manifest = read_manifest(directory)
         missing = [c for c in REQUIRED_COMPONENTS if c not in manifest.components]
@@ -97,7 +72,7 @@ class ArtifactBackend:
 
     def identity(self) -> str:
         """sha256 of the manifest bytes: what the prompt cache and the resume journal key on."""
-        from .format import MANIFEST_FILE
+        from ..artifact.format import MANIFEST_FILE
 
         return hashlib.sha256((self.directory / MANIFEST_FILE).read_bytes()).hexdigest()
 
@@ -106,11 +81,11 @@ class ArtifactBackend:
 
         renderer = backend.build(inputs); renderer.block_frames(0, 0)  # uint8 [12, H, W, 3]
         """
-        from .plan import vae_arena_estimate
-        from .prompt_cache import PromptCache, default_cache_dir
-        from .reference import CausalGenerator, GenerationInputs
-        from .runtime import DiTRuntime
-        from .vae_onnx import OnnxVAEDecoder
+        from ..conditioning.prompt_cache import PromptCache, default_cache_dir
+        from ..decode.vae_onnx import OnnxVAEDecoder
+        from ..runtime.dit_runtime import DiTRuntime
+        from ..runtime.plan import vae_arena_estimate
+        from .generator import CausalGenerator, GenerationInputs
 
         req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
@@ -138,9 +113,9 @@ class ArtifactBackend:
         """Fill a meta-built module from one artifact unit (quantized Linears stay quantized)."""
         import torch
 
-        from .errors import ArtifactError
-        from .format import read_unit
-        from .qlinear import QuantLinear, part_attr, swap_linears
+        from ..artifact.format import read_unit
+        from ..errors import ArtifactError
+        from ..runtime.qlinear import QuantLinear, part_attr, swap_linears
 
         buf, views = read_unit(self.directory, unit_name, manifest=self.manifest)
         specs = {n[: -len(".weight")]: (v.entry.qtype, v.entry.group_size)
@@ -169,8 +144,8 @@ class ArtifactBackend:
         """umT5 states [L, text_dim] for the prompt (runs only on a prompt-cache miss)."""
         import torch
 
-        from .model.t5 import UMT5Encoder, encode_prompt
-        from .text_tokenizer import load_tokenizer, tokenize
+        from ..conditioning.text_tokenizer import load_tokenizer, tokenize
+        from ..model.t5 import UMT5Encoder, encode_prompt
 
         log.info("encoding the prompt with umT5 (cached for next time)")
         tokenizer = load_tokenizer(self.directory / self.manifest.paths["tokenizer_dir"])
@@ -190,7 +165,7 @@ class ArtifactBackend:
         They stay on the CPU (51 KB per video frame at width 1024 in bf16): each block moves only
         its own 12 frames to the device.
         """
-        from .audio_features import extract_audio_features, load_wav2vec
+        from ..conditioning.audio_features import extract_audio_features, load_wav2vec
 
         encoder = load_wav2vec(self.directory / self.manifest.paths["audio_dir"], device=self.device)
         feats = extract_audio_features(encoder, wave, out_dtype=self.dtype)
@@ -207,7 +182,8 @@ class ArtifactBackend:
         """
         import torch
 
-        from .model.vae import WanVAE
+        from ..conditioning.photo import encode_constant_video
+        from ..model.vae import WanVAE
 
         with torch.device("meta"):
             vae = WanVAE(self.preset.vae)
@@ -223,9 +199,9 @@ class ArtifactBackend:
         """The memory plan for this budget and size (width, height); BudgetError if nothing fits."""
         import torch
 
-        from .device_profiles import probe_profile
-        from .plan import Budget, make_plan
-        from .plan_inputs import manifest_unit_sizes, plan_input
+        from ..runtime.device_profiles import probe_profile
+        from ..runtime.plan import Budget, make_plan
+        from ..runtime.plan_inputs import manifest_unit_sizes, plan_input
 
         m = self.manifest
         inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
@@ -251,8 +227,8 @@ class ArtifactBackend:
         """
         from dataclasses import replace
 
-        from .errors import BudgetError
-        from .plan import make_plan
+        from ..errors import BudgetError
+        from ..runtime.plan import make_plan
 
         if self._plan_args is None:
             return "pass a smaller --vram or --size"

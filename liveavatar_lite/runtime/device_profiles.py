@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

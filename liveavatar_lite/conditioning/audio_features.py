@@ -21,7 +21,6 @@ exactly upstream.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Wav2VecConfig
-from .errors import CheckpointError, UserError, first_line
-from .media_io import SAMPLE_RATE  # the rate load_audio delivers and wav2vec2 expects (16 kHz)
+from ..errors import CheckpointError, UserError, first_line
+from .speech import (
+    SAMPLE_RATE,  # the rate load_audio delivers and wav2vec2 expects (16 kHz)
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,77 +43,12 @@ VIDEO_FPS = 25
 CLIP_FRAMES = 48
 
 # wav2vec2-large-xlsr-53's conv front-end (kernel, stride) per layer; hop = prod(strides) = 320.
-_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
-_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
-# jonatasgrosman/wav2vec2-large-xlsr-53-english CTC vocabulary (33 symbols).
-_CTC_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", "'", "-"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
+CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
 
 
-def write_tiny_wav2vec(out_dir: str | Path, cfg: Wav2VecConfig, seed: int = 0) -> Path:
-    """Write a random-weight Wav2Vec2ForCTC HF folder shaped like wav2vec2-large-xlsr-53-english.
-
-    Files: config.json, preprocessor_config.json, model.safetensors, vocab.json (+ tokenizer files).
-    Same structure as the real model (layer-norm conv front-end, stable (pre-LN) transformer, real
-    conv kernels and strides, so hop 320), with `cfg`'s widths.
-
-        write_tiny_wav2vec(ckpt / "wav2vec2-large-xlsr-53-english", PRESETS["tiny"].wav2vec, seed=0)
-    """
-    from transformers import (
-        Wav2Vec2Config,
-        Wav2Vec2CTCTokenizer,
-        Wav2Vec2FeatureExtractor,
-        Wav2Vec2ForCTC,
-    )
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if len(cfg.conv_dim) != len(_CONV_KERNEL):
-        raise ValueError(f"conv_dim needs {len(_CONV_KERNEL)} entries, got {len(cfg.conv_dim)}")
-    hf_cfg = Wav2Vec2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-        conv_dim=list(cfg.conv_dim),
-        conv_kernel=list(_CONV_KERNEL),
-        conv_stride=list(_CONV_STRIDE),
-        conv_bias=True,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        num_conv_pos_embeddings=cfg.num_conv_pos_embeddings,
-        num_conv_pos_embedding_groups=cfg.num_conv_pos_embedding_groups,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    gen = torch.random.fork_rng()
-    with gen:
-        torch.manual_seed(seed)
-        model = Wav2Vec2ForCTC(hf_cfg).eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-
-    vocab = {s: i for i, s in enumerate(_CTC_VOCAB[: cfg.vocab_size])}
-    (out / "vocab.json").write_text(json.dumps(vocab, indent=2) + "\n")
-    tokenizer = Wav2Vec2CTCTokenizer(
-        str(out / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|"
-    )
-    extractor = Wav2Vec2FeatureExtractor(
-        feature_size=1,
-        sampling_rate=cfg.sample_rate,
-        padding_value=0.0,
-        do_normalize=True,
-        return_attention_mask=True,
-    )
-    # Saved separately so the folder holds preprocessor_config.json (the released layout, which
-    # transformers 4.x reads) rather than transformers 5's combined processor_config.json.
-    extractor.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
-
-
-def wav2vec_frame_count(num_samples: int, kernels: tuple[int, ...] = _CONV_KERNEL,
-                        strides: tuple[int, ...] = _CONV_STRIDE) -> int:
+def wav2vec_frame_count(num_samples: int, kernels: tuple[int, ...] = CONV_KERNEL,
+                        strides: tuple[int, ...] = CONV_STRIDE) -> int:
     """Frames the conv front-end makes from `num_samples` (unpadded valid convs): ~num_samples / 320."""
     n = num_samples
     for k, s in zip(kernels, strides):
@@ -121,8 +56,8 @@ def wav2vec_frame_count(num_samples: int, kernels: tuple[int, ...] = _CONV_KERNE
     return n
 
 
-def wav2vec_frame_receptive_field(kernels: tuple[int, ...] = _CONV_KERNEL,
-                                  strides: tuple[int, ...] = _CONV_STRIDE) -> int:
+def wav2vec_frame_receptive_field(kernels: tuple[int, ...] = CONV_KERNEL,
+                                  strides: tuple[int, ...] = CONV_STRIDE) -> int:
     """Samples one 50 Hz frame depends on in the conv front-end (400 for wav2vec2)."""
     field, jump = 1, 1
     for k, s in zip(kernels, strides):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactError, UserError
+from ..errors import ArtifactError, UserError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import first_line
-from .qtypes import FP8_MAX, INT8_QMAX, NF4_BLOCKSIZE, NF4_CODE, QuantType, dequantize, part_specs
+from ..artifact.qtypes import (
+    FP8_MAX,
+    INT8_QMAX,
+    NF4_BLOCKSIZE,
+    NF4_CODE,
+    QuantType,
+    dequantize,
+    part_specs,
+)
+from ..errors import first_line
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,91 @@ tensor shapes and `qtypes.stored_nbytes`, so `plan` answers before a 32 GB check
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from .config import PRESETS, DiTConfig, SampleConfig, VAEConfig, preset_for_dit
-from .errors import UserError
-from .format import Manifest, block_unit_name
-from .plan import Budget, KVSpec, Plan, PlanInput, UnitSize, Workload, make_plan
-from .qtypes import QuantType, stored_nbytes
+from ..artifact.format import Manifest, block_unit_name
+from ..artifact.qtypes import QuantType, stored_nbytes
+from ..config import PRESETS, DiTConfig, SampleConfig, VAEConfig, preset_for_dit
+from ..errors import UserError
 
 # Sizes the smallest-change search tries, largest first (LIVEAVATAR.md §5), as (width, height).
 SIZES: tuple[tuple[int, int], ...] = ((704, 384), (688, 368), (640, 384), (384, 256))
 WEIGHT_FORMATS = ("bf16", "int8", "fp8", "int4", "nf4")
+
+GB = 1e9  # budgets and reports use decimal GB (a "24 GB" card has 24.0-25.7e9 bytes)
+KV_DTYPES = ("bf16", "fp8", "int8")
+
+
+@dataclass(frozen=True)
+class UnitSize:
+    """One weight unit as stored in the artifact. `layer` None = always resident (prologue, head)."""
+
+    name: str
+    nbytes: int
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """One KV cache: `step` 0..3 for a per-step ring, None for the sink (ref + motion, all steps)."""
+
+    name: str
+    step: int | None
+    layers: int
+    tokens: int
+    heads: int
+    head_dim: int
+
+    def layer_bytes(self, dtype: str) -> int:
+        """K + V of one layer; 8-bit dtypes add one fp32 scale per (token, head) for K and for V."""
+        elems = 2 * self.tokens * self.heads * self.head_dim
+        if dtype == "bf16":
+            return 2 * elems
+        return elems + 2 * self.tokens * self.heads * 4
+
+    def nbytes(self, dtype: str) -> int:
+        return self.layers * self.layer_bytes(dtype)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Per-step compute of one block of frames at one size (computed from the config)."""
+
+    size: tuple[int, int]  # (width, height) in pixels
+    block_tokens: int  # tokens denoised together (frames_per_block x tokens_per_frame)
+    linear_flops: tuple[float, ...]  # per layer, quantized-linear FLOPs
+    attn_flops: tuple[float, ...]  # per layer, bf16 attention FLOPs
+    activation_bytes: int  # peak transient memory of one unit forward
+    new_kv_layer_bytes_bf16: int  # K + V of the current block for one layer (the write-back)
+    vae_cache_bytes: int = 0  # the streaming VAE decoder's causal caches (both banks), resident all run
+    steps: int = 4
+    blocks_per_clip: int = 4
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """Everything the plan depends on besides the budgets: bytes, shapes, workload."""
+
+    weight_format: str  # the artifact's main linear format: bf16 / int8 / fp8 / int4 / nf4
+    units: tuple[UnitSize, ...]  # execution order
+    kv: tuple[KVSpec, ...]
+    workload: Workload
+    dit: DiTConfig | None = None  # lets a no-fit message try other formats and sizes
+    sample: SampleConfig = SampleConfig()
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The one knob (VRAM) and its companions. Fixed costs are counted inside `vram_bytes`."""
+
+    vram_bytes: float
+    ram_bytes: float | None = None  # None: host RAM is not limited
+    kv_dtype: str = "bf16"
+    reserve_frac: float = 0.07  # kept free for allocator fragmentation and driver surprises
+    cuda_context_bytes: float = 0.8e9  # CUDA context + cuBLAS/cuDNN workspaces
+    vae_arena_bytes: float | None = None  # ORT arena cap; None = estimate from the size
+    host_baseline_bytes: float = 3.0e9  # python, torch, encoders kept on the host
+
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -108,7 +182,7 @@ def vae_cache_bytes(vae: VAEConfig, size: tuple[int, int], itemsize: int = 2) ->
     Cache i is [1, C_i, 2, h*s_i, w*s_i] (`WanVAE.decoder_cache_layout`, 2.56 GB at 704*384)."""
     import torch
 
-    from .model.vae import WanVAE
+    from ..model.vae import WanVAE
 
     with torch.device("meta"):
         layout = WanVAE(vae).decoder_cache_layout()
@@ -193,18 +267,6 @@ def plan_input(cfg: DiTConfig, size: tuple[int, int], weight_format: str,
         units = tuple(UnitSize(n, int(b), _layer_of(n)) for n, b in unit_sizes.items())
     return PlanInput(weight_format=weight_format, units=units, kv=kv_specs(cfg, size, sample),
                      workload=workload(cfg, size, sample), dit=cfg, sample=sample)
-
-
-def plan_for_artifact(directory, size: tuple[int, int], budget: Budget, profile) -> Plan:
-    """The plan of an artifact directory (what `generate` and `plan ARTIFACT` use).
-
-        plan = plan_for_artifact("art", (704, 384), Budget(vram_bytes=24e9, kv_dtype="fp8"), get_profile("rtx4090"))
-    """
-    from .format import read_manifest
-
-    m = read_manifest(directory)
-    inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
-    return make_plan(inp, budget, profile)
 
 
 def alternatives(inp: PlanInput, budget: Budget) -> Iterator[tuple[str, PlanInput, Budget]]:

@@ -1,16 +1,16 @@
 """`generate`: photo + speech + prompt -> mp4, streamed clip by clip, resumable after a crash.
 
 Per clip, per block: the DiT denoises 3 latent frames (via the runtime), the ONNX decoder turns
-them into 12 frames at once, and the frames go straight into the clip's h264 segment (video.py).
+them into 12 frames at once, and the frames go straight into the clip's h264 segment (decode/video.py).
 After each clip its segment is made durable; every `checkpoint_interval_s` (0: every clip) so is
 the full generation state (KV caches, decoder cache, RNG, counters). `--resume` continues from
 the newest checkpoint and produces the same frames as an uninterrupted run. The final mp4 (with
 the speech as aac) is muxed to `OUT.tmp` and renamed only when complete.
 
-Sections: input validation (size, photo, clip count) and the clip loop (`generate`). The model
+Sections: input validation (clip count, job key) and the clip loop (`generate`). The model
 side sits behind the `Backend` and `ClipRenderer` protocols; `render.ArtifactBackend` is the real
 one (prompt cache + umT5, wav2vec2, VAE encode of the photo, the planned DiT runtime driving
-`reference.CausalGenerator`, the ONNX streaming decoder), tests pass a fake.
+`generator.CausalGenerator`, the ONNX streaming decoder), tests pass a fake.
 
     result = generate(GenerateRequest(artifact=Path("art"), image=Path("me.jpg"), audio=Path("hi.wav"),
                                       prompt="a person talking", out=Path("out.mp4")))
@@ -20,124 +20,33 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from .config import SampleConfig
-from .errors import BudgetError, UserError
-from .format import file_sha256
+from ..artifact.format import file_sha256
+from ..conditioning.photo import load_reference
+from ..errors import BudgetError, UserError
 from .render import ArtifactBackend
+from .request import (
+    Backend,
+    ClipRenderer,
+    GenerateRequest,
+    GenerateResult,
+    RenderInputs,
+)
 
 log = logging.getLogger(__name__)
 
-MIN_AREA = 64 * 64  # both sides are snapped to multiples of 64
-MAX_AREA = 1280 * 720  # the largest size upstream offers
-SNAP = 64
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """Everything one render needs, built once from the CLI flags."""
-
-    artifact: Path
-    image: Path
-    audio: Path
-    prompt: str
-    out: Path
-    size: str = "704*384"
-    num_clip: int | None = None  # None: until the audio ends
-    seed: int = 42
-    vram_gb: float | None = None  # None: the GPU's free memory
-    ram_gb: float | None = None  # None: this machine's physical RAM
-    kv_dtype: str = "bf16"  # KV cache storage: bf16 | fp8 | int8 (8-bit halves the biggest memory user)
-    resume: bool = False
-    telemetry: Path | None = None
-    cache_dir: Path | None = None  # prompt-embedding cache; None: prompt_cache.default_cache_dir()
-    # Seconds between resume checkpoints (0: after every clip). A checkpoint holds every KV cache
-    # (about 40 GB at 14B and 704*384), so writing one per clip would dominate the render time.
-    checkpoint_interval_s: float = 600.0
-    progress: bool = True
-    sample: SampleConfig = field(default_factory=SampleConfig)
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    """What a render wrote: the mp4, its size and length, and how many clips a resume skipped."""
-
-    out: Path
-    clips: int
-    frames: int
-    height: int
-    width: int
-    resumed_clips: int
-    seconds: float
-
-
-class ClipRenderer(Protocol):
-    """The model side of a render: yields decoded frames block by block and can save/restore itself.
-
-    `block_frames(clip, block)` returns uint8 [12, H, W, 3] (RGB) for every block; the caller drops
-    the first clip's first `first_clip_drop` frames. `state()` must capture everything the next
-    block depends on (KV caches, decoder cache, RNG), so that `load_state(state())` on a freshly
-    built renderer continues bit-identically.
-    """
-
-    blocks_per_clip: int
-
-    def block_frames(self, clip: int, block: int) -> np.ndarray: ...
-
-    def state(self) -> dict[str, Any]: ...
-
-    def load_state(self, state: dict[str, Any]) -> None: ...
-
-    def copy_wait_seconds(self) -> float: ...
-
-
-@dataclass(frozen=True)
-class RenderInputs:
-    """The validated inputs a renderer is built from."""
-
-    request: GenerateRequest
-    reference: np.ndarray  # float32 [3, H, W] in [-1, 1]: the photo, resized and cropped
-    height: int
-    width: int
-    num_clips: int
-    wave: np.ndarray  # float32 [n] at 16 kHz mono: the speech the audio features are computed from
-
 
 # ------------------------------------------------------------------------------------------ inputs
-
-def parse_size(text: str) -> int:
-    """The maximum pixel area a --size string allows: one of upstream's keys or a custom "A*B".
-
-    Custom sizes (e.g. "128*128" for the tiny test model) follow the same rule as upstream's keys.
-    parse_size("704*384")  # 270336
-    """
-    from . import media_io
-
-    parts = text.lower().replace("x", "*").split("*")
-    try:
-        a, b = (int(p) for p in parts)
-    except ValueError:
-        raise UserError(f"--size {text!r} is not of the form WIDTH*HEIGHT, e.g. 704*384 "
-                        f"(upstream sizes: {', '.join(media_io.SIZE_KEYS)})") from None
-    area = a * b
-    if a <= 0 or b <= 0 or area < MIN_AREA:
-        raise UserError(f"--size {text!r} is too small: the area must be at least {SNAP}*{SNAP}")
-    if area > MAX_AREA:
-        raise UserError(f"--size {text!r} is larger than the largest supported size 1280*720")
-    return area
-
 
 def num_clips_for(num_samples: int, num_clip: int | None) -> int:
     """Upstream's clip count for 16 kHz speech (int(30-fps frames / 57.6) + 1), capped by --num-clip.
 
     num_clips_for(3 * 16000, None)  # 2
     """
-    from .audio_features import num_clips_for_audio
+    from ..conditioning.audio_features import num_clips_for_audio
 
     available = num_clips_for_audio(num_samples)
     return available if num_clip is None else min(num_clip, available)
@@ -157,34 +66,7 @@ def job_key(request: GenerateRequest, artifact_id: str) -> str:
     return h.hexdigest()
 
 
-def load_reference(path: Path, size: str) -> np.ndarray:
-    """The photo framed as upstream does for --size: float32 [3, H, W] in [-1, 1].
-
-    The aspect ratio is kept with both sides multiples of 64 and H*W <= the size's area; the short
-    side is resized to min(H, W) and the rest center-cropped (black-padded where too narrow).
-    load_reference(Path("face.jpg"), "704*384").shape  # (3, 384, 704) for a 16:9 photo
-    """
-    from .media_io import generation_size, read_rgb, resize_and_crop
-
-    area = parse_size(size)
-    img = read_rgb(path)  # UserError (one line) for a missing or undecodable file
-    height, width = generation_size(img.size[1], img.size[0], area)
-    if height < SNAP or width < SNAP:
-        raise UserError(f"--size {size}: the photo's aspect ratio ({img.size[0]}x{img.size[1]}) leaves no "
-                        f"side of at least {SNAP} pixels; crop the photo or pick a larger size")
-    rgb = np.asarray(resize_and_crop(img, height, width), dtype=np.float32)  # [H, W, 3] in 0..255
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1)) / 255.0 * 2.0 - 1.0  # [3, H, W] in [-1, 1]
-
-
 # ------------------------------------------------------------------------------------------ rendering
-
-class Backend(Protocol):
-    """Where renderers come from: the artifact (default) or a test fake."""
-
-    def identity(self) -> str: ...
-
-    def build(self, inputs: RenderInputs) -> ClipRenderer: ...
-
 
 def generate(request: GenerateRequest, backend: Backend | None = None) -> GenerateResult:
     """Render `request` to its mp4 (resuming if asked); returns what was written.
@@ -194,9 +76,9 @@ def generate(request: GenerateRequest, backend: Backend | None = None) -> Genera
 
     generate(request).frames  # 141 for 3 clips (45 + 48 + 48)
     """
-    from . import media_io
+    from ..conditioning import speech
     from .telemetry import Telemetry
-    from .video import RenderWorkDir
+    from .workdir import RenderWorkDir
 
     started = time.perf_counter()
     out = request.out
@@ -210,7 +92,7 @@ def generate(request: GenerateRequest, backend: Backend | None = None) -> Genera
                                        kv_dtype=request.kv_dtype)
     reference = load_reference(request.image, request.size)
     height, width = reference.shape[1:]
-    wave = media_io.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
+    wave = speech.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
     seconds = len(wave) / request.sample.audio_rate
     num_clips = num_clips_for(len(wave), request.num_clip)
     log.info("%dx%d, %.2f s of speech -> %d clips", width, height, seconds, num_clips)
@@ -250,7 +132,7 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 def _render(request: GenerateRequest, backend: Backend, work: Any, inputs: RenderInputs, telemetry: Any) -> int:
     """Build the renderer (resuming its state), render the missing clips, mux; returns the frame count."""
-    from .video import VideoSpec, mux_segments
+    from ..decode.video import VideoSpec, mux_segments
 
     resumed = work.clips_done
     spec = VideoSpec(height=inputs.height, width=inputs.width, fps=request.sample.fps)

@@ -1,0 +1,8 @@
+"""Stage 2, what the DiT is conditioned on: the photo, the speech and the prompt, and their caches.
+
+Owns: photo framing and its exact constant-video VAE encode (`photo.py`), speech decoding and
+resampling (`speech.py`), wav2vec2 features per video frame (`audio_features.py`), prompt
+tokenization (`text_tokenizer.py`) and the umT5 embedding cache (`prompt_cache.py`).
+
+May import: `artifact/`, `model/`, `config`, `errors`, `fileio`; never `runtime/` or `decode/`.
+"""

@@ -1,0 +1,10 @@
+"""Stage 5, one render end to end: conditioning -> planned DiT runtime -> decoder -> mp4.
+
+Owns: Live Avatar's causal block-by-block generator and its flow-matching schedule
+(`generator.py`, `scheduler.py`), the request/result types and the renderer interfaces
+(`request.py`), the artifact backend that wires the stages together (`render.py`), the clip loop
+with checkpoints and resume (`generate.py`), the crash-safe work directory (`workdir.py`) and
+telemetry (`telemetry.py`).
+
+May import: every stage below (`conditioning/`, `runtime/`, `decode/`, `artifact/`, `model/`).
+"""
