@@ -26,7 +26,7 @@ from liveavatar_lite.artifact.checkpoint import (
     PthFile,
     check_keys,
     expected_shapes,
-    merge_lora,
+    merge_lora_inplace,
 )
 from liveavatar_lite.artifact.format import (
     DTYPE_CODES,
@@ -148,6 +148,8 @@ def _fingerprint(opts: ConvertOptions, identity: dict) -> str:
         "components": sorted(opts.components), "overrides": [(k, q.value) for k, q in opts.overrides],
         "vae_onnx": opts.vae_onnx,
     }
+    if opts.lora is not None:
+        body["lora_merge"] = "bf16-in-place"  # artifacts made by the older fp32 merge are not resumed into
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -235,8 +237,10 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
         def load_dit(key: str) -> torch.Tensor:
             t = ck.read_dit_tensor(key)
             check_finite(key, t, str(ck.path))
-            delta = lora.delta_for_weight(key) if lora is not None else None
-            return merge_lora(t, delta) if delta is not None else t  # LoRA merged in fp32, then quantized
+            factors = lora.factors_for_weight(key) if lora is not None else None
+            # LoRA merged into the stored (bf16) weight in place, in fp32 row chunks, as upstream merges
+            # it into its bf16 base: the read-ahead then holds bf16 tensors only, as without a LoRA
+            return merge_lora_inplace(t, factors) if factors is not None else t
 
         def produce_dit(entry: TensorEntry) -> dict[str, torch.Tensor]:
             assert read_ahead is not None

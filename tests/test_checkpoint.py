@@ -135,6 +135,18 @@ def test_lora_spellings_give_the_same_merge(tiny_ckpt: Path, tiny_ckpt_plain_lor
     torch.testing.assert_close(merged.float(), (c.read_dit_tensor(f"{module}.weight").float() + da).bfloat16().float())
 
 
+def test_in_place_lora_merge_is_the_fp32_merge_rounded_once() -> None:
+    """The converter's merge (row chunks, in the stored dtype, no full-size fp32 temporaries) equals
+    the whole-matrix fp32 merge rounded to bf16, for chunks that split rows unevenly."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 96, generator=g).bfloat16()
+    a, b = torch.randn(8, 96, generator=g) * 0.05, torch.randn(37, 8, generator=g) * 0.05
+    want = ck.merge_lora(w, 0.5 * (b @ a)).to(torch.bfloat16)
+    got = ck.merge_lora_inplace(w.clone(), (a, b, 0.5), chunk_elems=5 * 96 + 7)  # 5 rows per chunk, 37 rows
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Converter throughput and peak RSS: ours (int8, int4) vs optimum-quanto qint8, same DiT tensors.
 
+A variant named `...+lora` merges `--lora` (the others do not), so `--variants ours-int8,ours-int8+lora`
+measures what the LoRA costs side by side (goal: peak RSS <= 1.0 GB, wall <= 1.5x without it).
+
 Each variant runs in its own subprocess (so peak RSS is its own `ru_maxrss`), one after another;
 the output directory is deleted after each run (disk). Reports wall time, peak RSS, GB/s of source
 bytes, output size. quanto quantizes exactly the Linears our policy quantizes (same per-unit
@@ -8,6 +11,8 @@ grouping), keeps the rest bf16, and saves each unit with safetensors `save_file`
 `quantization_map`, as its docs show.
 
     python tools/bench_quantize.py /work/scratch/ck14b --out /work/scratch/bench_q --variants ours-int8,quanto-qint8,ours-int4
+    python tools/bench_quantize.py /work/scratch/ck14b --out /work/scratch/bench_q --variants ours-int8,ours-int8+lora \
+        --lora /work/scratch/ck14b/liveavatar.safetensors
     python tools/bench_quantize.py /work/scratch/ck14b --compute-only      # CPU cost only, no disk
 Needs the `[bench]` extra (optimum-quanto==0.2.7) for the quanto variant.
 """
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 VARIANTS = ("ours-int8", "ours-int4", "ours-fp8", "ours-nf4", "quanto-qint8")
+LORA_SUFFIX = "+lora"  # e.g. ours-int8+lora: the same variant with --lora merged
 
 
 def _dir_bytes(p: Path) -> int:
@@ -91,8 +97,9 @@ def child(args: argparse.Namespace) -> None:
     if args.variant.startswith("quanto"):
         import optimum.quanto  # noqa: F401
     t0 = time.perf_counter()
-    if args.variant.startswith("ours-"):
-        run_ours(args.ckpt, args.out, args.variant.split("-", 1)[1], args.lora)
+    variant = args.variant.removesuffix(LORA_SUFFIX)
+    if variant.startswith("ours-"):
+        run_ours(args.ckpt, args.out, variant.split("-", 1)[1], args.lora)
     else:
         run_quanto(args.ckpt, args.out, args.lora)
     wall = time.perf_counter() - t0
@@ -159,13 +166,16 @@ def parent(args: argparse.Namespace) -> int:
     src_bytes = sum(p.stat().st_size for p in ck.shard_files)
     results = []
     for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            print(f"unknown variant {variant}; choose from {VARIANTS}", file=sys.stderr)
+        if variant.removesuffix(LORA_SUFFIX) not in VARIANTS:
+            print(f"unknown variant {variant}; choose from {VARIANTS} (optionally +lora)", file=sys.stderr)
+            return 2
+        if variant.endswith(LORA_SUFFIX) and not args.lora:
+            print(f"variant {variant} needs --lora", file=sys.stderr)
             return 2
         out = args.out / variant
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, __file__, str(args.ckpt), "--out", str(out), "--variant", variant]
-        if args.lora:
+        if args.lora and variant.endswith(LORA_SUFFIX):
             cmd += ["--lora", str(args.lora)]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         print(f"[bench] {variant} ...", flush=True)
@@ -190,6 +200,11 @@ def parent(args: argparse.Namespace) -> int:
         for v in ("ours-int8", "ours-int4"):
             if v in by:
                 print(f"{v} throughput / quanto-qint8: {by[v]['gb_per_s'] / by['quanto-qint8']['gb_per_s']:.2f}x")
+    for v, r in by.items():  # the LoRA's cost, side by side with the same variant without it
+        base = by.get(v.removesuffix(LORA_SUFFIX)) if v.endswith(LORA_SUFFIX) else None
+        if base is not None:
+            print(f"{v}: wall {r['wall_s'] / base['wall_s']:.2f}x of {base['variant']} (goal <= 1.5x), "
+                  f"peak RSS {r['peak_rss_gb']:.2f} GB (goal <= 1.0 GB)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
@@ -200,7 +215,7 @@ def main() -> int:
     p.add_argument("ckpt", type=Path, help="checkpoint directory (a DiT-only one is enough)")
     p.add_argument("--out", type=Path, default=None, help="scratch directory for outputs (deleted after each run)")
     p.add_argument("--variants", default="ours-int8,quanto-qint8,ours-int4")
-    p.add_argument("--lora", type=Path, default=None, help="merge this LoRA in every variant")
+    p.add_argument("--lora", type=Path, default=None, help="the LoRA that `+lora` variants merge")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--compute-only", action="store_true", help="time quantization of one block's weights in memory (no disk)")
     p.add_argument("--block", type=int, default=0, help="block used by --compute-only")
