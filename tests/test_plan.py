@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from liveavatar_lite.config import PRESETS
+from liveavatar_lite.decode.decoder_memory import DecoderGraph
 from liveavatar_lite.errors import BudgetError, UserError
 from liveavatar_lite.runtime.device_profiles import get_profile
 from liveavatar_lite.runtime.plan import make_plan, min_vram_bytes
@@ -27,6 +28,11 @@ from liveavatar_lite.runtime.plan_inputs import (
 
 RTX4090 = get_profile("rtx4090")
 CFG14 = PRESETS["14b"].dit
+DECODER14 = DecoderGraph.for_preset("14b")  # the fp16 ONNX decoder's shapes: its memory is in the plan
+
+
+def _inp14(fmt: str, size: tuple[int, int] = (704, 384)):
+    return plan_input(CFG14, size, fmt, decoder=DECODER14)
 
 
 def _toy(n_layers: int, unit_bytes: list[int], ring_tokens: int, sink_tokens: int) -> PlanInput:
@@ -44,13 +50,13 @@ def _small_budget(vram: float, **kw) -> Budget:
 
 
 def test_14b_int8_fits_24gb_with_peak_under_22_5():
-    plan = make_plan(plan_input(CFG14, (704, 384), "int8"), Budget(vram_bytes=24 * GB), RTX4090)
+    plan = make_plan(_inp14("int8"), Budget(vram_bytes=24 * GB), RTX4090)
     assert plan.peak_vram_bytes <= 22.5 * GB
-    assert {k.placement for k in plan.kv} == {"host"}  # 40.8 GiB of bf16 KV cannot stay on the card
+    assert {k.placement for k in plan.kv if k.step is not None} == {"host"}  # 38.7 GiB of bf16 rings cannot stay on the card
 
 
 def test_14b_int4_fits_12gb():
-    plan = make_plan(plan_input(CFG14, (704, 384), "int4"), Budget(vram_bytes=12 * GB), RTX4090)
+    plan = make_plan(_inp14("int4"), Budget(vram_bytes=12 * GB), RTX4090)
     assert plan.peak_vram_bytes <= 12 * GB * 0.93
     assert plan.streamed_units, "12 GB cannot hold 9 GB of int4 weights next to the fixed costs"
 
@@ -68,7 +74,7 @@ def test_14b_workload_matches_reference_figures():
     assert wl.block_tokens == 3168
     attn_self = sum(4 * 3168 * 15312 * 5120 for _ in range(40))
     assert abs(attn_self / 1e12 - 39.7) < 0.1
-    kv = plan_input(CFG14, (704, 384), "int8").kv
+    kv = _inp14("int8").kv
     assert abs(sum(k.nbytes("bf16") for k in kv if k.step is not None) / 2**30 - 38.67) < 0.01
 
 
@@ -80,16 +86,18 @@ def test_interleaved_streaming():
     budget = _small_budget((fixed + kv_slot + 7 * 1_000_000 + 50) / 0.93)
     plan = make_plan(inp, budget, RTX4090)
     streamed = sorted(u.layer for u in plan.streamed_units)
-    assert len(streamed) == 3
+    # 3 streamed with every KV cache on the host, or one more so that the (small) KV fits on the GPU
+    assert len(streamed) == (3 if all(k.placement == "host" for k in plan.kv) else 4)
     assert all(b - a > 1 for a, b in zip(streamed, streamed[1:])), streamed  # never two in a row
 
 
 def test_no_fit_names_smallest_change():
-    inp = plan_input(CFG14, (704, 384), "int8")
+    inp = _inp14("int8")
+    # leanest layouts (1-latent decoder calls): int8 bf16 KV 9.74 GB, int8 fp8 KV 9.42 GB, int4 fp8 KV 8.90 GB
     with pytest.raises(BudgetError, match="smallest change that fits: --kv fp8"):
-        make_plan(inp, Budget(vram_bytes=9.9 * GB), RTX4090)
+        make_plan(inp, Budget(vram_bytes=9.6 * GB), RTX4090)
     with pytest.raises(BudgetError, match="--format int4"):
-        make_plan(inp, Budget(vram_bytes=9.4 * GB, kv_dtype="fp8"), RTX4090)
+        make_plan(inp, Budget(vram_bytes=9.3 * GB, kv_dtype="fp8"), RTX4090)
     with pytest.raises(BudgetError, match="--kv fp8"):  # host RAM too small for bf16 KV
         make_plan(inp, Budget(vram_bytes=24 * GB, ram_bytes=32 * GB), RTX4090)
 
@@ -106,7 +114,7 @@ def test_ram_limit_moves_weights_to_disk():
 
 
 def test_plan_is_pure_and_json():
-    inp = plan_input(CFG14, (704, 384), "int8")
+    inp = _inp14("int8")
     a = make_plan(inp, Budget(vram_bytes=16 * GB, kv_dtype="fp8"), RTX4090)
     b = make_plan(inp, Budget(vram_bytes=16 * GB, kv_dtype="fp8"), RTX4090)
     assert a == b
@@ -117,12 +125,16 @@ def test_plan_is_pure_and_json():
     assert {"step", "dtype", "nbytes", "placement"} <= set(d["kv"][0])
 
 
-def test_fp8_kv_is_faster_when_kv_streams():
-    inp = plan_input(CFG14, (704, 384), "int8")
+def test_fp8_kv_moves_fewer_bytes_and_pays_for_its_dequantization():
+    """fp8 KV halves the H2D traffic, but unfused it dequantizes the whole ring every layer: the plan's
+    time counts those elementwise bytes (it used to count only the copies and call fp8 faster)."""
+    inp = _inp14("int8")
     bf16 = make_plan(inp, Budget(vram_bytes=24 * GB), RTX4090)
     fp8 = make_plan(inp, Budget(vram_bytes=24 * GB, kv_dtype="fp8"), RTX4090)
     assert fp8.h2d_bytes_per_clip < bf16.h2d_bytes_per_clip
-    assert fp8.predicted_seconds_per_clip <= bf16.predicted_seconds_per_clip
+    assert fp8.seconds_breakdown["kv_copy_stall"] <= bf16.seconds_breakdown["kv_copy_stall"]
+    assert fp8.seconds_breakdown["elementwise"] > bf16.seconds_breakdown["elementwise"]
+    assert fp8.seconds_breakdown["gemm"] == bf16.seconds_breakdown["gemm"]
 
 
 def test_bad_inputs():
@@ -209,3 +221,63 @@ def test_min_ram_counts_the_all_resident_layout():
     with pytest.raises(BudgetError, match="raise --ram to at least 1.0$"):
         make_plan(inp, budget, RTX4090)
     assert make_plan(inp, replace(budget, ram_bytes=1e9), RTX4090).host_ram_bytes == 1e9
+
+
+def test_decoder_memory_is_counted_from_its_graph():
+    """The ONNX decoder's weights, the working set of the chosen call size and both cache banks are in
+    the peak (the arena used to be a guess, 64*W*H*96, too small for the 7-latent warm-up it ran)."""
+    plan = make_plan(_inp14("int8"), Budget(vram_bytes=24 * GB, kv_dtype="fp8", decode_latents=None), RTX4090)
+    assert plan.decode_latents_per_call == 3  # free choice: the largest call that costs the DiT no speed
+    mem = DECODER14.memory((704, 384))
+    working = dict(mem.working_set_bytes)
+    b = plan.breakdown
+    assert plan.decode_latents_per_call in working
+    assert b["vae_working_set"] == working[plan.decode_latents_per_call]
+    assert b["vae_weights"] == DECODER14.weights_bytes and b["vae_caches"] == mem.caches_bytes
+    assert plan.decoder_arena_bytes == b["vae_weights"] + b["vae_working_set"] + b["vae_workspace"]
+    assert working[3] > working[1] > 0.5 * GB  # a 3-latent call holds about 3x one latent's feature maps
+    assert abs(mem.caches_bytes / GB - 2.56) < 0.01
+    # the leanest layout decodes one latent per call
+    from liveavatar_lite.runtime.plan import min_vram_bytes as lean
+
+    free = Budget(1, kv_dtype="fp8", decode_latents=None)
+    tight = make_plan(_inp14("int8"), replace(free, vram_bytes=lean(_inp14("int8"), free) * 1.0001), RTX4090)
+    assert tight.decode_latents_per_call == 1
+    # the default: one latent per call whatever the budget (a render's frames never depend on --vram)
+    assert make_plan(_inp14("int8"), Budget(vram_bytes=80 * GB, kv_dtype="fp8"), RTX4090).decode_latents_per_call == 1
+
+
+def test_kv_layer_bytes_are_the_runtime_packing():
+    """The plan's KV bytes are the runtime's, to the byte (64-byte aligned parts), for odd token counts."""
+    import torch
+
+    from liveavatar_lite.runtime.kv_offload import LayerStore
+
+    for tokens, dtype in ((13, "fp8"), (13, "bf16"), (7, "int8"), (48, "fp8")):
+        store = LayerStore(2, tokens, 2, 128, dtype, on_device=True, device=torch.device("cpu"))
+        assert KVSpec("x", 0, 2, tokens, 2, 128).nbytes(dtype) == store.nbytes
+
+
+def test_weights_and_kv_copies_do_not_queue_behind_each_other():
+    """Per layer the KV copy needs 6.3 ms of a 10 ms window and a streamed unit 4.2 ms: on one FIFO copy
+    stream the unit (issued first) would push the KV past the window at every streamed layer. With
+    separate streams the KV waits for one 16 MiB piece at most and the unit uses what is left of several
+    windows: no stall is predicted. A KV copy that alone exceeds the window still stalls."""
+    from liveavatar_lite.runtime.plan import _Layout, _predict
+    from liveavatar_lite.runtime.plan_inputs import WEIGHT_CHUNK_BYTES
+
+    n, unit = 8, 100_000_000
+    units = (UnitSize("resident", 1000, None),) + tuple(UnitSize(f"block_{i:03d}", unit, i) for i in range(n))
+    ring_tokens = 7324  # x 40 heads x 128 x 2 (k, v) x 2 bytes: 150 MB per layer
+    kv = tuple(KVSpec(f"ring.{s}", s, n, ring_tokens, 40, 128) for s in range(4)) + (KVSpec("sink", None, n, 16, 40, 128),)
+    attn = RTX4090.attention_tflops() * 1e12 * 0.010  # 10 ms of compute per layer
+    wl = Workload(size=(64, 64), block_tokens=48, linear_flops=(0.0,) * n, attn_flops=(attn,) * n,
+                  activation_bytes=0, new_kv_layer_bytes_bf16=0)
+    inp = PlanInput("int8", units, kv, wl)
+    lay = _Layout(frozenset({0, 2, 4, 6}), frozenset(), False, False)
+    kv_s = kv[0].layer_bytes("bf16") / (RTX4090.h2d_gbps * 1e9)
+    assert kv_s + unit / (RTX4090.h2d_gbps * 1e9) > 0.010 > kv_s + WEIGHT_CHUNK_BYTES / (RTX4090.h2d_gbps * 1e9)
+    _, _, parts = _predict(inp, Budget(vram_bytes=1e12), RTX4090, lay)
+    assert parts["kv_copy_stall"] == 0 and parts["weight_copy_stall"] == 0
+    slow = replace(inp, workload=replace(wl, attn_flops=(attn * kv_s / 0.010 * 0.9,) * n))  # window < the KV copy
+    assert _predict(slow, Budget(vram_bytes=1e12), RTX4090, lay)[2]["kv_copy_stall"] > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from liveavatar_lite.artifact.qtypes import QuantType
+from liveavatar_lite.artifact.qtypes import QuantType, nf4_code
 from liveavatar_lite.runtime.qlinear import (
     QuantLinear,
     linear_w8a8,
@@ -82,9 +82,47 @@ def test_nf4_bnb_kernel_matches_reference(wxb, caplog):
     ref = _qlinear(QuantType.NF4, w, b, kernel="reference")
     fast = _qlinear(QuantType.NF4, w, b, kernel="bnb")
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
-    code = fast._nf4_code
+    code = nf4_code(x.device)
     fast(x)
-    assert fast._nf4_code is code  # the lookup table is built once, not copied to the device per call
+    assert nf4_code(x.device) is code  # the lookup table is built once per device, not per call
+
+
+def test_nf4_code_table_is_built_once_per_device(wxb, monkeypatch):
+    """Dequantizing nf4 (the path without bitsandbytes) must not build its 16-entry table per call:
+    on CUDA `torch.tensor(..., device=...)` copies from pageable memory, a host sync per linear."""
+    w, x, b = wxb
+    m = _qlinear(QuantType.NF4, w, b, kernel="reference")
+    m(x)  # first use on this device may build it
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    m(x)
+    m(x)
+    assert made == [] and nf4_code("cpu") is nf4_code(torch.device("cpu"))
+
+
+def _spy_scaled_mm(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, *r, **k: calls.append(tuple(a.shape)) or real(a, *r, **k))
+    return calls
+
+
+@pytest.mark.parametrize("tokens", [47, 48, 5])
+def test_fp8_pads_rows_instead_of_falling_back(tokens, monkeypatch):
+    """2967 tokens at 688*368 (or 5 audio tokens) are not a multiple of 16: the rows are padded and
+    `_scaled_mm` still runs (it used to fall back to dequantize + bf16 silently). On the CPU too."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(N, K, generator=g) / 16, torch.randn(N, generator=g)
+    x = torch.randn(tokens, K, generator=g)
+    m = _qlinear(QuantType.FP8, w, b, kernel="scaled_mm")
+    calls = _spy_scaled_mm(monkeypatch)
+    y = m(x)
+    assert calls == [(-(-tokens // 16) * 16, K)] and y.shape == (tokens, N)
+    assert m.kernel == "scaled_mm"  # no fallback
+    assert _snr_db(nn.functional.linear(x, w, b), y) >= 24
+    padded = torch.cat([x, torch.zeros(-tokens % 16, K)])  # the same call by hand
+    torch.testing.assert_close(y, m(padded)[:tokens], rtol=0, atol=0)
 
 
 def test_swap_linears_replaces_in_parent():
@@ -111,3 +149,21 @@ def test_cuda_kernels(wxb, qtype, kernel, min_db):
     m.bias.data = m.bias.data.bfloat16()
     y = m(x.cuda().bfloat16()).float().cpu()
     assert _snr_db(nn.functional.linear(x, w, b), y) >= min_db
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [47, 2967])
+def test_cuda_fp8_really_calls_scaled_mm(tokens, monkeypatch):
+    """>= 32 tokens, not a multiple of 16 (2967 = 688*368's block): `_scaled_mm` must run, on padded rows,
+    and the layer must not have switched itself to the dequantize fallback."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("row-wise fp8 _scaled_mm needs sm_89+")
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(N, K, generator=g) / 16, torch.randn(N, generator=g)
+    x = torch.randn(tokens, K, generator=g)
+    m = _qlinear(QuantType.FP8, w, b).cuda()  # kernel "auto": must pick scaled_mm on sm_89+
+    m.bias.data = m.bias.data.bfloat16()
+    calls = _spy_scaled_mm(monkeypatch)
+    y = m(x.cuda().bfloat16()).float().cpu()
+    assert calls == [(-(-tokens // 16) * 16, K)] and m.kernel == "auto"
+    assert _snr_db(nn.functional.linear(x, w, b), y) >= 24

@@ -112,7 +112,6 @@ def compute_only(args: argparse.Namespace) -> int:
     import hashlib
 
     import torch
-    from optimum.quanto import freeze, qint8, quantize
     from torch import nn
 
     from liveavatar_lite.artifact.checkpoint import CheckpointDir
@@ -130,6 +129,8 @@ def compute_only(args: argparse.Namespace) -> int:
                 hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy())).hexdigest()
 
     def quanto() -> None:
+        from optimum.quanto import freeze, qint8, quantize
+
         with torch.no_grad():
             for w in weights:
                 lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=torch.bfloat16)
@@ -142,6 +143,23 @@ def compute_only(args: argparse.Namespace) -> int:
     runs = {"ours-int8 (quantize+sha256)": lambda: ours(QuantType.INT8, None),
             "ours-int4 g128 (quantize+sha256)": lambda: ours(QuantType.INT4, 128),
             "quanto-qint8 (quantize+freeze)": quanto}
+    try:
+        import optimum.quanto  # noqa: F401  (the [bench] extra)
+    except ImportError:
+        del runs["quanto-qint8 (quantize+freeze)"]
+    if args.lora:  # the converter's LoRA merge (in place, fp32 row chunks) before the same int8 quantization
+        from liveavatar_lite.artifact.checkpoint import LoraWeights, merge_lora_inplace
+
+        lora = LoraWeights.open(args.lora)
+        factors = [lora.factors_for_weight(k) for k in keys]
+
+        def ours_lora() -> None:
+            for w, f in zip(weights, factors):
+                merged = merge_lora_inplace(w.clone(), f) if f is not None else w
+                for t in quantize_tensor(QuantType.INT8, merged, None).values():
+                    hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy())).hexdigest()
+
+        runs["ours-int8+lora (merge+quantize+sha256)"] = ours_lora
     best = {name: float("inf") for name in runs}
     for _ in range(args.repeat):  # interleaved rounds, min of each: robust to other jobs on the machine
         for name, fn in runs.items():
@@ -151,8 +169,12 @@ def compute_only(args: argparse.Namespace) -> int:
     print(f"compute only, {len(weights)} tensors of block {args.block} ({nbytes / 1e9:.2f} GB bf16), min of {args.repeat}:")
     for name, t in best.items():
         print(f"  {name:<34} {t:6.2f} s  {nbytes / 1e9 / t:6.2f} GB/s")
-    q = best["quanto-qint8 (quantize+freeze)"]
-    print(f"  ours-int8 / quanto-qint8 throughput: {q / best['ours-int8 (quantize+sha256)']:.2f}x")
+    q = best.get("quanto-qint8 (quantize+freeze)")
+    if q is not None:
+        print(f"  ours-int8 / quanto-qint8 throughput: {q / best['ours-int8 (quantize+sha256)']:.2f}x")
+    if args.lora:
+        print(f"  ours-int8+lora / ours-int8 time: "
+              f"{best['ours-int8+lora (merge+quantize+sha256)'] / best['ours-int8 (quantize+sha256)']:.2f}x")
     return 0
 
 

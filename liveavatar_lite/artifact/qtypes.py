@@ -173,12 +173,24 @@ def _dequant_int4(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], gro
     return ((q - zero) * scale).reshape(n, k).to(dtype)
 
 
+_NF4_CODES: dict[torch.device, torch.Tensor] = {}
+
+
+def nf4_code(device: torch.device | str) -> torch.Tensor:
+    """NF4's 16 levels, fp32 [16] on `device`, made once per device: building them per call with
+    `torch.tensor(..., device="cuda")` copies from pageable host memory, a host sync per linear."""
+    device = torch.device(device)
+    code = _NF4_CODES.get(device)
+    if code is None:
+        code = _NF4_CODES[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return code
+
+
 def _dequant_nf4(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], group_size: int | None,
                  dtype: torch.dtype) -> torch.Tensor:
     packed = parts["data"].reshape(-1)  # [numel/2]
     idx = torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(-1).long()  # [numel]: high nibble first
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=packed.device)
-    vals = code[idx].reshape(-1, NF4_BLOCKSIZE)  # [numel/64, 64]
+    vals = nf4_code(packed.device)[idx].reshape(-1, NF4_BLOCKSIZE)  # [numel/64, 64]
     return (vals * parts["absmax"].float()[:, None]).reshape(shape).to(dtype)
 
 

@@ -52,6 +52,13 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="host memory budget in GB (default: this machine's physical RAM)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
                         help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
+    parser.add_argument("--device-profile", metavar="NAME", default=None,
+                        help="bandwidth/throughput figures the memory plan uses: rtx4090, rtx3090, rtx5090, l40s, "
+                             "h100-pcie (default: this GPU's profile if known, else a short probe; as `plan`). "
+                             "Without a GPU, --vram GB plans as for a GPU of that size and runs that layout on the CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="fuse each DiT block's elementwise work with torch.compile (CUDA only; the first "
+                             "clip pays the compilation)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same inputs from its newest checkpoint")
     parser.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
@@ -59,8 +66,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "a resume re-renders the clips after the newest one; 0 = after every clip "
                              "(default: %(default)s)")
     parser.add_argument("--telemetry", type=Path, default=None, metavar="FILE",
-                        help="write per-clip JSON lines (seconds, frames, peak VRAM, host RSS, copy-wait) "
-                             "and a summary")
+                        help="write per-clip JSON lines (seconds, frames, peak VRAM, host RSS, copy-wait for "
+                             "weights and KV, the memory ledger: the plan's figures next to the measured ones) and "
+                             "a summary; the ledger is also printed after each clip")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where prompt embeddings are cached "
                              "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
@@ -88,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         vram_gb=args.vram,
         ram_gb=args.ram,
         kv_dtype=args.kv,
+        device_profile=args.device_profile,
+        compile_units=args.compile,
         resume=args.resume,
         telemetry=args.telemetry,
         cache_dir=args.cache_dir,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 DESCRIPTION = (
@@ -36,7 +35,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..artifact.format import read_manifest
     from ..config import PRESETS
+    from ..decode.decoder_memory import DecoderGraph
     from ..errors import UserError
+    from ..pipeline.memory import decoder_graph, physical_ram_bytes
+    from ..runtime.device_profiles import resolve_profile
     from ..runtime.plan import GB, Budget, make_plan
     from ..runtime.plan_inputs import manifest_unit_sizes, parse_size, plan_input
 
@@ -46,14 +48,16 @@ def run(args: argparse.Namespace) -> int:
     if args.artifact in PRESETS:
         if not args.format:
             raise UserError(f"planning preset {args.artifact!r} needs --format (e.g. --format int8)")
-        inp = plan_input(PRESETS[args.artifact].dit, size, args.format)
+        # the decoder's memory from the stored shapes of the preset's exported graph
+        inp = plan_input(PRESETS[args.artifact].dit, size, args.format, decoder=DecoderGraph.for_preset(args.artifact))
     else:
         if args.format:
             raise UserError("--format is only for preset names; an artifact's format is in its manifest")
         m = read_manifest(Path(args.artifact))
-        inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
-    ram = args.ram * GB if args.ram is not None else _physical_ram()
-    profile, note = _profile(args.device_profile)
+        inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m),
+                         decoder=decoder_graph(Path(args.artifact), m))
+    ram = args.ram * GB if args.ram is not None else physical_ram_bytes()
+    profile, note = resolve_profile(args.device_profile)
     plan = make_plan(inp, Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv), profile)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
@@ -62,30 +66,6 @@ def run(args: argparse.Namespace) -> int:
         if note:
             print(note)
     return 0
-
-
-def _physical_ram() -> float | None:
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _profile(name: str | None):
-    from ..runtime.device_profiles import PROFILES, get_profile, probe_profile
-
-    if name:
-        return get_profile(name), ""
-    import torch
-
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name().lower().replace(" ", "").replace("-", "")
-        for key, prof in PROFILES.items():
-            if key.replace("-", "") in gpu:
-                return prof, ""
-        return probe_profile(), ""
-    return probe_profile("cpu", seconds=1.0), ("note: no GPU here, so times are for this CPU; "
-                                               "pass --device-profile rtx4090 (or another) to predict a GPU")
 
 
 def format_plan(plan, ram_budget: float | None) -> str:
@@ -113,7 +93,11 @@ def format_plan(plan, ram_budget: float | None) -> str:
         label = f"{k.name} ({'sink, all steps' if k.step is None else f'step {k.step}'})"
         lines.append(f"  {label:<28}{gb(k.nbytes)}   {k.placement}")
     ram = f" of {ram_budget / GB:.1f} GB" if ram_budget else ""
-    lines += ["", f"host RAM    {plan.host_ram_bytes / GB:.1f} GB{ram} (pinned weights + host KV + 3 GB baseline)",
+    host = ", ".join(f"{k.replace('_', ' ')} {v / GB:.1f}" for k, v in plan.host_breakdown.items())
+    causes = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in plan.seconds_breakdown.items())
+    lines += ["", f"host RAM    {plan.host_ram_bytes / GB:.1f} GB{ram} ({host}; pinned buffers at their exact size)",
+              f"decoder     {plan.decode_latents_per_call or '-'} latent(s) per call, ONNX Runtime arena cap "
+              f"{plan.decoder_arena_bytes / GB:.2f} GB (weights + working set + workspace, from the graph's shapes)",
               f"per clip    H2D {plan.h2d_bytes_per_clip / GB:.1f} GB, predicted {plan.predicted_seconds_per_clip:.1f} s "
-              f"(DiT only, 4 steps x 4 blocks, 48 frames)"]
+              f"(DiT only, 4 steps x 4 blocks, 48 frames: {causes})"]
     return "\n".join(lines)

@@ -6,8 +6,16 @@
     snapshot = decoder.state(); ...; decoder.load_state(snapshot)   # resume later
     decoder.reset()                                          # next decode() starts a new video
 
-The causal caches live in two banks of OrtValues on the session's device; each call reads one bank
-and writes the other (bound with IOBinding), then they swap, so the caches never leave the device.
+The causal caches live in two banks on the session's device; each call reads one bank and writes
+the other (bound with IOBinding), then they swap, so the caches never leave the device. The banks are
+torch tensors of exactly their size, bound to the graph by pointer: on a GPU they are counted with
+the rest of the process's torch memory (ORT's own binding allocator has no cap and grows its arena
+in powers of two: ~4.3 GB reserved for 2.56 GB of caches at 704*384). ORT runs on torch's current
+CUDA stream, so it sees the banks' contents without a sync.
+
+`latents_per_call` (from the memory plan) splits every decode into calls of at most that many
+latents: a call's working set grows with its latents (1.25 GB for one at 704*384, 3.7 GB for three),
+and `gpu_mem_limit` caps what ORT may hold (weights + one call's working set + cuDNN workspace).
 The .onnx must come from `liveavatar_lite.vae_export` (its metadata_props are checked).
 """
 from __future__ import annotations
@@ -46,12 +54,17 @@ class OnnxVAEDecoder:
         threads: int | None = None,
         device_id: int = 0,
         conv_algo_search: str = "HEURISTIC",
+        latents_per_call: int | None = None,
     ) -> None:
         """device: "auto" | "cpu" | "cuda"; gpu_mem_limit: bytes the CUDA EP arena may hold (None = no cap).
 
         conv_algo_search: the CUDA EP's cuDNN search, "HEURISTIC" (predictable memory, default),
         "EXHAUSTIVE" (may be faster; benchmarks every conv shape once, with extra workspace) or "DEFAULT".
+        latents_per_call: split each decode() into graph calls of at most this many latents (None: one call).
         """
+        if latents_per_call is not None and latents_per_call < 1:
+            raise UserError(f"latents_per_call must be >= 1, got {latents_per_call}")
+        self.latents_per_call = latents_per_call
         import onnxruntime as ort
 
         path = Path(path)
@@ -72,8 +85,14 @@ class OnnxVAEDecoder:
         options.log_severity_level = 3
         providers: list = []
         if use_cuda:
+            import torch
+
             cuda_opts = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested",
-                         "cudnn_conv_algo_search": conv_algo_search}
+                         "cudnn_conv_algo_search": conv_algo_search,
+                         # cuDNN scratch capped (decoder_memory.CUDNN_WORKSPACE_BYTES), not "as fast as possible"
+                         "cudnn_conv_use_max_workspace": "0",
+                         # ORT works on torch's stream: ordered after torch's writes to the cache banks
+                         "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
             if gpu_mem_limit is not None:
                 cuda_opts["gpu_mem_limit"] = int(gpu_mem_limit)
             providers.append(("CUDAExecutionProvider", cuda_opts))
@@ -100,7 +119,7 @@ class OnnxVAEDecoder:
         self.cache_layout = [tuple(x) for x in json.loads(meta[_META + "cache_layout"])]
         self.device = "cuda" if self._session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._device_id = device_id
-        self._banks: tuple[list, list] | None = None  # (read bank, write bank) of OrtValues
+        self._banks: tuple[list, list] | None = None  # (read bank, write bank) of torch tensors
         self._latent_hw: tuple[int, int] | None = None
         self._first = True
         log.info("VAE decoder %s: %s graph on %s, %d caches",
@@ -123,20 +142,20 @@ class OnnxVAEDecoder:
         item = np.dtype(_NP_DTYPES[self.dtype]).itemsize
         return 2 * item * sum(int(np.prod(s)) for s in self.cache_shapes(latent_hw))
 
-    def _alloc_banks(self, latent_hw: tuple[int, int]) -> None:
-        from onnxruntime import OrtValue
+    def bank_bytes(self) -> int:
+        """Bytes of the cache banks allocated now (0 before the first decode)."""
+        if self._banks is None:
+            return 0
+        return sum(t.numel() * t.element_size() for bank in self._banks for t in bank)
 
-        np_dtype = _NP_DTYPES[self.dtype]
-        banks = []
-        for _ in range(2):
-            bank = []
-            for shape in self.cache_shapes(latent_hw):
-                value = OrtValue.ortvalue_from_shape_and_type(shape, np_dtype, self.device, self._device_id)
-                bank.append(value)
-            banks.append(bank)
-        zeros = [np.zeros(s, dtype=np_dtype) for s in self.cache_shapes(latent_hw)]
-        for value, z in zip(banks[0], zeros):
-            value.update_inplace(z)  # the read bank starts as zeros = start of the video
+    def _alloc_banks(self, latent_hw: tuple[int, int]) -> None:
+        import torch
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[self.dtype]
+        dev = torch.device("cuda", self._device_id) if self.device == "cuda" else torch.device("cpu")
+        # zeros = the start of the video (the read bank); the write bank is overwritten by each call
+        banks = [[torch.zeros(shape, dtype=dtype, device=dev) for shape in self.cache_shapes(latent_hw)]
+                 for _ in range(2)]
         self._banks = (banks[0], banks[1])
         self._latent_hw = latent_hw
 
@@ -145,8 +164,8 @@ class OnnxVAEDecoder:
         out = {"first": np.array(int(self._first), dtype=np.int64)}
         if self._banks is not None and self._latent_hw is not None:
             out["latent_hw"] = np.array(self._latent_hw, dtype=np.int64)
-            for i, value in enumerate(self._banks[0]):
-                out[f"cache_{i}"] = value.numpy()
+            for i, t in enumerate(self._banks[0]):
+                out[f"cache_{i}"] = t.cpu().numpy()
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -159,12 +178,14 @@ class OnnxVAEDecoder:
         self._alloc_banks((hw[0], hw[1]))
         assert self._banks is not None
         np_dtype = _NP_DTYPES[self.dtype]
-        for i, (value, shape) in enumerate(zip(self._banks[0], self.cache_shapes(self._latent_hw))):
+        import torch
+
+        for i, (t, shape) in enumerate(zip(self._banks[0], self.cache_shapes(self._latent_hw))):
             arr = np.asarray(state.get(f"cache_{i}"))
             if arr.shape != shape or arr.dtype != np_dtype:
                 want = f"{np.dtype(np_dtype)}{list(shape)}"
                 raise UserError(f"VAE decoder state: cache_{i} is {arr.dtype}{list(arr.shape)}, expected {want}")
-            value.update_inplace(np.ascontiguousarray(arr))
+            t.copy_(torch.from_numpy(np.ascontiguousarray(arr)))
 
     # -- decoding --
 
@@ -192,16 +213,26 @@ class OnnxVAEDecoder:
             self._alloc_banks(hw)
         elif hw != self._latent_hw:
             raise UserError(f"latent size changed mid-stream from {self._latent_hw} to {hw}; call reset() first")
+        step = self.latents_per_call or z.shape[1]
+        parts = [self._call(z[:, t0:t0 + step]) for t0 in range(0, z.shape[1], step)]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts, axis=0 if self.output == "uint8" else 2)
+
+    def _call(self, z: np.ndarray) -> np.ndarray:
+        """One graph call on latents [16, T, h, w] (T <= latents_per_call); swaps the banks."""
         assert self._banks is not None
         read, write = self._banks
-
+        np_dtype = _NP_DTYPES[self.dtype]
         binding = self._session.io_binding()
         binding.bind_cpu_input("latents", np.ascontiguousarray(z[None], dtype=np.float32))
         binding.bind_cpu_input("first", np.array(int(self._first), dtype=np.int64))
         binding.bind_output("frames", "cpu")  # bound first: get_outputs() follows binding order
         for i, (src, dst) in enumerate(zip(read, write)):
-            binding.bind_ortvalue_input(f"cache_in_{i}", src)
-            binding.bind_ortvalue_output(f"cache_out_{i}", dst)
+            # the banks are torch tensors: bound by pointer, so ORT reads and writes them in place
+            binding.bind_input(f"cache_in_{i}", self.device, self._device_id, np_dtype, list(src.shape), src.data_ptr())
+            binding.bind_output(f"cache_out_{i}", self.device, self._device_id, np_dtype, list(dst.shape),
+                                dst.data_ptr())
         self._session.run_with_iobinding(binding)
         frames = binding.get_outputs()[0].numpy()
 

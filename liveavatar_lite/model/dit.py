@@ -22,6 +22,7 @@ attention) so fp32 runs reproduce upstream's fp32 numerics.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -42,6 +43,7 @@ REF_BASE_FRAME = 30  # RoPE frame of the reference (sink) frame during the prefi
 MOTION_PAD_FRAMES = 73  # audio frames prepended (copies of the first) before each block's audio
 MOTION_LATENT_FRAMES = 19  # encoder outputs dropped after that padding: (73 + 3) // 4
 MASK_NOISY, MASK_REF, MASK_MOTION = 0, 1, 2  # rows of trainable_cond_mask
+_CACHE_ENTRIES = 8  # time embeddings (4 timesteps + the sink's) and RoPE layouts kept per model
 
 
 @dataclass
@@ -134,6 +136,11 @@ class WanS2VDiT(nn.Module):
         self.audio_injector = AudioInjector(cfg)
         self.trainable_cond_mask = nn.Embedding(3, dim)
         self.frame_packer = FramePacker(cfg)
+        # Per-call inputs that depend only on the timestep / the token positions, computed once:
+        # (e, e0) per timestep (the fp32 time MLP reads the 629 MB time_projection weight at 14B)
+        # and RoPE factors per layout of grids (built on the host, then copied to the device).
+        self._time_cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        self._rope_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     # ---- resident stage -------------------------------------------------------------------
 
@@ -170,6 +177,17 @@ class WanS2VDiT(nn.Module):
         e, e0 = self._time_mlp(t)
         return e[:n], e0[:n]
 
+    def _time_cached(self, key: tuple, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(e, e0) for `key` (a timestep and frame count), computed once per weights and device."""
+        ws = (self.time_embedding[0].weight, self.time_embedding[2].weight, self.time_projection[1].weight)
+        full = (*key, *((id(w), w._version, w.device) for w in ws))  # rebinding the weights misses
+        hit = self._time_cache.get(full)
+        if hit is None:
+            hit = self._time_cache[full] = compute()
+            while len(self._time_cache) > _CACHE_ENTRIES:
+                self._time_cache.popitem(last=False)
+        return hit
+
     def _time_mlp(self, t: Tensor) -> tuple[Tensor, Tensor]:
         lin0, lin2 = self.time_embedding[0], self.time_embedding[2]
         h = F.linear(sinusoidal_embedding(self.cfg.freq_dim, t), lin0.weight.float(), lin0.bias.float())
@@ -179,9 +197,17 @@ class WanS2VDiT(nn.Module):
         return e, e0.unflatten(1, (6, self.cfg.dim))  # [N, dim], [N, 6, dim]
 
     def _factors(self, grids: list[RopeGrid]) -> Tensor:
-        """RoPE factors on the compute device (built once per call, used by every unit)."""
-        f = rope_factors(grids, self.cfg.head_dim, fp16_factors=True)
-        return (f if self.rope_fp64 else f.to(torch.complex64)).to(self.compute_device)
+        """RoPE factors on the compute device (used by every unit; the last few layouts are kept)."""
+        key = (tuple(grids), self.rope_fp64, self.compute_device)
+        hit = self._rope_cache.get(key)
+        if hit is None:
+            f = rope_factors(grids, self.cfg.head_dim, fp16_factors=True)
+            hit = self._rope_cache[key] = (f if self.rope_fp64 else f.to(torch.complex64)).to(self.compute_device)
+            while len(self._rope_cache) > _CACHE_ENTRIES:
+                self._rope_cache.popitem(last=False)
+        else:
+            self._rope_cache.move_to_end(key)
+        return hit
 
     def prepare_sink(
         self, ref_latents: Tensor, motion_latents: Tensor, text: Tensor, frames_per_block: int = 3
@@ -197,7 +223,8 @@ class WanS2VDiT(nn.Module):
         mask = self.trainable_cond_mask.weight
         x = torch.cat([ref + mask[MASK_REF].to(dt), mot + mask[MASK_MOTION].to(dt)], dim=1)  # [1, Lc, dim]
         # zero-timestep modulation, taken (like upstream) from a [0]*2F batch with F = frames_per_block
-        _, e0 = self._time_mlp(torch.zeros(2 * frames_per_block, device=dev))
+        _, e0 = self._time_cached(("sink", frames_per_block),
+                                  lambda: self._time_mlp(torch.zeros(2 * frames_per_block, device=dev)))
         e0 = e0[frames_per_block : frames_per_block + 1]  # [1, 6, dim]
         ctx = DiTContext(
             e0=e0,
@@ -257,8 +284,10 @@ class WanS2VDiT(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [1, F*hw/4, dim]
         x = x + self.trainable_cond_mask.weight[MASK_NOISY].to(dt)
 
-        t_vec = torch.as_tensor(t, dtype=torch.float32).reshape(1).expand(frames).to(dev)  # [F]
-        e, e0 = self._time_embed(t_vec)  # [F, dim], [F, 6, dim]
+        t_cpu = torch.as_tensor(t, dtype=torch.float32, device="cpu").reshape(1)
+        t_vec = t_cpu.expand(frames).to(dev)  # [F]
+        # the 4 timesteps repeat every block: the time MLP runs once per timestep, not per call
+        e, e0 = self._time_cached(("block", float(t_cpu), frames), lambda: self._time_embed(t_vec))  # [F, dim], [F, 6, dim]
         tokens, glob = self.encode_audio(audio)
         if tokens.shape[0] != frames:
             raise ValueError(f"audio gives {tokens.shape[0]} latent frames, block has {frames}")

@@ -89,7 +89,8 @@ def generate(request: GenerateRequest, backend: Backend | None = None) -> Genera
     out.parent.mkdir(parents=True, exist_ok=True)
     if backend is None:
         backend = ArtifactBackend.open(request.artifact, vram_gb=request.vram_gb, ram_gb=request.ram_gb,
-                                       kv_dtype=request.kv_dtype)
+                                       kv_dtype=request.kv_dtype, device_profile=request.device_profile,
+                                       compile_units=request.compile_units)
     reference = load_reference(request.image, request.size)
     height, width = reference.shape[1:]
     wave = speech.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
@@ -138,6 +139,8 @@ def _render(request: GenerateRequest, backend: Backend, work: Any, inputs: Rende
     spec = VideoSpec(height=inputs.height, width=inputs.width, fps=request.sample.fps)
     if resumed < inputs.num_clips:  # (a render killed while muxing has every clip already)
         renderer = backend.build(inputs)
+        if hasattr(renderer, "layout"):  # what this render streams, where its KV lives
+            telemetry.event("layout", **renderer.layout())
         if work.state_path is not None:
             import torch
 
@@ -155,12 +158,14 @@ def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderIn
     import torch
     from tqdm import tqdm
 
+    from .ledger import clip_fields, clip_mark
+
     sample, show = inputs.request.sample, inputs.request.progress
     interval = inputs.request.checkpoint_interval_s
     last_checkpoint = time.monotonic()
     clips = tqdm(total=inputs.num_clips, initial=work.clips_done, unit="clip", desc="clips", disable=not show)
     for clip in range(work.clips_done, inputs.num_clips):
-        t0, wait0 = time.perf_counter(), renderer.copy_wait_seconds()
+        t0, wait0, mark = time.perf_counter(), renderer.copy_wait_seconds(), clip_mark(renderer)
         segment = work.begin_clip(clip, spec)
         try:
             blocks = tqdm(range(renderer.blocks_per_clip), unit="block", desc=f"clip {clip}", leave=False,
@@ -179,8 +184,9 @@ def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderIn
         except BaseException:
             segment.abort()
             raise
-        telemetry.clip_done(clip, segment.frames, time.perf_counter() - t0,
-                            renderer.copy_wait_seconds() - wait0,
-                            checkpoint_seconds=round(time.perf_counter() - t_ckpt, 4) if due else None)
+        seconds = time.perf_counter() - t0
+        telemetry.clip_done(clip, segment.frames, seconds, renderer.copy_wait_seconds() - wait0,
+                            checkpoint_seconds=round(time.perf_counter() - t_ckpt, 4) if due else None,
+                            **clip_fields(renderer, mark, seconds))
         clips.update(1)
     clips.close()

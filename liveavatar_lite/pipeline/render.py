@@ -33,11 +33,12 @@ class ArtifactBackend:
     """
 
     def __init__(self, directory: Path, manifest: Any, preset: Any, vram_gb: float | None, ram_gb: float | None,
-                 kv_dtype: str = "bf16") -> None:
+                 kv_dtype: str = "bf16", device_profile: str | None = None, compile_units: bool = False) -> None:
         import torch
 
         self.directory, self.manifest, self.preset = directory, manifest, preset
         self.vram_gb, self.ram_gb, self.kv_dtype = vram_gb, ram_gb, kv_dtype
+        self.device_profile, self.compile_units = device_profile, compile_units
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.plan: Any = None  # set by build(): the memory plan this render runs under
@@ -45,7 +46,7 @@ class ArtifactBackend:
 
     @classmethod
     def open(cls, directory: Path, vram_gb: float | None = None, ram_gb: float | None = None,
-             kv_dtype: str = "bf16") -> ArtifactBackend:
+             kv_dtype: str = "bf16", device_profile: str | None = None, compile_units: bool = False) -> ArtifactBackend:
         """Validate the artifact (format version, model, components) before any heavy work.
 
         ArtifactBackend.open(Path("artifact"), vram_gb=20.0, kv_dtype="int8")  # ArtifactError if unusable
@@ -68,7 +69,7 @@ class ArtifactBackend:
             dit = manifest.dit
             raise ArtifactError(f"the artifact's DiT (dim {dit.dim}, {dit.num_layers} layers) is not a model this "
                                 "runtime knows (Wan2.2-S2V-14B + Live Avatar)") from None
-        return cls(directory, manifest, preset, vram_gb, ram_gb, kv_dtype)
+        return cls(directory, manifest, preset, vram_gb, ram_gb, kv_dtype, device_profile, compile_units)
 
     def identity(self) -> str:
         """sha256 of the manifest bytes: what the prompt cache and the resume journal key on."""
@@ -84,7 +85,6 @@ class ArtifactBackend:
         from ..conditioning.prompt_cache import PromptCache, default_cache_dir
         from ..decode.vae_onnx import OnnxVAEDecoder
         from ..runtime.dit_runtime import DiTRuntime
-        from ..runtime.plan import vae_arena_estimate
         from .generator import CausalGenerator, GenerationInputs
 
         req = inputs.request
@@ -93,19 +93,21 @@ class ArtifactBackend:
         text, _ = cache.get_or_compute(req.prompt, self.identity(), lambda: self._encode_prompt(req.prompt))
         audio = self._audio_features(inputs.wave)
         ref_latents, motion_latents = self._encode_reference(inputs.reference, req.sample.motion_frames)
-        runtime = DiTRuntime.from_artifact(self.directory, plan, device=self.device,
-                                           timing=self.device.type == "cuda")
+        runtime = DiTRuntime.from_artifact(self.directory, plan, device=self.device, timing=self.device.type == "cuda",
+                                           compile_units=self.compile_units)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
                                       ref_latents=ref_latents, motion_latents=motion_latents)
         generator = CausalGenerator(_OnDevice(runtime.dit, self.device), gen_inputs, seed=req.seed,
                                     sample=req.sample, num_clips=inputs.num_clips, runner=_RuntimeRunner(runtime))
+        # The plan sized the decoder: its arena cap (weights + one call's working set + workspace,
+        # from the graph's shapes) and the latents per call that working set was counted for.
         decoder = OnnxVAEDecoder(self.directory / self.manifest.paths["vae_onnx"],
-                                 gpu_mem_limit=vae_arena_estimate((inputs.width, inputs.height))
-                                 if self.device.type == "cuda" else None)
+                                 gpu_mem_limit=plan.decoder_arena_bytes if self.device.type == "cuda" else None,
+                                 latents_per_call=plan.decode_latents_per_call or None)
         # As upstream's streaming decoder (TPP rank 4): warm the causal state up on the first 7
         # motion latents and discard those frames, so block 0 continues a "video" of the photo.
         decoder.decode(motion_latents[:, :7].float().cpu().numpy())
-        return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip)
+        return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan=plan)
 
     # ---- conditioning ---------------------------------------------------------------------------
 
@@ -197,28 +199,13 @@ class ArtifactBackend:
 
     def _plan(self, size: tuple[int, int]) -> Any:
         """The memory plan for this budget and size (width, height); BudgetError if nothing fits."""
-        import torch
+        from .memory import RenderBudget, plan_render
 
-        from ..runtime.device_profiles import probe_profile
-        from ..runtime.plan import Budget, make_plan
-        from ..runtime.plan_inputs import manifest_unit_sizes, plan_input
-
-        m = self.manifest
-        inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
-        if self.vram_gb is not None:
-            vram = self.vram_gb * 1e9
-        elif self.device.type == "cuda":
-            vram = float(torch.cuda.mem_get_info(self.device)[0])
-        else:
-            vram = 1e15  # CPU: "device" memory is host memory; no separate budget
-        ram = self.ram_gb * 1e9 if self.ram_gb else _physical_ram_bytes()
-        budget = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=self.kv_dtype)
-        profile = probe_profile(str(self.device), seconds=0.3 if self.device.type == "cpu" else 2.0)
-        plan = make_plan(inp, budget, profile)
-        log.info("plan: peak VRAM %.2f GB, %d streamed units, predicted %.1f s per clip",
-                 plan.peak_vram_bytes / 1e9, len(plan.streamed_units), plan.predicted_seconds_per_clip)
-        self.plan, self._plan_args = plan, (inp, budget, profile)
-        return plan
+        planned = plan_render(self.directory, self.manifest, size,
+                              RenderBudget(self.vram_gb, self.ram_gb, self.kv_dtype, self.device_profile),
+                              self.device.type)
+        self.plan, self._plan_args = planned.plan, (planned.inputs, planned.budget, planned.profile)
+        return planned.plan
 
     def oom_advice(self) -> str:
         """What to change after running out of memory: the plan for a 15 % smaller VRAM budget.
@@ -251,16 +238,6 @@ class ArtifactBackend:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _physical_ram_bytes() -> float | None:
-    """Total physical memory (POSIX), the default host budget; None where the OS does not say."""
-    import os
-
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 class _OnDevice:
@@ -327,9 +304,9 @@ class ArtifactRenderer:
     frames = renderer.block_frames(clip, block)  # in order: clip 0 blocks 0..3, clip 1 block 0, ...
     """
 
-    def __init__(self, generator: Any, decoder: Any, runtime: Any, blocks_per_clip: int) -> None:
+    def __init__(self, generator: Any, decoder: Any, runtime: Any, blocks_per_clip: int, plan: Any = None) -> None:
         self.generator, self.decoder, self.runtime = generator, decoder, runtime
-        self.blocks_per_clip = blocks_per_clip
+        self.blocks_per_clip, self.plan = blocks_per_clip, plan
 
     def block_frames(self, clip: int, block: int) -> np.ndarray:
         """The next block's 12 frames, uint8 [12, H, W, 3]; (clip, block) must be the next in order."""
@@ -358,5 +335,19 @@ class ArtifactRenderer:
         self.decoder.load_state({k: v.numpy() for k, v in state["decoder"].items()})
 
     def copy_wait_seconds(self) -> float:
-        """Seconds the compute stream has waited for weight copies so far (0 on CPU)."""
+        """Seconds compute has waited for weight and KV copies so far (CUDA: timed with events)."""
         return self.runtime.copy_wait_seconds()
+
+    def layout(self) -> dict[str, Any]:
+        """The layout this render runs under (telemetry's `layout` line)."""
+        return {**self.runtime.layout(), "decode_latents_per_call": self.plan.decode_latents_per_call}
+
+    def counters(self) -> dict[str, float]:
+        """Running copy-wait (weights, KV) and H2D byte totals (ledger.clip_mark)."""
+        return self.runtime.copy_counters()
+
+    def ledger(self, seconds: float | None, clip: dict[str, float]) -> dict[str, Any]:
+        """The plan's figures next to the measured ones, for the clip just rendered."""
+        from .ledger import memory_ledger
+
+        return memory_ledger(self.plan, self.runtime, self.decoder, seconds, clip)

@@ -31,6 +31,8 @@ class GenerateRequest:
     vram_gb: float | None = None  # None: the GPU's free memory
     ram_gb: float | None = None  # None: this machine's physical RAM
     kv_dtype: str = "bf16"  # KV cache storage: bf16 | fp8 | int8 (8-bit halves the biggest memory user)
+    device_profile: str | None = None  # None: the GPU's named profile if known, else a probe (as `plan`)
+    compile_units: bool = False  # fuse each DiT unit's elementwise work with torch.compile (CUDA only)
     resume: bool = False
     telemetry: Path | None = None
     cache_dir: Path | None = None  # prompt-embedding cache; None: prompt_cache.default_cache_dir()

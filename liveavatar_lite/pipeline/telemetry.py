@@ -1,7 +1,11 @@
 """Per-clip measurements of a render, written as JSON lines, plus a summary line at the end.
 
 Each clip line: seconds, frames, fps, peak VRAM (bytes, since the clip began), host RSS (bytes,
-now and peak) and the copy-wait fraction (time the GPU waited for weight copies / clip time).
+now and peak) and the copy-wait fraction (time compute waited for weight and KV copies / clip
+time), and, from the artifact renderer, the wait split into weights and KV, the H2D bytes of each,
+and the memory ledger (`ledger.py`: the plan's figures next to the measured ones), which is also
+logged as a table. A `layout` line before the first clip records what the render streams and where
+its KV caches live.
 
     tel = Telemetry.open(Path("run.jsonl"), append=False)
     tel.clip_done(index=0, frames=45, seconds=12.3, copy_wait_s=1.2)
@@ -10,6 +14,7 @@ now and peak) and the copy-wait fraction (time the GPU waited for weight copies 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+log = logging.getLogger(__name__)
 
 def host_rss_bytes() -> tuple[int | None, int | None]:
     """(current, peak) resident set size of this process, or None where the OS does not say.
@@ -104,6 +110,10 @@ class Telemetry:
         }
         self.records.append(record)
         self._write(record)
+        if self.stream is not None and record.get("ledger"):
+            from .ledger import format_ledger
+
+            log.info("%s", format_ledger(record["ledger"], f"memory ledger, clip {index} (plan vs measured):"))
         return record
 
     def summary(self, **extra: Any) -> dict[str, Any]:

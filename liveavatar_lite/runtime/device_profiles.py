@@ -1,7 +1,8 @@
 """Bandwidth and throughput figures of a device, used by the planner to predict seconds per clip.
 
-Named profiles hold spec-sheet (dense, no sparsity) tensor throughputs and a measured pinned H2D
-bandwidth; `probe_profile` measures an unknown device in a few seconds instead.
+Named profiles hold spec-sheet (dense, no sparsity) tensor throughputs, memory bandwidth and a
+measured pinned H2D bandwidth; `probe_profile` measures an unknown device in a few seconds instead,
+timing the kernels production runs. `resolve_profile` is the one rule `plan` and `generate` share.
 
     prof = get_profile("rtx4090"); prof.h2d_gbps  # 24.0
 """
@@ -27,10 +28,13 @@ class DeviceProfile:
     int8_tops: float  # dense int8 tensor math, int32 accumulate (0 = no int8 tensor cores)
     fp8_tflops: float  # dense fp8 e4m3 math, fp32 accumulate (0 = no fp8 tensor cores)
     disk_gbps: float = 3.0  # sequential read of a streamed unit from disk (NVMe)
+    mem_gbps: float = 0.0  # device memory bandwidth: what unfused elementwise kernels are bound by
     # Fraction of peak that real kernels reach at our shapes (M ~ 3k tokens, K ~ 5k): GEMMs of
-    # this size run at 60-75 % of peak; SDPA/flash attention at 50-60 %.
+    # this size run at 60-75 % of peak; SDPA/flash attention at 50-60 %; elementwise kernels at
+    # 75-85 % of the memory bandwidth. A probed profile measures the real kernels: efficiency 1.
     gemm_efficiency: float = 0.65
     attn_efficiency: float = 0.55
+    mem_efficiency: float = 0.8
 
     def linear_tops(self, weight_format: str) -> float:
         """Effective op/s (in 1e12) of a quantized linear in `weight_format`."""
@@ -47,15 +51,25 @@ class DeviceProfile:
         """Effective bf16 attention throughput (1e12 FLOP/s)."""
         return self.bf16_tflops * self.attn_efficiency
 
+    def memory_gbps(self) -> float:
+        """Effective bandwidth (1e9 B/s) of elementwise kernels (0: not known, not counted)."""
+        return self.mem_gbps * self.mem_efficiency
+
 
 # Spec-sheet dense figures (vendor whitepapers); H2D figures are measured pinned copies where
-# PRIOR_ART.md §4 cites one (4090: 23.9-26.4 GB/s), otherwise the PCIe generation's usual ~75 %.
+# PRIOR_ART.md §4 cites one (4090: 23.9-26.4 GB/s), otherwise the PCIe generation's usual ~75 %;
+# memory bandwidth from the spec sheets (4090: 1008 GB/s GDDR6X).
 PROFILES: dict[str, DeviceProfile] = {
-    "rtx4090": DeviceProfile("rtx4090", h2d_gbps=24.0, d2h_gbps=26.0, bf16_tflops=165.0, int8_tops=660.0, fp8_tflops=330.0),
-    "rtx3090": DeviceProfile("rtx3090", h2d_gbps=24.0, d2h_gbps=24.0, bf16_tflops=71.0, int8_tops=284.0, fp8_tflops=0.0),
-    "rtx5090": DeviceProfile("rtx5090", h2d_gbps=48.0, d2h_gbps=48.0, bf16_tflops=209.0, int8_tops=838.0, fp8_tflops=419.0),
-    "l40s": DeviceProfile("l40s", h2d_gbps=24.0, d2h_gbps=24.0, bf16_tflops=362.0, int8_tops=733.0, fp8_tflops=733.0),
-    "h100-pcie": DeviceProfile("h100-pcie", h2d_gbps=48.0, d2h_gbps=48.0, bf16_tflops=756.0, int8_tops=1513.0, fp8_tflops=1513.0),
+    "rtx4090": DeviceProfile("rtx4090", h2d_gbps=24.0, d2h_gbps=26.0, bf16_tflops=165.0, int8_tops=660.0,
+                             fp8_tflops=330.0, mem_gbps=1008.0),
+    "rtx3090": DeviceProfile("rtx3090", h2d_gbps=24.0, d2h_gbps=24.0, bf16_tflops=71.0, int8_tops=284.0,
+                             fp8_tflops=0.0, mem_gbps=936.0),
+    "rtx5090": DeviceProfile("rtx5090", h2d_gbps=48.0, d2h_gbps=48.0, bf16_tflops=209.0, int8_tops=838.0,
+                             fp8_tflops=419.0, mem_gbps=1792.0),
+    "l40s": DeviceProfile("l40s", h2d_gbps=24.0, d2h_gbps=24.0, bf16_tflops=362.0, int8_tops=733.0,
+                          fp8_tflops=733.0, mem_gbps=864.0),
+    "h100-pcie": DeviceProfile("h100-pcie", h2d_gbps=48.0, d2h_gbps=48.0, bf16_tflops=756.0, int8_tops=1513.0,
+                               fp8_tflops=1513.0, mem_gbps=2039.0),
 }
 
 
@@ -70,38 +84,111 @@ def get_profile(name: str) -> DeviceProfile:
         raise UserError(f"unknown device profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
 
 
-def probe_profile(device: str | None = None, seconds: float = 2.0) -> DeviceProfile:
-    """Measure H2D bandwidth and matmul throughput of `device` (default: cuda if present, else cpu).
+def known_profile(gpu_name: str) -> DeviceProfile | None:
+    """The named profile of a GPU by its CUDA name ("NVIDIA GeForce RTX 4090" -> rtx4090), or None."""
+    flat = gpu_name.lower().replace(" ", "").replace("-", "")
+    for key, prof in PROFILES.items():
+        if key.replace("-", "") in flat:
+            return prof
+    return None
 
-    prof = probe_profile()  # a few seconds; figures are already 'effective' (efficiency = 1)
+
+def resolve_profile(name: str | None, device: str | None = None) -> tuple[DeviceProfile, str]:
+    """The profile `plan` and `generate` use, and a note for the user ("" when there is none to give).
+
+    A name wins; otherwise a GPU with a named profile uses it (no probe: its figures are the stable
+    ones the layout was chosen with), an unknown GPU is probed, and a machine without a GPU probes
+    its CPU (then the times are the CPU's).
+
+        prof, note = resolve_profile(None, "cuda")  # rtx4090 on an RTX 4090
     """
+    if name:
+        return get_profile(name), ""
     import torch
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        gpu = torch.cuda.get_device_name(dev)
+        known = known_profile(gpu)
+        if known is not None:
+            return known, ""
+        return probe_profile(str(dev)), f"note: {gpu} has no named profile; its figures were probed"
+    return probe_profile("cpu", seconds=1.0), ("note: no GPU here, so times are for this CPU; "
+                                               "pass --device-profile rtx4090 (or another) to predict a GPU")
+
+
+def probe_profile(device: str | None = None, seconds: float = 2.0) -> DeviceProfile:
+    """Measure `device` (default: cuda if present, else cpu) running what production runs.
+
+    The figures are already effective (efficiencies 1): pinned H2D and D2H copies of exact-size
+    host buffers; an elementwise kernel's bandwidth; and, at a production-like shape (one block of
+    tokens x 5120 x 5120 on a GPU), the quantized linears' real forward (`QuantLinear`: the int8 one
+    quantizes the activations per token and runs `_int_mm` against the weight's column-major view;
+    the fp8 one runs `_scaled_mm` with row-wise scales, on sm_89+), bf16 GEMM and SDPA attention.
+
+        prof = probe_profile()  # a few seconds
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..artifact.qtypes import QuantType
+    from .pinned import host_buffer
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = dev.type == "cuda"
-    budget = seconds / 3
+    budget = seconds / 7
+    dtype = torch.bfloat16 if on_cuda else torch.float32  # the runtime's compute dtype there
 
-    # H2D: 64 MiB pinned -> device (on CPU: a plain memcpy, which is what the CPU path does).
-    src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=on_cuda)
-    dst = torch.empty_like(src, device=dev)
-    h2d = _rate(lambda: dst.copy_(src, non_blocking=True), src.numel(), dev, budget) / 1e9
+    # Copies: 64 MiB exact-size pinned host buffer <-> device (on CPU: memcpys, what the CPU path does).
+    host = host_buffer(64 << 20, pin=on_cuda)
+    dst = torch.empty_like(host, device=dev)
+    h2d = _rate(lambda: dst.copy_(host, non_blocking=True), host.numel(), dev, budget) / 1e9
+    d2h = _rate(lambda: host.copy_(dst, non_blocking=True), host.numel(), dev, budget) / 1e9
+    big = torch.empty((256 if on_cuda else 16) << 20, dtype=torch.uint8, device=dev).view(torch.bfloat16)
+    mem = _rate(lambda: big.mul_(1.0), 2 * big.numel() * 2, dev, budget) / 1e9  # read + write
 
-    n = 2048 if on_cuda else 256
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    bf16 = _rate(lambda: a @ a, 2 * n**3, dev, budget) / 1e12
-    int8 = 0.0
-    try:
-        ai = torch.randint(-100, 100, (n, n), device=dev, dtype=torch.int8)
-        int8 = _rate(lambda: torch._int_mm(ai, ai), 2 * n**3, dev, budget) / 1e12
-    except RuntimeError as e:  # no int8 GEMM on this device/build
-        log.debug("int8 probe failed: %s", e)
+    m, k = (3168, 5120) if on_cuda else (256, 256)  # one 704*384 block of tokens; the 14B width
+    x = torch.randn(m, k, device=dev, dtype=dtype)
+    w = torch.randn(k, k, device=dev, dtype=dtype) / k**0.5
+    flops = 2 * m * k * k
+    bf16 = _rate(lambda: F.linear(x, w), flops, dev, budget) / 1e12
+    int8 = _linear_rate(QuantType.INT8, x, dev, budget, flops)
+    fp8 = 0.0
+    if on_cuda and torch.cuda.get_device_capability(dev) >= (8, 9):
+        fp8 = _linear_rate(QuantType.FP8, x, dev, budget, flops)
+    heads, keys = (40, 15312) if on_cuda else (2, 1024)
+    q = torch.randn(1, heads, m, 128, device=dev, dtype=dtype)
+    kv = torch.randn(1, heads, keys, 128, device=dev, dtype=dtype)
+    attn = _rate(lambda: F.scaled_dot_product_attention(q, kv, kv), 4 * m * keys * heads * 128, dev, budget) / 1e12
     name = f"probe:{torch.cuda.get_device_name(dev) if on_cuda else 'cpu'}"
     prof = DeviceProfile(
-        name=name, h2d_gbps=h2d, d2h_gbps=h2d, bf16_tflops=bf16, int8_tops=int8, fp8_tflops=0.0,
-        gemm_efficiency=1.0, attn_efficiency=0.8,
+        name=name, h2d_gbps=h2d, d2h_gbps=d2h, bf16_tflops=bf16, int8_tops=int8, fp8_tflops=fp8, mem_gbps=mem,
+        gemm_efficiency=1.0, attn_efficiency=attn / bf16 if bf16 > 0 else 1.0, mem_efficiency=1.0,
     )
-    log.info("probed %s: H2D %.1f GB/s, bf16 %.2f TFLOPS, int8 %.2f TOPS", name, h2d, bf16, int8)
+    log.info("probed %s: H2D %.1f GB/s, memory %.0f GB/s, bf16 %.2f TFLOPS, int8 linear %.2f TOPS, fp8 linear "
+             "%.2f TFLOPS, attention %.2f TFLOPS", name, h2d, mem, bf16, int8, fp8, attn)
     return prof
+
+
+def _linear_rate(qtype, x, dev, budget: float, flops: float) -> float:  # type: ignore[no-untyped-def]
+    """op/s (1e12) of a `QuantLinear` forward with random stored parts; 0 when the kernel fails here."""
+    import torch
+
+    from .qlinear import QuantLinear
+
+    k = x.shape[1]
+    lin = QuantLinear(k, k, qtype, device=dev, bias_dtype=x.dtype)
+    store = torch.float8_e4m3fn if qtype.value == "fp8" else torch.int8
+    with torch.no_grad():
+        lin.weight_data.copy_(torch.randint(-100, 100, (k, k), device=dev, dtype=torch.int16).to(store))
+        lin.weight_scale.fill_(1.0 / (127 * k**0.5))
+        lin.bias.zero_()
+    try:
+        with torch.no_grad():
+            return _rate(lambda: lin(x), flops, dev, budget) / 1e12
+    except RuntimeError as e:  # no such kernel on this device/build
+        log.debug("%s probe failed: %s", qtype.value, e)
+        return 0.0
 
 
 def _rate(fn, work: float, dev, budget_s: float) -> float:

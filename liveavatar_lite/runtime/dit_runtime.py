@@ -27,8 +27,9 @@ from ..artifact.format import Manifest, TensorEntry, read_manifest, read_unit
 from ..config import DiTConfig
 from ..errors import ArtifactError
 from .kv_offload import KVOffload
+from .pinned import host_buffer
 from .plan import Plan
-from .plan_inputs import kv_specs
+from .plan_inputs import WEIGHT_CHUNK_BYTES, kv_specs
 from .qlinear import QuantLinear, part_attr, swap_linears
 from .streamer import DiskSource, PinnedSource, UnitStreamer
 
@@ -64,8 +65,8 @@ class UnitData:
 
 
 def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: bool) -> list[UnitData]:
-    """The DiT units of an artifact; streamed-from-host units are read now into (pinned) buffers,
-    disk units stay on disk, resident units are read when they are moved to the device."""
+    """The DiT units of an artifact; streamed-from-host units are read now into exact-size (pinned)
+    host buffers, disk units stay on disk, resident units are read when they are moved to the device."""
     placement = {u.name: u.placement for u in plan.units}
     out = []
     for u in manifest.units:
@@ -75,7 +76,9 @@ def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: b
         if where is None:
             raise ArtifactError(f"the plan does not place unit {u.name}; re-run `liveavatar-lite plan` for this artifact")
         reader = partial(_read_into, directory, u.name, manifest)
-        host = read_unit(directory, u, manifest=manifest, pin=pin)[0] if where == "host" else None
+        host = None
+        if where == "host":  # exact size, page-locked in place (torch's pinned allocator rounds up to 2^k)
+            host = read_unit(directory, u, manifest=manifest, out=host_buffer(u.data_nbytes, pin=pin))[0]
         out.append(UnitData(u.name, u.block_index if u.kind == "dit_block" else None, u.data_nbytes, u.tensors,
                             host=host, read_into=None if host is not None else reader))
     return out
@@ -171,7 +174,9 @@ class WeightStreamer:
             self.by_layer[u.layer] = u
             sources.append(PinnedSource(u.host) if u.host is not None else DiskSource(u.nbytes, u.read_into))  # type: ignore[arg-type]
         self.order = [u.layer for u in streamed]  # streamed layers in execution order
-        self.streamer = UnitStreamer(sources, device, copy_stream=copy_stream, timing=timing) if sources else None
+        # in pieces, so that a KV copy on the other copy stream waits for one piece at most
+        self.streamer = UnitStreamer(sources, device, copy_stream=copy_stream, timing=timing,
+                                     chunk_bytes=WEIGHT_CHUNK_BYTES) if sources else None
 
     def make_resident(self, unit: UnitData, buf: Tensor) -> None:
         dev = buf.to(self.device, copy=True)  # ONE copy per resident unit, kept for the whole run
@@ -196,26 +201,44 @@ class WeightStreamer:
 
 
 class DiTRuntime:
-    """A loaded DiT + placed KV caches; runs sink prefills and denoising steps."""
+    """A loaded DiT + placed KV caches; runs sink prefills and denoising steps.
+
+    rope_fp64: rotate q/k in float64 as upstream (None: only when computing in fp32, where the CPU
+    reference runs match upstream bit for bit; in bf16 on a GPU, complex64 RoPE differs from it far
+    below bf16's rounding, tests/test_dit_parity, and fp64 runs at 1/64 rate on consumer GPUs).
+    compile_units: fuse each unit's elementwise work with `torch.compile` (CUDA only; off by default).
+    """
 
     def __init__(self, cfg: DiTConfig, units: Sequence[UnitData], plan: Plan, device: torch.device | str = "cpu",
-                 compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", timing: bool = False) -> None:
-        from ..model.dit import WanS2VDiT
+                 compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", timing: bool = False,
+                 rope_fp64: bool | None = None, compile_units: bool = False) -> None:
+        from ..model.dit import WanS2VDiT, unit_forward
 
         self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
         with torch.device("meta"):
-            self.dit = WanS2VDiT(cfg)
+            self.dit = WanS2VDiT(cfg, rope_fp64=compute_dtype == torch.float32 if rope_fp64 is None else rope_fp64)
+        self._unit_forward = unit_forward
+        if compile_units and self.device.type == "cuda":
+            # One compiled graph serves every unit: the modules are arguments, their (re-bound)
+            # parameters are graph inputs, so streaming a unit never triggers a recompile.
+            self._unit_forward = torch.compile(unit_forward, dynamic=False)
+        elif compile_units:
+            log.info("compile_units is for CUDA; running eager on %s", self.device)
         specs = {e.name[: -len(".weight")]: (e.qtype, e.group_size)
                  for u in units for e in u.tensors if e.qtype.is_quantized and e.name.endswith(".weight")}
         swap_linears(self.dit, specs, kernel=kernel, bias_dtype=compute_dtype)
         self.dit.eval()
         _check_coverage(self.dit, units)
-        copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        # Two copy streams: weights and KV never queue behind each other (a FIFO stream shared by
+        # both put a 509 MB weight prefetch ahead of the next layer's KV copy).
+        cuda = self.device.type == "cuda"
+        weight_stream = torch.cuda.Stream(device=self.device) if cuda else None
+        kv_stream = torch.cuda.Stream(device=self.device) if cuda else None
         binder = _Binder(self.dit, compute_dtype)
         placement = {u.name: u.placement for u in plan.units}
         resident = [u for u in units if placement.get(u.name, "gpu") == "gpu"]
         streamed = [u for u in units if placement.get(u.name, "gpu") != "gpu"]
-        self.weights = WeightStreamer(streamed, binder, self.device, copy_stream, timing)
+        self.weights = WeightStreamer(streamed, binder, self.device, weight_stream, timing)
         for u in resident:
             self.weights.make_resident(u, u.load())
         _check_materialized(self.dit, set(self.weights.by_layer))
@@ -225,15 +248,17 @@ class DiTRuntime:
         sink_gpu = next(k.placement == "gpu" for k in plan.kv if k.step is None)
         kv_dtype = plan.kv[0].dtype
         self.kv = KVOffload.build(cfg, specs_kv[0].tokens, specs_kv[-1].tokens, kv_dtype, ring_gpu, sink_gpu,
-                                  self.device, compute_dtype=compute_dtype, copy_stream=copy_stream)
+                                  self.device, compute_dtype=compute_dtype, copy_stream=kv_stream, timing=timing)
 
     @classmethod
     def from_artifact(cls, directory: str | Path, plan: Plan, device: torch.device | str = "cuda",
-                      kernel: str = "auto", timing: bool = False) -> DiTRuntime:
+                      kernel: str = "auto", timing: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
+                      compile_units: bool = False) -> DiTRuntime:
         """Load an artifact's DiT per `plan` (from `plan.make_plan` over this artifact's manifest)."""
         m = read_manifest(directory)
         pin = torch.device(device).type == "cuda"
-        return cls(m.dit, artifact_units(directory, m, plan, pin), plan, device, kernel=kernel, timing=timing)
+        return cls(m.dit, artifact_units(directory, m, plan, pin), plan, device, compute_dtype=compute_dtype,
+                   kernel=kernel, timing=timing, compile_units=compile_units)
 
     # ---- the unit loop ---------------------------------------------------------------------------
 
@@ -242,7 +267,8 @@ class DiTRuntime:
         for i in range(self.cfg.num_layers):
             self.weights.open(i)  # streamed: waits for unit i's copy, starts the next unit's copy, binds
             lkv = self.kv.open_layer(step, i)  # same for layer i's KV when its cache lives on the host
-            x = self.dit.forward_unit(i, x, ctx, lkv)
+            block, inject = self.dit.unit_modules(i)
+            x = self._unit_forward(block, inject, x, ctx, lkv)  # == dit.forward_unit(i, ...), maybe compiled
             self.kv.close_layer(step, i)  # host caches: copy back only this block's new K/V rows
             self.weights.close(i)  # the slot frees once the kernels queued above have finished
         return x
@@ -284,13 +310,52 @@ class DiTRuntime:
     def streamers(self) -> list[UnitStreamer]:
         return ([self.weights.streamer] if self.weights.streamer else []) + self.kv.streamers()
 
+    def copy_counters(self) -> dict[str, float]:
+        """Running totals since load: seconds compute waited for weight / KV copies (CUDA: with
+        timing=True, else 0; CPU: the copies themselves) and H2D bytes of weights / KV."""
+        def total(streamers: list[UnitStreamer], attr: str) -> float:
+            for st in streamers:
+                st.stats.collect()
+            return sum(getattr(st.stats, attr) for st in streamers)
+
+        w = [self.weights.streamer] if self.weights.streamer else []
+        kv = self.kv.streamers()
+        return {"copy_wait_weights_s": total(w, "wait_seconds"), "copy_wait_kv_s": total(kv, "wait_seconds"),
+                "h2d_weights_bytes": total(w, "h2d_bytes"), "h2d_kv_bytes": total(kv, "h2d_bytes"),
+                "d2h_kv_bytes": total(kv, "d2h_bytes")}
+
     def copy_wait_seconds(self) -> float:
-        """Compute-stream time spent waiting on copies so far (CUDA with timing=True; else 0)."""
-        total = 0.0
-        for st in self.streamers():
-            st.stats.collect()
-            total += st.stats.wait_seconds
-        return total
+        """Compute-stream time spent waiting on copies so far, weights and KV together."""
+        c = self.copy_counters()
+        return c["copy_wait_weights_s"] + c["copy_wait_kv_s"]
+
+    def layout(self) -> dict[str, object]:
+        """The layout this runtime runs: what the plan placed where (telemetry's `layout` line)."""
+        p = self.plan
+        streamed = [u for u in p.units if u.placement != "gpu"]
+        return {"units_streamed": [u.name for u in streamed],
+                "units_streamed_from": sorted({u.placement for u in streamed}),
+                "units_resident": sum(1 for u in p.units if u.placement == "gpu"),
+                "kv_placement": {k.name: k.placement for k in p.kv}, "kv_dtype": p.kv[0].dtype if p.kv else None,
+                "predicted_h2d_bytes_per_clip": p.h2d_bytes_per_clip,
+                "predicted_seconds_per_clip": round(p.predicted_seconds_per_clip, 3)}
+
+    def device_bytes(self) -> dict[str, int]:
+        """What this runtime allocated on its device, by the plan's names (measured, exact)."""
+        st = self.weights.streamer
+        return {"resident_weights": sum(b.numel() for b in self.weights.resident_bufs),
+                "weight_slots": st.device_bytes if st else 0, **self.kv.device_bytes()}
+
+    def host_bytes(self) -> dict[str, int]:
+        """Host buffers this runtime holds, by the plan's names (measured, exact)."""
+        st = self.weights.streamer
+        pinned_weights = sum(u.host.numel() for u in self.weights.by_layer.values() if u.host is not None)
+        out = {"pinned_kv": self.kv.host_bytes()}
+        if st is not None and st.staging_bytes:
+            out["staging"] = st.staging_bytes
+        if pinned_weights:
+            out["pinned_weights"] = pinned_weights
+        return out
 
     def kv_state(self) -> dict[str, object]:
         return self.kv.state_dict()

@@ -26,6 +26,7 @@ from ..artifact.qtypes import FP8_MAX, INT8_QMAX
 from ..config import DiTConfig
 from ..model.kv import LayerKV
 from .kv_cache import ring_window
+from .pinned import host_buffer
 from .streamer import PinnedSource, UnitStreamer, pack_tensors, unpack_views
 
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -44,10 +45,18 @@ def quantize_kv(x: Tensor, kv_dtype: str) -> tuple[Tensor, Tensor | None]:
 
 
 def dequantize_kv(q: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Inverse of quantize_kv, in `dtype` (bf16 storage: the stored tensor itself, no copy)."""
+    """Inverse of quantize_kv, in `dtype` (bf16 storage: the stored tensor itself, no copy).
+
+    fp32 math rounded once into `dtype`, as `(q.float() * scale).to(dtype)`, but the product is
+    written straight in `dtype`: no fp32 result to write and read again (this runs over the whole
+    ring, every layer and step: 12672 x 5120 values per cache at 14B). int8 is widened inside the
+    multiply; fp8 has no type promotion, so it is widened first, to bf16 (exact: every e4m3 value
+    is a bf16 value), half the bytes of an fp32 copy.
+    """
     if scale is None:
         return q
-    return (q.float() * scale).to(dtype)
+    src = q if q.dtype == torch.int8 else q.to(torch.bfloat16)
+    return torch.mul(src, scale, out=torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
 class LayerStore:
@@ -62,13 +71,22 @@ class LayerStore:
         tensors = {"k": torch.zeros(shape, dtype=dt), "v": torch.zeros(shape, dtype=dt)}
         if kv_dtype != "bf16":
             tensors |= {"k_scale": torch.zeros(*shape[:3], 1), "v_scale": torch.zeros(*shape[:3], 1)}
-        pin = not on_device and self.device.type == "cuda"
         template, self.layout = pack_tensors(tensors, pin=False)  # all zeros: only the layout is used
-        where = self.device if on_device else torch.device("cpu")
-        self.bufs = [torch.zeros(template.numel(), dtype=torch.uint8, device=where, pin_memory=pin)
-                     for _ in range(layers)]
+        self.layer_nbytes = template.numel()
+        # ONE buffer for the whole cache, layers are views of it. On the host it is page-locked at its
+        # exact size (`pinned.host_buffer`), and a checkpoint saves it as it is (`state()`).
+        total = layers * self.layer_nbytes
+        if on_device:
+            self.storage = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        else:
+            self.storage = host_buffer(total, pin=self.device.type == "cuda", zero=True)
+        self.bufs = [self.storage[i * self.layer_nbytes:(i + 1) * self.layer_nbytes] for i in range(layers)]
         self.streamer: UnitStreamer | None = None
         self.first_unit = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel()
 
     def host_views(self, i: int) -> dict[str, Tensor]:
         return unpack_views(self.bufs[i], self.layout)
@@ -93,9 +111,13 @@ class LayerStore:
         self.streamer.release(self.first_unit + i, writeback=wb)
 
     def state(self) -> list[Tensor]:
+        """The layers' bytes for a checkpoint, WITHOUT a copy: views of the live cache (valid until the
+        next forward). Saved right away, `torch.save` writes the cache's one buffer as it is, so a
+        checkpoint costs no extra host RAM (a copy was 22.5-43.7 GB at 14B). A cache on the GPU is
+        copied to the host by `torch.save` itself, buffer by buffer."""
         if self.streamer is not None:
             self.streamer.wait_copies()  # write-backs to these host buffers may still be in flight
-        return [b.detach().cpu().clone() for b in self.bufs]
+        return list(self.bufs)
 
     def load_state(self, bufs: Sequence[Tensor]) -> None:
         if self.streamer is not None:
@@ -196,7 +218,7 @@ class KVOffload:
     """All KV caches of a run: `steps` rings + the sink, each on the GPU or streamed from the host."""
 
     def __init__(self, rings: list[OffloadRing], sink: OffloadSink, num_layers: int, compute_dtype: torch.dtype,
-                 device: torch.device, copy_stream: object | None = None) -> None:
+                 device: torch.device, copy_stream: object | None = None, timing: bool = False) -> None:
         self.rings, self.sink, self.num_layers = rings, sink, num_layers
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         # Host rings share ONE streamer (two slots, as the plan counts them): units in execution order.
@@ -206,18 +228,21 @@ class KVOffload:
             r.first_unit = len(sources)
             sources += [PinnedSource(b) for b in r.bufs]
         self._ring_units = len(sources)
+        # The KV copies have a copy stream of their own (not the weights'): a weight unit queued for
+        # prefetch never delays the next layer's KV (the write-backs run there too, after each release).
         if sources:
-            st = UnitStreamer(sources, self.device, copy_stream=copy_stream)
+            st = UnitStreamer(sources, self.device, copy_stream=copy_stream, timing=timing)
             for r in host_rings:
                 r.streamer = st
         if not sink.on_device:
-            sink.streamer = UnitStreamer([PinnedSource(b) for b in sink.bufs], self.device, copy_stream=copy_stream)
+            sink.streamer = UnitStreamer([PinnedSource(b) for b in sink.bufs], self.device, copy_stream=copy_stream,
+                                         timing=timing)
         self._open: dict[tuple[int | None, int], _Open] = {}
 
     @classmethod
     def build(cls, cfg: DiTConfig, ring_tokens: int, sink_tokens: int, kv_dtype: str, ring_gpu: Sequence[bool],
               sink_gpu: bool, device: torch.device | str, compute_dtype: torch.dtype = torch.bfloat16,
-              copy_stream: object | None = None) -> KVOffload:
+              copy_stream: object | None = None, timing: bool = False) -> KVOffload:
         """Caches for `len(ring_gpu)` steps; ring_gpu[s] / sink_gpu: keep that cache on `device`."""
         if kv_dtype not in STORE_DTYPES:
             raise ValueError(f"unknown KV dtype {kv_dtype!r}")
@@ -225,7 +250,7 @@ class KVOffload:
         common = dict(layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.head_dim, kv_dtype=kv_dtype, device=dev)
         rings = [OffloadRing(ring_tokens, on_device=g, **common) for g in ring_gpu]
         sink = OffloadSink(sink_tokens, on_device=sink_gpu, **common)
-        return cls(rings, sink, cfg.num_layers, compute_dtype, dev, copy_stream)
+        return cls(rings, sink, cfg.num_layers, compute_dtype, dev, copy_stream, timing)
 
     def streamers(self) -> list[UnitStreamer]:
         out = {id(s.streamer): s.streamer for s in [*self.rings, self.sink] if s.streamer is not None}
@@ -255,8 +280,18 @@ class KVOffload:
             ring.close(i, o.ring, slice(ring.write_slot, ring.write_slot + ring.write_len))
         self.sink.close(i, o.sink, slice(0, self.sink.length) if o.sink_layer.written else None)
 
+    def device_bytes(self) -> dict[str, int]:
+        """Measured device bytes: caches kept on the device, and the KV slots of the host caches."""
+        return {"gpu_kv": sum(c.nbytes for c in [*self.rings, self.sink] if c.on_device),
+                "kv_slots": sum(st.device_bytes for st in self.streamers())}
+
+    def host_bytes(self) -> int:
+        """Measured host bytes of the caches placed on the host."""
+        return sum(c.nbytes for c in [*self.rings, self.sink] if not c.on_device)
+
     def state_dict(self) -> dict[str, object]:
-        """Every cache's bytes on the CPU (plus the sink length), for resume."""
+        """Every cache's bytes (plus the sink length), for resume: views of the live caches, no copy
+        (see `LayerStore.state`); save them before the next forward."""
         return {"rings": [r.state() for r in self.rings], "sink": self.sink.state(), "sink_length": self.sink.length,
                 "kv_dtype": self.sink.kv_dtype}
 

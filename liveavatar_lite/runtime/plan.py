@@ -14,17 +14,15 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from ..artifact.format import read_manifest
 from ..errors import BudgetError
 from .device_profiles import DeviceProfile
 from .plan_inputs import (
     GB,
     KV_DTYPES,
+    WEIGHT_CHUNK_BYTES,
     Budget,
     PlanInput,
     alternatives,
-    manifest_unit_sizes,
-    plan_input,
 )
 
 
@@ -64,6 +62,9 @@ class Plan:
     vram_budget_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)  # what the peak is made of
     device_profile: str = ""
+    host_breakdown: dict[str, int] = field(default_factory=dict)  # what host_ram_bytes is made of
+    decode_latents_per_call: int = 0  # latents per ONNX decoder call (0: the decoder is not planned)
+    seconds_breakdown: dict[str, float] = field(default_factory=dict)  # per clip: gemm, attention, elementwise, copy stalls
 
     def to_json(self) -> dict:
         """A JSON-able dict (the `plan --json` output)."""
@@ -75,12 +76,18 @@ class Plan:
     def streamed_units(self) -> tuple[UnitPlacement, ...]:
         return tuple(u for u in self.units if u.placement != "gpu")
 
+    @property
+    def decoder_arena_bytes(self) -> int:
+        """What the ONNX decoder's arena may hold (its `gpu_mem_limit`): weights + working set of one
+        call + cuDNN workspace. The cache banks are not in it (the runtime allocates them)."""
+        b = self.breakdown
+        return int(b.get("vae_arena", 0) + b.get("vae_weights", 0) + b.get("vae_working_set", 0)
+                   + b.get("vae_workspace", 0))
 
-def vae_arena_estimate(size: tuple[int, int]) -> int:
-    """ORT arena for the streaming VAE decoder at `size`: a few dozen full-resolution fp16 96-channel
-    feature maps alive at once (one latent frame -> 4 pixel frames plus the causal caches)."""
-    w, h = size
-    return int(64 * w * h * 96)
+    @property
+    def pinned_host_bytes(self) -> int:
+        """Host bytes the runtime page-locks: streamed weights (or the disk staging buffers) + host KV."""
+        return int(sum(v for k, v in self.host_breakdown.items() if k != "baseline"))
 
 
 # ---------------------------------------------------------------- the planner
@@ -91,6 +98,7 @@ class _Layout:
     gpu_steps: frozenset[int]  # steps whose ring lives on the GPU
     sink_gpu: bool
     weights_on_disk: bool
+    decode_latents: int = 0  # latents per decoder call (0: no decoder figures to choose from)
 
 
 def make_plan(inp: PlanInput, budget: Budget, profile: DeviceProfile) -> Plan:
@@ -107,51 +115,69 @@ def make_plan(inp: PlanInput, budget: Budget, profile: DeviceProfile) -> Plan:
 
 
 def min_vram_bytes(inp: PlanInput, budget: Budget) -> int:
-    """The VRAM budget the leanest layout needs (everything streamed, every KV cache on the host)."""
-    lean = _Layout(frozenset(), frozenset(), False, False)
+    """The VRAM budget the leanest layout needs (everything streamed, every KV cache on the host,
+    the smallest decoder calls)."""
+    lean = _Layout(frozenset(), frozenset(), False, False, min(_decode_options(inp, budget)))
     return math.ceil(_peak(inp, budget, lean)[0] / (1 - budget.reserve_frac))
 
 
+def _decode_options(inp: PlanInput, budget: Budget) -> tuple[int, ...]:
+    """Latents per decoder call the plan may choose, largest first (0: the decoder is not planned)."""
+    dec = inp.workload.decoder
+    if dec is None or budget.vae_arena_bytes is not None or not dec.working_set_bytes:
+        return (0,)
+    sized = tuple(n for n, _ in dec.working_set_bytes)
+    if budget.decode_latents is None:
+        return sized
+    if budget.decode_latents not in sized:
+        raise BudgetError(f"decoder calls of {budget.decode_latents} latents are not sized; choose one of "
+                          f"{', '.join(map(str, sized))}")
+    return (budget.decode_latents,)
+
+
 def _candidates(inp: PlanInput, budget: Budget) -> Iterator[_Layout]:
-    """The layouts worth comparing: for each choice of GPU rings, sink placement and weight source
-    (host or disk), the one keeping the most weight units resident within the VRAM budget."""
+    """The layouts worth comparing: for each choice of GPU rings, sink placement, weight source
+    (host or disk) and decoder call size, the one keeping the most weight units resident within the
+    VRAM budget."""
     usable = budget.vram_bytes * (1 - budget.reserve_frac)
     steps = sorted({k.step for k in inp.kv if k.step is not None})
     has_sink = any(k.step is None for k in inp.kv)
-    for n_gpu_steps in range(len(steps) + 1):
-        # Which steps go on the GPU does not change bytes or time (all rings are equal); take the last ones.
-        gpu_steps = frozenset(steps[len(steps) - n_gpu_steps:])
-        for sink_gpu in ((False, True) if has_sink else (False,)):
-            for on_disk in (False, True):
-                layout = _most_resident(inp, budget, usable, gpu_steps, sink_gpu, on_disk)
-                if layout is not None:
-                    yield layout
+    for decode in _decode_options(inp, budget):
+        for n_gpu_steps in range(len(steps) + 1):
+            # Which steps go on the GPU does not change bytes or time (all rings are equal); take the last ones.
+            gpu_steps = frozenset(steps[len(steps) - n_gpu_steps:])
+            for sink_gpu in ((False, True) if has_sink else (False,)):
+                for on_disk in (False, True):
+                    layout = _most_resident(inp, budget, usable, gpu_steps, sink_gpu, on_disk, decode)
+                    if layout is not None:
+                        yield layout
 
 
 def _best_layout(inp: PlanInput, budget: Budget, profile: DeviceProfile) -> _Layout | None:
     """The fastest candidate that also fits the host RAM budget, or None."""
-    best: tuple[tuple[float, int, float], _Layout] | None = None
+    best: tuple[tuple[float, int, int, float], _Layout] | None = None
     for layout in _candidates(inp, budget):
         if not _ram_fits(inp, budget, layout):
             continue
-        seconds, h2d = _predict(inp, budget, profile, layout)
-        # fastest first; among equally fast layouts (transfers hidden anyway) the one that
-        # moves fewer bytes, then the smaller peak
-        key = (round(seconds, 4), h2d, _peak(inp, budget, layout)[0])
+        seconds, h2d, _ = _predict(inp, budget, profile, layout)
+        # fastest DiT first; among equally fast layouts (transfers hidden anyway) the larger decoder
+        # calls (fewer, better-filled kernels; decode time is not predicted), then the one that moves
+        # fewer bytes, then the smaller peak
+        key = (round(seconds, 4), -layout.decode_latents, h2d, _peak(inp, budget, layout)[0])
         if best is None or key < best[0]:
             best = (key, layout)
     return best[1] if best else None
 
 
 def _most_resident(inp: PlanInput, budget: Budget, usable: float, gpu_steps: frozenset[int], sink_gpu: bool,
-                   on_disk: bool) -> _Layout | None:
+                   on_disk: bool, decode: int) -> _Layout | None:
     """Keep as many weight units resident as fit, the streamed ones spread evenly among them."""
     layers = sorted(u.layer for u in inp.units if u.layer is not None)
     for n_resident in range(len(layers), -1, -1):
         streamed = _spread(layers, len(layers) - n_resident)
         if on_disk and not streamed:
             continue  # nothing to read from disk; the host layout covers this
-        layout = _Layout(frozenset(layers) - streamed, gpu_steps, sink_gpu, on_disk)
+        layout = _Layout(frozenset(layers) - streamed, gpu_steps, sink_gpu, on_disk, decode)
         if _peak(inp, budget, layout)[0] <= usable:
             return layout
     return None
@@ -166,11 +192,21 @@ def _spread(layers: list[int], k: int) -> frozenset[int]:
     return frozenset(layers[min(n - 1, int((j + 0.5) * n / k))] for j in range(k))
 
 
+def _decoder_parts(inp: PlanInput, budget: Budget, lay: _Layout) -> dict[str, int]:
+    """The ONNX decoder's device memory: from its graph's figures at the plan's size (weights, the
+    working set of one call of `lay.decode_latents` latents, cuDNN workspace, both cache banks), or
+    the budget's fixed arena figure."""
+    dec = inp.workload.decoder
+    if budget.vae_arena_bytes is not None or dec is None:
+        return {"vae_arena": int(budget.vae_arena_bytes or 0), "vae_caches": inp.workload.vae_cache_bytes}
+    working = dict(dec.working_set_bytes)
+    return {"vae_weights": int(dec.weights_bytes), "vae_working_set": int(working[lay.decode_latents]),
+            "vae_workspace": int(dec.workspace_bytes), "vae_caches": int(dec.caches_bytes)}
+
+
 def _peak(inp: PlanInput, budget: Budget, lay: _Layout) -> tuple[float, dict[str, int]]:
     """Peak VRAM of a layout and its parts. Everything below is allocated once and kept."""
     dt = budget.kv_dtype
-    size = inp.workload.size
-    vae = budget.vae_arena_bytes if budget.vae_arena_bytes is not None else vae_arena_estimate(size)
     streamed = [u for u in inp.units if u.layer is not None and u.layer not in lay.resident_layers]
     resident = [u for u in inp.units if u.layer is None or u.layer in lay.resident_layers]
     host_rings = [k for k in inp.kv if k.step is not None and k.step not in lay.gpu_steps]
@@ -178,8 +214,7 @@ def _peak(inp: PlanInput, budget: Budget, lay: _Layout) -> tuple[float, dict[str
     sink_host = [k for k in inp.kv if k.step is None and not lay.sink_gpu]
     parts = {
         "cuda_context": int(budget.cuda_context_bytes),
-        "vae_arena": int(vae),
-        "vae_caches": inp.workload.vae_cache_bytes,
+        **_decoder_parts(inp, budget, lay),
         "activations": inp.workload.activation_bytes,
         "resident_weights": sum(u.nbytes for u in resident),
         # two fixed slots, each as large as the largest streamed unit (ping-pong)
@@ -192,58 +227,125 @@ def _peak(inp: PlanInput, budget: Budget, lay: _Layout) -> tuple[float, dict[str
     return float(sum(parts.values())), parts
 
 
-def _host_bytes(inp: PlanInput, budget: Budget, lay: _Layout) -> int:
+def _host_parts(inp: PlanInput, budget: Budget, lay: _Layout) -> dict[str, int]:
+    """Host RAM of a layout: the baseline, and the buffers the runtime page-locks at their exact size
+    (`pinned.host_buffer`: no power-of-two rounding as torch's pinned allocator does)."""
     dt = budget.kv_dtype
     streamed = [u.nbytes for u in inp.units if u.layer is not None and u.layer not in lay.resident_layers]
-    # disk: two pinned staging buffers; host: every streamed unit pinned
-    weights = 2 * max(streamed, default=0) if lay.weights_on_disk else sum(streamed)
     kv = sum(k.nbytes(dt) for k in inp.kv
              if (k.step is None and not lay.sink_gpu) or (k.step is not None and k.step not in lay.gpu_steps))
-    return int(budget.host_baseline_bytes + weights + kv)
+    parts = {"baseline": int(budget.host_baseline_bytes), "pinned_kv": int(kv)}
+    if lay.weights_on_disk:  # two pinned staging buffers, each as large as the largest unit read
+        parts["staging"] = 2 * max(streamed, default=0)
+    else:  # every streamed unit pinned
+        parts["pinned_weights"] = sum(streamed)
+    return parts
+
+
+def _host_bytes(inp: PlanInput, budget: Budget, lay: _Layout) -> int:
+    return int(sum(_host_parts(inp, budget, lay).values()))
 
 
 def _ram_fits(inp: PlanInput, budget: Budget, lay: _Layout) -> bool:
     return budget.ram_bytes is None or _host_bytes(inp, budget, lay) <= budget.ram_bytes
 
 
-def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> tuple[float, int]:
-    """(seconds per clip, H2D bytes per clip) of the prefetch-one-ahead pipeline.
+def _elementwise(inp: PlanInput, kv_dtype: str) -> list[float]:
+    """Non-matmul bytes per layer of one denoising call (`Workload.elementwise_bytes`, else counted
+    from the model on the meta device; 0 when the plan input has no model config)."""
+    wl = inp.workload
+    n = len(wl.linear_flops)
+    given = dict(wl.elementwise_bytes)
+    if kv_dtype in given:
+        return list(given[kv_dtype])
+    if inp.dit is None:
+        return [0.0] * n
+    from .traffic import unit_elementwise_bytes
 
-    Unit i's copy overlaps unit i-1's compute (cyclically: the first unit of a step is prefetched
-    during the last unit of the previous step), so unit i waits max(0, copy_i - compute_{i-1}).
+    plain, inject = unit_elementwise_bytes(inp.dit, wl.size, inp.weight_format, kv_dtype, inp.sample)
+    return [float(inject if i in inp.dit.audio_inject_layers else plain) for i in range(n)]
+
+
+def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> tuple[float, int, dict[str, float]]:
+    """(seconds per clip, H2D bytes per clip, seconds per clip by cause) of the unit loop.
+
+    Compute of a layer = GEMM FLOPs at the format's effective rate + attention FLOPs + its non-matmul
+    bytes at the device's memory bandwidth (unfused elementwise kernels: casts, modulation, RoPE,
+    quantize/dequantize). Copies (the streamer's real pipeline, with weights and KV on separate copy
+    streams sharing one H2D link):
+
+    * the KV of layer k (host ring and sink layers) is copied while layer k-1 computes, after the
+      write-back of layer k-1's new rows (same KV stream, FIFO); a weight copy in flight delays it
+      by at most one piece (`WEIGHT_CHUNK_BYTES`) and otherwise yields the link to it;
+    * a streamed weight unit is copied from the moment the previous streamed unit is acquired, in
+      whatever link time the KV copies leave; what is not there when its layer starts is a stall.
+
+    One block is simulated after a warm-up block (the pipeline is cyclic: the first units of a step
+    are fetched during the last ones of the previous step).
     """
     wl, dt = inp.workload, budget.kv_dtype
     unit_by_layer = {u.layer: u for u in inp.units if u.layer is not None}
     layers = sorted(unit_by_layer)
+    n = len(layers)
     lin_rate = prof.linear_tops(inp.weight_format) * 1e12
     attn_rate = prof.attention_tflops() * 1e12
-    compute = [wl.linear_flops[i] / lin_rate + wl.attn_flops[i] / attn_rate for i in range(len(layers))]
+    mem_rate = prof.memory_gbps() * 1e9
+    elem = _elementwise(inp, dt)
+    gemm = [wl.linear_flops[i] / lin_rate for i in range(n)]
+    attn = [wl.attn_flops[i] / attn_rate for i in range(n)]
+    ew = [elem[i] / mem_rate if mem_rate > 0 else 0.0 for i in range(n)]
+    compute = [gemm[i] + attn[i] + ew[i] for i in range(n)]
+    h2d, d2h = prof.h2d_gbps * 1e9, prof.d2h_gbps * 1e9
     sink = [k for k in inp.kv if k.step is None]
     new_kv = wl.new_kv_layer_bytes_bf16 if dt == "bf16" else wl.new_kv_layer_bytes_bf16 // 2
-    total_s, total_h2d = 0.0, 0
-    for step in range(wl.steps):
-        ring_on_host = [k for k in inp.kv if k.step == step and step not in lay.gpu_steps]
-        copy = []
-        for layer in layers:
-            w = 0 if layer in lay.resident_layers else unit_by_layer[layer].nbytes
-            kv = sum(k.layer_bytes(dt) for k in ring_on_host)
-            kv += 0 if lay.sink_gpu else sum(k.layer_bytes(dt) for k in sink)
-            # H2D of this unit, then (same copy stream, so serial) the write-back of this block's new K/V
-            seconds = (w + kv) / (prof.h2d_gbps * 1e9)
-            if ring_on_host:
-                seconds += new_kv / (prof.d2h_gbps * 1e9)
-            if w and lay.weights_on_disk:
-                seconds += w / (prof.disk_gbps * 1e9)
-            copy.append(seconds)
-            total_h2d += w + kv
-        n = len(layers)
-        total_s += sum(compute[i] + max(0.0, copy[i] - compute[i - 1]) for i in range(n))
-    return total_s * wl.blocks_per_clip, total_h2d * wl.blocks_per_clip
+    streamed = [i for i in range(n) if layers[i] not in lay.resident_layers]
+    # <= 2 streamed units stay in the two slots after their first copy: no weight traffic per step
+    weight_traffic = len(streamed) > 2
+    w_bytes = [unit_by_layer[layers[i]].nbytes if weight_traffic and i in streamed else 0 for i in range(n)]
+    disk = 1.0 / (prof.disk_gbps * 1e9) if lay.weights_on_disk else 0.0
+
+    def kv_copy(step: int, i: int) -> tuple[int, int]:
+        """(H2D bytes, write-back bytes) of layer i's KV at `step`."""
+        ring_host = [k for k in inp.kv if k.step == step and step not in lay.gpu_steps]
+        kv = sum(k.layer_bytes(dt) for k in ring_host) + (0 if lay.sink_gpu else sum(k.layer_bytes(dt) for k in sink))
+        return kv, (new_kv if ring_host else 0)
+
+    stall_kv = stall_w = 0.0
+    total_h2d = 0
+    w_left = 0.0  # seconds of link time the weight unit in flight still needs
+    prev_compute = compute[-1]
+    wb_two_back = wb_one_back = 0.0  # write-back seconds of layers k-2 and k-1
+    for block in range(2):  # block 0 warms the pipeline up; block 1 is measured
+        for step in range(wl.steps):
+            for i in range(n):
+                kv, wb = kv_copy(step, i)
+                # KV stream (FIFO): layer k's copy goes into the slot layer k-2 used, after layer k-2's
+                # write-back of its new rows; a weight piece already on the link is finished first
+                kv_s = kv / h2d + wb_two_back + (min(WEIGHT_CHUNK_BYTES / h2d, w_left) if kv and w_left > 0 else 0.0)
+                s_kv = max(0.0, kv_s - prev_compute)
+                w_left = max(0.0, w_left - max(0.0, prev_compute - kv_s))  # the rest of the window: weights
+                s_w = 0.0
+                if w_bytes[i]:
+                    s_w = w_left  # the link now serves only this unit until it is complete
+                    nxt = streamed[(streamed.index(i) + 1) % len(streamed)]
+                    w_left = w_bytes[nxt] / h2d + w_bytes[nxt] * disk  # prefetch of the next streamed unit
+                if block == 1:
+                    stall_kv += s_kv
+                    stall_w += s_w
+                    total_h2d += kv + w_bytes[i]
+                prev_compute = compute[i]
+                wb_two_back, wb_one_back = wb_one_back, wb / d2h
+    blocks = wl.blocks_per_clip
+    parts = {"gemm": sum(gemm) * wl.steps * blocks, "attention": sum(attn) * wl.steps * blocks,
+             "elementwise": sum(ew) * wl.steps * blocks, "kv_copy_stall": stall_kv * blocks,
+             "weight_copy_stall": stall_w * blocks}
+    return sum(parts.values()), total_h2d * blocks, parts
 
 
 def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> Plan:
     peak, parts = _peak(inp, budget, lay)
-    seconds, h2d = _predict(inp, budget, prof, lay)
+    seconds, h2d, by_cause = _predict(inp, budget, prof, lay)
+    host = _host_parts(inp, budget, lay)
     streamed_place = "disk" if lay.weights_on_disk else "host"
     units = tuple(
         UnitPlacement(u.name, u.nbytes, "gpu" if u.layer is None or u.layer in lay.resident_layers else streamed_place,
@@ -257,9 +359,11 @@ def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) ->
     )
     return Plan(
         weight_format=inp.weight_format, size=inp.workload.size, units=units, kv=kv,
-        peak_vram_bytes=int(peak), host_ram_bytes=_host_bytes(inp, budget, lay),
+        peak_vram_bytes=int(peak), host_ram_bytes=int(sum(host.values())),
         h2d_bytes_per_clip=int(h2d), predicted_seconds_per_clip=seconds,
         vram_budget_bytes=int(budget.vram_bytes), breakdown=parts, device_profile=prof.name,
+        host_breakdown=host, decode_latents_per_call=lay.decode_latents,
+        seconds_breakdown={k: round(v, 4) for k, v in by_cause.items()},
     )
 
 
@@ -285,11 +389,3 @@ def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:
     return f"{head}; nothing smaller fits either: raise --vram to at least {need / GB:.1f}"
 
 
-def plan_for_artifact(directory, size: tuple[int, int], budget: Budget, profile) -> Plan:
-    """The plan of an artifact directory (what `generate` and `plan ARTIFACT` use).
-
-        plan = plan_for_artifact("art", (704, 384), Budget(vram_bytes=24e9, kv_dtype="fp8"), get_profile("rtx4090"))
-    """
-    m = read_manifest(directory)
-    inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
-    return make_plan(inp, budget, profile)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from ..artifact.format import Manifest, block_unit_name
 from ..artifact.qtypes import QuantType, stored_nbytes
@@ -21,6 +22,31 @@ WEIGHT_FORMATS = ("bf16", "int8", "fp8", "int4", "nf4")
 
 GB = 1e9  # budgets and reports use decimal GB (a "24 GB" card has 24.0-25.7e9 bytes)
 KV_DTYPES = ("bf16", "fp8", "int8")
+ALIGN = 64  # every packed tensor (a KV layer's k, v, scales) starts at a 64-byte offset (streamer.pack_tensors)
+# Streamed weight units are copied in pieces of this size on their own copy stream, so that a KV
+# layer copy waits for at most one piece of a weight unit, never for the whole unit (509 MB at 14B).
+WEIGHT_CHUNK_BYTES = 16 << 20
+
+
+def aligned(n: int, align: int = ALIGN) -> int:
+    """`n` rounded up to a multiple of `align`."""
+    return -(-n // align) * align
+
+
+class DecoderFigures(Protocol):
+    """The VAE decoder's device memory at one size, as `decode.decoder_memory.DecoderMemory` gives it
+    (derived from the ONNX graph's shapes)."""
+
+    weights_bytes: int
+    workspace_bytes: int
+    caches_bytes: int  # both cache banks
+    working_set_bytes: tuple[tuple[int, int], ...]  # (latents per decode call, bytes), largest call first
+
+
+class DecoderSizer(Protocol):
+    """Gives the decoder's figures at a pixel size (`decode.decoder_memory.DecoderGraph.memory`)."""
+
+    def memory(self, size: tuple[int, int]) -> DecoderFigures: ...
 
 
 @dataclass(frozen=True)
@@ -44,11 +70,12 @@ class KVSpec:
     head_dim: int
 
     def layer_bytes(self, dtype: str) -> int:
-        """K + V of one layer; 8-bit dtypes add one fp32 scale per (token, head) for K and for V."""
-        elems = 2 * self.tokens * self.heads * self.head_dim
+        """K + V of one layer; 8-bit dtypes add one fp32 scale per (token, head) for K and for V.
+        Each part is 64-byte aligned, exactly as the runtime packs a layer (`kv_offload.LayerStore`)."""
+        elems = self.tokens * self.heads * self.head_dim
         if dtype == "bf16":
-            return 2 * elems
-        return elems + 2 * self.tokens * self.heads * 4
+            return 2 * aligned(2 * elems)
+        return 2 * aligned(elems) + 2 * aligned(self.tokens * self.heads * 4)
 
     def nbytes(self, dtype: str) -> int:
         return self.layers * self.layer_bytes(dtype)
@@ -67,6 +94,10 @@ class Workload:
     vae_cache_bytes: int = 0  # the streaming VAE decoder's causal caches (both banks), resident all run
     steps: int = 4
     blocks_per_clip: int = 4
+    decoder: DecoderFigures | None = None  # the ONNX decoder at this size; None: no decoder on the device
+    # Non-matmul bytes per layer and denoising call, per KV dtype ((dtype, per-layer bytes) pairs);
+    # empty: counted from the model on the meta device (`traffic.py`) when the plan has the config
+    elementwise_bytes: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +110,7 @@ class PlanInput:
     workload: Workload
     dit: DiTConfig | None = None  # lets a no-fit message try other formats and sizes
     sample: SampleConfig = SampleConfig()
+    decoder_graph: DecoderSizer | None = None  # sizes the decoder at other sizes (no-fit suggestions)
 
 
 @dataclass(frozen=True)
@@ -90,8 +122,16 @@ class Budget:
     kv_dtype: str = "bf16"
     reserve_frac: float = 0.07  # kept free for allocator fragmentation and driver surprises
     cuda_context_bytes: float = 0.8e9  # CUDA context + cuBLAS/cuDNN workspaces
-    vae_arena_bytes: float | None = None  # ORT arena cap; None = estimate from the size
+    # The ONNX decoder's weights + working set + workspace (its arena cap): None = from the plan
+    # input's decoder figures (the graph's shapes); a number replaces them (0: no decoder counted)
+    vae_arena_bytes: float | None = None
     host_baseline_bytes: float = 3.0e9  # python, torch, encoders kept on the host
+    # Latents per ONNX decoder call. 1 (default): the decoder's frames differ by one level in rare
+    # pixels with the split of latents into calls, so a fixed split keeps a render's frames the same
+    # whatever --vram is; one latent fills a GPU's kernels at these sizes and needs a third of a
+    # 3-latent call's working set (1.25 vs 3.74 GB at 704*384). None: the plan picks the largest
+    # call that costs the DiT no speed.
+    decode_latents: int | None = 1
 
 
 
@@ -203,7 +243,7 @@ def _token_counts(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def workload(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = SampleConfig(),
-             vae: VAEConfig | None = None) -> Workload:
+             vae: VAEConfig | None = None, decoder: DecoderSizer | None = None) -> Workload:
     """FLOPs per layer and activation peak of one block-step at `size` (LIVEAVATAR.md §5 formulas),
     and the VAE decoder caches that stay on the device next to the DiT."""
     w, h = size
@@ -228,6 +268,7 @@ def workload(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig = Sampl
         size=(w, h), block_tokens=t, linear_flops=tuple(lin), attn_flops=tuple(attn), activation_bytes=act,
         new_kv_layer_bytes_bf16=2 * t * d * 2, steps=sample.num_steps, blocks_per_clip=sample.blocks_per_clip,
         vae_cache_bytes=vae_cache_bytes(vae or _vae_for(cfg), size),
+        decoder=decoder.memory(size) if decoder is not None else None,
     )
 
 
@@ -256,17 +297,20 @@ def manifest_unit_sizes(manifest: Manifest) -> dict[str, int]:
 
 
 def plan_input(cfg: DiTConfig, size: tuple[int, int], weight_format: str,
-               unit_sizes: Mapping[str, int] | None = None, sample: SampleConfig = SampleConfig()) -> PlanInput:
-    """The planner's input: real unit sizes (an artifact's manifest) or synthesized ones.
+               unit_sizes: Mapping[str, int] | None = None, sample: SampleConfig = SampleConfig(),
+               decoder: DecoderSizer | None = None) -> PlanInput:
+    """The planner's input: real unit sizes (an artifact's manifest) or synthesized ones, and the VAE
+    decoder's graph (`decode.decoder_memory.DecoderGraph`; None: no decoder shares the device).
 
-        plan_input(PRESETS["14b"].dit, (704, 384), "int8")
+        plan_input(PRESETS["14b"].dit, (704, 384), "int8", decoder=DecoderGraph.for_preset("14b"))
     """
     if unit_sizes is None:
         units = synthesize_unit_sizes(cfg, weight_format)
     else:
         units = tuple(UnitSize(n, int(b), _layer_of(n)) for n, b in unit_sizes.items())
     return PlanInput(weight_format=weight_format, units=units, kv=kv_specs(cfg, size, sample),
-                     workload=workload(cfg, size, sample), dit=cfg, sample=sample)
+                     workload=workload(cfg, size, sample, decoder=decoder), dit=cfg, sample=sample,
+                     decoder_graph=decoder)
 
 
 def alternatives(inp: PlanInput, budget: Budget) -> Iterator[tuple[str, PlanInput, Budget]]:
@@ -279,7 +323,7 @@ def alternatives(inp: PlanInput, budget: Budget) -> Iterator[tuple[str, PlanInpu
     kv8 = replace(budget, kv_dtype="fp8")
     smaller = {"bf16": ("int8", "int4"), "int8": ("int4",), "fp8": ("int4",)}.get(inp.weight_format, ())
     for fmt in smaller:
-        alt = plan_input(cfg, inp.workload.size, fmt, sample=sample)
+        alt = plan_input(cfg, inp.workload.size, fmt, sample=sample, decoder=inp.decoder_graph)
         yield f"re-quantize with --format {fmt}", alt, budget
         if budget.kv_dtype == "bf16":
             yield f"re-quantize with --format {fmt} and --kv fp8", alt, kv8
@@ -287,7 +331,8 @@ def alternatives(inp: PlanInput, budget: Budget) -> Iterator[tuple[str, PlanInpu
     for w, h in SIZES:
         if w * h >= cur:
             continue
-        alt = replace(inp, kv=kv_specs(cfg, (w, h), sample), workload=workload(cfg, (w, h), sample))
+        alt = replace(inp, kv=kv_specs(cfg, (w, h), sample),
+                      workload=workload(cfg, (w, h), sample, decoder=inp.decoder_graph))
         yield f"--size {w}*{h}", alt, budget
         if budget.kv_dtype == "bf16":
             yield f"--size {w}*{h} --kv fp8", alt, kv8

@@ -9,7 +9,8 @@ streamed unit buffer. Kernels, picked per call from the device and the qtype:
 | int8  | W8A8: per-token dynamic activation scale + `torch._int_mm` (int32 acc);| dequantize + `F.linear`       |
 |       | W8A16 (dequantize + matmul) when M <= 16 or K/N not multiples of 8     |                               |
 | fp8   | `torch._scaled_mm` with row-wise scales (per-token x, per-channel w)   | dequantize + `F.linear`       |
-|       | on sm_89+, never per-tensor activation scales; dequantize otherwise    |                               |
+|       | on sm_89+, never per-tensor activation scales; dequantize otherwise.   |                               |
+|       | Token counts that are not a multiple of 16 are padded with zero rows   |                               |
 | int4  | dequantize into bf16 + matmul                                          | dequantize + `F.linear`       |
 | nf4   | bitsandbytes' dequantize_4bit kernel + matmul (dequantize without bnb) | dequantize + `F.linear`       |
 
@@ -28,9 +29,9 @@ from ..artifact.qtypes import (
     FP8_MAX,
     INT8_QMAX,
     NF4_BLOCKSIZE,
-    NF4_CODE,
     QuantType,
     dequantize,
+    nf4_code,
     part_specs,
 )
 from ..errors import first_line
@@ -65,7 +66,6 @@ class QuantLinear(nn.Module):
         for p in specs:
             self.register_buffer(part_attr(p.role), torch.empty(p.shape, dtype=p.dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
-        self._nf4_code: Tensor | None = None  # bnb's nf4 lookup table on the weights' device (built on first use)
 
     def parts(self) -> dict[str, Tensor]:
         """role -> the bound stored tensor."""
@@ -124,8 +124,11 @@ def _int_mm_ok(x2: Tensor, n: int) -> bool:
 
 
 def _scaled_mm_ok(x2: Tensor, n: int) -> bool:
-    """fp8 `_scaled_mm` needs every GEMM dim divisible by 16 (the 5 audio tokens per frame are not)."""
-    return x2.shape[0] % 16 == 0 and x2.shape[1] % 16 == 0 and n % 16 == 0
+    """fp8 `_scaled_mm` needs K and N divisible by 16 (M too, which `linear_fp8_rowwise` pads)."""
+    return x2.shape[1] % 16 == 0 and n % 16 == 0
+
+
+FP8_ROW_MULTIPLE = 16  # _scaled_mm's granularity for M; e.g. 2967 tokens at 688*368 are padded to 2976
 
 
 def quantize_per_token_int8(x2: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,12 +153,23 @@ def linear_w8a8(x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None
 
 
 def linear_fp8_rowwise(x2: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """FP8 e4m3 with row-wise scales: per-token activation scale [M, 1], per-channel weight [1, N]."""
-    xf = x2.float()
-    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # [M, 1]
+    """FP8 e4m3 with row-wise scales: per-token activation scale [M, 1], per-channel weight [1, N].
+
+    M not a multiple of 16 is padded with zero rows (their outputs are dropped): the fp32 copy made
+    for the activation scale is allocated padded, so the padding costs no extra pass.
+    """
+    m, k = x2.shape
+    mp = -(-m // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
+    if mp == m:
+        xf = x2.float()
+    else:
+        xf = x2.new_zeros(mp, k, dtype=torch.float32)  # [Mp, K]: zero rows quantize to zeros
+        xf[:m] = x2
+    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # [Mp, 1]
     xq = (xf / sx).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     y = torch._scaled_mm(xq, w_fp8.t(), scale_a=sx, scale_b=w_scale.float()[None, :],
                          out_dtype=torch.bfloat16)  # row-wise scaling needs a bf16 output
+    y = y[:m]  # [Mp, N] -> [M, N]
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x2.dtype)
@@ -174,11 +188,7 @@ def _bnb_dequant_nf4(m: QuantLinear, dtype: torch.dtype) -> Tensor:
     import bitsandbytes.functional as bnbf
 
     data, absmax = m.weight_data, m.weight_absmax
-    code = m._nf4_code
-    if code is None or code.device != data.device:
-        # Built once per device, not per call: torch.tensor(..., device="cuda") copies from pageable
-        # host memory, which blocks the host until the GPU queue drains (a hidden sync per layer).
-        code = m._nf4_code = torch.tensor(NF4_CODE, dtype=torch.float32, device=data.device)
+    code = nf4_code(data.device)  # once per device (a per-call torch.tensor(..., device) is a host sync)
     state = bnbf.QuantState(absmax=absmax.float(), shape=torch.Size((m.out_features, m.in_features)), code=code,
                             blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=dtype)
     return bnbf.dequantize_4bit(data, state)

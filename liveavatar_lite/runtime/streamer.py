@@ -15,6 +15,14 @@ cache needs (the current block's new K/V), issued on the same copy stream after 
 On CPU there are no streams: copies are plain memcpys and events are no-ops, so the same control
 flow (and the same slot-reuse rules, which are asserted) runs in every test.
 
+Weights and KV each have their own streamer and copy stream. A weight unit (up to 509 MB at 14B)
+is copied in pieces of `chunk_bytes`: a copy engine takes the next copy from whichever stream has
+one ready, so a KV layer's copy waits for at most one piece instead of the whole unit.
+
+Timing (`timing=True`): copy time between events on the copy stream, and the time the compute
+stream is blocked waiting for a copy (`wait_seconds`). On CPU the copy is done by the compute
+thread itself, so its whole duration is wait; so is a wait for a disk read.
+
 The loop a caller writes (prefetch i+1, compute i, release i):
 
     st = UnitStreamer([PinnedSource(b) for b in bufs], device)
@@ -35,6 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from .pinned import host_buffer
 
 
 @dataclass(frozen=True)
@@ -64,11 +74,12 @@ class DiskSource:
 class StreamStats:
     """What a run of the streamer cost: bytes moved, copy time, and how long compute waited."""
 
-    copies: int = 0
+    copies: int = 0  # units copied
+    pieces: int = 0  # copy calls issued (a unit larger than chunk_bytes takes several)
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     copy_seconds: float = 0.0  # on CUDA: measured between events on the copy stream
-    wait_seconds: float = 0.0  # on CUDA: compute-stream time blocked in acquire()
+    wait_seconds: float = 0.0  # on CUDA: compute-stream time blocked in acquire(); on CPU: the copies
     _pending: list = field(default_factory=list, repr=False)
 
     def collect(self) -> None:
@@ -114,10 +125,11 @@ class UnitStreamer:
     """Streams units into two fixed device slots; see the module docstring for the protocol."""
 
     def __init__(self, sources: Sequence[PinnedSource | DiskSource], device: torch.device | str,
-                 copy_stream: object | None = None, timing: bool = False) -> None:
+                 copy_stream: object | None = None, timing: bool = False, chunk_bytes: int | None = None) -> None:
         self.sources = list(sources)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.chunk_bytes = chunk_bytes  # None: one copy per unit
         slot_bytes = max((s.nbytes for s in self.sources), default=0)
         # Two slots, allocated once and never freed or resized (no allocator churn mid-run).
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
@@ -133,7 +145,7 @@ class UnitStreamer:
         # Disk sources: two pinned staging buffers and one reader thread, so reading unit i+1
         # from disk overlaps compute of unit i.
         disk = [s.nbytes for s in self.sources if isinstance(s, DiskSource)]
-        self._staging = [torch.empty(max(disk), dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)] if disk else []
+        self._staging = [host_buffer(max(disk), pin=self.cuda) for _ in range(2)] if disk else []  # exact size
         self._staged: list[object | None] = [None, None]  # event (or None) of the H2D that reads each staging buffer
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="unit-reader") if disk else None
         self._reads: dict[int, Future] = {}
@@ -141,6 +153,16 @@ class UnitStreamer:
     @property
     def slot_bytes(self) -> int:
         return self.slots[0].numel()
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the two device slots."""
+        return sum(t.numel() for t in self.slots)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of the host staging buffers of disk sources."""
+        return sum(t.numel() for t in self._staging)
 
     def prefetch(self, i: int) -> None:
         """Start copying unit i into the slot not used last (returns at once on CUDA). A unit still
@@ -172,27 +194,42 @@ class UnitStreamer:
             # it: a host wait on that one event (not a device sync).
             self._staged[s].synchronize()
         src.read_into(stage)
-        self._copy(i, s, stage[:src.nbytes])
+        self._copy(i, s, stage[:src.nbytes], reader=True)
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
             self._staged[s] = ev
 
-    def _copy(self, i: int, s: int, host: Tensor) -> None:
+    def _pieces(self, n: int) -> range:
+        step = self.chunk_bytes or max(n, 1)
+        return range(0, n, step)
+
+    def _copy(self, i: int, s: int, host: Tensor, reader: bool = False) -> None:
+        """Copy `host` into slot s (on CUDA: queue it on the copy stream). `reader`: called from the
+        disk reader thread (on CPU, its time is then counted where acquire() waits for it)."""
         n = host.numel()
         self.stats.copies += 1
         self.stats.h2d_bytes += n
+        step = self.chunk_bytes or max(n, 1)
+        dst = self.slots[s][:n]
         if not self.cuda:
             t0 = time.perf_counter()
-            self.slots[s][:n].copy_(host)
-            self.stats.copy_seconds += time.perf_counter() - t0
+            for o in self._pieces(n):
+                dst[o:o + step].copy_(host[o:o + step])
+                self.stats.pieces += 1
+            dt = time.perf_counter() - t0
+            self.stats.copy_seconds += dt
+            if not reader:
+                self.stats.wait_seconds += dt  # the compute thread itself did the copy
             return
         with torch.cuda.stream(self.copy_stream):
             # Sync point: the copy stream waits until compute has released slot s (its previous
             # unit's last kernel is done); without it the copy could overwrite weights in use.
             self.copy_stream.wait_event(self._free[s])
             start = _timing_event(self.timing, self.copy_stream)
-            self.slots[s][:n].copy_(host, non_blocking=True)
+            for o in self._pieces(n):  # separate copy calls: another stream's copy may run in between
+                dst[o:o + step].copy_(host[o:o + step], non_blocking=True)
+                self.stats.pieces += 1
             if start is not None:
                 self.stats._pending.append(("copy", start, _timing_event(True, self.copy_stream)))
             # Sync point: marks slot s complete; acquire() makes compute wait on exactly this.
@@ -206,7 +243,9 @@ class UnitStreamer:
         s = self._slot_unit.index(i)
         read = self._reads.pop(i, None)
         if read is not None:
+            t0 = time.perf_counter()
             read.result()  # the disk read (and its H2D issue) happened on the reader thread
+            self.stats.wait_seconds += time.perf_counter() - t0  # compute could not go on meanwhile
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             start = _timing_event(self.timing, compute)

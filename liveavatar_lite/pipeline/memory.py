@@ -1,0 +1,88 @@
+"""The memory plan of one render: the artifact's DiT units and its VAE decoder on one budget.
+
+`runtime/` plans and `decode/` sizes the decoder from its ONNX graph; they may not import each
+other, so this module joins them for `generate` (and `plan ARTIFACT`): the decoder's graph goes
+into the plan input, the device profile follows one rule (`device_profiles.resolve_profile`), and
+the budget is the one `plan` would use. On a machine without a GPU, `--vram GB` plans exactly as
+`plan --vram GB` does for a GPU of that size, and the CPU then runs that layout (units through the
+two slots, KV rings on the "host"); without `--vram` the CPU has no device budget (all resident).
+
+    planned = plan_render(Path("art"), manifest, (704, 384), RenderBudget(vram_gb=24, kv_dtype="fp8"), "cuda")
+    planned.plan.decode_latents_per_call, planned.plan.decoder_arena_bytes
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CPU_UNLIMITED_VRAM = 1e15  # CPU without --vram: "device" memory is host memory, no separate budget
+
+
+@dataclass(frozen=True)
+class RenderBudget:
+    """The flags that decide a render's layout."""
+
+    vram_gb: float | None = None  # None: the GPU's free memory (CPU: unlimited)
+    ram_gb: float | None = None  # None: this machine's physical RAM
+    kv_dtype: str = "bf16"
+    device_profile: str | None = None  # None: the GPU's named profile if known, else a probe
+
+
+@dataclass(frozen=True)
+class PlannedRender:
+    """A plan with what made it (kept for the out-of-memory advice, which re-plans smaller)."""
+
+    plan: Any
+    inputs: Any  # runtime.plan_inputs.PlanInput
+    budget: Any  # runtime.plan_inputs.Budget
+    profile: Any  # runtime.device_profiles.DeviceProfile
+    note: str = ""
+
+
+def decoder_graph(directory: Path, manifest: Any) -> Any | None:
+    """The artifact's ONNX decoder graph (shapes only), or None when it has no decoder."""
+    from ..decode.decoder_memory import DecoderGraph
+
+    rel = manifest.paths.get("vae_onnx")
+    return DecoderGraph.from_onnx(directory / rel) if rel else None
+
+
+def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: RenderBudget,
+                device: str) -> PlannedRender:
+    """The plan `generate` runs under; BudgetError (one line naming what would fit) if nothing fits."""
+    import torch
+
+    from ..runtime.device_profiles import resolve_profile
+    from ..runtime.plan import Budget, make_plan
+    from ..runtime.plan_inputs import manifest_unit_sizes, plan_input
+
+    inp = plan_input(manifest.dit, size, manifest.quant.format, unit_sizes=manifest_unit_sizes(manifest),
+                     decoder=decoder_graph(directory, manifest))
+    if budget.vram_gb is not None:
+        vram = budget.vram_gb * 1e9
+    elif device == "cuda":
+        vram = float(torch.cuda.mem_get_info()[0])
+    else:
+        vram = CPU_UNLIMITED_VRAM
+    ram = budget.ram_gb * 1e9 if budget.ram_gb else physical_ram_bytes()
+    b = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=budget.kv_dtype)
+    profile, note = resolve_profile(budget.device_profile, device)
+    plan = make_plan(inp, b, profile)
+    log.info("plan: peak VRAM %.2f GB, %d streamed units, KV on the host: %s, decoder %d latent(s) per call, "
+             "predicted %.1f s per clip (profile %s)", plan.peak_vram_bytes / 1e9, len(plan.streamed_units),
+             ", ".join(k.name for k in plan.kv if k.placement == "host") or "none", plan.decode_latents_per_call,
+             plan.predicted_seconds_per_clip, profile.name)
+    return PlannedRender(plan, inp, b, profile, note)
+
+
+def physical_ram_bytes() -> float | None:
+    """Total physical memory (POSIX), the default host budget; None where the OS does not say."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
