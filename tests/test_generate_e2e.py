@@ -6,6 +6,7 @@ them, so the uninterrupted and the resumed render see identical thread counts (b
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -123,6 +124,91 @@ def test_kill_9_then_resume_gives_identical_frames(clean_render: dict, tiny_arti
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after" in resumed.stderr
     assert np.array_equal(decoded_frames(out), decoded_frames(clean_render["out"]))
+
+
+def _layout_budgets(art: Path) -> tuple[float, float]:
+    """(the leanest --vram that `plan` accepts, one between it and the all-resident layout), in GB."""
+    from liveavatar_lite.artifact.format import read_manifest
+    from liveavatar_lite.pipeline.memory import decoder_graph
+    from liveavatar_lite.runtime.device_profiles import get_profile
+    from liveavatar_lite.runtime.plan import Budget, make_plan, min_vram_bytes
+    from liveavatar_lite.runtime.plan_inputs import manifest_unit_sizes, plan_input
+
+    m = read_manifest(art)
+    inp = plan_input(m.dit, (64, 64), m.quant.format, unit_sizes=manifest_unit_sizes(m), decoder=decoder_graph(art, m))
+    lean = math.ceil(min_vram_bytes(inp, Budget(1)) / 1e4) / 1e5  # GB, rounded up to 10 kB
+    full = make_plan(inp, Budget(1e15), get_profile("rtx4090")).peak_vram_bytes / 0.93 / 1e9
+    return lean, round((lean + full) / 2, 5)
+
+
+@pytest.fixture(scope="module")
+def budget_renders(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """2-clip renders on this CPU under the leanest budget `plan` accepts and one between the extremes:
+    `generate --vram` plans exactly as `plan --vram` does for a GPU of that size and runs the layout."""
+    root = tmp_path_factory.mktemp("budgets")
+    lean, mid = _layout_budgets(tiny_artifact)
+    out = {}
+    for name, gb in (("lean", lean), ("mid", mid)):
+        mp4, tel = root / f"{name}.mp4", root / f"{name}.jsonl"
+        args = _generate_args(tiny_artifact, media, mp4, "--num-clip", "2", "--vram", str(gb),
+                              "--device-profile", "rtx4090", "--telemetry", str(tel))
+        proc = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = {"out": mp4, "vram": gb, "stderr": proc.stderr,
+                     "records": [json.loads(line) for line in tel.read_text().splitlines()]}
+    return out
+
+
+def test_streamed_layouts_on_cpu_write_the_resident_frames(budget_renders: dict, clean_render: dict,
+                                                           tiny_artifact: Path, capsys) -> None:
+    """The product's streamed path runs on CPU: under the leanest budget every unit streams through the
+    two slots and every KV cache lives on the "host"; under a middle budget some of each; both write
+    exactly the frames of the all-resident render. Telemetry records the layout, which is `plan`'s."""
+    want = decoded_frames(clean_render["out"])[:45 + 48]
+    for name, run in budget_renders.items():
+        assert np.array_equal(decoded_frames(run["out"]), want), name
+        layout = next(r for r in run["records"] if r["event"] == "layout")
+        assert cli_main(["plan", str(tiny_artifact), "--vram", str(run["vram"]), "--size", SIZE,
+                         "--device-profile", "rtx4090", "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert layout["units_streamed"] == [u["name"] for u in plan["units"] if u["placement"] != "gpu"]
+        assert layout["kv_placement"] == {k["name"]: k["placement"] for k in plan["kv"]}
+        assert layout["predicted_h2d_bytes_per_clip"] == plan["h2d_bytes_per_clip"]
+    lean, mid = (next(r for r in budget_renders[n]["records"] if r["event"] == "layout") for n in ("lean", "mid"))
+    assert len(lean["units_streamed"]) == 4 and set(lean["kv_placement"].values()) == {"host"}  # all that can
+    assert 0 < len(mid["units_streamed"]) + list(mid["kv_placement"].values()).count("host") < 4 + 5  # a mix
+    resident = next(r for r in json.loads("[" + ",".join(clean_render["telemetry"].read_text().splitlines()) + "]")
+                    if r["event"] == "layout")
+    assert resident["units_streamed"] == [] and set(resident["kv_placement"].values()) == {"gpu"}
+
+
+def test_memory_ledger_on_cpu(budget_renders: dict) -> None:
+    """Per clip, the plan's figures next to the measured ones: on a CPU every part the runtime and the
+    decoder allocate themselves matches to the byte, the host buffers are exact (no power-of-two
+    rounding), the copy-wait is split into weights and KV, and a clip moves the bytes the plan says."""
+    run = budget_renders["lean"]
+    clips = [r for r in run["records"] if r["event"] == "clip"]
+    assert len(clips) == 2
+    for r in clips:
+        ledger = r["ledger"]
+        for item in ("resident_weights", "weight_slots", "gpu_kv", "kv_slots", "vae_caches", "host_buffers",
+                     "host_pinned_weights", "host_pinned_kv"):
+            assert ledger[item]["predicted"] == ledger[item]["measured"], item
+        assert ledger["host_rss_peak"]["measured"] > 0 and ledger["seconds"]["measured"] == pytest.approx(r["seconds"], abs=1e-3)
+        assert r["copy_wait_weights_s"] > 0 and r["copy_wait_kv_s"] > 0
+        assert ledger["copy_wait_kv_s"]["measured"] == r["copy_wait_kv_s"]
+    h2d = clips[1]["ledger"]["h2d_bytes"]  # clip 1: no sink prefill, the steady state the plan predicts
+    assert h2d["measured"] == h2d["predicted"]
+    assert "memory ledger, clip 1 (plan vs measured)" in run["stderr"]  # printed per clip with --telemetry
+
+
+def test_artifact_decoder_graph_is_the_stored_tiny_graph(tiny_artifact: Path) -> None:
+    """tools/decoder_graph.py stores what quantize exports: the tiny preset's stored graph is the
+    artifact's (so the stored 14B graph `plan 14b` sizes the decoder with is the 14B export's)."""
+    from liveavatar_lite.decode.decoder_memory import DecoderGraph
+
+    got = DecoderGraph.from_onnx(tiny_artifact / "vae" / "decoder.onnx")
+    assert got.to_json() == DecoderGraph.for_preset("tiny").to_json()
 
 
 @pytest.mark.gpu

@@ -24,10 +24,11 @@ def test_plan_table(capsys):
                  "--device-profile", "rtx4090"]) == 0
     out = capsys.readouterr().out
     assert "peak" in out and "streamed from pinned RAM" in out and "predicted" in out
+    assert "vae working set" in out and "latent(s) per call" in out and "elementwise" in out
 
 
 def test_plan_budget_error_exit_3(capsys):
-    rc = main(["plan", "14b", "--format", "int8", "--vram", "9.9", "--ram", "64", "--device-profile", "rtx4090"])
+    rc = main(["plan", "14b", "--format", "int8", "--vram", "9.6", "--ram", "64", "--device-profile", "rtx4090"])
     assert rc == 3
     err = capsys.readouterr().err
     assert err.startswith("liveavatar-lite plan: error:") and "smallest change that fits: --kv fp8" in err
@@ -57,7 +58,8 @@ def test_bench_stream_runs_on_cpu(capsys):
 
     assert bench_main(["--preset", "tiny", "--device", "cpu", "--blocks", "2", "--device-profile", "rtx4090"]) == 0
     out = capsys.readouterr().out
-    assert "copy_wait_fraction" in out and "streamed / resident step time" in out
+    assert "copy_wait_weights_fraction" in out and "copy_wait_kv_fraction" in out
+    assert "streamed / resident step time" in out and "memory ledger, streamed" in out and "host_buffers" in out
 
 
 from test_runtime import artifacts  # noqa: E402,F401  (the tiny artifacts fixture)

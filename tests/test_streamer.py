@@ -130,3 +130,90 @@ def test_cuda_streamed_bytes_are_exact():
         for k in want:
             assert torch.equal(got[k].cpu(), want[k])
     assert st.stats.copy_seconds > 0
+
+
+def test_units_copied_in_pieces_are_exact_and_timed_as_waits_on_cpu():
+    """A weight unit is copied in pieces of chunk_bytes (so a KV copy on another stream can slip in
+    between); the bytes are the same. On CPU the compute thread does each copy, so it is wait."""
+    packed = [pack_tensors(u) for u in _units(4, seed=5)]
+    st = UnitStreamer([PinnedSource(b) for b, _ in packed], "cpu", chunk_bytes=100)
+    seen = _run(st, [lay for _, lay in packed], 4)
+    for got, (buf, lay) in zip(seen, packed):
+        for k, v in unpack_views(buf, lay).items():
+            assert torch.equal(got[k], v)
+    assert st.stats.pieces == sum(-(-b.numel() // 100) for b, _ in packed) > st.stats.copies == 4
+    assert st.stats.wait_seconds == st.stats.copy_seconds > 0
+
+
+def test_exact_size_host_buffers():
+    """host_buffer allocates exactly the bytes asked for (torch's pinned allocator rounds up to a
+    power of two: 351.8 MB would take 536.9 MB) and counts them while they live."""
+    from liveavatar_lite.runtime.pinned import host_buffer, host_buffer_bytes
+
+    before = host_buffer_bytes()
+    buf = host_buffer(351_800_001 // 1000, pin=False, zero=True)
+    assert buf.numel() == 351_800 and buf.untyped_storage().nbytes() == 351_800 and not buf.any()
+    assert host_buffer_bytes() - before == 351_800
+    del buf
+    import gc
+
+    gc.collect()
+    assert host_buffer_bytes() == before
+
+
+@pytest.mark.gpu
+def test_cuda_pinned_host_buffer_is_exact_and_async():
+    from liveavatar_lite.runtime.pinned import host_buffer, pinned_bytes
+
+    before = pinned_bytes()
+    buf = host_buffer(351_800_000, pin=True)
+    assert buf.is_pinned() and pinned_bytes() - before == 351_800_000  # not 536_870_912
+    dev = torch.empty_like(buf, device="cuda")
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: a pageable copy would block here
+    dev.copy_(buf, non_blocking=True)
+    assert not torch.cuda.current_stream().query()  # the host got control back at once
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_cuda_slot_reuse_survives_a_widened_race():
+    """Compute holds each slot much longer than a copy takes (torch.cuda._sleep before reading it):
+    without the free-event wait the prefetch two units ahead would overwrite the slot mid-read."""
+    units = _units(6, seed=4)
+    packed = [pack_tensors(u, pin=True) for u in units]
+    st = UnitStreamer([PinnedSource(b) for b, _ in packed], "cuda", chunk_bytes=256)
+    seen = []
+    st.prefetch(0)
+    for i in range(6):
+        buf = st.acquire(i)
+        if i + 1 < 6:
+            st.prefetch(i + 1)
+        torch.cuda._sleep(20_000_000)  # ~10 ms on the compute stream before the slot is read
+        seen.append({k: v.clone() for k, v in unpack_views(buf, packed[i][1]).items()})
+        st.release(i)
+    torch.cuda.synchronize()
+    for got, want in zip(seen, units):
+        for k in want:
+            assert torch.equal(got[k].cpu(), want[k])
+
+
+@pytest.mark.gpu
+def test_cuda_kv_copy_does_not_wait_behind_a_weight_unit():
+    """A 1 GiB weight unit is prefetched on its copy stream, then a 16 MiB KV layer on the KV stream:
+    the KV copy lands long before the weight unit (on one FIFO stream it landed after it)."""
+    from liveavatar_lite.runtime.pinned import host_buffer
+    from liveavatar_lite.runtime.plan_inputs import WEIGHT_CHUNK_BYTES
+
+    w = UnitStreamer([PinnedSource(host_buffer(1 << 30, pin=True))], "cuda", chunk_bytes=WEIGHT_CHUNK_BYTES)
+    kv = UnitStreamer([PinnedSource(host_buffer(16 << 20, pin=True))], "cuda")
+    start = torch.cuda.Event(enable_timing=True)
+    start.record(w.copy_stream)
+    w.prefetch(0)
+    kv.prefetch(0)
+    w_done, kv_done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    w_done.record(w.copy_stream)
+    kv_done.record(kv.copy_stream)
+    torch.cuda.synchronize()
+    t_w, t_kv = start.elapsed_time(w_done), start.elapsed_time(kv_done)
+    print(f"\nweight unit 1 GiB done at {t_w:.1f} ms, KV 16 MiB at {t_kv:.1f} ms")
+    assert t_kv < 0.5 * t_w

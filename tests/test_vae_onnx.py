@@ -130,6 +130,26 @@ def test_fp16_graph_within_tolerance(float_onnx: Path, tiny_vae: WanVAE, z, torc
     assert np.abs(frames - torch_frames).max() <= FP16_TOL
 
 
+def test_decoder_splits_calls_and_owns_exact_banks(float_onnx: Path, z, torch_frames) -> None:
+    """latents_per_call (the plan's) splits a decode into graph calls; the banks are torch tensors of
+    exactly the graph's cache bytes, bound by pointer: ORT writes them in place, then they swap."""
+    from liveavatar_lite.decode.decoder_memory import DecoderGraph
+
+    split = OnnxVAEDecoder(float_onnx, device="cpu", latents_per_call=2)
+    calls = []
+    real = split._call
+    split._call = lambda part: calls.append(part.shape[1]) or real(part)  # type: ignore[method-assign]
+    frames = split.decode(z[0, :, :5].numpy())
+    assert calls == [2, 2, 1] and frames.shape[2] == 1 + 4 * 4
+    assert np.abs(frames - torch_frames[:, :, :17]).max() <= FP32_TOL
+    assert split.bank_bytes() == DecoderGraph.from_onnx(float_onnx).cache_bytes((3, 4)) == split.cache_bytes((3, 4))
+    assert all(isinstance(t, torch.Tensor) for bank in split._banks for t in bank)
+    written = split._banks[1]  # the bank the next call writes
+    before = [t.clone() for t in written]
+    split.decode(z[0, :, 5:6].numpy())
+    assert split._banks[0] is written and any(not torch.equal(x, y) for x, y in zip(before, written))
+
+
 @pytest.mark.gpu
 def test_cuda_ep_streams_like_cpu(float_onnx: Path, z, torch_frames) -> None:
     decoder = OnnxVAEDecoder(float_onnx, device="cuda", gpu_mem_limit=1 << 30)
@@ -141,3 +161,45 @@ def test_cuda_ep_streams_like_cpu(float_onnx: Path, z, torch_frames) -> None:
     assert np.abs(frames - torch_frames).max() <= 1e-2  # the CUDA EP may use TF32 convs
     decoder.load_state(snapshot)
     assert np.abs(decoder.decode(z[0, :, 1:].numpy()) - tail).max() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_device_memory_of_the_decoder_includes_ort(tmp_path: Path) -> None:
+    """Device-wide memory (NVML/mem_get_info: ORT's arena and the context included, which torch's own
+    counters never see) at the real VAE size, 704*384: after the session, after the banks, after a
+    1-latent and a 3-latent call. The banks are torch memory of exactly the plan's size; ORT stays
+    within the plan's arena cap for the call size it was sized for (a 1-latent call), and a 3-latent call
+    fails inside that cap instead of growing past it. Prints the figures for BENCHMARKS.md."""
+    from liveavatar_lite.decode.decoder_memory import DecoderGraph
+    from liveavatar_lite.pipeline.ledger import device_memory
+
+    def used() -> int:
+        torch.cuda.synchronize()
+        d = device_memory(torch.device("cuda"))
+        return d["process_bytes"] or d["device_used_bytes"]
+
+    vae = random_vae(PRESETS["14b"].vae, seed=0)
+    path = export_decoder(vae, tmp_path / "dec.onnx", dtype="fp16")
+    del vae
+    g = DecoderGraph.from_onnx(path)
+    mem = g.memory((704, 384))
+    ws = dict(mem.working_set_bytes)
+    cap = mem.weights_bytes + ws[1] + mem.workspace_bytes
+    torch.cuda.init()
+    base = used()
+    decoder = OnnxVAEDecoder(path, device="cuda", gpu_mem_limit=cap, latents_per_call=1)
+    after_session = used()
+    z = random_latents((1, 16, 7, 48, 88), seed=1)[0].numpy()
+    decoder.decode(z[:, :1])
+    after_one = used()
+    assert decoder.bank_bytes() == mem.caches_bytes
+    decoder.decode(z[:, 1:4])  # three calls of one latent (the plan's split)
+    after_three = used()
+    print(f"\ndecoder device memory at 704*384 (MB): session {(after_session - base) / 1e6:.0f}, after banks and "
+          f"a 1-latent call {(after_one - base) / 1e6:.0f}, after 3 x 1 latent {(after_three - base) / 1e6:.0f}; "
+          f"plan: banks {mem.caches_bytes / 1e6:.0f} + arena cap {cap / 1e6:.0f}")
+    # everything the decoder holds: the banks (torch) + at most the cap (ORT), plus ORT's CUDA/cuDNN handles
+    assert after_three - base <= mem.caches_bytes + cap + 0.5e9
+    wide = OnnxVAEDecoder(path, device="cuda", gpu_mem_limit=cap)  # no split: 3 latents need ws[3] > cap
+    with pytest.raises(Exception, match="(?i)allocate|memory"):
+        wide.decode(z[:, :3])

@@ -26,6 +26,7 @@ from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import PRESETS, DiTConfig
 from liveavatar_lite.runtime.device_profiles import get_profile, probe_profile
 from liveavatar_lite.runtime.dit_runtime import DiTRuntime, UnitData
+from liveavatar_lite.runtime.pinned import host_buffer
 from liveavatar_lite.runtime.plan import GB, Budget, Plan, make_plan, min_vram_bytes
 from liveavatar_lite.runtime.plan_inputs import parse_size, plan_input
 
@@ -51,7 +52,7 @@ def synthetic_units(cfg: DiTConfig, fmt: str, pin: bool, seed: int = 0, group_si
             qt, grp = policy.decide(k, shapes[k])
             specs.append(TensorSpec(k, qt, shapes[k], grp, "BF16"))
         lay = layout_file(specs, name)
-        buf = torch.zeros(lay.data_nbytes, dtype=torch.uint8, pin_memory=pin)
+        buf = host_buffer(lay.data_nbytes, pin=pin, zero=True)  # exact size, as the runtime reads units
         for e in lay.tensors:
             for p in e.parts:
                 view = buf[p.offset:p.offset + p.nbytes].view(p.torch_dtype).reshape(p.shape)
@@ -103,21 +104,28 @@ def run_steps(rt: DiTRuntime, cfg: DiTConfig, size: tuple[int, int], blocks: int
 
 
 def measure(cfg: DiTConfig, units: list[UnitData], plan: Plan, size, blocks: int, device: str) -> dict:
+    from liveavatar_lite.pipeline.ledger import memory_ledger
+
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rt = DiTRuntime(cfg, units, plan, device=device, timing=device == "cuda")
     times = run_steps(rt, cfg, size, blocks, device)
     steady = times[4:] or times  # the first block warms up kernels and caches
-    wait = rt.copy_wait_seconds()
+    counters = rt.copy_counters()  # weights and KV apart (CPU: the copies themselves are the wait)
+    wait = counters["copy_wait_weights_s"] + counters["copy_wait_kv_s"]
     copy_s = sum(st.stats.copy_seconds for st in rt.streamers())
     h2d = sum(st.stats.h2d_bytes for st in rt.streamers())
     total = sum(times)
+    per_clip = 16 / len(times)  # a clip is 4 blocks x 4 steps: scale the run to one clip
+    clip = {k: v * per_clip for k, v in counters.items()}
     out = {
         "streamed_units": len(plan.streamed_units),
         "host_kv": [k.name for k in plan.kv if k.placement == "host"],
         "s_per_step": sum(steady) / len(steady),
-        "copy_wait_fraction": (wait if device == "cuda" else copy_s) / total,
+        "copy_wait_fraction": wait / total,
+        "copy_wait_weights_fraction": counters["copy_wait_weights_s"] / total,
+        "copy_wait_kv_fraction": counters["copy_wait_kv_s"] / total,
         "h2d_gbps": h2d / copy_s / GB if copy_s else 0.0,
         "h2d_gb_per_step": h2d / len(times) / GB,
         "predicted_s_per_step": plan.predicted_seconds_per_clip / (4 * 4),
@@ -125,6 +133,8 @@ def measure(cfg: DiTConfig, units: list[UnitData], plan: Plan, size, blocks: int
     }
     if device == "cuda":
         out["max_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+    # predicted next to measured, scaled to one clip (this run has no VAE decoder: its rows stay empty)
+    out["ledger"] = memory_ledger(plan, rt, None, sum(times) * per_clip, clip)
     return out
 
 
@@ -165,12 +175,17 @@ def main(argv: list[str] | None = None) -> int:
                           "size": f"{size[0]}*{size[1]}", "format": args.format, "kv": args.kv,
                           "results": results, "streamed_over_resident": ratio}, indent=1))
         return 0
-    cols = ("s_per_step", "copy_wait_fraction", "h2d_gbps", "h2d_gb_per_step", "streamed_units", "predicted_s_per_step")
+    cols = ("s_per_step", "copy_wait_weights_fraction", "copy_wait_kv_fraction", "h2d_gbps", "h2d_gb_per_step",
+            "streamed_units", "predicted_s_per_step")
     print(f"{args.preset} ({cfg.num_layers} layers) {args.format} at {size[0]}*{size[1]}, KV {args.kv}, on {args.device}")
     print(f"{'':10}" + "".join(f"{c:>22}" for c in cols))
     for label, r in results.items():
         print(f"{label:10}" + "".join(f"{r[c]:>22.4f}" if isinstance(r[c], float) else f"{r[c]:>22}" for c in cols))
     print(f"streamed / resident step time: {ratio:.3f}x")
+    from liveavatar_lite.pipeline.ledger import format_ledger
+
+    for label, r in results.items():
+        print(format_ledger(r["ledger"], f"\nmemory ledger, {label} (plan vs measured, per clip of 16 steps):"))
     return 0
 
 

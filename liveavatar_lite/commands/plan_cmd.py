@@ -96,8 +96,8 @@ def format_plan(plan, ram_budget: float | None) -> str:
     host = ", ".join(f"{k.replace('_', ' ')} {v / GB:.1f}" for k, v in plan.host_breakdown.items())
     causes = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in plan.seconds_breakdown.items())
     lines += ["", f"host RAM    {plan.host_ram_bytes / GB:.1f} GB{ram} ({host}; pinned buffers at their exact size)",
-              f"decoder     {plan.decode_latents_per_call or '-'} latent(s) per call, ONNX Runtime arena cap "
-              f"{plan.decoder_arena_bytes / GB:.2f} GB (weights + working set + workspace, from the graph's shapes)",
-              f"per clip    H2D {plan.h2d_bytes_per_clip / GB:.1f} GB, predicted {plan.predicted_seconds_per_clip:.1f} s "
-              f"(DiT only, 4 steps x 4 blocks, 48 frames: {causes})"]
+              (f"decoder     {plan.decode_latents_per_call or '-'} latent(s) per call, ONNX Runtime arena cap "
+               f"{plan.decoder_arena_bytes / GB:.2f} GB (weights + working set + workspace, from the graph's shapes)"),
+              (f"per clip    H2D {plan.h2d_bytes_per_clip / GB:.1f} GB, predicted {plan.predicted_seconds_per_clip:.1f} s "
+               f"(DiT only, 4 steps x 4 blocks, 48 frames: {causes})")]
     return "\n".join(lines)

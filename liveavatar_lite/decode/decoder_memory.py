@@ -65,11 +65,12 @@ class DecoderGraph:
     def from_onnx(cls, path: str | Path) -> DecoderGraph:
         """Read an exported decoder's graph (weights are not loaded: only their sizes are used)."""
         import onnx
+        from google.protobuf.message import DecodeError
 
         path = Path(path)
         try:
             model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # protobuf raises DecodeError; a missing file OSError
+        except (OSError, DecodeError, ValueError) as e:
             raise ArtifactError(f"{path}: not a readable ONNX decoder ({type(e).__name__})") from None
         g = model.graph
         meta = {p.key: p.value for p in model.metadata_props}

@@ -104,7 +104,7 @@ def _nvml_process_bytes(device: Any) -> int | None:
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if proc.pid == os.getpid():
                 return int(proc.usedGpuMemory)
-    except Exception:  # NVML errors are not fatal to a render: the device-wide figure stands in
+    except (pynvml.NVMLError, RuntimeError, AttributeError):  # not fatal: the device-wide figure stands in
         return None
     return None
 

@@ -78,7 +78,7 @@ class _FusedAttention(TorchFunctionMode):
 
 @lru_cache(maxsize=64)
 def unit_elementwise_bytes(cfg: DiTConfig, size: tuple[int, int], weight_format: str, kv_dtype: str,
-                           sample: SampleConfig = SampleConfig()) -> tuple[int, int]:
+                           sample: SampleConfig | None = None) -> tuple[int, int]:
     """(bytes for a plain layer, bytes for an audio-inject layer) of one denoising call at steady state.
 
     The tokens of one block at `size`, the ring full (the KV history of one clip), the sink of the
@@ -88,12 +88,13 @@ def unit_elementwise_bytes(cfg: DiTConfig, size: tuple[int, int], weight_format:
 
 
 def trace_unit(cfg: DiTConfig, size: tuple[int, int], weight_format: str, kv_dtype: str,
-               sample: SampleConfig = SampleConfig(), inject: bool = False) -> tuple[int, dict[str, int]]:
+               sample: SampleConfig | None = None, inject: bool = False) -> tuple[int, dict[str, int]]:
     """(elementwise bytes, bytes per aten op) of one unit forward on the meta device."""
+    sample = sample or SampleConfig()
     from ..artifact.qtypes import QuantType
+    from ..model.audio_modules import AdaLayerNorm
     from ..model.dit import DiTContext, unit_forward
     from ..model.dit_blocks import CrossAttention, DiTBlock
-    from ..model.audio_modules import AdaLayerNorm
     from ..model.kv import LayerKV
     from .kv_offload import STORE_DTYPES, OffloadRingLayer, OffloadSinkLayer
     from .plan_inputs import _token_counts
