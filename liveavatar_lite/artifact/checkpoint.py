@@ -318,9 +318,11 @@ def merge_lora_inplace(weight: torch.Tensor, factors: tuple[torch.Tensor, torch.
     """
     a, b, scale = factors  # A [r, in], B [out, r] fp32
     n, k = weight.shape
-    step = max(1, chunk_elems // max(1, k))
+    step = max(1, min(n, chunk_elems // max(1, k)))
+    buf = torch.empty(step, k, dtype=torch.float32)  # ONE fp32 scratch, reused: no allocator churn per chunk
     for r in range(0, n, step):
-        rows = weight[r:r + step].float()  # [rows, in] fp32 copy, a few MB: stays in cache
+        rows = buf[:min(step, n - r)]
+        rows.copy_(weight[r:r + step])  # [rows, in] in fp32, a few MB: stays in cache
         rows.addmm_(b[r:r + step], a, alpha=scale)  # += scale * B[rows] @ A
         weight[r:r + step] = rows  # one rounding to the stored dtype
     return weight
