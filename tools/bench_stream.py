@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in results.items():
         print(f"{label:10}" + "".join(f"{r[c]:>22.4f}" if isinstance(r[c], float) else f"{r[c]:>22}" for c in cols))
     print(f"streamed / resident step time: {ratio:.3f}x")
-    from liveavatar_lite.pipeline.ledger import format_ledger
+    from liveavatar_lite.pipeline.telemetry import format_ledger
 
     for label, r in results.items():
         print(format_ledger(r["ledger"], f"\nmemory ledger, {label} (plan vs measured, per clip of 16 steps):"))

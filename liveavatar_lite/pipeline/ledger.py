@@ -24,7 +24,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .telemetry import host_rss_bytes
+from .telemetry import format_ledger, host_rss_bytes
+
+__all__ = ["clip_fields", "clip_mark", "device_memory", "format_ledger", "memory_ledger"]
 
 
 def clip_mark(renderer: Any) -> dict[str, float]:
@@ -107,20 +109,3 @@ def _nvml_process_bytes(device: Any) -> int | None:
     except (pynvml.NVMLError, RuntimeError, AttributeError):  # not fatal: the device-wide figure stands in
         return None
     return None
-
-
-def format_ledger(ledger: dict[str, dict[str, Any]], title: str = "") -> str:
-    """The ledger as a small table: item, predicted, measured (GB for bytes, s for seconds)."""
-    lines = [title] if title else []
-    lines.append(f"  {'item':<24}{'predicted':>12}{'measured':>12}")
-    for name, row in ledger.items():
-        lines.append(f"  {name:<24}{_fmt(name, row['predicted']):>12}{_fmt(name, row['measured']):>12}")
-    return "\n".join(lines)
-
-
-def _fmt(name: str, v: Any) -> str:
-    if v is None:
-        return "-"
-    if name.endswith("_s") or name == "seconds":
-        return f"{v:.3f} s"
-    return f"{v / 1e9:.3f} GB" if abs(v) >= 1e9 else f"{v / 1e6:.2f} MB"

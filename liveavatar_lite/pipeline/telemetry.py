@@ -111,8 +111,6 @@ class Telemetry:
         self.records.append(record)
         self._write(record)
         if self.stream is not None and record.get("ledger"):
-            from .ledger import format_ledger
-
             log.info("%s", format_ledger(record["ledger"], f"memory ledger, clip {index} (plan vs measured):"))
         return record
 
@@ -146,3 +144,20 @@ class Telemetry:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+
+
+def format_ledger(ledger: dict[str, dict[str, Any]], title: str = "") -> str:
+    """The ledger as a small table: item, predicted, measured (GB for bytes, s for seconds)."""
+    lines = [title] if title else []
+    lines.append(f"  {'item':<24}{'predicted':>12}{'measured':>12}")
+    for name, row in ledger.items():
+        lines.append(f"  {name:<24}{_fmt(name, row['predicted']):>12}{_fmt(name, row['measured']):>12}")
+    return "\n".join(lines)
+
+
+def _fmt(name: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if name.endswith("_s") or name == "seconds":
+        return f"{v:.3f} s"
+    return f"{v / 1e9:.3f} GB" if abs(v) >= 1e9 else f"{v / 1e6:.2f} MB"

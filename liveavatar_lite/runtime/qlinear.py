@@ -131,42 +131,55 @@ def _scaled_mm_ok(x2: Tensor, n: int) -> bool:
 FP8_ROW_MULTIPLE = 16  # _scaled_mm's granularity for M; e.g. 2967 tokens at 688*368 are padded to 2976
 
 
+def row_absmax(x2: Tensor) -> Tensor:
+    """max |x| per row, fp32 [M, 1]: one reduction over x as stored (no |x| or fp32 copy of it)."""
+    return torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+
+
 def quantize_per_token_int8(x2: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (int8 [M, K], fp32 scale [M, 1]), symmetric per row (token)."""
-    xf = x2.float()
-    scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT8_QMAX  # [M, 1]
-    q = torch.round(xf / scale).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    """x [M, K] -> (int8 [M, K], fp32 scale [M, 1]), symmetric per row (token).
+
+    The same values as `round(x.float() / (absmax / 127))`, with fewer passes over x (this runs on
+    every linear's input): the absmax is one reduction, the division widens x itself.
+    """
+    scale = row_absmax(x2).clamp_min(1e-12) / INT8_QMAX  # [M, 1]
+    q = torch.div(x2, scale).round_().clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)  # fp32 math, as x.float() / s
     return q, scale
 
 
 def linear_w8a8(x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     """W8A8: per-token int8 x [M, K] times per-channel int8 W [N, K] with int32 accumulation.
 
-    y = (xq @ Wq^T) * sx[:, None] * sw[None, :] + b, in x's dtype.
+    y = (xq @ Wq^T) * sx[:, None] * sw[None, :] + b, in fp32 in that order, rounded once to x's dtype.
+    Each step reads its input once and the last writes x's dtype directly (no int32 -> fp32 pass,
+    no fp32 result to cast): the epilogue's traffic drops from ~42 to ~26 bytes per output.
     """
     xq, sx = quantize_per_token_int8(x2)
     acc = torch._int_mm(xq, w_int8.t())  # [M, K] @ [K, N] (column-major view of W) -> int32 [M, N]
-    y = acc.float() * sx * w_scale.float()[None, :]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x2.dtype)
+    y = torch.mul(acc, sx)  # int32 * fp32 -> fp32 [M, N]
+    out = torch.empty(y.shape, dtype=x2.dtype, device=y.device)
+    if bias is None:
+        return torch.mul(y, w_scale.float()[None, :], out=out)
+    y.mul_(w_scale.float()[None, :])
+    return torch.add(y, bias.float(), out=out)
 
 
 def linear_fp8_rowwise(x2: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     """FP8 e4m3 with row-wise scales: per-token activation scale [M, 1], per-channel weight [1, N].
 
-    M not a multiple of 16 is padded with zero rows (their outputs are dropped): the fp32 copy made
-    for the activation scale is allocated padded, so the padding costs no extra pass.
+    M not a multiple of 16 is padded with zero rows (their outputs are dropped); only the fp8 copy
+    is padded, so the padding costs one small allocation, not a pass over x.
     """
     m, k = x2.shape
     mp = -(-m // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
+    sx = row_absmax(x2).clamp_min(1e-12) / FP8_MAX  # [M, 1]
+    q = torch.div(x2, sx).clamp_(-FP8_MAX, FP8_MAX)  # fp32 [M, K], as x.float() / sx
     if mp == m:
-        xf = x2.float()
-    else:
-        xf = x2.new_zeros(mp, k, dtype=torch.float32)  # [Mp, K]: zero rows quantize to zeros
-        xf[:m] = x2
-    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # [Mp, 1]
-    xq = (xf / sx).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        xq = q.to(torch.float8_e4m3fn)
+    else:  # zero rows (scale 1) below the tokens: their outputs are dropped
+        xq = torch.zeros(mp, k, dtype=torch.float8_e4m3fn, device=x2.device)
+        xq[:m] = q
+        sx = torch.cat([sx, sx.new_ones(mp - m, 1)])
     y = torch._scaled_mm(xq, w_fp8.t(), scale_a=sx, scale_b=w_scale.float()[None, :],
                          out_dtype=torch.bfloat16)  # row-wise scaling needs a bf16 output
     y = y[:m]  # [Mp, N] -> [M, N]
