@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     from liveavatar_lite.pipeline.telemetry import format_ledger
 
     for label, r in results.items():
-        print(format_ledger(r["ledger"], f"\nmemory ledger, {label} (plan vs measured, per clip of 16 steps):"))
+        print(format_ledger(r["ledger"], f"\nmemory ledger, {label} (plan vs measured, scaled to a clip of 16 steps; "
+                                         "this bench keeps every unit in host memory and builds no decoder):"))
     return 0
 
 
