@@ -72,6 +72,8 @@ def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: R
     ram = budget.ram_gb * 1e9 if budget.ram_gb else physical_ram_bytes()
     b = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=budget.kv_dtype)
     profile, note = resolve_profile(budget.device_profile, device)
+    if note:
+        log.info("%s", note)
     plan = make_plan(inp, b, profile)
     log.info("plan: peak VRAM %.2f GB, %d streamed units, KV on the host: %s, decoder %d latent(s) per call, "
              "predicted %.1f s per clip (profile %s)", plan.peak_vram_bytes / 1e9, len(plan.streamed_units),

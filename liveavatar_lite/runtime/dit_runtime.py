@@ -205,7 +205,7 @@ class DiTRuntime:
 
     rope_fp64: rotate q/k in float64 as upstream (None: only when computing in fp32, where the CPU
     reference runs match upstream bit for bit; in bf16 on a GPU, complex64 RoPE differs from it far
-    below bf16's rounding, tests/test_dit_parity, and fp64 runs at 1/64 rate on consumer GPUs).
+    below bf16's rounding (tests/test_runtime.py), and fp64 runs at 1/64 rate on consumer GPUs).
     compile_units: fuse each unit's elementwise work with `torch.compile` (CUDA only; off by default).
     """
 
