@@ -9,7 +9,8 @@ from typing import Any
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
     "decoded and written block by block; finished clips survive a crash (rerun with --resume). "
-    "The output file appears only when the video is complete."
+    "The output file appears only when the video is complete; --live DIR lets you watch it while "
+    "it renders (an HLS playlist, DIR/index.m3u8, growing by one segment per clip)."
 )
 
 
@@ -58,6 +59,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="seconds between resume checkpoints; each holds every KV cache (tens of GB at 14B), "
                              "a resume re-renders the clips after the newest one; 0 = after every clip "
                              "(default: %(default)s)")
+    parser.add_argument("--live", type=Path, default=None, metavar="DIR",
+                        help="also write an HLS playlist DIR/index.m3u8 (one MPEG-TS segment per finished clip, "
+                             "video + audio) that a browser or `ffplay DIR/index.m3u8` plays while rendering")
     parser.add_argument("--telemetry", type=Path, default=None, metavar="FILE",
                         help="write per-clip JSON lines (seconds, frames, peak VRAM, host RSS, copy-wait) "
                              "and a summary")
@@ -68,16 +72,18 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build a GenerateRequest from the flags and render it; exit code 0 (errors raise UserError).
+    """Build the pipeline options and the render request from the flags, then render once.
 
     liveavatar-lite generate --artifact art --image me.jpg --audio hi.wav --prompt "..." -o out.mp4
     """
     import logging
 
-    from ..pipeline.generate import GenerateRequest, generate
+    from ..pipeline.pipeline import generate
+    from ..pipeline.request import PipelineOptions, RenderRequest
 
-    request = GenerateRequest(
-        artifact=args.artifact,
+    options = PipelineOptions(artifact=args.artifact, vram_gb=args.vram, ram_gb=args.ram, kv_dtype=args.kv,
+                              cache_dir=args.cache_dir, progress=not args.no_progress)
+    request = RenderRequest(
         image=args.image,
         audio=args.audio,
         prompt=args.prompt,
@@ -85,18 +91,20 @@ def run(args: argparse.Namespace) -> int:
         size=args.size,
         num_clip=args.num_clip,
         seed=args.seed,
-        vram_gb=args.vram,
-        ram_gb=args.ram,
-        kv_dtype=args.kv,
         resume=args.resume,
         telemetry=args.telemetry,
-        cache_dir=args.cache_dir,
+        live=args.live,
         checkpoint_interval_s=args.checkpoint_interval,
         progress=not args.no_progress,
     )
-    result = generate(request)
-    logging.getLogger("liveavatar_lite.pipeline.generate").info(
-        "wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
-        result.width, result.height, result.seconds,
-        f" (resumed after {result.resumed_clips} clips)" if result.resumed_clips else "")
+    result = generate(request, options)
+    log = logging.getLogger("liveavatar_lite.pipeline.generate")
+    log.info("wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
+             result.width, result.height, result.seconds,
+             f" (resumed after {result.resumed_clips} clips)" if result.resumed_clips else "")
+    if result.first_frame_seconds is not None and result.realtime_factor is not None:
+        log.info("first frame after %.1f s; real-time factor %.3f (seconds of video per second of wall time)",
+                 result.first_frame_seconds, result.realtime_factor)
+    if result.live_playlist is not None:
+        log.info("live playlist: %s", result.live_playlist)
     return 0

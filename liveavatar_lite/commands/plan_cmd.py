@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     profile, note = _profile(args.device_profile)
     plan = make_plan(inp, Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv), profile)
     if args.json:
-        print(json.dumps(plan.to_json(), indent=1))
+        print(json.dumps({**plan.to_json(), "predicted_realtime_factor": predicted_realtime_factor(plan)}, indent=1))
     else:
         print(format_plan(plan, ram))
         if note:
@@ -88,6 +88,14 @@ def _profile(name: str | None):
                                                "pass --device-profile rtx4090 (or another) to predict a GPU")
 
 
+def predicted_realtime_factor(plan) -> float:
+    """Seconds of video per second of wall time the plan predicts (a clip is 48 frames at 25 fps)."""
+    from ..config import SampleConfig
+
+    sample = SampleConfig()
+    return sample.infer_frames / sample.fps / plan.predicted_seconds_per_clip
+
+
 def format_plan(plan, ram_budget: float | None) -> str:
     """The human-readable plan table."""
     from ..runtime.plan import GB
@@ -115,5 +123,7 @@ def format_plan(plan, ram_budget: float | None) -> str:
     ram = f" of {ram_budget / GB:.1f} GB" if ram_budget else ""
     lines += ["", f"host RAM    {plan.host_ram_bytes / GB:.1f} GB{ram} (pinned weights + host KV + 3 GB baseline)",
               f"per clip    H2D {plan.h2d_bytes_per_clip / GB:.1f} GB, predicted {plan.predicted_seconds_per_clip:.1f} s "
-              f"(DiT only, 4 steps x 4 blocks, 48 frames)"]
+              f"(DiT only, 4 steps x 4 blocks, 48 frames)",
+              f"real time  predicted real-time factor {predicted_realtime_factor(plan):.3f} "
+              f"(seconds of video per second of rendering; 1.0 = as fast as it plays)"]
     return "\n".join(lines)

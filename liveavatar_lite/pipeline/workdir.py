@@ -107,6 +107,10 @@ class RenderWorkDir:
         log.info("continuing from the checkpoint after clip %d (%d later clips are rendered again)",
                  self.state_clips, len(extra))
 
+    def segment_frame_counts(self) -> list[int]:
+        """Frames of each finished clip, in clip order."""
+        return [int(s["frames"]) for s in self._journal["segments"]]
+
     def segment_paths(self) -> list[Path]:
         """The finished clips' segments, in clip order."""
         return [self.root / s["name"] for s in self._journal["segments"]]
