@@ -204,7 +204,7 @@ class _Proc:
 def test_the_failure_line_names_the_cause_not_the_peers() -> None:
     from liveavatar_lite.pipeline.multirank.launch import contexts
 
-    ctxs = contexts(None, rank_roles(4), (torch.device("cpu"),) * 4)  # type: ignore[arg-type]
+    ctxs = contexts(None, None, rank_roles(4), (torch.device("cpu"),) * 4)  # type: ignore[arg-type]
     procs = [_Proc(1), _Proc(-9), _Proc(1), _Proc(1)]
     peers = [("peer", 0, "sending to rank 1: Connection closed by peer", 1),
              ("peer", 2, "waiting for rank 1: Connection closed by peer", 1)]
@@ -253,13 +253,13 @@ def test_decode_only_coordinator_follows_the_heads_checkpoints(tmp_path: Path, m
     block of a clip whether the head marked a checkpoint, and its state names every companion."""
     from liveavatar_lite.pipeline.multirank import coordinator
     from liveavatar_lite.pipeline.multirank.launch import contexts
-    from liveavatar_lite.pipeline.request import GenerateRequest
+    from liveavatar_lite.pipeline.request import PipelineOptions, RenderRequest
 
     sent = []
     monkeypatch.setattr(coordinator, "broadcast", lambda obj, src: sent.append(obj))
     out = tmp_path / "o.mp4"
-    request = GenerateRequest(artifact=tmp_path, image=tmp_path, audio=tmp_path, prompt="p", out=out)
-    ctx = contexts(request, rank_roles(5), (torch.device("cpu"),) * 5)[4]
+    options, request = PipelineOptions(tmp_path), RenderRequest(image=tmp_path, audio=tmp_path, prompt="p", out=out)
+    ctx = contexts(options, request, rank_roles(5), (torch.device("cpu"),) * 5)[4]
     blocks = [(0, b, b == 3) for b in range(4)] + [(1, b, False) for b in range(4)]
     gen = coordinator.PipelineGenerator(ctx, None, _FakeLink(blocks), num_clips=2)
     outs = [gen.next_block() for _ in range(4)]
@@ -278,7 +278,7 @@ def test_decode_only_coordinator_follows_the_heads_checkpoints(tmp_path: Path, m
     again = coordinator.PipelineGenerator(ctx, None, _FakeLink(blocks[4:]), num_clips=2)
     again.load_state_dict(state)
     assert again.next_block().clip == 1 and sent[-1].clip == 1 and len(sent[-1].companions) == 4
-    other = contexts(request, rank_roles(4), (torch.device("cpu"),) * 4)[3]
+    other = contexts(options, request, rank_roles(4), (torch.device("cpu"),) * 4)[3]
     with pytest.raises(UserError, match="checkpointed by --ranks 5; resume it with the same --ranks"):
         coordinator.PipelineGenerator(other, None, None, 2).load_state_dict(state)
     with pytest.raises(UserError, match="checkpointed by a single process"):

@@ -6,7 +6,7 @@ its crash-safe segments, journal and checkpoints (`coordinator`); `launch` start
 the ranks, or joins a torchrun job. docs/multi-gpu.md explains the design.
 
     from liveavatar_lite.pipeline.multirank import generate_multirank
-    result = generate_multirank(request, world_size=4, gpus=(0, 1, 2, 3))
+    result = generate_multirank(options, request, world_size=4, gpus=(0, 1, 2, 3))
 """
 from .launch import RankFailedError, generate_multirank
 

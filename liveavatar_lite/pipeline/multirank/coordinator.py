@@ -12,7 +12,7 @@ companion `state_NNNNN.pt.rankR` before passing that block on. The coordinator's
 rank's own generator (if it denoises) and the names of the companions. `--resume` loads that
 state, then tells every rank which companion to load and where to start.
 
-    backend = PipelineBackend.open(ctx, request); generate(request, backend=backend); backend.release()
+    backend = PipelineBackend.for_rank(ctx); generate(request, backend=backend); backend.release()
 """
 from __future__ import annotations
 
@@ -131,8 +131,7 @@ class PipelineBackend(ArtifactBackend):
 
     @classmethod
     def for_rank(cls, ctx: RankContext) -> PipelineBackend:
-        req = ctx.request
-        backend = cls.open(req.artifact, vram_gb=req.vram_gb, ram_gb=req.ram_gb, kv_dtype=req.kv_dtype)
+        backend = cls.open(ctx.options)
         backend.ctx = ctx
         backend.device = ctx.device
         backend._built = False
@@ -140,16 +139,21 @@ class PipelineBackend(ArtifactBackend):
 
     def build(self, inputs: RenderInputs) -> PipelineRenderer:
         """Plan (fails fast), conditioning, broadcast it, this rank's stage, the decoder."""
-        from ...conditioning.prompt_cache import PromptCache, default_cache_dir
+        from ...conditioning.caches import PhotoCache, PromptCache, default_cache_dir
         from ...decode.vae_onnx import OnnxVAEDecoder
         from ...runtime.plan import vae_arena_estimate
 
         ctx, req = self.ctx, inputs.request
         plan = plan_for_rank(ctx, self, (inputs.width, inputs.height))
-        cache = PromptCache(req.cache_dir or default_cache_dir())
-        text, _ = cache.get_or_compute(req.prompt, self.identity(), lambda: self._encode_prompt(req.prompt))
+        # the conditioning exactly as render.ArtifactBackend.build makes it (same caches, same dtypes)
+        cache_root = self.options.cache_dir or default_cache_dir()
+        text, _ = PromptCache(cache_root).get_or_compute(req.prompt, self.artifact_id,
+                                                         lambda: self._encode_prompt(req.prompt))
         audio = self._audio_features(inputs.wave)
-        ref_latents, motion_latents = self._encode_reference(inputs.reference, req.sample.motion_frames)
+        (ref_latents, motion_latents), _ = PhotoCache(cache_root).get_or_compute(
+            inputs.reference, self.artifact_id, req.sample.motion_frames,
+            lambda: self._encode_reference(inputs.reference, req.sample.motion_frames))
+        ref_latents, motion_latents = ref_latents.to(self.dtype), motion_latents.to(self.dtype)
         setup = StageSetup(text=text.cpu(), audio=audio,
                            ref_latents=ref_latents.cpu(), motion_latents=motion_latents.cpu(),
                            num_clips=inputs.num_clips)
@@ -176,8 +180,8 @@ class PipelineBackend(ArtifactBackend):
 
 
 def run_coordinator(ctx: RankContext) -> Any:
-    """generate() with the pipeline backend; returns its GenerateResult."""
-    from ..generate import generate
+    """The one-process `generate` with the pipeline backend; returns its RenderResult."""
+    from ..pipeline import generate
 
     backend = PipelineBackend.for_rank(ctx)
     result = generate(ctx.request, backend=backend)

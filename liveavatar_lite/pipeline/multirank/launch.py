@@ -10,7 +10,7 @@
   over the ranks that merely lost contact with it. Every child also exits by itself when this
   launcher dies (it polls the launcher's pid), so nothing is left running.
 
-    result = generate_multirank(request, world_size=4, gpus=(0, 1, 2, 3))   # GenerateResult
+    result = generate_multirank(options, request, world_size=4, gpus=(0, 1, 2, 3))   # RenderResult
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 
 from ...errors import UserError, first_line
 from ...runtime.stage_plan import RankRole, rank_roles
-from ..request import GenerateRequest, GenerateResult
+from ..request import PipelineOptions, RenderRequest, RenderResult
 from .comm import PeerLostError, barrier, close_group, init_group
 from .stage import RankContext
 
@@ -73,18 +73,19 @@ def rank_devices(world_size: int, gpus: Sequence[int] | None) -> tuple[torch.dev
     return tuple(torch.device("cuda", g) for g in gpus)
 
 
-def contexts(request: GenerateRequest, roles: tuple[RankRole, ...],
+def contexts(options: PipelineOptions, request: RenderRequest, roles: tuple[RankRole, ...],
              devices: tuple[torch.device, ...]) -> tuple[RankContext, ...]:
-    return tuple(RankContext(r, roles, request, dev, gpu_share=devices.count(dev)) for r, dev in enumerate(devices))
+    return tuple(RankContext(r, roles, options, request, dev, gpu_share=devices.count(dev))
+                 for r, dev in enumerate(devices))
 
 
-def generate_multirank(request: GenerateRequest, world_size: int,
-                       gpus: Sequence[int] | None = None) -> GenerateResult | None:
-    """Render `request` with a pipeline of `world_size` ranks; the coordinator's GenerateResult
+def generate_multirank(options: PipelineOptions, request: RenderRequest, world_size: int,
+                       gpus: Sequence[int] | None = None) -> RenderResult | None:
+    """Render `request` with a pipeline of `world_size` ranks; the coordinator's RenderResult
     (None on the other ranks of a torchrun job)."""
     roles = rank_roles(world_size, request.sample.num_steps)
     devices = rank_devices(world_size, gpus)
-    ctxs = contexts(request, roles, devices)
+    ctxs = contexts(options, request, roles, devices)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: be one rank
         started = int(os.environ["WORLD_SIZE"])
         if started != world_size:
@@ -97,7 +98,7 @@ def generate_multirank(request: GenerateRequest, world_size: int,
     return _spawn_and_watch(ctxs)
 
 
-def run_rank(ctx: RankContext, timeout_s: float = RANK_TIMEOUT_S) -> GenerateResult | None:
+def run_rank(ctx: RankContext, timeout_s: float = RANK_TIMEOUT_S) -> RenderResult | None:
     """One rank, start to end: join the group, do its part, meet the others at the end."""
     from .coordinator import run_coordinator
     from .stage import prepare_dit_rank, run_dit_rank
@@ -119,7 +120,7 @@ def run_rank(ctx: RankContext, timeout_s: float = RANK_TIMEOUT_S) -> GenerateRes
 
 # ------------------------------------------------------------------------------ our own launcher
 
-def _spawn_and_watch(ctxs: tuple[RankContext, ...]) -> GenerateResult:
+def _spawn_and_watch(ctxs: tuple[RankContext, ...]) -> RenderResult:
     import multiprocessing as mp
 
     # forkserver: a clean server process (no threads, no CUDA) imports torch and this package
@@ -149,7 +150,7 @@ def _spawn_and_watch(ctxs: tuple[RankContext, ...]) -> GenerateResult:
         raise
 
 
-def _watch(procs: list[Any], reports: Any, ctxs: tuple[RankContext, ...]) -> GenerateResult:
+def _watch(procs: list[Any], reports: Any, ctxs: tuple[RankContext, ...]) -> RenderResult:
     """Wait for every rank; on the first bad exit stop the rest and raise one clear error."""
     from multiprocessing.connection import wait
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import Tensor
 from ...errors import UserError
 from ...fileio import durable_replace
 from ...runtime.stage_plan import RankPlan, RankRole, plan_rank, rank_budget
-from ..request import GenerateRequest
+from ..request import PipelineOptions, RenderRequest
 from ..workdir import RenderWorkDir
 from .comm import BlockHeader, BlockLink, broadcast
 
@@ -43,7 +43,8 @@ class RankContext:
 
     rank: int
     roles: tuple[RankRole, ...]
-    request: GenerateRequest
+    options: PipelineOptions
+    request: RenderRequest
     device: torch.device
     gpu_share: int = 1  # ranks on this rank's GPU; a default VRAM budget is split between them
 
@@ -88,15 +89,15 @@ def plan_for_rank(ctx: RankContext, backend: Any, size: tuple[int, int]) -> Rank
     from ...runtime.plan_inputs import manifest_unit_sizes, plan_input
     from ..render import _physical_ram_bytes
 
-    m = backend.manifest
+    m, opts = backend.manifest, ctx.options
     inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
-    if backend.vram_gb is not None:
-        vram = backend.vram_gb * 1e9
+    if opts.vram_gb is not None:
+        vram = opts.vram_gb * 1e9
     elif ctx.device.type == "cuda":
         vram = float(torch.cuda.mem_get_info(ctx.device)[0]) / ctx.gpu_share
     else:
         vram = 1e15  # CPU: "device" memory is host memory; no separate budget
-    ram = backend.ram_gb * 1e9 if backend.ram_gb else _physical_ram_bytes()
+    ram = opts.ram_gb * 1e9 if opts.ram_gb else _physical_ram_bytes()
     budget = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=backend.kv_dtype)
     profile = probe_profile(str(ctx.device), seconds=0.3 if ctx.device.type == "cpu" else 2.0)
     plan = plan_rank(inp, rank_budget(budget, ctx.world_size), profile, ctx.role, ctx.world_size)
@@ -106,15 +107,14 @@ def plan_for_rank(ctx: RankContext, backend: Any, size: tuple[int, int]) -> Rank
 
 
 class DiTStage:
-    """A rank's DiT: the runtime of its plan and, once the set-up arrives, its generator."""
+    """A rank's DiT: the runtime of its plan (loaded by the artifact backend, as for one process)
+    and, once the set-up arrives, its generator."""
 
     def __init__(self, ctx: RankContext, backend: Any, plan: RankPlan) -> None:
-        from ...runtime.dit_runtime import DiTRuntime
-
         assert plan.plan is not None
         self.ctx, self.backend = ctx, backend
-        self.runtime = DiTRuntime.from_artifact(backend.directory, plan.plan, device=ctx.device,
-                                                timing=ctx.device.type == "cuda")
+        backend.device = ctx.device  # this rank's GPU (cuda:i), or the CPU
+        self.runtime = backend._runtime_for(plan.plan)
         self.generator: Any = None
 
     def start(self, setup: StageSetup) -> Any:
@@ -194,7 +194,7 @@ def prepare_dit_rank(ctx: RankContext) -> DiTStage:
     from ..render import ArtifactBackend
 
     req = ctx.request
-    backend = ArtifactBackend.open(req.artifact, vram_gb=req.vram_gb, ram_gb=req.ram_gb, kv_dtype=req.kv_dtype)
+    backend = ArtifactBackend.open(replace(ctx.options, progress=False))  # the coordinator reports progress
     height, width = load_reference(req.image, req.size).shape[1:]
     return DiTStage(ctx, backend, plan_for_rank(ctx, backend, (int(width), int(height))))
 
