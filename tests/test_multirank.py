@@ -1,8 +1,7 @@
 """Timestep pipelining, in one process: roles, per-rank plans, step-subset generators, rings held
 per rank, checkpoint companions, the launcher's failure line, the CLI's checks.
 
-The multi-process renders (gloo, tiny model) are in test_generate_e2e.py, beside the one-process
-render they are compared with.
+The multi-process renders (gloo, tiny model) are in test_multirank_e2e.py.
 """
 from __future__ import annotations
 
