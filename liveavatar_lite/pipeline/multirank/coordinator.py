@@ -139,21 +139,12 @@ class PipelineBackend(ArtifactBackend):
 
     def build(self, inputs: RenderInputs) -> PipelineRenderer:
         """Plan (fails fast), conditioning, broadcast it, this rank's stage, the decoder."""
-        from ...conditioning.caches import PhotoCache, PromptCache, default_cache_dir
         from ...decode.vae_onnx import OnnxVAEDecoder
         from ...runtime.plan import vae_arena_estimate
 
         ctx, req = self.ctx, inputs.request
         plan = plan_for_rank(ctx, self, (inputs.width, inputs.height))
-        # the conditioning exactly as render.ArtifactBackend.build makes it (same caches, same dtypes)
-        cache_root = self.options.cache_dir or default_cache_dir()
-        text, _ = PromptCache(cache_root).get_or_compute(req.prompt, self.artifact_id,
-                                                         lambda: self._encode_prompt(req.prompt))
-        audio = self._audio_features(inputs.wave)
-        (ref_latents, motion_latents), _ = PhotoCache(cache_root).get_or_compute(
-            inputs.reference, self.artifact_id, req.sample.motion_frames,
-            lambda: self._encode_reference(inputs.reference, req.sample.motion_frames))
-        ref_latents, motion_latents = ref_latents.to(self.dtype), motion_latents.to(self.dtype)
+        text, audio, ref_latents, motion_latents = self.conditioning(inputs)  # as for one process
         setup = StageSetup(text=text.cpu(), audio=audio,
                            ref_latents=ref_latents.cpu(), motion_latents=motion_latents.cpu(),
                            num_clips=inputs.num_clips)
