@@ -44,3 +44,44 @@ def tiny_ckpt_plain_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from make_checkpoint import write_checkpoint
 
     return write_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny_plain", seed=0, dit_only=True, lora_spelling="plain")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_ckpt` quantized to int8 with its LoRA: the artifact every render test uses. Read-only."""
+    from liveavatar_lite.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("artifact") / "art"
+    rc = cli_main(["quantize", str(tiny_ckpt), str(out), "-q", "int8",
+                   "--lora", str(tiny_ckpt / "liveavatar.safetensors"), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """photo.png (160x120) and speech.wav (4.7 s: 3 clips) for renders; `media / "cache"` is their cache dir."""
+    from media_fixtures import write_photo, write_speech
+
+    root = tmp_path_factory.mktemp("media")
+    write_photo(root / "photo.png")
+    write_speech(root / "speech.wav", 4.7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def clean_render(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted render of 3 clips (seed 7) through the CLI, with telemetry and its wall time."""
+    import subprocess
+    import time
+
+    from render_helpers import cli_command, generate_args, render_env
+
+    root = tmp_path_factory.mktemp("clean")
+    out, tel = root / "clean.mp4", root / "tel.jsonl"
+    t0 = time.perf_counter()
+    proc = subprocess.run(cli_command(*generate_args(tiny_artifact, media, out, "--telemetry", str(tel))),
+                          env=render_env(), capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "telemetry": tel, "wall": wall, "stderr": proc.stderr}

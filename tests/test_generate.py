@@ -21,12 +21,9 @@ from media_fixtures import decoded_frames, write_photo, write_speech  # noqa: E4
 
 from liveavatar_lite.conditioning.photo import load_reference, parse_size  # noqa: E402
 from liveavatar_lite.errors import BudgetError, UserError  # noqa: E402
-from liveavatar_lite.pipeline.generate import (  # noqa: E402
-    GenerateRequest,
-    RenderInputs,
-    generate,
-    num_clips_for,
-)
+from liveavatar_lite.pipeline.generate import num_clips_for  # noqa: E402
+from liveavatar_lite.pipeline.pipeline import generate  # noqa: E402
+from liveavatar_lite.pipeline.request import RenderInputs, RenderRequest  # noqa: E402
 from liveavatar_lite.pipeline.workdir import RenderWorkDir  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -100,12 +97,11 @@ class FailingBackend(FakeBackend):
         return FailingRenderer(inputs, self.fail_at, self.error)
 
 
-def request_for(tmp_path: Path, **kw: Any) -> GenerateRequest:
-    base = dict(artifact=tmp_path / "artifact", image=tmp_path / "photo.png", audio=tmp_path / "speech.wav",
-                prompt="a person talking", out=tmp_path / "out.mp4", size="128*128", progress=False,
-                cache_dir=tmp_path / "cache", checkpoint_interval_s=0.0)
+def request_for(tmp_path: Path, **kw: Any) -> RenderRequest:
+    base = dict(image=tmp_path / "photo.png", audio=tmp_path / "speech.wav", prompt="a person talking",
+                out=tmp_path / "out.mp4", size="128*128", progress=False, checkpoint_interval_s=0.0)
     base.update(kw)
-    return GenerateRequest(**base)
+    return RenderRequest(**base)
 
 
 @pytest.fixture()
@@ -172,8 +168,11 @@ def test_generate_writes_45_48_48_frames_with_audio(inputs: Path) -> None:
     assert [r["frames"] for r in lines if r["event"] == "clip"] == [45, 48, 48]
     summary = lines[-1]
     assert summary["event"] == "summary" and summary["frames"] == 141 and summary["clips"] == 3
+    clips = [r for r in lines if r["event"] == "clip"]
     for key in ("seconds", "peak_vram_bytes", "host_rss_bytes", "copy_wait_fraction"):
-        assert key in lines[0]
+        assert key in clips[0]
+    assert [r["event"] for r in lines[:2]] == ["first_frame", "clip"]  # the first frame comes within clip 0
+    assert summary["first_frame_seconds"] > 0 and summary["realtime_factor"] > 0
 
 
 def test_num_clip_caps_the_render(inputs: Path) -> None:
@@ -269,7 +268,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_generate import FakeBackend, request_for
-from liveavatar_lite.pipeline.generate import generate
+from liveavatar_lite.pipeline.pipeline import generate
 generate(request_for(Path({root!r}), resume={resume}), backend=FakeBackend(delay=0.05))
 """
 
@@ -303,3 +302,64 @@ def test_kill_9_then_resume_gives_identical_frames(inputs: Path, kill_after_clip
     resumed = decoded_frames(inputs / "out.mp4")
     assert resumed.shape[0] == 141
     assert np.array_equal(resumed, decoded_frames(clean.out))
+
+
+# ------------------------------------------------------------------------------------------ live output
+
+def test_live_playlist_plays_before_the_render_ends(inputs: Path) -> None:
+    """After the first clip the playlist lists a segment a player can decode, while the render goes on;
+    at the end it is complete: durations sum to the frames written, and the frames are the mp4's."""
+    import threading
+
+    from liveavatar_lite.decode.hls import read_playlist
+
+    live = inputs / "live"
+    request = request_for(inputs, live=live)
+    outcome: dict[str, Any] = {}
+
+    def render() -> None:
+        try:
+            outcome["result"] = generate(request, backend=FakeBackend(delay=0.15))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=render)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (live / "index.m3u8").exists():
+        time.sleep(0.02)
+    entries, ended = read_playlist(live / "index.m3u8")
+    assert thread.is_alive() and not ended and len(entries) >= 1  # watched while it renders
+    with av.open(str(live / entries[0][0])) as c:  # a player's first segment: video + audio
+        assert {s.type for s in c.streams} == {"video", "audio"}
+        assert sum(1 for _ in c.decode(video=0)) == 45
+    thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.live_playlist == live / "index.m3u8"
+    entries, ended = read_playlist(live / "index.m3u8")
+    assert ended and [n for n, _ in entries] == ["seg_00000.ts", "seg_00001.ts", "seg_00002.ts"]
+    assert sum(d for _, d in entries) == pytest.approx(result.frames / 25, abs=1e-3)
+    live_frames = []
+    for name, _ in entries:
+        with av.open(str(live / name)) as c:
+            live_frames += [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert np.array_equal(np.stack(live_frames), decoded_frames(result.out))
+
+
+def test_live_output_survives_a_resume(inputs: Path) -> None:
+    live = inputs / "live"
+    with pytest.raises(RuntimeError):
+        generate(request_for(inputs, live=live), backend=FailingBackend(1, 2, RuntimeError("simulated failure")))
+    from liveavatar_lite.decode.hls import read_playlist
+
+    assert [n for n, _ in read_playlist(live / "index.m3u8")[0]] == ["seg_00000.ts"]
+    resumed = generate(request_for(inputs, live=live, resume=True), backend=FakeBackend())
+    entries, ended = read_playlist(live / "index.m3u8")
+    assert ended and len(entries) == 3 and sum(d for _, d in entries) == pytest.approx(resumed.frames / 25, abs=1e-3)
+
+
+def test_live_into_a_file_is_refused(inputs: Path) -> None:
+    (inputs / "live").write_text("not a directory")
+    with pytest.raises(UserError, match="--live"):
+        generate(request_for(inputs, live=inputs / "live"), backend=FakeBackend())

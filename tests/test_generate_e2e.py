@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,58 +21,11 @@ av = pytest.importorskip("av")
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("onnxruntime")
 
-from media_fixtures import decoded_frames, write_photo, write_speech  # noqa: E402
+from media_fixtures import decoded_frames  # noqa: E402
+from render_helpers import SIZE, cli_command, generate_args, render_env  # noqa: E402
 
 from liveavatar_lite.cli import main as cli_main  # noqa: E402
 from liveavatar_lite.pipeline.workdir import RenderWorkDir  # noqa: E402
-
-SIZE = "64*64"  # a custom size the tiny model accepts (upstream keys stay the user-facing default)
-SPEECH_SECONDS = 4.7  # int(4.7 s * 30 / 57.6) + 1 = 3 clips: 45 + 48 + 48 frames
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "liveavatar_lite.cli", *args]
-
-
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("artifact") / "art"
-    rc = cli_main(["quantize", str(tiny_ckpt), str(out), "-q", "int8",
-                   "--lora", str(tiny_ckpt / "liveavatar.safetensors"), "--no-progress"])
-    assert rc == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("media")
-    write_photo(root / "photo.png")
-    write_speech(root / "speech.wav", SPEECH_SECONDS)
-    return root
-
-
-def _generate_args(art: Path, media: Path, out: Path, *extra: str) -> list[str]:
-    return ["generate", "--artifact", str(art), "--image", str(media / "photo.png"),
-            "--audio", str(media / "speech.wav"), "--prompt", "a person talking to the camera",
-            "--out", str(out), "--size", SIZE, "--seed", "7", "--cache-dir", str(media / "cache"),
-            "--checkpoint-interval", "0", "--no-progress", *extra]
-
-
-@pytest.fixture(scope="module")
-def clean_render(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One uninterrupted render of 3 clips through the CLI, with telemetry and its wall time."""
-    root = tmp_path_factory.mktemp("clean")
-    out, tel = root / "clean.mp4", root / "tel.jsonl"
-    t0 = time.perf_counter()
-    proc = subprocess.run(_cli(*_generate_args(tiny_artifact, media, out, "--telemetry", str(tel))),
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": out, "telemetry": tel, "wall": wall, "stderr": proc.stderr}
 
 
 def test_end_to_end_three_clips_h264_25fps_with_aac(clean_render: dict, media: Path) -> None:
@@ -103,7 +54,7 @@ def test_kill_9_then_resume_gives_identical_frames(clean_render: dict, tiny_arti
                                                    tmp_path: Path) -> None:
     out = tmp_path / "resumed.mp4"
     journal = RenderWorkDir.path_for(out) / "journal.json"
-    proc = subprocess.Popen(_cli(*_generate_args(tiny_artifact, media, out)), env=_env(),
+    proc = subprocess.Popen(cli_command(*generate_args(tiny_artifact, media, out)), env=render_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -119,7 +70,7 @@ def test_kill_9_then_resume_gives_identical_frames(clean_render: dict, tiny_arti
     proc.wait()
     assert not out.exists()  # nothing that looks finished
     assert len(json.loads(journal.read_text())["segments"]) in (1, 2)
-    resumed = subprocess.run(_cli(*_generate_args(tiny_artifact, media, out, "--resume")), env=_env(),
+    resumed = subprocess.run(cli_command(*generate_args(tiny_artifact, media, out, "--resume")), env=render_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after" in resumed.stderr
@@ -150,9 +101,9 @@ def budget_renders(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.Te
     out = {}
     for name, gb in (("lean", lean), ("mid", mid)):
         mp4, tel = root / f"{name}.mp4", root / f"{name}.jsonl"
-        args = _generate_args(tiny_artifact, media, mp4, "--num-clip", "2", "--vram", str(gb),
+        args = generate_args(tiny_artifact, media, mp4, "--num-clip", "2", "--vram", str(gb),
                               "--device-profile", "rtx4090", "--telemetry", str(tel))
-        proc = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True, timeout=600, check=False)
+        proc = subprocess.run(cli_command(*args), env=render_env(), capture_output=True, text=True, timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = {"out": mp4, "vram": gb, "stderr": proc.stderr,
                      "records": [json.loads(line) for line in tel.read_text().splitlines()]}
@@ -236,7 +187,7 @@ def _edited_copy(artifact: Path, dest: Path, edit: Callable[[dict], None]) -> Pa
 def test_artifact_of_another_format_version_is_refused(tiny_artifact: Path, media: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     art = _edited_copy(tiny_artifact, tmp_path / "art", lambda m: m.update(format_version=99))
-    rc, err = _run_cli(_generate_args(art, media, tmp_path / "o.mp4"), capsys)
+    rc, err = _run_cli(generate_args(art, media, tmp_path / "o.mp4"), capsys)
     assert rc == 2 and "unknown format version 99" in err and err.count("\n") == 1
     assert not (tmp_path / "o.mp4").exists()
 
@@ -245,22 +196,22 @@ def test_artifact_of_another_model_is_refused(tiny_artifact: Path, media: Path, 
                                               capsys: pytest.CaptureFixture[str]) -> None:
     art = _edited_copy(tiny_artifact, tmp_path / "art",
                        lambda m: m["dit"].update(num_layers=3, audio_inject_layers=[0, 2]))
-    rc, err = _run_cli(_generate_args(art, media, tmp_path / "o.mp4"), capsys)
+    rc, err = _run_cli(generate_args(art, media, tmp_path / "o.mp4"), capsys)
     assert rc == 2 and "not a model this runtime knows" in err and err.count("\n") == 1
 
 
 def test_missing_artifact_and_not_an_artifact(media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, err = _run_cli(_generate_args(tmp_path / "nope", media, tmp_path / "o.mp4"), capsys)
+    rc, err = _run_cli(generate_args(tmp_path / "nope", media, tmp_path / "o.mp4"), capsys)
     assert rc == 2 and "manifest.json" in err
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
-    rc, err = _run_cli(_generate_args(tmp_path / "junk", media, tmp_path / "o.mp4"), capsys)
+    rc, err = _run_cli(generate_args(tmp_path / "junk", media, tmp_path / "o.mp4"), capsys)
     assert rc == 2 and "corrupt" in err
 
 
 def test_budget_too_small_names_the_plan_suggestion(tiny_artifact: Path, media: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    rc, err = _run_cli(_generate_args(tiny_artifact, media, tmp_path / "o.mp4", "--vram", "0.001"), capsys)
+    rc, err = _run_cli(generate_args(tiny_artifact, media, tmp_path / "o.mp4", "--vram", "0.001"), capsys)
     assert rc == 3 and "do not fit" in err and err.count("\n") == 1
     assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.mp4.tmp").exists()
 
@@ -277,7 +228,7 @@ def test_bad_media_through_the_cli(tiny_artifact: Path, media: Path, tmp_path: P
         (local / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     else:
         extra = ["--size", "10*10"]
-    args = _generate_args(tiny_artifact, local, tmp_path / "o.mp4")
+    args = generate_args(tiny_artifact, local, tmp_path / "o.mp4")
     if extra:
         args[args.index("--size") + 1] = extra[1]
     rc, err = _run_cli(args, capsys)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from liveavatar_lite.conditioning.prompt_cache import (
+from liveavatar_lite.conditioning.caches import (
     PromptCache,
     default_cache_dir,
     prompt_key,

@@ -12,11 +12,13 @@ BENCHES = {
     "stream": "bench_stream.py",  # streamed vs resident step time, copy-wait fraction, H2D GB/s
     "quantize": "bench_quantize.py",  # converter throughput and RSS vs optimum-quanto
     "vae": "bench_vae.py",  # ONNX Runtime vs torch VAE decode
+    "pipeline": "bench_pipeline.py",  # time to first frame: cold generate vs a warm Pipeline; RSS over renders
 }
 
 DESCRIPTION = (
     "Run a benchmark from the source checkout's tools/ directory and print its side-by-side table: "
-    "stream (streamed vs resident DiT step time, copy-wait fraction, H2D GB/s), quantize, vae. "
+    "stream (streamed vs resident DiT step time, copy-wait fraction, H2D GB/s), quantize, vae, "
+    "pipeline (time to first frame of a cold generate vs a warm Pipeline, RSS over many renders). "
     "Arguments after NAME go to the script (NAME --help lists them)."
 )
 

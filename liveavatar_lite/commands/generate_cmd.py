@@ -9,7 +9,8 @@ from typing import Any
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
     "decoded and written block by block; finished clips survive a crash (rerun with --resume). "
-    "The output file appears only when the video is complete."
+    "The output file appears only when the video is complete; --live DIR lets you watch it while "
+    "it renders (an HLS playlist, DIR/index.m3u8, growing by one segment per clip)."
 )
 
 
@@ -65,6 +66,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="seconds between resume checkpoints; each holds every KV cache (tens of GB at 14B), "
                              "a resume re-renders the clips after the newest one; 0 = after every clip "
                              "(default: %(default)s)")
+    parser.add_argument("--live", type=Path, default=None, metavar="DIR",
+                        help="also write an HLS playlist DIR/index.m3u8 (one MPEG-TS segment per finished clip, "
+                             "video + audio) that a browser or `ffplay DIR/index.m3u8` plays while rendering")
     parser.add_argument("--telemetry", type=Path, default=None, metavar="FILE",
                         help="write per-clip JSON lines (seconds, frames, peak VRAM, host RSS, copy-wait for "
                              "weights and KV, the memory ledger: the plan's figures next to the measured ones) and "
@@ -73,19 +77,40 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="where prompt embeddings are cached "
                              "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--ranks", type=_positive(int, "integer"), default=1, metavar="N",
+                        help="split the 4 denoising steps over N processes, one GPU each (2: two steps each, "
+                             "4: one each, 5: one each + a decoding rank); blocks flow rank to rank; CPU "
+                             "processes where there is no GPU; also under torchrun (docs/multi-gpu.md)")
+    parser.add_argument("--gpus", type=_gpu_list, default=None, metavar="LIST",
+                        help="GPU of each rank, e.g. 0,1,2,3 (default: rank i on GPU i); a GPU may repeat "
+                             "(then give each rank its share with --vram)")
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    """argparse type: '0,1,2,3' -> (0, 1, 2, 3)."""
+    try:
+        gpus = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        gpus = ()
+    if not gpus or any(g < 0 for g in gpus):
+        raise argparse.ArgumentTypeError(f"must be GPU numbers separated by commas, e.g. 0,1,2,3; got {text}")
+    return gpus
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build a GenerateRequest from the flags and render it; exit code 0 (errors raise UserError).
+    """Build the pipeline options and the render request from the flags, then render once.
 
     liveavatar-lite generate --artifact art --image me.jpg --audio hi.wav --prompt "..." -o out.mp4
     """
     import logging
 
-    from ..pipeline.generate import GenerateRequest, generate
+    from ..pipeline.pipeline import generate
+    from ..pipeline.request import PipelineOptions, RenderRequest
 
-    request = GenerateRequest(
-        artifact=args.artifact,
+    options = PipelineOptions(artifact=args.artifact, vram_gb=args.vram, ram_gb=args.ram, kv_dtype=args.kv,
+                              device_profile=args.device_profile, compile_units=args.compile,
+                              cache_dir=args.cache_dir, progress=not args.no_progress)
+    request = RenderRequest(
         image=args.image,
         audio=args.audio,
         prompt=args.prompt,
@@ -93,20 +118,32 @@ def run(args: argparse.Namespace) -> int:
         size=args.size,
         num_clip=args.num_clip,
         seed=args.seed,
-        vram_gb=args.vram,
-        ram_gb=args.ram,
-        kv_dtype=args.kv,
-        device_profile=args.device_profile,
-        compile_units=args.compile,
         resume=args.resume,
         telemetry=args.telemetry,
-        cache_dir=args.cache_dir,
+        live=args.live,
         checkpoint_interval_s=args.checkpoint_interval,
         progress=not args.no_progress,
     )
-    result = generate(request)
-    logging.getLogger("liveavatar_lite.pipeline.generate").info(
-        "wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
-        result.width, result.height, result.seconds,
-        f" (resumed after {result.resumed_clips} clips)" if result.resumed_clips else "")
+    if args.ranks > 1:
+        from ..pipeline.multirank import generate_multirank
+
+        result = generate_multirank(options, request, args.ranks, args.gpus)
+        if result is None:  # a torchrun rank that does not write the video
+            return 0
+    elif args.gpus is not None:
+        from ..errors import UserError
+
+        raise UserError("--gpus places the ranks of --ranks N (N >= 2); for one process pick the GPU with "
+                        "CUDA_VISIBLE_DEVICES")
+    else:
+        result = generate(request, options)
+    log = logging.getLogger("liveavatar_lite.pipeline.generate")
+    log.info("wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
+             result.width, result.height, result.seconds,
+             f" (resumed after {result.resumed_clips} clips)" if result.resumed_clips else "")
+    if result.first_frame_seconds is not None and result.realtime_factor is not None:
+        log.info("first frame after %.1f s; real-time factor %.3f (seconds of video per second of wall time)",
+                 result.first_frame_seconds, result.realtime_factor)
+    if result.live_playlist is not None:
+        log.info("live playlist: %s", result.live_playlist)
     return 0

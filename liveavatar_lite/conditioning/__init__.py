@@ -2,7 +2,8 @@
 
 Owns: photo framing and its exact constant-video VAE encode (`photo.py`), speech decoding and
 resampling (`speech.py`), wav2vec2 features per video frame (`audio_features.py`), prompt
-tokenization (`text_tokenizer.py`) and the umT5 embedding cache (`prompt_cache.py`).
+tokenization (`text_tokenizer.py`) and the on-disk caches of prompt states and photo latents
+(`caches.py`).
 
 May import: `artifact/`, `model/`, `config`, `errors`, `fileio`; never `runtime/` or `decode/`.
 """

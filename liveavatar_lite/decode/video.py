@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,17 +106,21 @@ class ClipSegmentWriter:
         self.path.unlink(missing_ok=True)
 
 
-def _read_audio_blocks(path: Path, block: int) -> tuple[int, int, Iterator[np.ndarray]]:
-    """(sample_rate, channels, blocks of float32 [n, channels]) streamed from an audio file."""
+def _read_audio_blocks(path: Path, block: int, start_s: float = 0.0) -> tuple[int, int, Iterator[np.ndarray]]:
+    """(sample_rate, channels, blocks of float32 [n, channels]) streamed from an audio file from `start_s`."""
     import soundfile as sf
 
     try:
         f = sf.SoundFile(str(path))
     except Exception as e:  # noqa: BLE001 - libsndfile raises RuntimeError/LibsndfileError variants
         raise UserError(f"cannot read audio {path}: {first_line(e)}") from None
+    start = math.floor(start_s * f.samplerate)
 
     def blocks() -> Iterator[np.ndarray]:
         with f:
+            if start >= f.frames:
+                return  # the span lies past the end of the speech: the caller pads silence
+            f.seek(start)
             while True:
                 data = f.read(block, dtype="float32", always_2d=True)  # [n, channels]
                 if not len(data):
@@ -125,16 +130,21 @@ def _read_audio_blocks(path: Path, block: int) -> tuple[int, int, Iterator[np.nd
     return f.samplerate, f.channels, blocks()
 
 
-def _audio_frames(path: Path, seconds_total: float, layout: str) -> Iterator[object]:
-    """The speech as 48 kHz av.AudioFrames, cut or zero-padded to exactly `seconds_total`."""
+def audio_frames(path: Path, start_s: float, end_s: float, layout: str) -> Iterator[object]:
+    """The speech from `start_s` to `end_s` as 48 kHz av.AudioFrames, zero-padded past its end.
+
+    Timestamps are absolute (sample `round(start_s * 48000)` first), so spans written into separate
+    files line up on one timeline. The whole video is the span (0, frames / fps).
+    """
     import av
 
-    rate, channels, blocks = _read_audio_blocks(path, block=1 << 16)
-    keep_in = math.ceil(seconds_total * rate)  # source samples needed
-    keep_out = round(seconds_total * AAC_RATE)  # samples the aac stream must carry
+    rate, channels, blocks = _read_audio_blocks(path, block=1 << 16, start_s=start_s)
+    keep_in = math.ceil((end_s - start_s) * rate)  # source samples needed
+    first = round(start_s * AAC_RATE)
+    keep_out = round(end_s * AAC_RATE) - first  # samples the aac stream must carry
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=AAC_RATE)
     out_count = 0
-    pts = 0
+    pts = first
 
     def source() -> Iterator[np.ndarray]:
         taken = 0
@@ -172,6 +182,31 @@ def _audio_frames(path: Path, seconds_total: float, layout: str) -> Iterator[obj
         yield _make_frame(np.zeros((2 if layout == "stereo" else 1, keep_out - out_count), np.float32), layout, pts)
 
 
+def copy_video(src: Any, out: Any, vstream: Any, start_s: float) -> None:
+    """Mux every packet of `src`'s video stream into `vstream` of `out` (a stream copy, no re-encode),
+    shifted to start at `start_s`: segment timestamps start at 0."""
+    sstream = src.streams.video[0]
+    offset = round(start_s / sstream.time_base)
+    for packet in src.demux(sstream):
+        if packet.dts is None:  # the demuxer's end-of-stream marker
+            continue
+        packet.pts += offset
+        packet.dts += offset
+        packet.stream = vstream
+        out.mux(packet)
+
+
+def audio_layout(path: Path) -> str:
+    """The aac channel layout for a speech file: "stereo" for 2+ channels, else "mono"."""
+    import soundfile as sf
+
+    try:
+        channels = sf.info(str(path)).channels
+    except Exception as e:  # noqa: BLE001 - libsndfile raises RuntimeError/LibsndfileError variants
+        raise UserError(f"cannot read audio {path}: {first_line(e)}") from None
+    return "stereo" if channels >= 2 else "mono"
+
+
 def _make_frame(planes: np.ndarray, layout: str, pts: int) -> object:
     """An aac-rate av.AudioFrame from float32 planes [channels, n], starting at sample `pts`."""
     import av
@@ -190,7 +225,6 @@ def mux_segments(segments: list[Path], audio: Path, out: Path, spec: VideoSpec, 
     n = mux_segments([Path("clip_00000.mp4")], Path("speech.wav"), Path("out.mp4"), VideoSpec(384, 704))
     """
     import av
-    import soundfile as sf
 
     if not segments:
         raise ValueError("no segments to mux")
@@ -199,11 +233,7 @@ def mux_segments(segments: list[Path], audio: Path, out: Path, spec: VideoSpec, 
         with av.open(str(seg)) as c:
             counts.append(c.streams.video[0].frames)
     total = sum(counts)
-    try:
-        channels = sf.info(str(audio)).channels
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read audio {audio}: {first_line(e)}") from None
-    layout = "stereo" if channels >= 2 else "mono"
+    layout = audio_layout(audio)
     tmp = out.with_name(out.name + ".tmp")
     try:
         _mux(segments, counts, audio, tmp, spec, layout, audio_bitrate, total)
@@ -224,26 +254,17 @@ def _mux(segments: list[Path], counts: list[int], audio: Path, tmp: Path, spec: 
             vstream = out.add_stream_from_template(first.streams.video[0])
         astream = out.add_stream("aac", rate=AAC_RATE, layout=layout)
         astream.bit_rate = bitrate
-        audio_frames = _audio_frames(audio, total / spec.fps, layout)
+        frames_in = audio_frames(audio, 0.0, total / spec.fps, layout)
         pending = None
         frames_written = 0
         for seg, count in zip(segments, counts):
             with av.open(str(seg)) as src:
-                sstream = src.streams.video[0]
-                # Segment timestamps start at 0; shift them to where this segment begins.
-                offset = round(frames_written / spec.fps / sstream.time_base)
-                for packet in src.demux(sstream):
-                    if packet.dts is None:  # the demuxer's end-of-stream marker
-                        continue
-                    packet.pts += offset
-                    packet.dts += offset
-                    packet.stream = vstream
-                    out.mux(packet)
+                copy_video(src, out, vstream, frames_written / spec.fps)
             frames_written += count
             # Interleave: audio up to the end of this segment, so the muxer never buffers a whole track.
             limit = round(frames_written / spec.fps * AAC_RATE)
             while True:
-                frame = pending if pending is not None else next(audio_frames, None)
+                frame = pending if pending is not None else next(frames_in, None)
                 pending = None
                 if frame is None:
                     break

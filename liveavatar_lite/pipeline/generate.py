@@ -1,25 +1,25 @@
-"""`generate`: photo + speech + prompt -> mp4, streamed clip by clip, resumable after a crash.
+"""The clip loop of one render: validated inputs -> renderer blocks -> h264 segments (+ live HLS) -> mp4.
 
-Per clip, per block: the DiT denoises 3 latent frames (via the runtime), the ONNX decoder turns
-them into 12 frames at once, and the frames go straight into the clip's h264 segment (decode/video.py).
-After each clip its segment is made durable; every `checkpoint_interval_s` (0: every clip) so is
-the full generation state (KV caches, decoder cache, RNG, counters). `--resume` continues from
-the newest checkpoint and produces the same frames as an uninterrupted run. The final mp4 (with
-the speech as aac) is muxed to `OUT.tmp` and renamed only when complete.
+Per clip, per block: the renderer denoises 3 latent frames and decodes them into 12 frames, which go
+straight into the clip's h264 segment (decode/video.py) and, once the clip is done, into the live
+playlist (decode/hls.py). After each clip its segment is made durable; every `checkpoint_interval_s`
+(0: every clip) so is the full generation state (KV caches, decoder cache, RNG, counters). A resume
+continues from the newest checkpoint and produces the same frames as an uninterrupted run. The final
+mp4 (with the speech as aac) is muxed to `OUT.tmp` and renamed only when complete.
 
-Sections: input validation (clip count, job key) and the clip loop (`generate`). The model
-side sits behind the `Backend` and `ClipRenderer` protocols; `render.ArtifactBackend` is the real
-one (prompt cache + umT5, wav2vec2, VAE encode of the photo, the planned DiT runtime driving
-`generator.CausalGenerator`, the ONNX streaming decoder), tests pass a fake.
+`iter_blocks` is the same loop without files, for `Pipeline.stream`. The model side sits behind the
+`Backend`/`ClipRenderer` protocols (request.py); `render.ArtifactBackend` is the real one.
 
-    result = generate(GenerateRequest(artifact=Path("art"), image=Path("me.jpg"), audio=Path("hi.wav"),
-                                      prompt="a person talking", out=Path("out.mp4")))
+    inputs = prepare_inputs(request)                       # UserError for bad input, before any work
+    result = render_to_file(backend, request, inputs)      # RenderResult
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,13 @@ import numpy as np
 from ..artifact.format import file_sha256
 from ..conditioning.photo import load_reference
 from ..errors import BudgetError, UserError
-from .render import ArtifactBackend
 from .request import (
     Backend,
     ClipRenderer,
-    GenerateRequest,
-    GenerateResult,
     RenderInputs,
+    RenderRequest,
+    RenderResult,
+    StreamBlock,
 )
 
 log = logging.getLogger(__name__)
@@ -52,72 +52,45 @@ def num_clips_for(num_samples: int, num_clip: int | None) -> int:
     return available if num_clip is None else min(num_clip, available)
 
 
-def job_key(request: GenerateRequest, artifact_id: str) -> str:
-    """What makes two renders produce the same frames: inputs' bytes, prompt, size, seed, artifact.
+def check_output(out: Path, live: Path | None = None) -> None:
+    """UserError unless `out` can be the render's mp4 and `live` its HLS directory (before any work)."""
+    if out.suffix.lower() != ".mp4":
+        raise UserError(f"--out {out} must end in .mp4")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory")
+    if live is not None and live.exists() and not live.is_dir():
+        raise UserError(f"--live {live} is a file; pass a directory for the HLS playlist")
+
+
+def prepare_inputs(request: RenderRequest) -> RenderInputs:
+    """The photo framed for the size, the speech at 16 kHz and the clip count; UserError for bad input.
+
+    prepare_inputs(request).num_clips  # 3 for 4.7 s of speech
+    """
+    from ..conditioning import speech
+
+    if request.out is not None:
+        check_output(request.out, request.live)
+    reference = load_reference(request.image, request.size)  # float32 [3, H, W]
+    height, width = int(reference.shape[1]), int(reference.shape[2])
+    wave = speech.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
+    num_clips = num_clips_for(len(wave), request.num_clip)
+    log.info("%dx%d, %.2f s of speech -> %d clips", width, height, len(wave) / request.sample.audio_rate, num_clips)
+    return RenderInputs(request, reference, height, width, num_clips, wave)
+
+
+def job_key(request: RenderRequest, identity: str) -> str:
+    """What makes two renders produce the same frames: inputs' bytes, prompt, size, seed, backend identity.
 
     job_key(request, backend.identity())  # sha256 hex; a resume refuses a work dir with another key
     """
     h = hashlib.sha256()
-    for part in (artifact_id, request.prompt, request.size, str(request.seed), request.kv_dtype):
+    for part in (identity, request.prompt, request.size, str(request.seed)):
         data = part.encode()
         h.update(len(data).to_bytes(8, "little") + data)
     for path in (request.image, request.audio):
         h.update(bytes.fromhex(file_sha256(path)))
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------ rendering
-
-def generate(request: GenerateRequest, backend: Backend | None = None) -> GenerateResult:
-    """Render `request` to its mp4 (resuming if asked); returns what was written.
-
-    Bad input raises UserError before any heavy work; a crash leaves only the work dir, which
-    `resume=True` continues from. `backend` defaults to the request's artifact.
-
-    generate(request).frames  # 141 for 3 clips (45 + 48 + 48)
-    """
-    from ..conditioning import speech
-    from .telemetry import Telemetry
-    from .workdir import RenderWorkDir
-
-    started = time.perf_counter()
-    out = request.out
-    if out.suffix.lower() != ".mp4":
-        raise UserError(f"--out {out} must end in .mp4")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if backend is None:
-        backend = ArtifactBackend.open(request.artifact, vram_gb=request.vram_gb, ram_gb=request.ram_gb,
-                                       kv_dtype=request.kv_dtype, device_profile=request.device_profile,
-                                       compile_units=request.compile_units)
-    reference = load_reference(request.image, request.size)
-    height, width = reference.shape[1:]
-    wave = speech.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
-    seconds = len(wave) / request.sample.audio_rate
-    num_clips = num_clips_for(len(wave), request.num_clip)
-    log.info("%dx%d, %.2f s of speech -> %d clips", width, height, seconds, num_clips)
-
-    work = RenderWorkDir.open(out, job_key(request, backend.identity()), request.resume)
-    if work.clips_done < num_clips:
-        work.rewind_to_state()  # segments after the newest checkpoint are rendered again
-    resumed = work.clips_done
-    telemetry = Telemetry.open(request.telemetry, append=resumed > 0)
-    try:
-        frames = _render(request, backend, work, _inputs_for(request, reference, num_clips, wave), telemetry)
-    except Exception as e:
-        if not _is_out_of_memory(e):
-            raise
-        advice = backend.oom_advice() if hasattr(backend, "oom_advice") else "pass a smaller --vram or --size"
-        raise BudgetError(f"out of memory after {work.clips_done} finished clips; {advice}") from None
-    finally:
-        telemetry.close()
-    work.remove()
-    return GenerateResult(out, num_clips, frames, height, width, resumed, time.perf_counter() - started)
-
-
-def _inputs_for(request: GenerateRequest, reference: np.ndarray, num_clips: int, wave: np.ndarray) -> RenderInputs:
-    return RenderInputs(request, reference, int(reference.shape[1]), int(reference.shape[2]), num_clips, wave)
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -131,12 +104,109 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return "out of memory" in text.lower() or "Failed to allocate memory" in text
 
 
-def _render(request: GenerateRequest, backend: Backend, work: Any, inputs: RenderInputs, telemetry: Any) -> int:
-    """Build the renderer (resuming its state), render the missing clips, mux; returns the frame count."""
+# ------------------------------------------------------------------------------------------ blocks
+
+def iter_blocks(backend: Backend, inputs: RenderInputs) -> Iterator[StreamBlock]:
+    """Every decoded block of the video in order, with its span of the speech (no files written)."""
+    sample = inputs.request.sample
+    renderer = backend.build(inputs)
+    first = 0
+    spf = sample.audio_rate / sample.fps  # speech samples per video frame (640)
+    for clip in range(inputs.num_clips):
+        for block in range(renderer.blocks_per_clip):
+            frames = renderer.block_frames(clip, block)  # uint8 [12, H, W, 3]
+            if clip == 0 and block == 0:
+                frames = frames[sample.first_clip_drop:]  # upstream drops the very first 3 frames
+            n = int(frames.shape[0])
+            a0, a1 = round(first * spf), round((first + n) * spf)
+            audio = np.zeros(a1 - a0, np.float32)
+            have = inputs.wave[a0:a1]
+            audio[: len(have)] = have
+            yield StreamBlock(clip, block, frames, first, sample.fps, audio, first / sample.fps, (first + n) / sample.fps)
+            first += n
+
+
+# ------------------------------------------------------------------------------------------ files
+
+class _Clock:
+    """Wall time since the render began, and when its first frame appeared (a telemetry event)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_frame: float | None = None
+        self.telemetry: Any = None
+
+    def frame(self) -> None:
+        if self.first_frame is None:
+            self.first_frame = time.perf_counter() - self.started
+            if self.telemetry is not None:
+                self.telemetry.event("first_frame", seconds=round(self.first_frame, 4))
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def render_to_file(backend: Backend, request: RenderRequest, inputs: RenderInputs | None = None) -> RenderResult:
+    """Render `request` to its mp4 (resuming if asked), with live HLS output if `request.live` is set.
+
+    Bad input raises UserError before any heavy work; a crash leaves only the work dir, which
+    `resume=True` continues from.
+
+    render_to_file(backend, request).frames  # 141 for 3 clips (45 + 48 + 48)
+    """
+    from .telemetry import Telemetry
+    from .workdir import RenderWorkDir
+
+    clock = _Clock()
+    if request.out is None:
+        raise UserError("render needs an output path (use stream() to get frames without a file)")
+    inputs = inputs or prepare_inputs(request)
+    out = request.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    work = RenderWorkDir.open(out, job_key(request, backend.identity()), request.resume)
+    if work.clips_done < inputs.num_clips:
+        work.rewind_to_state()  # segments after the newest checkpoint are rendered again
+    resumed = work.clips_done
+    telemetry = Telemetry.open(request.telemetry, append=resumed > 0)
+    clock.telemetry = telemetry
+    try:
+        frames, rendered, live = _render(request, backend, work, inputs, telemetry, clock)
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        advice = backend.oom_advice() if hasattr(backend, "oom_advice") else "pass a smaller --vram or --size"
+        raise BudgetError(f"out of memory after {work.clips_done} finished clips; {advice}") from None
+    finally:
+        telemetry.close()
+    work.remove()
+    seconds = clock.seconds
+    return RenderResult(out, inputs.num_clips, frames, inputs.height, inputs.width, resumed, seconds,
+                        first_frame_seconds=clock.first_frame,
+                        realtime_factor=_realtime_factor(rendered, request.sample.fps, seconds),
+                        live_playlist=live.playlist if live is not None else None)
+
+
+def _realtime_factor(frames: int, fps: int, seconds: float) -> float | None:
+    """Seconds of video rendered per second of wall time (None when nothing was rendered)."""
+    return frames / fps / seconds if frames > 0 and seconds > 0 else None
+
+
+def _render(request: RenderRequest, backend: Backend, work: Any, inputs: RenderInputs, telemetry: Any,
+            clock: _Clock) -> tuple[int, int, Any]:
+    """Build the renderer (resuming its state), render the missing clips, mux.
+
+    Returns (frames in the mp4, frames rendered by this call, the live writer or None)."""
+    from ..decode.hls import HlsWriter
     from ..decode.video import VideoSpec, mux_segments
 
-    resumed = work.clips_done
+    resumed, frames_before = work.clips_done, work.frames_done
     spec = VideoSpec(height=inputs.height, width=inputs.width, fps=request.sample.fps)
+    live = None
+    if request.live is not None:
+        done = list(zip(work.segment_paths(), work.segment_frame_counts()))
+        live = HlsWriter.open(request.live, spec, request.audio, done)
     if resumed < inputs.num_clips:  # (a render killed while muxing has every clip already)
         renderer = backend.build(inputs)
         if hasattr(renderer, "layout"):  # what this render streams, where its KV lives
@@ -147,14 +217,21 @@ def _render(request: GenerateRequest, backend: Backend, work: Any, inputs: Rende
             # mmap: the tens of GB of KV state are paged in while copied into the caches, never held twice
             renderer.load_state(torch.load(work.state_path, map_location="cpu", weights_only=True, mmap=True))
             telemetry.event("resume", clips_done=resumed, frames_done=work.frames_done)
-        _render_clips(renderer, work, spec, inputs, telemetry)
+        _render_clips(renderer, work, spec, inputs, telemetry, clock, live)
     frames = mux_segments(work.segment_paths()[: inputs.num_clips], request.audio, request.out, spec)
-    telemetry.summary(out=str(request.out), resumed_clips=resumed, height=inputs.height, width=inputs.width)
-    return frames
+    if live is not None:
+        live.finish()
+    rendered = frames - frames_before
+    rtf = _realtime_factor(rendered, request.sample.fps, clock.seconds)
+    telemetry.summary(out=str(request.out), resumed_clips=resumed, height=inputs.height, width=inputs.width,
+                      first_frame_seconds=round(clock.first_frame, 4) if clock.first_frame is not None else None,
+                      realtime_factor=round(rtf, 4) if rtf is not None else None)
+    return frames, rendered, live
 
 
-def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderInputs, telemetry: Any) -> None:
-    """Clips work.clips_done .. num_clips-1: blocks -> segment, then commit segment + state."""
+def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderInputs, telemetry: Any,
+                  clock: _Clock, live: Any) -> None:
+    """Clips work.clips_done .. num_clips-1: blocks -> segment, then commit segment + state (+ live)."""
     import torch
     from tqdm import tqdm
 
@@ -164,29 +241,37 @@ def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderIn
     interval = inputs.request.checkpoint_interval_s
     last_checkpoint = time.monotonic()
     clips = tqdm(total=inputs.num_clips, initial=work.clips_done, unit="clip", desc="clips", disable=not show)
-    for clip in range(work.clips_done, inputs.num_clips):
-        t0, wait0, mark = time.perf_counter(), renderer.copy_wait_seconds(), clip_mark(renderer)
-        segment = work.begin_clip(clip, spec)
-        try:
-            blocks = tqdm(range(renderer.blocks_per_clip), unit="block", desc=f"clip {clip}", leave=False,
-                          disable=not show)
-            for block in blocks:
-                frames = renderer.block_frames(clip, block)  # uint8 [12, H, W, 3]
-                if clip == 0 and block == 0:
-                    frames = frames[sample.first_clip_drop:]  # upstream drops the very first 3 frames
-                segment.append(frames)
-            # Checkpoint when due, never after the last clip (nothing follows it).
-            due = clip < inputs.num_clips - 1 and (interval <= 0 or time.monotonic() - last_checkpoint >= interval)
-            t_ckpt = time.perf_counter()
-            work.commit_clip(segment, (lambda path: torch.save(renderer.state(), path)) if due else None)
-            if due:
-                last_checkpoint = time.monotonic()
-        except BaseException:
-            segment.abort()
-            raise
-        seconds = time.perf_counter() - t0
-        telemetry.clip_done(clip, segment.frames, seconds, renderer.copy_wait_seconds() - wait0,
-                            checkpoint_seconds=round(time.perf_counter() - t_ckpt, 4) if due else None,
-                            **clip_fields(renderer, mark, seconds))
-        clips.update(1)
-    clips.close()
+    try:
+        for clip in range(work.clips_done, inputs.num_clips):
+            t0, wait0, mark = time.perf_counter(), renderer.copy_wait_seconds(), clip_mark(renderer)
+            first_frame = work.frames_done
+            segment = work.begin_clip(clip, spec)
+            try:
+                blocks = tqdm(range(renderer.blocks_per_clip), unit="block", desc=f"clip {clip}", leave=False,
+                              disable=not show)
+                for block in blocks:
+                    frames = renderer.block_frames(clip, block)  # uint8 [12, H, W, 3]
+                    if clip == 0 and block == 0:
+                        frames = frames[sample.first_clip_drop:]  # upstream drops the very first 3 frames
+                    segment.append(frames)
+                    clock.frame()
+                # Checkpoint when due, never after the last clip (nothing follows it).
+                due = clip < inputs.num_clips - 1 and (interval <= 0 or time.monotonic() - last_checkpoint >= interval)
+                if hasattr(renderer, "checkpoint_due"):  # a pipeline of ranks decides at its head (multirank)
+                    due = renderer.checkpoint_due(clip)
+                t_ckpt = time.perf_counter()
+                work.commit_clip(segment, (lambda path: torch.save(renderer.state(), path)) if due else None)
+                if due:
+                    last_checkpoint = time.monotonic()
+            except BaseException:
+                segment.abort()
+                raise
+            checkpoint_s = round(time.perf_counter() - t_ckpt, 4) if due else None
+            if live is not None:
+                live.add_clip(clip, segment.final_path, first_frame, segment.frames)
+            seconds = time.perf_counter() - t0
+            telemetry.clip_done(clip, segment.frames, seconds, renderer.copy_wait_seconds() - wait0,
+                                checkpoint_seconds=checkpoint_s, **clip_fields(renderer, mark, seconds))
+            clips.update(1)
+    finally:
+        clips.close()

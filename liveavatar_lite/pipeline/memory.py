@@ -52,9 +52,13 @@ def decoder_graph(directory: Path, manifest: Any) -> Any | None:
     return DecoderGraph.from_onnx(directory / rel) if rel else None
 
 
-def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: RenderBudget,
-                device: str) -> PlannedRender:
-    """The plan `generate` runs under; BudgetError (one line naming what would fit) if nothing fits."""
+def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: RenderBudget, device: str,
+                profile: Any = None, loaded_device_bytes: float = 0.0, quiet: bool = False) -> PlannedRender:
+    """The plan `generate` runs under; BudgetError (one line naming what would fit) if nothing fits.
+
+    profile: an already resolved profile (a loaded pipeline resolves it once); loaded_device_bytes:
+    device memory this process already holds for the render (counted as free when the budget is the
+    GPU's free memory); quiet: no log line (a warm pipeline re-planning the same size)."""
     import torch
 
     from ..runtime.device_profiles import resolve_profile
@@ -66,19 +70,22 @@ def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: R
     if budget.vram_gb is not None:
         vram = budget.vram_gb * 1e9
     elif device == "cuda":
-        vram = float(torch.cuda.mem_get_info()[0])
+        vram = float(torch.cuda.mem_get_info()[0]) + loaded_device_bytes
     else:
         vram = CPU_UNLIMITED_VRAM
     ram = budget.ram_gb * 1e9 if budget.ram_gb else physical_ram_bytes()
     b = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=budget.kv_dtype)
-    profile, note = resolve_profile(budget.device_profile, device)
-    if note:
-        log.info("%s", note)
+    note = ""
+    if profile is None:
+        profile, note = resolve_profile(budget.device_profile, device)
+        if note:
+            log.info("%s", note)
     plan = make_plan(inp, b, profile)
-    log.info("plan: peak VRAM %.2f GB, %d streamed units, KV on the host: %s, decoder %d latent(s) per call, "
-             "predicted %.1f s per clip (profile %s)", plan.peak_vram_bytes / 1e9, len(plan.streamed_units),
-             ", ".join(k.name for k in plan.kv if k.placement == "host") or "none", plan.decode_latents_per_call,
-             plan.predicted_seconds_per_clip, profile.name)
+    if not quiet:
+        log.info("plan: peak VRAM %.2f GB, %d streamed units, KV on the host: %s, decoder %d latent(s) per call, "
+                 "predicted %.1f s per clip (profile %s)", plan.peak_vram_bytes / 1e9, len(plan.streamed_units),
+                 ", ".join(k.name for k in plan.kv if k.placement == "host") or "none", plan.decode_latents_per_call,
+                 plan.predicted_seconds_per_clip, profile.name)
     return PlannedRender(plan, inp, b, profile, note)
 
 

@@ -1,25 +1,30 @@
-"""The artifact backend of `generate`: builds the real renderer from a quantized artifact.
+"""The artifact backend: loads a quantized artifact once and builds a renderer per render from it.
 
 `generate.py` runs the clip loop against the `Backend`/`ClipRenderer` protocols; this module is
-the one implementation that is not a test fake. Per render it encodes the conditioning (prompt
-cache + umT5, wav2vec2 features, the VAE encode of the photo), plans memory for the budget, drives
-the streamed DiT runtime through `reference.CausalGenerator`, and decodes each block with the
-ONNX streaming VAE decoder.
+the one implementation that is not a test fake. It keeps what is expensive to load for as long as
+it lives: the planned DiT runtime (weights placed once; KV caches re-placed only when a render's
+size needs other ones), the ONNX decoder session, the wav2vec2 encoder, the VAE encoder for photos
+and the tokenizer. Per render it encodes the conditioning (prompt and photo through their on-disk
+caches, wav2vec2 features), resets the decoder and drives the runtime through
+`generator.CausalGenerator`. `loads` counts every model load, so a caller can see a warm render
+load nothing.
 
-    backend = ArtifactBackend.open(Path("artifact"), vram_gb=24)
-    renderer = backend.build(inputs)  # inputs: generate.RenderInputs
+    backend = ArtifactBackend.open(PipelineOptions(Path("artifact"), vram_gb=24))
+    renderer = backend.build(inputs)  # inputs: request.RenderInputs
     frames = renderer.block_frames(0, 0)  # uint8 [12, H, W, 3]
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .request import RenderInputs
+from ..progress import phase
+from .request import PipelineOptions, RenderInputs
 
 log = logging.getLogger(__name__)
 
@@ -29,32 +34,45 @@ REQUIRED_COMPONENTS = ("dit", "t5", "vae", "audio", "tokenizer")
 class ArtifactBackend:
     """Builds renderers from a quantized artifact: conditioning, the streamed DiT, the ONNX decoder.
 
-    backend = ArtifactBackend.open(Path("artifact"), vram_gb=24); renderer = backend.build(inputs)
+    backend = ArtifactBackend.open(PipelineOptions(Path("artifact"), vram_gb=24)); backend.build(inputs)
     """
 
-    def __init__(self, directory: Path, manifest: Any, preset: Any, vram_gb: float | None, ram_gb: float | None,
-                 kv_dtype: str = "bf16", device_profile: str | None = None, compile_units: bool = False) -> None:
+    def __init__(self, options: PipelineOptions, manifest: Any, preset: Any) -> None:
         import torch
 
-        self.directory, self.manifest, self.preset = directory, manifest, preset
-        self.vram_gb, self.ram_gb, self.kv_dtype = vram_gb, ram_gb, kv_dtype
-        self.device_profile, self.compile_units = device_profile, compile_units
+        from ..artifact.format import MANIFEST_FILE
+
+        self.options, self.manifest, self.preset = options, manifest, preset
+        self.directory = Path(options.artifact)
+        self.kv_dtype = options.kv_dtype
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.plan: Any = None  # set by build(): the memory plan this render runs under
+        self.loads: Counter[str] = Counter()  # model loads by kind: dit, decoder, audio_encoder, vae_encoder, t5
+        self.plan: Any = None  # the memory plan of the latest render
         self._plan_args: tuple[Any, Any, Any] | None = None  # (inputs, budget, profile), for oom_advice
+        self._profile: Any = None
+        self._runtime: Any = None
+        self._decoder: Any = None
+        self._decoder_cap: int | None = None  # the arena cap the decoder session was opened with
+        self._wav2vec: Any = None
+        self._vae: Any = None
+        # the manifest's exact bytes name the artifact (read once: a warm pipeline keeps its identity)
+        self._artifact_id = hashlib.sha256((self.directory / MANIFEST_FILE).read_bytes()).hexdigest()
 
     @classmethod
-    def open(cls, directory: Path, vram_gb: float | None = None, ram_gb: float | None = None,
-             kv_dtype: str = "bf16", device_profile: str | None = None, compile_units: bool = False) -> ArtifactBackend:
+    def open(cls, options: PipelineOptions) -> ArtifactBackend:
         """Validate the artifact (format version, model, components) before any heavy work.
 
-        ArtifactBackend.open(Path("artifact"), vram_gb=20.0, kv_dtype="int8")  # ArtifactError if unusable
+        ArtifactBackend.open(PipelineOptions(Path("artifact"), kv_dtype="int8"))  # ArtifactError if unusable
         """
         from ..artifact.format import read_manifest
         from ..config import preset_for_dit
-        from ..errors import ArtifactError, CheckpointError
+        from ..errors import ArtifactError, CheckpointError, UserError
+        from ..runtime.plan_inputs import KV_DTYPES
 
+        if options.kv_dtype not in KV_DTYPES:
+            raise UserError(f"unknown KV dtype {options.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        directory = Path(options.artifact)
         manifest = read_manifest(directory)
         missing = [c for c in REQUIRED_COMPONENTS if c not in manifest.components]
         if missing:
@@ -69,49 +87,130 @@ class ArtifactBackend:
             dit = manifest.dit
             raise ArtifactError(f"the artifact's DiT (dim {dit.dim}, {dit.num_layers} layers) is not a model this "
                                 "runtime knows (Wan2.2-S2V-14B + Live Avatar)") from None
-        return cls(directory, manifest, preset, vram_gb, ram_gb, kv_dtype, device_profile, compile_units)
+        return cls(options, manifest, preset)
 
     def identity(self) -> str:
-        """sha256 of the manifest bytes: what the prompt cache and the resume journal key on."""
-        from ..artifact.format import MANIFEST_FILE
+        """What the frames depend on besides the request: the manifest bytes and the KV storage dtype."""
+        return f"{self._artifact_id}:{self.kv_dtype}"
 
-        return hashlib.sha256((self.directory / MANIFEST_FILE).read_bytes()).hexdigest()
+    @property
+    def artifact_id(self) -> str:
+        """sha256 of the manifest bytes: what the prompt and photo caches key on."""
+        return self._artifact_id
+
+    # ---- loading (once) ---------------------------------------------------------------------------
+
+    def load(self, size: tuple[int, int]) -> None:
+        """Load everything a render needs, planned for `size` (width, height): the DiT runtime, the
+        decoder session and the audio encoder. Later renders reuse them (see `loads`)."""
+        self._runtime_for(self._plan(size))
+        self._decoder_session()
+        self._audio_encoder()
+
+    def _runtime_for(self, plan: Any) -> Any:
+        """The DiT runtime laid out per `plan`: the loaded one when its weight layout matches (its KV
+        caches re-placed if needed), else a new one (weights read again: counted in `loads`)."""
+        from ..runtime.dit_runtime import DiTRuntime
+
+        if self._runtime is not None and self._runtime.same_weight_layout(plan):
+            self._runtime.place_kv(plan)
+            return self._runtime
+        if self._runtime is not None:
+            log.info("re-placing the DiT weights for %dx%d (another size than the loaded plan)", *plan.size)
+            self._runtime = None
+            self._free()
+        with phase("loading the DiT", self.options.progress):
+            self._runtime = DiTRuntime.from_artifact(self.directory, plan, device=self.device,
+                                                     timing=self.device.type == "cuda",
+                                                     compile_units=self.options.compile_units)
+        self.loads["dit"] += 1
+        return self._runtime
+
+    def _decoder_session(self) -> Any:
+        """The ONNX decoder, sized by the plan: its arena cap (weights + one call's working set +
+        workspace, from the graph's shapes) and the latents per call that working set was counted for.
+        Reopened only when a plan for another size needs another cap."""
+        from ..decode.vae_onnx import OnnxVAEDecoder
+
+        plan = self.plan
+        cap = plan.decoder_arena_bytes if self.device.type == "cuda" and plan is not None else None
+        if self._decoder is not None and cap != self._decoder_cap:
+            self._decoder = None
+            self._free()
+        if self._decoder is None:
+            with phase("opening the ONNX decoder", self.options.progress):
+                self._decoder = OnnxVAEDecoder(self.directory / self.manifest.paths["vae_onnx"], gpu_mem_limit=cap)
+            self._decoder_cap = cap
+            self.loads["decoder"] += 1
+        self._decoder.latents_per_call = (plan.decode_latents_per_call or None) if plan is not None else None
+        return self._decoder
+
+    def _audio_encoder(self) -> Any:
+        """wav2vec2, kept in host memory between renders (moved to the GPU only while it runs)."""
+        from ..conditioning.audio_features import load_wav2vec
+
+        if self._wav2vec is None:
+            with phase("loading wav2vec2", self.options.progress):
+                self._wav2vec = load_wav2vec(self.directory / self.manifest.paths["audio_dir"], device="cpu")
+            self.loads["audio_encoder"] += 1
+        return self._wav2vec
+
+    def _vae_encoder(self) -> Any:
+        """The torch VAE (encoder side used), loaded on the first photo-cache miss and kept on the host."""
+        import torch
+
+        from ..model.vae import WanVAE
+
+        if self._vae is None:
+            with torch.device("meta"):
+                vae = WanVAE(self.preset.vae)
+            with phase("loading the VAE encoder", self.options.progress):
+                self._vae = self._load_module(vae, "vae", device=torch.device("cpu"))
+            self.loads["vae_encoder"] += 1
+        return self._vae
 
     def build(self, inputs: RenderInputs) -> ArtifactRenderer:
         """Conditioning (prompt, audio, ref/motion latents), then the DiT runtime and the decoder.
 
         renderer = backend.build(inputs); renderer.block_frames(0, 0)  # uint8 [12, H, W, 3]
         """
-        from ..conditioning.prompt_cache import PromptCache, default_cache_dir
-        from ..decode.vae_onnx import OnnxVAEDecoder
-        from ..runtime.dit_runtime import DiTRuntime
         from .generator import CausalGenerator, GenerationInputs
 
         req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
-        cache = PromptCache(req.cache_dir or default_cache_dir())
-        text, _ = cache.get_or_compute(req.prompt, self.identity(), lambda: self._encode_prompt(req.prompt))
-        audio = self._audio_features(inputs.wave)
-        ref_latents, motion_latents = self._encode_reference(inputs.reference, req.sample.motion_frames)
-        runtime = DiTRuntime.from_artifact(self.directory, plan, device=self.device, timing=self.device.type == "cuda",
-                                           compile_units=self.compile_units)
+        text, audio, ref_latents, motion_latents = self.conditioning(inputs)
+        runtime = self._runtime_for(plan)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
                                       ref_latents=ref_latents, motion_latents=motion_latents)
         generator = CausalGenerator(_OnDevice(runtime.dit, self.device), gen_inputs, seed=req.seed,
                                     sample=req.sample, num_clips=inputs.num_clips, runner=_RuntimeRunner(runtime))
-        # The plan sized the decoder: its arena cap (weights + one call's working set + workspace,
-        # from the graph's shapes) and the latents per call that working set was counted for.
-        decoder = OnnxVAEDecoder(self.directory / self.manifest.paths["vae_onnx"],
-                                 gpu_mem_limit=plan.decoder_arena_bytes if self.device.type == "cuda" else None,
-                                 latents_per_call=plan.decode_latents_per_call or None)
+        decoder = self._decoder_session()
+        decoder.reset()  # a new video: zero caches, first-frame rule
         # As upstream's streaming decoder (TPP rank 4): warm the causal state up on the first 7
         # motion latents and discard those frames, so block 0 continues a "video" of the photo.
-        decoder.decode(motion_latents[:, :7].float().cpu().numpy())
+        with phase("warming the decoder up", self.options.progress):
+            decoder.decode(motion_latents[:, :7].float().cpu().numpy())
         return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan=plan)
 
     # ---- conditioning ---------------------------------------------------------------------------
 
-    def _load_module(self, module: Any, unit_name: str) -> Any:
+    def conditioning(self, inputs: RenderInputs) -> tuple[Any, Any, Any, Any]:
+        """(umT5 states [L, text_dim], wav2vec2 features [25, audio_dim, frames], ref latents
+        [16, 1, h, w], motion latents [16, 92, h, w]) of a render; the prompt and the photo go
+        through their on-disk caches. Also what a pipeline of ranks broadcasts (multirank)."""
+        from ..conditioning.caches import PhotoCache, PromptCache, default_cache_dir
+
+        req = inputs.request
+        cache_root = self.options.cache_dir or default_cache_dir()
+        text, _ = PromptCache(cache_root).get_or_compute(req.prompt, self.artifact_id,
+                                                         lambda: self._encode_prompt(req.prompt))
+        audio = self._audio_features(inputs.wave)
+        (ref_latents, motion_latents), _ = PhotoCache(cache_root).get_or_compute(
+            inputs.reference, self.artifact_id, req.sample.motion_frames,
+            lambda: self._encode_reference(inputs.reference, req.sample.motion_frames))
+        return text, audio, ref_latents.to(self.dtype), motion_latents.to(self.dtype)
+
+    def _load_module(self, module: Any, unit_name: str, device: Any = None) -> Any:
         """Fill a meta-built module from one artifact unit (quantized Linears stay quantized)."""
         import torch
 
@@ -119,6 +218,7 @@ class ArtifactBackend:
         from ..errors import ArtifactError
         from ..runtime.qlinear import QuantLinear, part_attr, swap_linears
 
+        device = self.device if device is None else device
         buf, views = read_unit(self.directory, unit_name, manifest=self.manifest)
         specs = {n[: -len(".weight")]: (v.entry.qtype, v.entry.group_size)
                  for n, v in views.items() if v.entry.qtype.is_quantized and n.endswith(".weight")}
@@ -130,9 +230,9 @@ class ArtifactBackend:
                 if not isinstance(owner, QuantLinear):
                     raise ArtifactError(f"{self.directory}: {name} is stored quantized but {path} is not a Linear")
                 for role, t in view.parts(buf).items():
-                    setattr(owner, part_attr(role), t.to(self.device, copy=True))  # own memory: buf is freed
+                    setattr(owner, part_attr(role), t.to(device, copy=True))  # own memory: buf is freed
             else:
-                t = view.dequantize(buf, self.dtype).to(self.device)
+                t = view.dequantize(buf, self.dtype).to(device, copy=True)
                 if attr in owner._parameters:
                     setattr(owner, attr, torch.nn.Parameter(t, requires_grad=False))
                 else:
@@ -143,67 +243,79 @@ class ArtifactBackend:
         return module.eval()
 
     def _encode_prompt(self, prompt: str) -> Any:
-        """umT5 states [L, text_dim] for the prompt (runs only on a prompt-cache miss)."""
+        """umT5 states [L, text_dim] for the prompt (runs only on a prompt-cache miss; umT5 is not kept)."""
         import torch
 
         from ..conditioning.text_tokenizer import load_tokenizer, tokenize
         from ..model.t5 import UMT5Encoder, encode_prompt
 
-        log.info("encoding the prompt with umT5 (cached for next time)")
-        tokenizer = load_tokenizer(self.directory / self.manifest.paths["tokenizer_dir"])
-        with torch.device("meta"):
-            encoder = UMT5Encoder(self.preset.t5)
-        encoder = self._load_module(encoder, "t5")
-        ids, mask = tokenize(tokenizer, prompt, self.preset.t5.text_len)
-        with torch.no_grad():
-            states = encode_prompt(encoder, ids.to(self.device), mask.to(self.device))[0]
-        del encoder
-        self._free()
+        with phase("encoding the prompt with umT5 (cached for next time)", self.options.progress):
+            tokenizer = load_tokenizer(self.directory / self.manifest.paths["tokenizer_dir"])
+            with torch.device("meta"):
+                encoder = UMT5Encoder(self.preset.t5)
+            encoder = self._load_module(encoder, "t5")
+            self.loads["t5"] += 1
+            ids, mask = tokenize(tokenizer, prompt, self.preset.t5.text_len)
+            with torch.no_grad():
+                states = encode_prompt(encoder, ids.to(self.device), mask.to(self.device))[0]
+            del encoder
+            self._free()
         return states.float().cpu()
 
     def _audio_features(self, wave: np.ndarray) -> Any:
         """Per-video-frame wav2vec2 features [25, audio_dim, clips*48], kept in host memory.
 
         They stay on the CPU (51 KB per video frame at width 1024 in bf16): each block moves only
-        its own 12 frames to the device.
+        its own 12 frames to the device. The encoder visits the GPU only while it runs.
         """
-        from ..conditioning.audio_features import extract_audio_features, load_wav2vec
+        from ..conditioning.audio_features import extract_audio_features
 
-        encoder = load_wav2vec(self.directory / self.manifest.paths["audio_dir"], device=self.device)
-        feats = extract_audio_features(encoder, wave, out_dtype=self.dtype)
-        del encoder
-        self._free()
-        return feats
+        encoder = self._audio_encoder()
+        encoder.model.to(self.device)
+        try:
+            with phase("computing audio features", self.options.progress):
+                return extract_audio_features(encoder, wave, out_dtype=self.dtype)
+        finally:
+            encoder.model.to("cpu")
+            self._free()
 
     def _encode_reference(self, reference: np.ndarray, motion_frames: int) -> tuple[Any, Any]:
         """(ref_latents [16, 1, h, w], motion_latents [16, 92, h, w]) as upstream encodes the photo.
 
         Upstream encodes the photo repeated 5 frames (keeping latent 1) and the photo repeated
         5 * 73 = 365 frames (92 latents). Both are prefixes of one constant video through a causal
-        encoder, so one pass gives both: ref_latents = motion_latents[:, 1:2].
+        encoder, so one pass gives both: ref_latents = motion_latents[:, 1:2]. Runs only on a
+        photo-cache miss.
         """
         import torch
 
         from ..conditioning.photo import encode_constant_video
-        from ..model.vae import WanVAE
 
-        with torch.device("meta"):
-            vae = WanVAE(self.preset.vae)
-        vae = self._load_module(vae, "vae")
-        frame = torch.from_numpy(reference).to(self.device, self.dtype)[None, :, None]  # [1, 3, 1, H, W]
-        with torch.no_grad():
-            motion_latents = encode_constant_video(vae, frame, 5 * motion_frames)[0]  # [16, 92, h, w]
-        del vae
-        self._free()
+        vae = self._vae_encoder().to(self.device)
+        try:
+            frame = torch.from_numpy(reference).to(self.device, self.dtype)[None, :, None]  # [1, 3, 1, H, W]
+            with phase("encoding the photo (cached for next time)", self.options.progress), torch.no_grad():
+                motion_latents = encode_constant_video(vae, frame, 5 * motion_frames)[0]  # [16, 92, h, w]
+        finally:
+            vae.to("cpu")
+            self._free()
+        motion_latents = motion_latents.cpu()
         return motion_latents[:, 1:2].clone(), motion_latents
 
     def _plan(self, size: tuple[int, int]) -> Any:
         """The memory plan for this budget and size (width, height); BudgetError if nothing fits."""
+        import torch
+
         from .memory import RenderBudget, plan_render
 
+        opts = self.options
+        # the loaded runtime's own memory is part of the budget when the budget is the GPU's free memory
+        loaded = float(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" and self._runtime else 0.0
         planned = plan_render(self.directory, self.manifest, size,
-                              RenderBudget(self.vram_gb, self.ram_gb, self.kv_dtype, self.device_profile),
-                              self.device.type)
+                              RenderBudget(opts.vram_gb, opts.ram_gb, self.kv_dtype, opts.device_profile),
+                              self.device.type, profile=self._profile, loaded_device_bytes=loaded,
+                              quiet=self.plan is not None and self.plan.size == size)
+        self._profile = planned.profile  # resolved (or probed) once per backend, not per render
         self.plan, self._plan_args = planned.plan, (planned.inputs, planned.budget, planned.profile)
         return planned.plan
 

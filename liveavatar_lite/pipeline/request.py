@@ -1,9 +1,14 @@
-"""What one render asks for and what it gets back, and the two interfaces the clip loop drives.
+"""What a Pipeline is loaded with, what one render asks for and gets back, and the renderer interfaces.
 
-`GenerateRequest` is built once at the edge (CLI flags, later an HTTP request); `RenderInputs` is
-the request after validation (photo framed, speech decoded, clip count known); a `Backend` turns
-RenderInputs into a `ClipRenderer`, which yields decoded frames block by block. `render.py` holds
-the artifact backend; tests pass fakes.
+`PipelineOptions` (load time: the artifact, memory budgets, KV storage) and `RenderRequest` (per
+render: photo, speech, prompt, size, seed, where to write) are built once at the edge (CLI flags, an
+HTTP request, `Pipeline.render`'s keywords). `RenderInputs` is a request after validation (photo
+framed, speech decoded, clip count known); a `Backend` turns RenderInputs into a `ClipRenderer`,
+which yields decoded frames block by block. `render.py` holds the artifact backend; tests pass fakes.
+
+    options = PipelineOptions(artifact=Path("art"), vram_gb=24, kv_dtype="fp8")
+    request = RenderRequest(image=Path("me.jpg"), audio=Path("hi.wav"), prompt="a person talking",
+                            out=Path("out.mp4"))
 """
 from __future__ import annotations
 
@@ -17,25 +22,37 @@ from ..config import SampleConfig
 
 
 @dataclass(frozen=True)
-class GenerateRequest:
-    """Everything one render needs, built once from the CLI flags."""
+class PipelineOptions:
+    """What a Pipeline loads once: the artifact and the memory budget it is planned for."""
 
     artifact: Path
-    image: Path
-    audio: Path
-    prompt: str
-    out: Path
-    size: str = "704*384"
-    num_clip: int | None = None  # None: until the audio ends
-    seed: int = 42
     vram_gb: float | None = None  # None: the GPU's free memory
     ram_gb: float | None = None  # None: this machine's physical RAM
     kv_dtype: str = "bf16"  # KV cache storage: bf16 | fp8 | int8 (8-bit halves the biggest memory user)
     device_profile: str | None = None  # None: the GPU's named profile if known, else a probe (as `plan`)
     compile_units: bool = False  # fuse each DiT unit's elementwise work with torch.compile (CUDA only)
+    cache_dir: Path | None = None  # prompt and photo latent caches; None: caches.default_cache_dir()
+    progress: bool = True  # progress bars / phase lines on stderr
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One render: the inputs, the size and seed, and where (and how safely) to write it.
+
+    `out` None means no file (`Pipeline.stream`). `live` names a directory that receives an HLS
+    playlist (`index.m3u8`) and one segment per finished clip while the render runs.
+    """
+
+    image: Path
+    audio: Path
+    prompt: str
+    out: Path | None = None
+    size: str = "704*384"
+    num_clip: int | None = None  # None: until the audio ends
+    seed: int = 42
     resume: bool = False
     telemetry: Path | None = None
-    cache_dir: Path | None = None  # prompt-embedding cache; None: prompt_cache.default_cache_dir()
+    live: Path | None = None
     # Seconds between resume checkpoints (0: after every clip). A checkpoint holds every KV cache
     # (about 40 GB at 14B and 704*384), so writing one per clip would dominate the render time.
     checkpoint_interval_s: float = 600.0
@@ -44,8 +61,12 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
-class GenerateResult:
-    """What a render wrote: the mp4, its size and length, and how many clips a resume skipped."""
+class RenderResult:
+    """What a render wrote: the mp4, its size and length, timings, and how many clips a resume skipped.
+
+    `first_frame_seconds`: from the call to the first decoded frame (None when a resume had every
+    clip already). `realtime_factor`: seconds of video rendered per second of wall time.
+    """
 
     out: Path
     clips: int
@@ -54,6 +75,28 @@ class GenerateResult:
     width: int
     resumed_clips: int
     seconds: float
+    first_frame_seconds: float | None = None
+    realtime_factor: float | None = None
+    live_playlist: Path | None = None
+
+
+@dataclass(frozen=True)
+class StreamBlock:
+    """One decoded block as `Pipeline.stream` yields it, with the speech it plays over.
+
+    frames: uint8 [n, H, W, 3] RGB (n = 12, or 9 for the video's first block); `first_frame` is the
+    index of frames[0] in the whole video; `audio_start_s` / `audio_end_s` bound its span at `fps`,
+    and `audio` holds that span of the speech (float32, 16 kHz mono; zeros past the end of the file).
+    """
+
+    clip: int
+    block: int
+    frames: np.ndarray
+    first_frame: int
+    fps: int
+    audio: np.ndarray
+    audio_start_s: float
+    audio_end_s: float
 
 
 class ClipRenderer(Protocol):
@@ -80,7 +123,7 @@ class ClipRenderer(Protocol):
 class RenderInputs:
     """The validated inputs a renderer is built from."""
 
-    request: GenerateRequest
+    request: RenderRequest
     reference: np.ndarray  # float32 [3, H, W] in [-1, 1]: the photo, resized and cropped
     height: int
     width: int
@@ -89,7 +132,11 @@ class RenderInputs:
 
 
 class Backend(Protocol):
-    """Where renderers come from: the artifact (default) or a test fake."""
+    """Where renderers come from: the loaded artifact (default) or a test fake.
+
+    `identity()` names what the frames depend on besides the request (the artifact's manifest and
+    the KV storage dtype): a resume refuses a work dir rendered by another identity.
+    """
 
     def identity(self) -> str: ...
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,11 @@ class RenderWorkDir:
     `state_clips` says how many clips it covers, and a resume continues from there, re-rendering
     (identically) any later segments unless every clip is already done.
 
+    A multi-process render (pipeline/multirank) checkpoints each rank into its own companion file
+    `state_NNNNN.pt.rankR` (`rank_state_path`), written before the coordinator commits the state
+    `state_NNNNN.pt` that names them; companions belong to their state: kept with it on resume,
+    deleted with it.
+
     work = RenderWorkDir.open(Path("out.mp4"), job_key, resume=True); work.clips_done
     """
 
@@ -41,6 +47,16 @@ class RenderWorkDir:
     def path_for(out: Path) -> Path:
         """The work dir of a render to `out`: `out.parent / ".OUT.work"`."""
         return out.parent / f".{out.name}.work"
+
+    @staticmethod
+    def state_name(clip: int) -> str:
+        """The resume state written after clip `clip`: 'state_00003.pt'."""
+        return f"state_{clip:05d}.pt"
+
+    @classmethod
+    def rank_state_path(cls, out: Path, clip: int, rank: int) -> Path:
+        """Rank `rank`'s companion of the state after clip `clip` of the render to `out`."""
+        return cls.path_for(out) / f"{cls.state_name(clip)}.rank{rank}"
 
     @classmethod
     def open(cls, out: Path, job_key: str, resume: bool) -> RenderWorkDir:
@@ -107,6 +123,10 @@ class RenderWorkDir:
         log.info("continuing from the checkpoint after clip %d (%d later clips are rendered again)",
                  self.state_clips, len(extra))
 
+    def segment_frame_counts(self) -> list[int]:
+        """Frames of each finished clip, in clip order."""
+        return [int(s["frames"]) for s in self._journal["segments"]]
+
     def segment_paths(self) -> list[Path]:
         """The finished clips' segments, in clip order."""
         return [self.root / s["name"] for s in self._journal["segments"]]
@@ -125,7 +145,7 @@ class RenderWorkDir:
         previous = self.state_path
         self._journal["segments"].append({"name": segment.final_path.name, "frames": segment.frames})
         if write_state is not None:
-            state_name = f"state_{segment.index:05d}.pt"
+            state_name = self.state_name(segment.index)
             tmp = self.root / (state_name + ".tmp")
             write_state(tmp)
             durable_replace(tmp, self.root / state_name)
@@ -133,7 +153,13 @@ class RenderWorkDir:
             self._journal["state_clips"] = len(self._journal["segments"])
         write_json_atomic(self.root / "journal.json", self._journal)
         if previous is not None and previous != self.state_path:
-            previous.unlink(missing_ok=True)  # only the newest state is ever resumed from
+            for p in [previous, *self._companions(previous.name)]:
+                p.unlink(missing_ok=True)  # only the newest state is ever resumed from
+
+    def _companions(self, state_name: str) -> list[Path]:
+        """The rank companions of state `state_name` present in the work dir."""
+        pattern = re.compile(re.escape(state_name) + r"\.rank\d+")
+        return [p for p in self.root.iterdir() if pattern.fullmatch(p.name)]
 
     def remove(self) -> None:
         """Delete the work dir (once the final mp4 exists)."""
@@ -144,6 +170,7 @@ class RenderWorkDir:
         keep = {"journal.json", *(s["name"] for s in self._journal["segments"])}
         if self._journal["state"]:
             keep.add(self._journal["state"])
+            keep.update(p.name for p in self._companions(self._journal["state"]))
         for p in self.root.iterdir():
             if p.name not in keep:
                 p.unlink()

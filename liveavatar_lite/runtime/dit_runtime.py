@@ -243,12 +243,37 @@ class DiTRuntime:
             self.weights.make_resident(u, u.load())
         _check_materialized(self.dit, set(self.weights.by_layer))
 
-        specs_kv = kv_specs(cfg, plan.size)  # 4 rings, then the sink
-        ring_gpu = [k.placement == "gpu" for k in plan.kv if k.step is not None]
+        self.compute_dtype, self._kv_stream, self._timing = compute_dtype, kv_stream, timing
+        self._kv_layout: tuple | None = None
+        self.place_kv(plan)
+
+    def same_weight_layout(self, plan: Plan) -> bool:
+        """Whether `plan` places every weight unit as this runtime's plan does (the weights can stay)."""
+        return {u.name: u.placement for u in plan.units} == {u.name: u.placement for u in self.plan.units}
+
+    def place_kv(self, plan: Plan) -> None:
+        """KV caches for `plan` (same weight layout): kept when tokens, dtype and placement are unchanged.
+
+        A kept cache holds the previous render's rows, which are never read: every ring is written
+        before it is attended to (`kv_cache.ring_window`) and the sink prefill rewrites the sink.
+        """
+        if not self.same_weight_layout(plan):
+            raise ValueError("place_kv: the plan places the weights differently; build a new runtime")
+        specs_kv = kv_specs(self.cfg, plan.size)  # 4 rings, then the sink
+        # A pipeline rank's plan places only its own steps' rings: the others are None (not held).
+        held = {k.step: k.placement == "gpu" for k in plan.kv if k.step is not None}
+        ring_gpu = tuple(held.get(k.step) for k in specs_kv if k.step is not None)
         sink_gpu = next(k.placement == "gpu" for k in plan.kv if k.step is None)
         kv_dtype = plan.kv[0].dtype
-        self.kv = KVOffload.build(cfg, specs_kv[0].tokens, specs_kv[-1].tokens, kv_dtype, ring_gpu, sink_gpu,
-                                  self.device, compute_dtype=compute_dtype, copy_stream=kv_stream, timing=timing)
+        layout = (specs_kv[0].tokens, specs_kv[-1].tokens, kv_dtype, ring_gpu, sink_gpu)
+        self.plan = plan
+        if layout == self._kv_layout:
+            return
+        if self._kv_layout is not None:
+            del self.kv  # the old caches go first, so both never coexist in memory
+        self.kv = KVOffload.build(self.cfg, layout[0], layout[1], kv_dtype, list(ring_gpu), sink_gpu, self.device,
+                                  compute_dtype=self.compute_dtype, copy_stream=self._kv_stream, timing=self._timing)
+        self._kv_layout = layout
 
     @classmethod
     def from_artifact(cls, directory: str | Path, plan: Plan, device: torch.device | str = "cuda",
@@ -282,7 +307,7 @@ class DiTRuntime:
     def denoise_units(self, step: int, start_token: int, x: Tensor, ctx: DiTContext) -> Tensor:
         """All units of step `step` over prepared inputs (`dit.prepare_block`); the block starts at
         absolute token `start_token` (its ring position). Returns x for `dit.finish`."""
-        self.kv.rings[step].begin(start_token, x.shape[1])
+        self.kv.ring(step).begin(start_token, x.shape[1])
         return self._run_units(x, ctx, step)
 
     @torch.no_grad()

@@ -204,6 +204,13 @@ def _decoder_parts(inp: PlanInput, budget: Budget, lay: _Layout) -> dict[str, in
             "vae_workspace": int(dec.workspace_bytes), "vae_caches": int(dec.caches_bytes)}
 
 
+def decoder_parts(inp: PlanInput, budget: Budget) -> tuple[dict[str, int], int]:
+    """The decoder's device memory alone (a pipeline rank that only decodes) at the smallest call
+    size the budget allows, and that size (latents per call; 0 when the decoder is not planned)."""
+    lay = _Layout(frozenset(), frozenset(), False, False, min(_decode_options(inp, budget)))
+    return _decoder_parts(inp, budget, lay), lay.decode_latents
+
+
 def _peak(inp: PlanInput, budget: Budget, lay: _Layout) -> tuple[float, dict[str, int]]:
     """Peak VRAM of a layout and its parts. Everything below is allocated once and kept."""
     dt = budget.kv_dtype
@@ -315,8 +322,9 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
     w_left = 0.0  # seconds of link time the weight unit in flight still needs
     prev_compute = compute[-1]
     wb_two_back = wb_one_back = 0.0  # write-back seconds of layers k-2 and k-1
+    steps = _planned_steps(inp)  # a pipeline rank runs only its own steps
     for block in range(2):  # block 0 warms the pipeline up; block 1 is measured
-        for step in range(wl.steps):
+        for step in steps:
             for i in range(n):
                 kv, wb = kv_copy(step, i)
                 # KV stream (FIFO): layer k's copy goes into the slot layer k-2 used, after layer k-2's
@@ -336,10 +344,16 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
                 prev_compute = compute[i]
                 wb_two_back, wb_one_back = wb_one_back, wb / d2h
     blocks = wl.blocks_per_clip
-    parts = {"gemm": sum(gemm) * wl.steps * blocks, "attention": sum(attn) * wl.steps * blocks,
-             "elementwise": sum(ew) * wl.steps * blocks, "kv_copy_stall": stall_kv * blocks,
+    parts = {"gemm": sum(gemm) * len(steps) * blocks, "attention": sum(attn) * len(steps) * blocks,
+             "elementwise": sum(ew) * len(steps) * blocks, "kv_copy_stall": stall_kv * blocks,
              "weight_copy_stall": stall_w * blocks}
     return sum(parts.values()), total_h2d * blocks, parts
+
+
+def _planned_steps(inp: PlanInput) -> list[int]:
+    """The denoising steps this process runs: those whose ring the input places (a pipeline rank
+    holds only its own, runtime/stage_plan.py), or all `workload.steps` when it places no ring."""
+    return sorted({k.step for k in inp.kv if k.step is not None}) or list(range(inp.workload.steps))
 
 
 def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> Plan:

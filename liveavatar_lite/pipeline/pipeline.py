@@ -1,0 +1,152 @@
+"""`Pipeline`: load an artifact once, render many videos from it, watch them while they render.
+
+    from liveavatar_lite import Pipeline
+
+    pipe = Pipeline.from_artifact("la-int8/", vram_gb=24, kv="fp8")   # DiT, decoder, wav2vec2: once
+    result = pipe.render(image="me.jpg", audio="hi.wav", prompt="a person talking", out="me.mp4",
+                         live="live/")                               # live/index.m3u8 grows per clip
+    for block in pipe.stream(image="me.jpg", audio="hi.wav", prompt="a person talking"):
+        show(block.frames)                                            # uint8 [n, H, W, 3], as decoded
+
+A second render reuses everything loaded (`pipe.loads` counts the loads); prompts and photos are
+encoded once and cached on disk by content. The `generate` command is `generate()` below: validate
+the inputs, load a Pipeline planned for their size, render once.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import UserError
+from .generate import iter_blocks, prepare_inputs, render_to_file
+from .render import ArtifactBackend
+from .request import (
+    Backend,
+    PipelineOptions,
+    RenderInputs,
+    RenderRequest,
+    RenderResult,
+    StreamBlock,
+)
+
+log = logging.getLogger(__name__)
+
+PathLike = str | Path
+
+
+class Pipeline:
+    """A loaded artifact (or any `Backend`) plus the clip loop; render() and stream() reuse what is loaded."""
+
+    def __init__(self, backend: Backend, progress: bool = True) -> None:
+        self.backend, self.progress = backend, progress
+
+    @classmethod
+    def from_artifact(cls, artifact: PathLike, *, vram_gb: float | None = None, ram_gb: float | None = None,
+                      kv: str = "bf16", cache_dir: PathLike | None = None, size: str = "704*384",
+                      progress: bool = True, device_profile: str | None = None,
+                      compile_units: bool = False) -> Pipeline:
+        """Open `artifact` and load it, planned for photos framed at `size` (a W*H area; see `render`).
+        `device_profile` names the GPU figures the plan uses (as `plan --device-profile`; on a machine
+        without a GPU, with `vram_gb`, it plans and runs the layout of a GPU of that size);
+        `compile_units` fuses the DiT's elementwise work with torch.compile (CUDA).
+
+        Pipeline.from_artifact("la-int8/", vram_gb=24, kv="fp8")  # UserError for a bad artifact or budget
+        """
+        options = PipelineOptions(Path(artifact), vram_gb=vram_gb, ram_gb=ram_gb, kv_dtype=kv,
+                                  device_profile=device_profile, compile_units=compile_units,
+                                  cache_dir=None if cache_dir is None else Path(cache_dir), progress=progress)
+        return cls.from_options(options, _size_dims(size))
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, size: tuple[int, int] | None = None) -> Pipeline:
+        """A Pipeline over `options.artifact`; with `size` (width, height) its models load now, else
+        at the first render."""
+        backend = ArtifactBackend.open(options)
+        if size is not None:
+            backend.load(size)
+        return cls(backend, options.progress)
+
+    @property
+    def loads(self) -> dict[str, int]:
+        """How many times each model was loaded (dit, decoder, audio_encoder, vae_encoder, t5)."""
+        return dict(getattr(self.backend, "loads", {}))
+
+    def render(self, image: PathLike, audio: PathLike, prompt: str, out: PathLike, *, size: str = "704*384",
+               seed: int = 42, num_clip: int | None = None, resume: bool = False, live: PathLike | None = None,
+               telemetry: PathLike | None = None, checkpoint_interval_s: float = 600.0) -> RenderResult:
+        """Render to `out` (.mp4, written atomically; resumable with `resume=True` after a crash).
+
+        `size` is a pixel area (an upstream key such as "704*384" or a custom "W*H"); the photo keeps
+        its aspect with sides snapped to 64. `live`: a directory that gets `index.m3u8` + one segment
+        per finished clip while rendering. Returns the mp4's clips, frames, size and timings.
+        """
+        return self.run(RenderRequest(
+            image=Path(image), audio=Path(audio), prompt=prompt, out=Path(out), size=size, num_clip=num_clip,
+            seed=seed, resume=resume, telemetry=None if telemetry is None else Path(telemetry),
+            live=None if live is None else Path(live), checkpoint_interval_s=checkpoint_interval_s,
+            progress=self.progress))
+
+    def run(self, request: RenderRequest, inputs: RenderInputs | None = None) -> RenderResult:
+        """`render` for a typed request (what the CLI and the service build); `inputs` if already validated."""
+        return render_to_file(self.backend, request, inputs)
+
+    def stream(self, image: PathLike, audio: PathLike, prompt: str, *, size: str = "704*384", seed: int = 42,
+               num_clip: int | None = None) -> Iterator[StreamBlock]:
+        """Yield the video block by block as it is decoded (no file): `StreamBlock.frames` uint8
+        [n, H, W, 3] and the span of speech it plays over. Same frames as `render` with the same inputs.
+        """
+        request = RenderRequest(image=Path(image), audio=Path(audio), prompt=prompt, size=size, seed=seed,
+                                num_clip=num_clip, progress=self.progress)
+        return iter_blocks(self.backend, prepare_inputs(request))
+
+    def close(self) -> None:
+        """Drop the loaded models (their memory returns when nothing else refers to them)."""
+        self.backend = _Closed()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Closed:
+    """The backend of a closed Pipeline: every use is a clear error."""
+
+    loads: dict[str, int] = {}
+
+    def identity(self) -> str:
+        raise UserError("this Pipeline is closed; create a new one")
+
+    def build(self, inputs: RenderInputs) -> None:
+        raise UserError("this Pipeline is closed; create a new one")
+
+
+def _size_dims(size: str) -> tuple[int, int]:
+    """'704*384' -> (704, 384): the planning size of a Pipeline (UserError if malformed)."""
+    from ..conditioning.photo import parse_size
+
+    parse_size(size)  # the same rules as a render's --size
+    w, h = (int(x) for x in size.lower().replace("x", "*").split("*"))
+    return w, h
+
+
+def generate(request: RenderRequest, options: PipelineOptions | None = None,
+             backend: Backend | None = None) -> RenderResult:
+    """One render from a cold start, as the `generate` command does it.
+
+    The inputs are validated first (a bad photo fails in a second, before anything loads); then a
+    Pipeline is loaded for the photo's framed size (or `backend` is used) and renders once.
+
+        generate(RenderRequest(image=Path("me.jpg"), audio=Path("hi.wav"), prompt="...", out=Path("o.mp4")),
+                 PipelineOptions(Path("la-int8")))
+    """
+    inputs = prepare_inputs(request)
+    if backend is None:
+        if options is None:
+            raise ValueError("generate needs PipelineOptions or a backend")
+        pipe = Pipeline.from_options(options, (inputs.width, inputs.height))
+    else:
+        pipe = Pipeline(backend, request.progress)
+    return pipe.run(request, inputs)
