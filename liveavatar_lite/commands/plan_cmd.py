@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from .flags import float_range
+
 DESCRIPTION = (
     "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "
     "pinned host RAM or disk so that weights, KV, activations, staging slots, the VAE's ONNX Runtime "
@@ -21,8 +23,10 @@ DESCRIPTION = (
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", metavar="ARTIFACT", help="artifact directory, or a preset name: 14b | tiny")
-    parser.add_argument("--vram", type=float, required=True, metavar="GB", help="VRAM budget in GB (the one knob)")
-    parser.add_argument("--ram", type=float, metavar="GB", help="host RAM budget in GB (default: this machine's RAM)")
+    parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), required=True, metavar="GB",
+                        help="VRAM budget in GB (the one knob)")
+    parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), metavar="GB",
+                        help="host RAM budget in GB (default: this machine's RAM)")
     parser.add_argument("--size", default="704*384", metavar="W*H", help="video size (default 704*384)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"), help="KV cache storage dtype")
     parser.add_argument("--format", choices=("bf16", "int8", "fp8", "int4", "nf4"),

@@ -74,15 +74,19 @@ def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: b
         where = placement.get(u.name)
         if where is None:
             raise ArtifactError(f"the plan does not place unit {u.name}; re-run `liveavatar-lite plan` for this artifact")
-        reader = partial(_read_into, directory, u.name, manifest)
-        host = read_unit(directory, u, manifest=manifest, pin=pin)[0] if where == "host" else None
+        reader = partial(_read_into, directory, u.name, manifest, set())
+        # verified (xxh3) as read: host units now, disk/resident units on their first read
+        host = read_unit(directory, u, manifest=manifest, pin=pin, verify=True)[0] if where == "host" else None
         out.append(UnitData(u.name, u.block_index if u.kind == "dit_block" else None, u.data_nbytes, u.tensors,
                             host=host, read_into=None if host is not None else reader))
     return out
 
 
-def _read_into(directory: str | Path, name: str, manifest: Manifest, out: Tensor) -> None:
-    read_unit(directory, name, manifest=manifest, out=out)
+def _read_into(directory: str | Path, name: str, manifest: Manifest, verified: set[str], out: Tensor) -> None:
+    """Read unit `name` into `out`; its checksum is checked on the first read (later reads of a
+    disk-streamed unit skip the hash: it was verified before first use)."""
+    read_unit(directory, name, manifest=manifest, out=out, verify=name not in verified)
+    verified.add(name)
 
 
 @dataclass(frozen=True)
