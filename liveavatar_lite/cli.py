@@ -145,7 +145,7 @@ def write_crash_log(command: str, argv: list[str] | None) -> Path | None:
     import time
     import traceback
 
-    from .conditioning.prompt_cache import default_cache_dir
+    from .conditioning.caches import default_cache_dir
 
     text = (f"liveavatar-lite {__version__} {command}\nargv: {sys.argv[:1] + list(argv if argv is not None else sys.argv[1:])}\n"
             f"python {sys.version.split()[0]}\n\n{traceback.format_exc()}")
