@@ -242,7 +242,18 @@ def tree_digest(root: Path) -> str:
 
 
 def copy_tree(src: Path, dst: Path) -> str:
-    """Copy a folder to `dst` via a temp folder + rename; return its `tree_digest`."""
+    """Copy a folder to `dst` via a temp folder + rename; return its `tree_digest`.
+
+    Only regular files (and folders) are copied: a FIFO or device inside `src` is refused before
+    anything is opened (copying one would block or never end)."""
+    import stat
+
+    from liveavatar_lite.fileio import file_kind
+
+    for p in sorted(src.rglob("*")):
+        mode = p.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ArtifactError(f"{p} is {file_kind(mode)}, not a regular file; remove it from {src}")
     tmp = temp_name(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -15,10 +15,11 @@ DISK_FULL_HINT = "free some space and re-run the same command: finished files ar
 RESUME_HINT = "re-run the same command to resume: finished files are kept"
 COMPONENTS = ("dit", "t5", "vae", "audio", "tokenizer")
 
-DESCRIPTION = """Convert an upstream Wan2.2-S2V-14B checkpoint + the Live Avatar LoRA (CKPT_DIR/liveavatar.safetensors
-unless --lora or --no-lora) into a quantized, streamable liveavatar-lite artifact. Reads one tensor at a time (bounded RAM), merges the LoRA in
-fp32 before quantizing, writes every file via temp + rename and manifest.json last. Re-running the
-same command after an interruption resumes and produces identical bytes.
+DESCRIPTION = """Convert an upstream Wan2.2-S2V-14B checkpoint + the Live Avatar LoRA
+(CKPT_DIR/liveavatar.safetensors unless --lora or --no-lora) into a quantized, streamable
+liveavatar-lite artifact. Reads one tensor at a time (bounded RAM), merges the LoRA in fp32 before
+quantizing, writes every file via temp + rename and manifest.json last. Re-running the same command
+after an interruption or a full disk resumes and produces identical bytes.
 
 bytes per weight of a large Linear:  bf16 2.0 | int8 1.0 | fp8 1.0 | int4 g64 0.5625 | int4 g128 0.53 | nf4 0.5625
 Kept in bf16 whatever --format says: text/time embeddings, time_projection, the head, the audio

@@ -253,6 +253,9 @@ class RenderWorkDir:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 
+    def __del__(self) -> None:
+        self.unlock()  # a dropped work dir lets go of its lock (as the process's end would)
+
     def _drop_uncommitted(self) -> None:
         """Delete files a killed run left behind that the journal does not name."""
         keep = {"journal.json", *(s["name"] for s in self._journal["segments"])}
