@@ -33,7 +33,6 @@ from hostile_fixtures import (
     small_tmpfs,
     use_backend,
 )
-from media_fixtures import write_photo, write_speech
 from safetensors.torch import load_file, save_file
 
 from liveavatar_lite.artifact.checkpoint import DIT_CONFIG, LORA_FILE
@@ -50,17 +49,7 @@ def _files(root: Path, skip: tuple[str, ...] = (".quantize-job.json",)) -> dict[
             if p.is_file() and p.name not in skip}
 
 
-
-pytestmark = pytest.mark.usefixtures("private_cache")
-
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("media")
-    write_photo(root / "photo.png")
-    write_speech(root / "speech.wav", 4.7)  # 3 clips
-    return root
+pytestmark = pytest.mark.usefixtures("private_cache")  # `media` (photo + 4.7 s speech) comes from conftest
 
 
 def _quantize(capsys: pytest.CaptureFixture[str], dit_ckpt: Path, out: Path, *extra: str) -> tuple[int, str]:
@@ -385,9 +374,11 @@ def test_5_onnx_export_on_a_full_disk(capsys: pytest.CaptureFixture[str], monkey
 # ------------------------------------------------------------------------------------------ 6. FIFO shard, absurd config
 
 @pytest.mark.timeout(60)
-def test_6_fifo_shard_is_refused_not_waited_on(capsys: pytest.CaptureFixture[str], dit_ckpt: Path, tmp_path: Path) -> None:
-    (dit_ckpt / SHARD2).unlink()
-    os.mkfifo(dit_ckpt / SHARD2)
+@pytest.mark.parametrize("name", [SHARD2, DIT_CONFIG, LORA_FILE])
+def test_6_fifo_shard_is_refused_not_waited_on(capsys: pytest.CaptureFixture[str], dit_ckpt: Path, tmp_path: Path,
+                                               name: str) -> None:
+    (dit_ckpt / name).unlink()
+    os.mkfifo(dit_ckpt / name)
     code, err = _quantize(capsys, dit_ckpt, tmp_path / "out")
     assert_one_line(code, err, "is a FIFO (named pipe)", exit_code=2)
 

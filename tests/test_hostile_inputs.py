@@ -29,9 +29,7 @@ SHARD1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-
 pytestmark = pytest.mark.usefixtures("private_cache")
-
 
 
 @pytest.fixture(scope="module")
@@ -291,14 +289,6 @@ def test_fifo_and_device_inputs_are_refused_without_blocking(capsys: pytest.Capt
     for argv, match in cases:
         code, err = run_cli(capsys, *argv)
         assert_one_line(code, err, match)
-
-
-@pytest.mark.timeout(60)
-def test_fifo_config_is_refused(capsys: pytest.CaptureFixture[str], dit_ckpt: Path, tmp_path: Path) -> None:
-    (dit_ckpt / DIT_CONFIG).unlink()
-    os.mkfifo(dit_ckpt / DIT_CONFIG)
-    code, err = quantize(capsys, dit_ckpt, tmp_path / "out")
-    assert_one_line(code, err, "is a FIFO (named pipe)", exit_code=2)
 
 
 # ------------------------------------------------------------------------------------------ outputs
