@@ -254,7 +254,10 @@ class RenderWorkDir:
             self._lock_fd = None
 
     def __del__(self) -> None:
-        self.unlock()  # a dropped work dir lets go of its lock (as the process's end would)
+        try:
+            self.unlock()  # a dropped work dir lets go of its lock (as the process's end would)
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: the process's end releases it anyway
+            pass
 
     def _drop_uncommitted(self) -> None:
         """Delete files a killed run left behind that the journal does not name."""
