@@ -122,7 +122,11 @@ class RenderWorkDir:
         if resume and journal_path.exists():
             journal = _read_journal(journal_path, root, job_key)
             work = cls(root, journal, fd)
-            work._drop_uncommitted()
+            try:
+                work._drop_uncommitted()
+            except BaseException:
+                work._lock_fd = None  # open() closes the descriptor: never twice (the number may be reused)
+                raise
             log.info("resuming after %d finished clips (%d frames)", work.clips_done, work.frames_done)
             return work
         if resume:
