@@ -53,6 +53,24 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="where prompt embeddings are cached "
                              "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--ranks", type=_positive(int, "integer"), default=1, metavar="N",
+                        help="split the 4 denoising steps over N processes, one GPU each (2: two steps each, "
+                             "4: one each, 5: one each + a decoding rank); blocks flow rank to rank; CPU "
+                             "processes where there is no GPU; also under torchrun (docs/multi-gpu.md)")
+    parser.add_argument("--gpus", type=_gpu_list, default=None, metavar="LIST",
+                        help="GPU of each rank, e.g. 0,1,2,3 (default: rank i on GPU i); a GPU may repeat "
+                             "(then give each rank its share with --vram)")
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    """argparse type: '0,1,2,3' -> (0, 1, 2, 3)."""
+    try:
+        gpus = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        gpus = ()
+    if not gpus or any(g < 0 for g in gpus):
+        raise argparse.ArgumentTypeError(f"must be GPU numbers separated by commas, e.g. 0,1,2,3; got {text}")
+    return gpus
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +99,19 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_interval_s=args.checkpoint_interval,
         progress=not args.no_progress,
     )
-    result = generate(request, options)
+    if args.ranks > 1:
+        from ..pipeline.multirank import generate_multirank
+
+        result = generate_multirank(options, request, args.ranks, args.gpus)
+        if result is None:  # a torchrun rank that does not write the video
+            return 0
+    elif args.gpus is not None:
+        from ..errors import UserError
+
+        raise UserError("--gpus places the ranks of --ranks N (N >= 2); for one process pick the GPU with "
+                        "CUDA_VISIBLE_DEVICES")
+    else:
+        result = generate(request, options)
     log = logging.getLogger("liveavatar_lite.pipeline.generate")
     log.info("wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
              result.width, result.height, result.seconds,

@@ -264,6 +264,8 @@ def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderIn
                     clock.frame()
                 # Checkpoint when due, never after the last clip (nothing follows it).
                 due = clip < inputs.num_clips - 1 and (interval <= 0 or time.monotonic() - last_checkpoint >= interval)
+                if hasattr(renderer, "checkpoint_due"):  # a pipeline of ranks decides at its head (multirank)
+                    due = renderer.checkpoint_due(clip)
                 t_ckpt = time.perf_counter()
                 work.commit_clip(segment, (lambda f: torch.save(renderer.state(), f)) if due else None)
                 if due:

@@ -170,19 +170,11 @@ class ArtifactBackend:
 
         renderer = backend.build(inputs); renderer.block_frames(0, 0)  # uint8 [12, H, W, 3]
         """
-        from ..conditioning.caches import PhotoCache, PromptCache, default_cache_dir
         from .generator import CausalGenerator, GenerationInputs
 
         req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
-        cache_root = self.options.cache_dir or default_cache_dir()
-        text, _ = PromptCache(cache_root).get_or_compute(req.prompt, self.artifact_id,
-                                                         lambda: self._encode_prompt(req.prompt))
-        audio = self._audio_features(inputs.wave, inputs.num_clips)
-        (ref_latents, motion_latents), _ = PhotoCache(cache_root).get_or_compute(
-            inputs.reference, self.artifact_id, req.sample.motion_frames,
-            lambda: self._encode_reference(inputs.reference, req.sample.motion_frames))
-        ref_latents, motion_latents = ref_latents.to(self.dtype), motion_latents.to(self.dtype)
+        text, audio, ref_latents, motion_latents = self.conditioning(inputs)
         runtime = self._runtime_for(plan)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
                                       ref_latents=ref_latents, motion_latents=motion_latents)
@@ -197,6 +189,22 @@ class ArtifactBackend:
         return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip)
 
     # ---- conditioning ---------------------------------------------------------------------------
+
+    def conditioning(self, inputs: RenderInputs) -> tuple[Any, Any, Any, Any]:
+        """(umT5 states [L, text_dim], wav2vec2 features [25, audio_dim, frames], ref latents
+        [16, 1, h, w], motion latents [16, 92, h, w]) of a render; the prompt and the photo go
+        through their on-disk caches. Also what a pipeline of ranks broadcasts (multirank)."""
+        from ..conditioning.caches import PhotoCache, PromptCache, default_cache_dir
+
+        req = inputs.request
+        cache_root = self.options.cache_dir or default_cache_dir()
+        text, _ = PromptCache(cache_root).get_or_compute(req.prompt, self.artifact_id,
+                                                         lambda: self._encode_prompt(req.prompt))
+        audio = self._audio_features(inputs.wave, inputs.num_clips)
+        (ref_latents, motion_latents), _ = PhotoCache(cache_root).get_or_compute(
+            inputs.reference, self.artifact_id, req.sample.motion_frames,
+            lambda: self._encode_reference(inputs.reference, req.sample.motion_frames))
+        return text, audio, ref_latents.to(self.dtype), motion_latents.to(self.dtype)
 
     def _load_module(self, module: Any, unit_name: str, device: Any = None) -> Any:
         """Fill a meta-built module from one artifact unit (quantized Linears stay quantized)."""

@@ -94,6 +94,11 @@ class RenderWorkDir:
     until `remove` or `unlock`: a second render to the same output refuses in one line instead of
     deleting the first one's clips.
 
+    A multi-process render (pipeline/multirank) checkpoints each rank into its own companion file
+    `state_NNNNN.pt.rankR` (`rank_state_path`), written before the coordinator commits the state
+    `state_NNNNN.pt` that names them; companions belong to their state: kept with it on resume,
+    deleted with it.
+
     work = RenderWorkDir.open(Path("out.mp4"), job_key, resume=True); work.clips_done
     """
 
@@ -104,6 +109,16 @@ class RenderWorkDir:
     def path_for(out: Path) -> Path:
         """The work dir of a render to `out`: `out.parent / ".OUT.work"`."""
         return out.parent / f".{out.name}.work"
+
+    @staticmethod
+    def state_name(clip: int) -> str:
+        """The resume state written after clip `clip`: 'state_00003.pt'."""
+        return f"state_{clip:05d}.pt"
+
+    @classmethod
+    def rank_state_path(cls, out: Path, clip: int, rank: int) -> Path:
+        """Rank `rank`'s companion of the state after clip `clip` of the render to `out`."""
+        return cls.path_for(out) / f"{cls.state_name(clip)}.rank{rank}"
 
     @classmethod
     def open(cls, out: Path, job_key: str, resume: bool) -> RenderWorkDir:
@@ -197,7 +212,7 @@ class RenderWorkDir:
         segments = [*self._journal["segments"], {"name": segment.final_path.name, "frames": segment.frames}]
         journal = {**self._journal, "segments": segments}
         if write_state is not None:
-            state_name = f"state_{segment.index:05d}.pt"
+            state_name = self.state_name(segment.index)
             tmp = self.root / (state_name + ".tmp")
             try:
                 with open(tmp, "wb", buffering=0) as f:
@@ -222,7 +237,13 @@ class RenderWorkDir:
         write_json_atomic(self.root / "journal.json", journal)
         self._journal = journal
         if previous is not None and previous != self.state_path:
-            previous.unlink(missing_ok=True)  # only the newest state is ever resumed from
+            for p in [previous, *self._companions(previous.name)]:
+                p.unlink(missing_ok=True)  # only the newest state is ever resumed from
+
+    def _companions(self, state_name: str) -> list[Path]:
+        """The rank companions of state `state_name` present in the work dir."""
+        pattern = re.compile(re.escape(state_name) + r"\.rank\d+")
+        return [p for p in self.root.iterdir() if pattern.fullmatch(p.name)]
 
     def restore(self, renderer: Any) -> None:
         """Load the newest resume state into `renderer` (`renderer.load_state`); one line if it is unusable."""
@@ -268,6 +289,7 @@ class RenderWorkDir:
         keep = {"journal.json", *(s["name"] for s in self._journal["segments"])}
         if self._journal["state"]:
             keep.add(self._journal["state"])
+            keep.update(p.name for p in self._companions(self._journal["state"]))
         _clear(self.root, keep)
         missing = [p.name for p in self.segment_paths() if not p.is_file()]
         if self.state_path is not None and not self.state_path.is_file():

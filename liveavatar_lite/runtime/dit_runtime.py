@@ -241,7 +241,9 @@ class DiTRuntime:
         if not self.same_weight_layout(plan):
             raise ValueError("place_kv: the plan places the weights differently; build a new runtime")
         specs_kv = kv_specs(self.cfg, plan.size)  # 4 rings, then the sink
-        ring_gpu = tuple(k.placement == "gpu" for k in plan.kv if k.step is not None)
+        # A pipeline rank's plan places only its own steps' rings: the others are None (not held).
+        held = {k.step: k.placement == "gpu" for k in plan.kv if k.step is not None}
+        ring_gpu = tuple(held.get(k.step) for k in specs_kv if k.step is not None)
         sink_gpu = next(k.placement == "gpu" for k in plan.kv if k.step is None)
         kv_dtype = plan.kv[0].dtype
         layout = (specs_kv[0].tokens, specs_kv[-1].tokens, kv_dtype, ring_gpu, sink_gpu)
@@ -283,7 +285,7 @@ class DiTRuntime:
     def denoise_units(self, step: int, start_token: int, x: Tensor, ctx: DiTContext) -> Tensor:
         """All units of step `step` over prepared inputs (`dit.prepare_block`); the block starts at
         absolute token `start_token` (its ring position). Returns x for `dit.finish`."""
-        self.kv.rings[step].begin(start_token, x.shape[1])
+        self.kv.ring(step).begin(start_token, x.shape[1])
         return self._run_units(x, ctx, step)
 
     @torch.no_grad()

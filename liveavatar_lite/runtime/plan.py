@@ -221,7 +221,7 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
     sink = [k for k in inp.kv if k.step is None]
     new_kv = wl.new_kv_layer_bytes_bf16 if dt == "bf16" else wl.new_kv_layer_bytes_bf16 // 2
     total_s, total_h2d = 0.0, 0
-    for step in range(wl.steps):
+    for step in _planned_steps(inp):
         ring_on_host = [k for k in inp.kv if k.step == step and step not in lay.gpu_steps]
         copy = []
         for layer in layers:
@@ -239,6 +239,12 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
         n = len(layers)
         total_s += sum(compute[i] + max(0.0, copy[i] - compute[i - 1]) for i in range(n))
     return total_s * wl.blocks_per_clip, total_h2d * wl.blocks_per_clip
+
+
+def _planned_steps(inp: PlanInput) -> list[int]:
+    """The denoising steps this process runs: those whose ring the input places (a pipeline rank
+    holds only its own, runtime/stage_plan.py), or all `workload.steps` when it places no ring."""
+    return sorted({k.step for k in inp.kv if k.step is not None}) or list(range(inp.workload.steps))
 
 
 def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> Plan:
