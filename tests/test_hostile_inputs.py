@@ -94,11 +94,13 @@ NUMERIC_FLAG_CASES = [
      "--gpu-mem-limit-gb"),
     (["vae", "decode", "--onnx", "d.onnx", "--latents", "z.npy", "--out", "f.npy", "--threads", "0"], "--threads"),
     (["download", "DIR", "--max-workers", "0"], "--max-workers"),
+    (["plan", "14b", "--format", "int8", "--vram", "24", "--ranks", "0"], "--ranks"),
 ]
 GENERATE_FLAG_CASES = [
     ("--vram", "nan"), ("--vram", "inf"), ("--vram", "0"), ("--ram", "nan"), ("--ram", "-1"),
     ("--checkpoint-interval", "nan"), ("--checkpoint-interval", "-1"), ("--checkpoint-interval", "inf"),
     ("--seed", str(2**64)), ("--seed", "-1"), ("--seed", "1e30"), ("--num-clip", "0"), ("--num-clip", "nan"),
+    ("--ranks", "0"), ("--ranks", "1e9"),
 ]
 
 

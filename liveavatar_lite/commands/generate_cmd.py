@@ -53,7 +53,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="where prompt embeddings are cached "
                              "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--ranks", type=_positive(int, "integer"), default=1, metavar="N",
+    parser.add_argument("--ranks", type=int_range(1, 64), default=1, metavar="N",
                         help="split the 4 denoising steps over N processes, one GPU each (2: two steps each, "
                              "4: one each, 5: one each + a decoding rank); blocks flow rank to rank; CPU "
                              "processes where there is no GPU; also under torchrun (docs/multi-gpu.md)")

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .flags import float_range
+from .flags import float_range, int_range
 
 DESCRIPTION = (
     "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "
@@ -36,7 +36,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bandwidth/throughput figures: rtx4090, rtx3090, rtx5090, l40s, h100-pcie "
                              "(default: this GPU's profile if known, else a short probe)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--ranks", type=int, default=1, metavar="N",
+    parser.add_argument("--ranks", type=int_range(1, 64), default=1, metavar="N",
                         help="plan a pipeline of N GPUs (generate --ranks N): each rank's layout within its own "
                              "--vram (only its own KV rings), the predicted throughput (the slowest rank sets "
                              "it) and real-time factor; --ram is the whole machine's, shared by the ranks")
