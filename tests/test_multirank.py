@@ -191,10 +191,11 @@ def test_companions_live_and_die_with_their_state(tmp_path: Path) -> None:
             RenderWorkDir.rank_state_path(out, clip, rank).write_bytes(b"rank")
         seg = work.begin_clip(clip, spec)
         seg.append(np.full((45, 64, 64, 3), 100, np.uint8))
-        work.commit_clip(seg, lambda p: p.write_bytes(b"coord"))
+        work.commit_clip(seg, lambda f: f.write(b"coord"))  # f: the open state file
     names = sorted(p.name for p in work.root.iterdir())
     assert "state_00001.pt.rank0" in names and "state_00000.pt.rank0" not in names  # went with state 0
     RenderWorkDir.rank_state_path(out, 2, 0).write_bytes(b"ahead")  # a rank ahead of a crash
+    work.unlock()  # the crashed render's lock went with its process
     again = RenderWorkDir.open(out, "job", resume=True)
     assert sorted(p.name for p in again.root.iterdir()) == [
         "clip_00000.mp4", "clip_00001.mp4", "journal.json", "state_00001.pt", "state_00001.pt.rank0",

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .flags import float_range, int_range
+
 DESCRIPTION = (
     "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "
     "pinned host RAM or disk so that weights, KV, activations, staging slots, the VAE's ONNX Runtime "
@@ -21,8 +23,10 @@ DESCRIPTION = (
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", metavar="ARTIFACT", help="artifact directory, or a preset name: 14b | tiny")
-    parser.add_argument("--vram", type=float, required=True, metavar="GB", help="VRAM budget in GB (the one knob)")
-    parser.add_argument("--ram", type=float, metavar="GB", help="host RAM budget in GB (default: this machine's RAM)")
+    parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), required=True, metavar="GB",
+                        help="VRAM budget in GB (the one knob)")
+    parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), metavar="GB",
+                        help="host RAM budget in GB (default: this machine's RAM)")
     parser.add_argument("--size", default="704*384", metavar="W*H", help="video size (default 704*384)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"), help="KV cache storage dtype")
     parser.add_argument("--format", choices=("bf16", "int8", "fp8", "int4", "nf4"),
@@ -31,7 +35,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bandwidth/throughput figures: rtx4090, rtx3090, rtx5090, l40s, h100-pcie "
                              "(default: this GPU's profile if known, else a short probe)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--ranks", type=int, default=1, metavar="N",
+    parser.add_argument("--ranks", type=int_range(1, 64), default=1, metavar="N",
                         help="plan a pipeline of N GPUs (generate --ranks N): each rank's layout within its own "
                              "--vram (only its own KV rings), the predicted throughput (the slowest rank sets "
                              "it) and real-time factor; --ram is the whole machine's, shared by the ranks")

@@ -65,7 +65,7 @@ class ArtifactBackend:
 
         ArtifactBackend.open(PipelineOptions(Path("artifact"), kv_dtype="int8"))  # ArtifactError if unusable
         """
-        from ..artifact.format import read_manifest
+        from ..artifact.format import read_manifest, verify_files
         from ..config import preset_for_dit
         from ..errors import ArtifactError, CheckpointError, UserError
         from ..runtime.plan_inputs import KV_DTYPES
@@ -81,6 +81,10 @@ class ArtifactBackend:
         for key in ("audio_dir", "tokenizer_dir", "vae_onnx"):
             if key not in manifest.paths or not (directory / manifest.paths[key]).exists():
                 raise ArtifactError(f"{directory}: the artifact has no {key.replace('_', ' ')} (incomplete conversion)")
+        verify_files(directory, manifest, keys=("vae_onnx", "audio_dir", "tokenizer_dir"))  # units: as read
+        if manifest.source.lora is None:
+            log.warning("%s was converted without the Live Avatar LoRA (quantize --no-lora): with 4 steps and "
+                        "no CFG the base model renders poor video; re-run quantize with the LoRA", directory)
         try:
             preset = preset_for_dit(manifest.dit)
         except CheckpointError:  # same check as for a checkpoint, worded for an artifact
@@ -204,7 +208,7 @@ class ArtifactBackend:
         cache_root = self.options.cache_dir or default_cache_dir()
         text, _ = PromptCache(cache_root).get_or_compute(req.prompt, self.artifact_id,
                                                          lambda: self._encode_prompt(req.prompt))
-        audio = self._audio_features(inputs.wave)
+        audio = self._audio_features(inputs.wave, inputs.num_clips)
         (ref_latents, motion_latents), _ = PhotoCache(cache_root).get_or_compute(
             inputs.reference, self.artifact_id, req.sample.motion_frames,
             lambda: self._encode_reference(inputs.reference, req.sample.motion_frames))
@@ -219,7 +223,7 @@ class ArtifactBackend:
         from ..runtime.qlinear import QuantLinear, part_attr, swap_linears
 
         device = self.device if device is None else device
-        buf, views = read_unit(self.directory, unit_name, manifest=self.manifest)
+        buf, views = read_unit(self.directory, unit_name, manifest=self.manifest, verify=True)
         specs = {n[: -len(".weight")]: (v.entry.qtype, v.entry.group_size)
                  for n, v in views.items() if v.entry.qtype.is_quantized and n.endswith(".weight")}
         swap_linears(module, specs, bias_dtype=self.dtype)
@@ -262,8 +266,10 @@ class ArtifactBackend:
             self._free()
         return states.float().cpu()
 
-    def _audio_features(self, wave: np.ndarray) -> Any:
-        """Per-video-frame wav2vec2 features [25, audio_dim, clips*48], kept in host memory.
+    def _audio_features(self, wave: np.ndarray, num_clips: int) -> Any:
+        """Per-video-frame wav2vec2 features [25, audio_dim, num_clips*48], kept in host memory.
+
+        Only the clips rendered are computed (20 min of speech with --num-clip 1: one window).
 
         They stay on the CPU (51 KB per video frame at width 1024 in bf16): each block moves only
         its own 12 frames to the device. The encoder visits the GPU only while it runs.
@@ -274,7 +280,7 @@ class ArtifactBackend:
         encoder.model.to(self.device)
         try:
             with phase("computing audio features", self.options.progress):
-                return extract_audio_features(encoder, wave, out_dtype=self.dtype)
+                return extract_audio_features(encoder, wave, out_dtype=self.dtype, num_clips=num_clips)
         finally:
             encoder.model.to("cpu")
             self._free()

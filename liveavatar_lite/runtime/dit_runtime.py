@@ -75,17 +75,21 @@ def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: b
         where = placement.get(u.name)
         if where is None:
             raise ArtifactError(f"the plan does not place unit {u.name}; re-run `liveavatar-lite plan` for this artifact")
-        reader = partial(_read_into, directory, u.name, manifest)
+        reader = partial(_read_into, directory, u.name, manifest, set())
         host = None
+        # verified (xxh3) as read: host units now, disk/resident units on their first read
         if where == "host":  # exact size, page-locked in place (torch's pinned allocator rounds up to 2^k)
-            host = read_unit(directory, u, manifest=manifest, out=host_buffer(u.data_nbytes, pin=pin))[0]
+            host = read_unit(directory, u, manifest=manifest, out=host_buffer(u.data_nbytes, pin=pin), verify=True)[0]
         out.append(UnitData(u.name, u.block_index if u.kind == "dit_block" else None, u.data_nbytes, u.tensors,
                             host=host, read_into=None if host is not None else reader))
     return out
 
 
-def _read_into(directory: str | Path, name: str, manifest: Manifest, out: Tensor) -> None:
-    read_unit(directory, name, manifest=manifest, out=out)
+def _read_into(directory: str | Path, name: str, manifest: Manifest, verified: set[str], out: Tensor) -> None:
+    """Read unit `name` into `out`; its checksum is checked on the first read (later reads of a
+    disk-streamed unit skip the hash: it was verified before first use)."""
+    read_unit(directory, name, manifest=manifest, out=out, verify=name not in verified)
+    verified.add(name)
 
 
 @dataclass(frozen=True)

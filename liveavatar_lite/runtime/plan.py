@@ -14,10 +14,10 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from ..errors import BudgetError
+from ..errors import BudgetError, gb_pair
 from .device_profiles import DeviceProfile
 from .plan_inputs import (
-    GB,
+    GB,  # noqa: F401 - re-exported: plan_cmd and the benchmarks import it from here
     KV_DTYPES,
     WEIGHT_CHUNK_BYTES,
     Budget,
@@ -388,18 +388,22 @@ def min_ram_bytes(inp: PlanInput, budget: Budget) -> int | None:
 
 def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:
     need = min_vram_bytes(inp, budget)
-    have = f"{budget.vram_bytes / GB:.1f} GB VRAM" + (
-        f" + {budget.ram_bytes / GB:.1f} GB RAM" if budget.ram_bytes is not None else "")
     need_ram = min_ram_bytes(inp, budget) if need <= budget.vram_bytes else None
-    why = (f"the host copies need {need_ram / GB:.1f} GB RAM" if need_ram is not None
-           else f"the leanest layout needs {need / GB:.1f} GB VRAM")
+    # need rounded up, budget down, with enough decimals that the two never print alike
+    need_vram_gb, have_vram_gb = gb_pair(need, budget.vram_bytes, decimals=1)
+    need_ram_gb, have_ram_gb = gb_pair(need_ram or 0, budget.ram_bytes or 0, decimals=1)
+    if need_ram is None:
+        have_ram_gb = gb_pair(0, budget.ram_bytes or 0, decimals=1)[1]
+    have = f"{have_vram_gb} VRAM" + (f" + {have_ram_gb} RAM" if budget.ram_bytes is not None else "")
+    why = (f"the host copies need {need_ram_gb} RAM" if need_ram is not None
+           else f"the leanest layout needs {need_vram_gb} VRAM")
     head = (f"{inp.weight_format} weights at {inp.workload.size[0]}*{inp.workload.size[1]} with {budget.kv_dtype} KV "
             f"do not fit {have} ({why})")
     for label, alt_inp, alt_budget in alternatives(inp, budget):
         if _best_layout(alt_inp, alt_budget, prof) is not None:
             return f"{head}; smallest change that fits: {label}"
     if need_ram is not None:
-        return f"{head}; nothing smaller fits either: raise --ram to at least {need_ram / GB:.1f}"
-    return f"{head}; nothing smaller fits either: raise --vram to at least {need / GB:.1f}"
+        return f"{head}; nothing smaller fits either: raise --ram to at least {need_ram_gb.removesuffix(' GB')}"
+    return f"{head}; nothing smaller fits either: raise --vram to at least {need_vram_gb.removesuffix(' GB')}"
 
 
