@@ -93,11 +93,12 @@ def test_interleaved_streaming():
 
 def test_no_fit_names_smallest_change():
     inp = _inp14("int8")
-    # leanest layouts (1-latent decoder calls): int8 bf16 KV 9.74 GB, int8 fp8 KV 9.42 GB, int4 fp8 KV 8.90 GB
+    # leanest layouts (1-latent decoder calls, a dequantize's scratch counted): int8 bf16 KV 9.95 GB,
+    # int8 fp8 KV 9.62 GB, int4 fp8 KV 9.11 GB
     with pytest.raises(BudgetError, match="smallest change that fits: --kv fp8"):
-        make_plan(inp, Budget(vram_bytes=9.6 * GB), RTX4090)
+        make_plan(inp, Budget(vram_bytes=9.8 * GB), RTX4090)
     with pytest.raises(BudgetError, match="--format int4"):
-        make_plan(inp, Budget(vram_bytes=9.3 * GB, kv_dtype="fp8"), RTX4090)
+        make_plan(inp, Budget(vram_bytes=9.4 * GB, kv_dtype="fp8"), RTX4090)
     with pytest.raises(BudgetError, match="--kv fp8"):  # host RAM too small for bf16 KV
         make_plan(inp, Budget(vram_bytes=24 * GB, ram_bytes=32 * GB), RTX4090)
 

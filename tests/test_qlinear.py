@@ -144,6 +144,8 @@ def test_swap_linears_replaces_in_parent():
 def test_cuda_kernels(wxb, qtype, kernel, min_db):
     if qtype is QuantType.FP8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("row-wise fp8 _scaled_mm needs sm_89+")
+    if kernel == "bnb":
+        pytest.importorskip("bitsandbytes", reason="the [bnb] extra is not installed here")
     w, x, b = wxb
     m = _qlinear(qtype, w, b, kernel=kernel).cuda()
     m.bias.data = m.bias.data.bfloat16()
@@ -167,3 +169,21 @@ def test_cuda_fp8_really_calls_scaled_mm(tokens, monkeypatch):
     y = m(x.cuda().bfloat16()).float().cpu()
     assert calls == [(-(-tokens // 16) * 16, K)] and m.kernel == "auto"
     assert _snr_db(nn.functional.linear(x, w, b), y) >= 24
+
+
+@pytest.mark.gpu
+def test_cuda_int8_auto_kernel_follows_the_architecture(monkeypatch):
+    """int8 "auto": `_int_mm` (W8A8) except on Hopper, where it ran at under half bf16's rate (H100,
+    2026-11-26) and the weight is dequantized to bf16 instead (W8A16); both stay accurate."""
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(N, K, generator=g) / 16, torch.randn(N, generator=g)
+    x = torch.randn(64, K, generator=g)
+    m = _qlinear(QuantType.INT8, w, b).cuda()
+    m.bias.data = m.bias.data.bfloat16()
+    calls: list[tuple[int, ...]] = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, *r, **k: calls.append(tuple(a.shape)) or real(a, *r, **k))
+    y = m(x.cuda().bfloat16()).float().cpu()
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert (calls == []) if hopper else (calls == [(64, K)])
+    assert _snr_db(nn.functional.linear(x, w, b), y) >= 30

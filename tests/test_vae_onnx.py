@@ -15,6 +15,11 @@ from liveavatar_lite.decode.vae_onnx import OnnxVAEDecoder
 from liveavatar_lite.errors import ArtifactError, UserError
 from liveavatar_lite.model.vae import WanVAE
 
+# onnxruntime-gpu's CUDA provider (a machine with torch on CUDA may have the CPU-only onnxruntime)
+ort_cuda = pytest.mark.skipif(
+    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="onnxruntime has no CUDA execution provider here (install onnxruntime-gpu)")
+
 FP32_TOL = 1e-4  # measured ~4e-6
 FP16_TOL = 2e-2  # measured ~4e-3 on outputs of magnitude ~3 (tiny random weights)
 
@@ -151,6 +156,7 @@ def test_decoder_splits_calls_and_owns_exact_banks(float_onnx: Path, z, torch_fr
 
 
 @pytest.mark.gpu
+@ort_cuda
 def test_cuda_ep_streams_like_cpu(float_onnx: Path, z, torch_frames) -> None:
     decoder = OnnxVAEDecoder(float_onnx, device="cuda", gpu_mem_limit=1 << 30)
     assert decoder.device == "cuda"
@@ -164,6 +170,7 @@ def test_cuda_ep_streams_like_cpu(float_onnx: Path, z, torch_frames) -> None:
 
 
 @pytest.mark.gpu
+@ort_cuda
 def test_cuda_device_memory_of_the_decoder_includes_ort(tmp_path: Path) -> None:
     """Device-wide memory (NVML/mem_get_info: ORT's arena and the context included, which torch's own
     counters never see) at the real VAE size, 704*384: after the session, after the banks, after a

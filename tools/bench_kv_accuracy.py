@@ -50,7 +50,7 @@ def run_blocks(rt: DiTRuntime, inp: dict, blocks: int) -> list[torch.Tensor]:
         for step, t in enumerate(TIMESTEPS):
             v = rt.denoise(step, x, t, 3 * b, inp["audio"][b], text, sink_offset=7)
             outs.append(v.clone())
-            x = (x.float() - 0.2 * v.float()).to(x.dtype)  # a stand-in Euler update
+            x = (x.float() - 0.2 * v.float().to(x.device)).to(x.dtype)  # a stand-in Euler update (v may be on the GPU)
     return outs
 
 

@@ -191,7 +191,7 @@ def _time_fn(fn: Callable[[], Any], device: str, iters: int, warmup: int = 3) ->
 def section_gemm(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
-    from liveavatar_lite.artifact.qtypes import QuantType
+    from liveavatar_lite.artifact.qtypes import QuantType, dequantize
     from liveavatar_lite.runtime.qlinear import QuantLinear, linear_fp8_rowwise, linear_w8a8
 
     cfg, (w, h) = ctx["cfg"], ctx["size"]
@@ -209,6 +209,8 @@ def section_gemm(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any
         wq = torch.randint(-127, 128, (n, k), device=dev, generator=g, dtype=torch.int16).to(torch.int8)
         ws = torch.full((n,), 1.0 / (60 * k ** 0.5), device=dev)
         cands["w8a8_int_mm"] = lambda x=x, wq=wq, ws=ws: linear_w8a8(x, wq, ws, None)
+        cands["w8a16_dequant_mm"] = lambda x=x, wq=wq, ws=ws, n=n, k=k: F.linear(
+            x, dequantize(QuantType.INT8, {"data": wq, "scale": ws}, (n, k)))
         if dev == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
             w8 = (torch.randn(n, k, device=dev, generator=g) * 100).to(torch.float8_e4m3fn)
             cands["fp8_scaled_mm"] = lambda x=x, w8=w8, ws=ws: linear_fp8_rowwise(x, w8, ws, None)
@@ -417,12 +419,13 @@ def markdown(res: dict[str, Any]) -> str:
     gm = res.get("gemm")
     if isinstance(gm, dict) and "tokens" in gm:
         lines += ["", f"GEMMs at {gm['tokens']} tokens (TFLOP/s; speed vs bf16):", "",
-                  "| shape | bf16 | W8A8 _int_mm | fp8 _scaled_mm | int4 dequant+mm |", "|---|---:|---:|---:|---:|"]
+                  "| shape | bf16 | W8A8 _int_mm | W8A16 dequant+mm | fp8 _scaled_mm | int4 dequant+mm |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name, r in gm.items():
             if name == "tokens":
                 continue
             cells = []
-            for k in ("bf16", "w8a8_int_mm", "fp8_scaled_mm", "int4_dequant_mm"):
+            for k in ("bf16", "w8a8_int_mm", "w8a16_dequant_mm", "fp8_scaled_mm", "int4_dequant_mm"):
                 c = r.get(k)
                 cells.append("-" if c is None else c.get("error", "")[:60] if "error" in c else
                              f"{c['tflops']:.0f} ({c.get('speed_vs_bf16', 1):.2f}x)")

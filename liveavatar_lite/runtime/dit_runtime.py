@@ -178,7 +178,7 @@ class WeightStreamer:
             self.by_layer[u.layer] = u
             sources.append(PinnedSource(u.host) if u.host is not None else DiskSource(u.nbytes, u.read_into))  # type: ignore[arg-type]
         self.order = [u.layer for u in streamed]  # streamed layers in execution order
-        # in pieces, so that a KV copy on the other copy stream waits for one piece at most
+        # copied in pieces of WEIGHT_CHUNK_BYTES (the engine still runs queued pieces in order: streamer.py)
         self.streamer = UnitStreamer(sources, device, copy_stream=copy_stream, timing=timing,
                                      chunk_bytes=WEIGHT_CHUNK_BYTES) if sources else None
 
@@ -233,8 +233,8 @@ class DiTRuntime:
         swap_linears(self.dit, specs, kernel=kernel, bias_dtype=compute_dtype)
         self.dit.eval()
         _check_coverage(self.dit, units)
-        # Two copy streams: weights and KV never queue behind each other (a FIFO stream shared by
-        # both put a 509 MB weight prefetch ahead of the next layer's KV copy).
+        # Two copy streams: a weight prefetch that waits for its slot's release never holds up a KV
+        # copy (on one stream it would). Copies the engine already holds still run in queue order.
         cuda = self.device.type == "cuda"
         weight_stream = torch.cuda.Stream(device=self.device) if cuda else None
         kv_stream = torch.cuda.Stream(device=self.device) if cuda else None

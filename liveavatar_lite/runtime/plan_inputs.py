@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..artifact.format import Manifest, block_unit_name
-from ..artifact.qtypes import QuantType, stored_nbytes
+from ..artifact.qtypes import QuantType, dequant_scratch_bytes, stored_nbytes
 from ..config import PRESETS, DiTConfig, SampleConfig, VAEConfig, preset_for_dit
 from ..errors import UserError
 
@@ -23,8 +23,8 @@ WEIGHT_FORMATS = ("bf16", "int8", "fp8", "int4", "nf4")
 GB = 1e9  # budgets and reports use decimal GB (a "24 GB" card has 24.0-25.7e9 bytes)
 KV_DTYPES = ("bf16", "fp8", "int8")
 ALIGN = 64  # every packed tensor (a KV layer's k, v, scales) starts at a 64-byte offset (streamer.pack_tensors)
-# Streamed weight units are copied in pieces of this size on their own copy stream, so that a KV
-# layer copy waits for at most one piece of a weight unit, never for the whole unit (509 MB at 14B).
+# Streamed weight units are copied in pieces of this size on their own copy stream (KV copies have
+# another stream; the copy engine runs queued pieces in order: runtime/streamer.py).
 WEIGHT_CHUNK_BYTES = 16 << 20
 
 
@@ -309,8 +309,20 @@ def plan_input(cfg: DiTConfig, size: tuple[int, int], weight_format: str,
     else:
         units = tuple(UnitSize(n, int(b), _layer_of(n)) for n, b in unit_sizes.items())
     return PlanInput(weight_format=weight_format, units=units, kv=kv_specs(cfg, size, sample),
-                     workload=workload(cfg, size, sample, decoder=decoder), dit=cfg, sample=sample,
+                     workload=_format_workload(cfg, size, sample, decoder, weight_format), dit=cfg, sample=sample,
                      decoder_graph=decoder)
+
+
+def _format_workload(cfg: DiTConfig, size: tuple[int, int], sample: SampleConfig, decoder: DecoderSizer | None,
+                     weight_format: str) -> Workload:
+    """`workload` plus what the weight format adds to a unit's transient memory."""
+    wl = workload(cfg, size, sample, decoder=decoder)
+    if weight_format in ("bf16", "fp32"):
+        return wl
+    # A quantized Linear runs on a dequantized copy of its weight (int4, nf4, int8 on Hopper) or
+    # holds an int32 accumulator (W8A8): one Linear at a time, so the largest one's scratch counts
+    # (measured on an H100, 2026-11-26: uncounted, the int4 layouts' peak exceeded the plan by 0.7 GB).
+    return replace(wl, activation_bytes=wl.activation_bytes + dequant_scratch_bytes(cfg.ffn_dim, cfg.dim))
 
 
 def alternatives(inp: PlanInput, budget: Budget) -> Iterator[tuple[str, PlanInput, Budget]]:
@@ -332,7 +344,7 @@ def alternatives(inp: PlanInput, budget: Budget) -> Iterator[tuple[str, PlanInpu
         if w * h >= cur:
             continue
         alt = replace(inp, kv=kv_specs(cfg, (w, h), sample),
-                      workload=workload(cfg, (w, h), sample, decoder=inp.decoder_graph))
+                      workload=_format_workload(cfg, (w, h), sample, inp.decoder_graph, inp.weight_format))
         yield f"--size {w}*{h}", alt, budget
         if budget.kv_dtype == "bf16":
             yield f"--size {w}*{h} --kv fp8", alt, kv8

@@ -7,7 +7,8 @@ streamed unit buffer. Kernels, picked per call from the device and the qtype:
 | qtype | CUDA                                                                   | reference (CPU, tests)        |
 |-------|------------------------------------------------------------------------|-------------------------------|
 | int8  | W8A8: per-token dynamic activation scale + `torch._int_mm` (int32 acc);| dequantize + `F.linear`       |
-|       | W8A16 (dequantize + matmul) when M <= 16 or K/N not multiples of 8     |                               |
+|       | W8A16 (dequantize + matmul) when M <= 16 or K/N not multiples of 8,    |                               |
+|       | and on Hopper (sm_90), where `_int_mm` runs at under half bf16's rate  |                               |
 | fp8   | `torch._scaled_mm` with row-wise scales (per-token x, per-channel w)   | dequantize + `F.linear`       |
 |       | on sm_89+, never per-tensor activation scales; dequantize otherwise.   |                               |
 |       | Token counts that are not a multiple of 16 are padded with zero rows   |                               |
@@ -100,7 +101,10 @@ class QuantLinear(nn.Module):
         if x.device.type != "cuda":
             return "reference"
         if self.qtype is QuantType.INT8:
-            return "w8a8"
+            # Hopper: cuBLASLt's int8 GEMM ran at 0.37-0.47x of bf16 at the DiT's shapes (266-385 vs
+            # 720-814 TFLOP/s, H100 80GB HBM3, torch 2.11, 2026-11-26), so dequantizing to bf16 wins there;
+            # chosen by architecture, not by timing, so the same machine always renders the same frames
+            return "w8a16" if _int8_gemm_slow(x.device) else "w8a8"
         if self.qtype is QuantType.FP8 and torch.cuda.get_device_capability(x.device) >= (8, 9):
             return "scaled_mm"
         if self.qtype is QuantType.NF4 and _has_bnb():
@@ -110,6 +114,11 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
         return f"{self.in_features}, {self.out_features}, {self.qtype.value}{g}, kernel={self.kernel}"
+
+
+def _int8_gemm_slow(device: torch.device) -> bool:
+    """Whether `_int_mm` is slower than a bf16 GEMM here (sm_90, Hopper: measured; see _auto_kernel)."""
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _cast(b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
