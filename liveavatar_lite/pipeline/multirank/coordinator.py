@@ -122,6 +122,23 @@ class PipelineRenderer(ArtifactRenderer):
     def copy_wait_seconds(self) -> float:
         return self.runtime.copy_wait_seconds() if self.runtime is not None else 0.0
 
+    # A rank that runs no steps (the decoder alone) has no DiT runtime: no layout, copies or ledger rows.
+    def layout(self) -> dict[str, Any]:
+        own = self.runtime.layout() if self.runtime is not None else {}
+        return {**own, "decode_latents_per_call": self.plan.decode_latents_per_call if self.plan is not None else None}
+
+    def counters(self) -> dict[str, float]:
+        return self.runtime.copy_counters() if self.runtime is not None else {}
+
+    def ledger(self, seconds: float | None, clip: dict[str, float]) -> dict[str, Any]:
+        """The ledger of this rank's own DiT plan (`RankPlan.plan`); none on a decode-only rank."""
+        from ..ledger import memory_ledger
+
+        inner = getattr(self.plan, "plan", None)
+        if inner is None or self.runtime is None:
+            return {}
+        return memory_ledger(inner, self.runtime, self.decoder, seconds, clip)
+
 
 class PipelineBackend(ArtifactBackend):
     """The coordinator's backend: conditioning here, broadcast to every rank; this rank's steps
@@ -162,7 +179,7 @@ class PipelineBackend(ArtifactBackend):
                                  device_id=(self.device.index or 0) if on_gpu else 0)  # this rank's GPU
         decoder.decode(motion_latents[:, :7].float().cpu().numpy())  # warm-up, as render.ArtifactBackend
         generator = PipelineGenerator(ctx, own, link, inputs.num_clips)
-        return PipelineRenderer(generator, decoder, runtime, req.sample.blocks_per_clip)
+        return PipelineRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan)
 
     def release(self) -> None:
         """After the clip loop: if it never built (every clip was already done), free the ranks
