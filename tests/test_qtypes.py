@@ -139,4 +139,4 @@ def test_chunked_dequantize_is_the_one_shot_expression_bit_for_bit(fmt: str, mon
     monkeypatch.setattr(qtypes, "DEQUANT_CHUNK_ELEMS", 256 * 7)  # 7 rows a chunk: a ragged last chunk
     chunked = qtypes.dequantize(QuantType(fmt), parts, (96, 256), 128 if fmt == "int4" else None)
     assert torch.equal(chunked, one_shot)
-    assert qtypes.dequant_scratch_bytes(13824, 5120) < 0.2e9  # vs ~0.85 GB one shot
+    assert qtypes.dequant_scratch_bytes(13824, 5120) < 0.25e9  # vs ~0.85 GB one shot

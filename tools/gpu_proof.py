@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=2, help="interleaved samples (stream) / timed passes (decoder)")
     ap.add_argument("--vram-scale", type=float, default=1.0,
                     help="multiply each config's --vram (the tiny dry run uses a small one)")
+    ap.add_argument("--configs", default=None, help="comma list of DiT config labels to run (default: all: "
+                    + ", ".join(c[0] for c in DIT_CONFIGS) + ")")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_proof: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -464,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     size = parse_size(args.size or ("704*384" if args.preset == "14b" else "64*64"))
     ctx: dict[str, Any] = {"cfg": PRESETS[args.preset].dit, "size": size, "sampler": DeviceSampler(args.device),
                            "decoder_graph": DecoderGraph.for_preset(args.preset),
-                           "configs": tuple((lbl, f, kv, v * args.vram_scale) for lbl, f, kv, v in DIT_CONFIGS)}
+                           "configs": tuple((lbl, f, kv, v * args.vram_scale) for lbl, f, kv, v in DIT_CONFIGS
+                                            if args.configs is None or lbl in args.configs.split(","))}
     res: dict[str, Any] = {"command": " ".join(["python tools/gpu_proof.py", *(argv or sys.argv[1:])]),
                            "preset": args.preset, "size": f"{size[0]}*{size[1]}", "not_run": NOT_RUN}
     wanted = args.sections.split(",")

@@ -18,6 +18,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.l
 timeout "${PROOF_TIMEOUT:-330}" python3 tools/gpu_proof.py --out "$OUT" --sections "${PROOF_SECTIONS:-env,gemm,dit,decoder,stream}" ${PROOF_ARGS:-} \
     > "$OUT/proof.log" 2>&1
 echo "gpu_proof rc=$?"; tail -n 40 "$OUT/proof.log"
-timeout "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu -k "not device_wide" --timeout 150 -rfEs \
+timeout "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu -k "${TESTS_K:-not device_wide}" --timeout 150 -rfEs \
     --continue-on-collection-errors tests/ > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -n 60 "$OUT/gpu_tests.log"

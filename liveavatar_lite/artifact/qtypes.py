@@ -149,14 +149,17 @@ def _dequant_passthrough(parts: Mapping[str, torch.Tensor], shape: tuple[int, ..
 # (0.85 GB for a 13824x5120 FFN weight in int4: measured on an H100, 2026-11-26, as the int4 layouts'
 # device peak exceeding the plan by 0.7 GB). Large weights are therefore dequantized in row chunks
 # straight into the output: each element goes through the same fp32 expression and one rounding, so
-# the result is bit for bit the one-shot result, and the temporaries stay under ~3 x 16 MB.
-DEQUANT_CHUNK_ELEMS = 1 << 22  # elements per row chunk (16 MB per fp32 temporary)
+# the result is bit for bit the one-shot result. The chunks are large because every chunk costs a
+# handful of kernel launches: with 4 M-element chunks the H100's int4 linears ran 4x slower, bound by
+# the host's launch overhead (same date); 16 M elements keep 2-5 chunks per DiT weight.
+DEQUANT_CHUNK_ELEMS = 1 << 24  # elements per row chunk (64 MB per fp32 temporary)
 
 
 def dequant_scratch_bytes(n: int, k: int, dtype_bytes: int = 2) -> int:
     """Device bytes one dequantize of a [n, k] weight holds at its peak: the output in the compute
-    dtype plus the fp32 temporaries of one row chunk (what the plan counts per quantized Linear)."""
-    return n * k * dtype_bytes + 3 * 4 * min(n * k, max(k, DEQUANT_CHUNK_ELEMS))
+    dtype plus one row chunk's temporaries (fp32 values updated in place, the unpacked codes; what
+    the plan counts per quantized Linear)."""
+    return n * k * dtype_bytes + 6 * min(n * k, max(k, DEQUANT_CHUNK_ELEMS))
 
 
 def _dequant_rowscaled(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], group_size: int | None,
@@ -168,8 +171,8 @@ def _dequant_rowscaled(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]
     n, k = data.shape
     out = torch.empty((n, k), dtype=dtype, device=data.device)
     step = max(1, DEQUANT_CHUNK_ELEMS // k)
-    for r in range(0, n, step):  # fp32 [rows, K] temporaries only; the assignment rounds once, as .to(dtype)
-        out[r:r + step] = data[r:r + step].float() * scale[r:r + step, None]
+    for r in range(0, n, step):  # one fp32 [rows, K] temporary; the assignment rounds once, as .to(dtype)
+        out[r:r + step] = data[r:r + step].float().mul_(scale[r:r + step, None])
     return out
 
 
@@ -195,11 +198,10 @@ def _dequant_int4(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], gro
         return ((q - zero) * scale).reshape(n, k).to(dtype)
     out = torch.empty((n, k), dtype=dtype, device=parts["data"].device)
     step = max(1, DEQUANT_CHUNK_ELEMS // k)
-    for r in range(0, n, step):  # the same expression on [rows, K/G, G]: fp32 temporaries of one chunk only
+    for r in range(0, n, step):  # (q - zero) * scale on [rows, K/G, G] in fp32, in place: one temporary
         q = unpack_int4(parts["data"][r:r + step]).float().reshape(-1, k // group_size, group_size)
-        scale = parts["scale"][r:r + step].float()[..., None]
-        zero = parts["zero"][r:r + step].float()[..., None]
-        out[r:r + step] = ((q - zero) * scale).reshape(-1, k)
+        q.sub_(parts["zero"][r:r + step].float()[..., None]).mul_(parts["scale"][r:r + step].float()[..., None])
+        out[r:r + step] = q.reshape(-1, k)
     return out
 
 
