@@ -5,5 +5,5 @@
                     output error under each candidate format -> measurement.json
     measurement.py  the measurement.json format (versioned) and reading/writing it
     select.py       --target-size: greedy per-layer formats by error saved per byte
-    cli.py          `liveavatar-lite calibrate` / `python -m calibration`
+    cli.py          `liveavatar-lite calibrate` (the only entry: this offline package never imports the CLI)
 """

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.__main__ import main as calibrate_main
+from liveavatar_lite.cli import main as cli_main
 from calibration.inputs import default_samples
 from calibration.measure import measure
 from calibration.measurement import read_measurement, write_measurement
@@ -82,8 +82,8 @@ def test_calibrate_cli_on_dit_only_checkpoint(tmp_path, capsys):
 
     ck = write_dit_checkpoint(tmp_path / "ck")  # no encoders: Gaussian conditioning stands in
     out = tmp_path / "m.json"
-    assert calibrate_main([str(ck), "--out", str(out), "--samples", "1", "--height", "64", "--width", "64",
+    assert cli_main(["calibrate", str(ck), "--out", str(out), "--samples", "1", "--height", "64", "--width", "64",
                            "--formats", "int8,int4", "--seconds", "1"]) == 0
     m = read_measurement(out)
     assert {q for layer in m.layers.values() for q in layer.formats} == {QuantType.BF16, QuantType.INT8, QuantType.INT4}
-    assert calibrate_main([str(ck), "--out", str(out)]) != 0  # exists without --force
+    assert cli_main(["calibrate", str(ck), "--out", str(out)]) != 0  # exists without --force
