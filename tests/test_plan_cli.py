@@ -28,7 +28,7 @@ def test_plan_table(capsys):
 
 
 def test_plan_budget_error_exit_3(capsys):
-    rc = main(["plan", "14b", "--format", "int8", "--vram", "9.6", "--ram", "64", "--device-profile", "rtx4090"])
+    rc = main(["plan", "14b", "--format", "int8", "--vram", "9.8", "--ram", "64", "--device-profile", "rtx4090"])
     assert rc == 3
     err = capsys.readouterr().err
     assert err.startswith("liveavatar-lite plan: error:") and "smallest change that fits: --kv fp8" in err
