@@ -323,24 +323,24 @@ def test_metrics(server: ServeProcess) -> None:
         assert name in text, name
 
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")  # Debian's packages
 BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--autoplay-policy=no-user-gesture-required", "--window-size=1200,1400")
 
 
 def _chromium(tmp_path: Path):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("no Chromium: `apt-get install chromium chromium-driver` (tools/setup.sh does it as root)")
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     options = Options()
-    options.binary_location = str(CHROMIUM)
+    options.binary_location = CHROMIUM
     for flag in (*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no driver or browser download
 
 
 def test_page_in_chromium_uploads_shows_progress_and_plays(server: ServeProcess, media: Path,
