@@ -35,6 +35,7 @@ from serve_helpers import ServeProcess, job_data, job_files, process_alive, wait
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 MAX_UPLOAD = 1_000_000  # bytes (--max-upload-mb 1)
+UPLOAD_TIMEOUT_S = 4  # --request-timeout: receiving one upload
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def server(tiny_artifact: Path, media: Path, clean_render: dict, tmp_path_factor
     """The module's server: token, queue of 2, 1 MB uploads, 10 s of audio at most; caches shared with the CLI."""
     root = tmp_path_factory.mktemp("serve")
     proc = ServeProcess(tiny_artifact, root / "state", "--max-queue", "2", "--max-upload-mb", "1",
-                        "--max-audio-seconds", "10", token=TOKEN, cache_dir=media / "cache")
+                        "--max-audio-seconds", "10", "--request-timeout", str(UPLOAD_TIMEOUT_S), token=TOKEN,
+                        cache_dir=media / "cache")
     with proc:
         yield proc
 
@@ -99,6 +101,19 @@ def _until(condition, timeout: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _oversize_chunked_body():  # noqa: ANN202 - a well-formed upload of 1.2 MB, sent without a length
+    yield b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    for _ in range(12):
+        yield bytes(100_000)
+    yield b"\r\n--xyz--\r\n"
+
+
+def _stalled_body():  # noqa: ANN202 - a client that starts an upload and stops sending
+    yield b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhello'
+    time.sleep(UPLOAD_TIMEOUT_S + 2)
+    yield b"\r\n--xyz--\r\n"
 
 
 def _submit(server: ServeProcess, media: Path, **extra) -> str:
@@ -195,6 +210,10 @@ def test_job_equals_generate_while_hostile_requests_hit_the_server(
         (400, lambda: c.get("/v1/jobs", params={"limit": "100000"})),
         (400, lambda: c.get("/v1/jobs", params={"state": "exploded"})),
         (400, lambda: c.get("/v1/jobs", params={"limit": "many"})),
+        (413, lambda: c.post("/v1/jobs", content=_oversize_chunked_body(), headers={
+            "Content-Type": "multipart/form-data; boundary=xyz"})),  # no Content-Length: counted as it comes
+        (408, lambda: c.post("/v1/jobs", content=_stalled_body(), headers={
+            "Content-Type": "multipart/form-data; boundary=xyz"})),
         # finished and running jobs
         (409, lambda: c.delete(f"/v1/jobs/{short_job['id']}")),
         (409, lambda: c.get(f"/v1/jobs/{job_id}/video")),

@@ -32,6 +32,16 @@ def _positive(convert: Callable[[str], Any], noun: str) -> Callable[[str], Any]:
     return parse
 
 
+def add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    """--vram, --ram, --kv: the memory budget a Pipeline is planned for (generate and serve)."""
+    parser.add_argument("--vram", type=_positive(float, "number"), default=None, metavar="GB",
+                        help="GPU memory budget in GB (default: what the GPU has free)")
+    parser.add_argument("--ram", type=_positive(float, "number"), default=None, metavar="GB",
+                        help="host memory budget in GB (default: this machine's physical RAM)")
+    parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
+                        help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     """Add generate's flags to its subparser (cli.py calls this once)."""
     parser.add_argument("--artifact", required=True, type=Path,
@@ -47,12 +57,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-clip", type=_positive(int, "integer"), default=None,
                         help="number of clips (45 frames, then 48 each); default: until the audio ends")
     parser.add_argument("--seed", type=int, default=42, help="noise seed (default: %(default)s)")
-    parser.add_argument("--vram", type=_positive(float, "number"), default=None, metavar="GB",
-                        help="GPU memory budget in GB (default: what the GPU has free)")
-    parser.add_argument("--ram", type=_positive(float, "number"), default=None, metavar="GB",
-                        help="host memory budget in GB (default: this machine's physical RAM)")
-    parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
-                        help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
+    add_memory_flags(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same inputs from its newest checkpoint")
     parser.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",

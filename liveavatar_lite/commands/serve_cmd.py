@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .generate_cmd import _positive
+from .generate_cmd import _positive, add_memory_flags
 
 DESCRIPTION = (
     "Serve renders over HTTP for days: a durable job queue (SQLite under --state-dir) in front of one "
@@ -25,12 +25,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", type=Path, default=None,
                         help="file whose first line is the bearer token clients must send; required unless the "
                              "host is loopback")
-    parser.add_argument("--vram", type=_positive(float, "number"), default=None, metavar="GB",
-                        help="GPU memory budget in GB (default: what the GPU has free)")
-    parser.add_argument("--ram", type=_positive(float, "number"), default=None, metavar="GB",
-                        help="host memory budget in GB for the worker (default: physical RAM)")
-    parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
-                        help="KV cache storage dtype (default: %(default)s)")
+    add_memory_flags(parser)  # --vram, --ram, --kv: the worker's Pipeline, as for generate
     parser.add_argument("--size", default="704*384",
                         help="the size the worker is planned for and a job's default (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -71,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..serve.server import serve
 
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port} is not a TCP port (1-65535, or 0 for any free one)")
     if args.recycle_after < 0 or args.checkpoint_interval < 0:
         raise UserError("--recycle-after and --checkpoint-interval must not be negative")
     parse_size(args.size)

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 from typing import IO
@@ -77,21 +78,36 @@ def build(config: ServeConfig) -> tuple[object, Dispatcher, IO[str]]:
     return BodyLimit(app, config.limits.max_upload_bytes), dispatcher, lock
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts (UserError: one line, no worker left behind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(256)
+    return sock
+
+
 def serve(config: ServeConfig) -> None:
     """Run the service until SIGTERM or Ctrl-C; the worker is stopped with it."""
     import uvicorn
 
+    sock = listen(config.host, config.port)
     app, dispatcher, lock = build(config)
     dispatcher.start()
     server = uvicorn.Server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_level="warning", access_log=False,
-        timeout_keep_alive=5, timeout_graceful_shutdown=5, limit_concurrency=256))
-    log.info("serving on http://%s:%d (state: %s%s)", config.host, config.port, Path(config.state_dir).resolve(),
-             ", bearer token required" if config.token else "")
+        app, log_level="warning", access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
+        limit_concurrency=256))
+    host, port = sock.getsockname()[:2]
+    log.info("serving on http://%s:%d (state: %s%s)", f"[{host}]" if ":" in host else host, port,
+             Path(config.state_dir).resolve(), ", bearer token required" if config.token else "")
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         dispatcher.stop()
         lock.close()
-    if not server.started:
-        raise UserError(f"could not listen on {config.host}:{config.port} (in use, or not an address of this machine)")
+        sock.close()
