@@ -103,14 +103,14 @@ def _until(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _oversize_chunked_body():  # noqa: ANN202 - a well-formed upload of 1.2 MB, sent without a length
+def _oversize_chunked_body():  # a well-formed upload of 1.2 MB, sent without a length
     yield b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
     for _ in range(12):
         yield bytes(100_000)
     yield b"\r\n--xyz--\r\n"
 
 
-def _stalled_body():  # noqa: ANN202 - a client that starts an upload and stops sending
+def _stalled_body():  # a client that starts an upload and stops sending
     yield b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhello'
     time.sleep(UPLOAD_TIMEOUT_S + 2)
     yield b"\r\n--xyz--\r\n"

@@ -37,7 +37,14 @@ from .layout import LIVE_FILE, StateDir
 from .metrics import ServeMetrics
 from .service import JobService
 from .store import STATES, TERMINAL
-from .uploads import AVATAR_FIELDS, JOB_FIELDS, ApiError, receive_form
+from .uploads import (
+    AVATAR_FIELDS,
+    DRAIN_BYTES,
+    JOB_FIELDS,
+    ApiError,
+    drain,
+    receive_form,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,8 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            if declared.isdigit() and int(declared) <= self.max_bytes + DRAIN_BYTES:
+                await drain(receive)  # so the client finishes sending and reads the 413
             await _error(413, self._message())(scope, receive, send)
             return
         received = 0
@@ -72,6 +81,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if message.get("more_body", False):
+                        await drain(receive)
                     raise BodyTooLarge(self._message())
             return message
 

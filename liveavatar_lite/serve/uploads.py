@@ -14,6 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -25,6 +26,34 @@ JOB_FIELDS = {"image": "file", "audio": "file", "avatar": "text", "prompt": "tex
               "num_clip": "text"}
 AVATAR_FIELDS = {"image": "file", "size": "text", "prompt": "text"}
 _CHUNK = 1 << 20
+
+
+DRAIN_BYTES = 64 * 1024 * 1024  # what we read and drop after refusing a body, so the client sees the error
+DRAIN_S = 5.0
+
+
+async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, timeout: float = DRAIN_S) -> None:
+    """Read and drop what the client still sends of a body we refused (up to a budget and a time).
+
+    A server that answers early and closes while the client still sends makes the kernel reset the
+    connection, and the client then loses the answer ("connection reset") instead of reading our
+    one-line error. Draining a bounded amount first ("lingering close") avoids that.
+    """
+
+    async def read() -> None:
+        left = max_bytes
+        while left > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        pass
 
 
 class ApiError(Exception):
@@ -57,6 +86,7 @@ async def receive_form(request: Request, allowed: dict[str, str], tmp_dir: Path,
         await asyncio.wait_for(_receive(request, allowed, tmp_dir, limits, received), limits.request_timeout_s)
     except asyncio.TimeoutError:
         received.cleanup()
+        await drain(request.receive)
         raise ApiError(408, f"the upload took longer than {limits.request_timeout_s:g} s") from None
     except BaseException:
         received.cleanup()
