@@ -95,6 +95,13 @@ NUMERIC_FLAG_CASES = [
     (["vae", "decode", "--onnx", "d.onnx", "--latents", "z.npy", "--out", "f.npy", "--threads", "0"], "--threads"),
     (["download", "DIR", "--max-workers", "0"], "--max-workers"),
     (["plan", "14b", "--format", "int8", "--vram", "24", "--ranks", "0"], "--ranks"),
+    (["serve", "DIR", "--port", "70000"], "--port"),
+    (["serve", "DIR", "--max-queue", "0"], "--max-queue"),
+    (["serve", "DIR", "--max-upload-mb", "nan"], "--max-upload-mb"),
+    (["serve", "DIR", "--request-timeout", "inf"], "--request-timeout"),
+    (["serve", "DIR", "--worker-memory-gb", "-1"], "--worker-memory-gb"),
+    (["serve", "DIR", "--recycle-after", "-1"], "--recycle-after"),
+    (["serve", "DIR", "--vram", "nan"], "--vram"),
 ]
 GENERATE_FLAG_CASES = [
     ("--vram", "nan"), ("--vram", "inf"), ("--vram", "0"), ("--ram", "nan"), ("--ram", "-1"),

@@ -14,6 +14,7 @@ BENCHES = {
     "vae": "bench_vae.py",  # ONNX Runtime vs torch VAE decode
     "pipeline": "bench_pipeline.py",  # time to first frame: cold generate vs a warm Pipeline; RSS over renders
     "checksum": "bench_checksum.py",  # xxh3 vs sha256/blake2b/blake3, and what verifying adds to a unit read
+    "serve": "bench_serve.py",  # 100 jobs through the service: failures, latency, TTFF, RSS drift of server + worker
 }
 
 DESCRIPTION = (
@@ -23,6 +24,7 @@ DESCRIPTION = (
     "vae: ONNX Runtime vs torch streaming VAE decode (median of --repeats after a warm-up pass). "
     "pipeline: time to first frame of a cold generate vs a warm Pipeline, RSS over many renders. "
     "checksum: hash throughput of the artifact's load-time check vs sha256, and its cost per unit read. "
+    "serve: a soak of many jobs through the HTTP service (latency, time to first frame, RSS drift). "
     "Arguments after NAME go to the script: `liveavatar-lite bench NAME --help` lists them."
 )
 

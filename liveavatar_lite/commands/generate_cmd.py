@@ -16,6 +16,16 @@ DISK_FULL_HINT = "free some space and re-run the same command with --resume: fin
 RESUME_HINT = "re-run the same command with --resume to continue from the newest checkpoint"
 
 
+def add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    """--vram, --ram, --kv: the memory budget a Pipeline is planned for (generate and serve)."""
+    parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
+                        help="GPU memory budget in GB (default: what the GPU has free)")
+    parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
+                        help="host memory budget in GB (default: this machine's physical RAM)")
+    parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
+                        help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     """Add generate's flags to its subparser (cli.py calls this once)."""
     parser.add_argument("--artifact", required=True, type=Path,
@@ -31,12 +41,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-clip", type=int_range(1, 10**6), default=None,
                         help="number of clips (45 frames, then 48 each); default: until the audio ends")
     parser.add_argument("--seed", type=seed, default=42, help="noise seed, 0 to 2^63-1 (default: %(default)s)")
-    parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
-                        help="GPU memory budget in GB (default: what the GPU has free)")
-    parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
-                        help="host memory budget in GB (default: this machine's physical RAM)")
-    parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
-                        help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
+    add_memory_flags(parser)
     parser.add_argument("--device-profile", metavar="NAME", default=None,
                         help="bandwidth/throughput figures the memory plan uses: rtx4090, rtx3090, rtx5090, l40s, "
                              "h100-pcie (default: this GPU's profile if known, else a short probe; as `plan`). "

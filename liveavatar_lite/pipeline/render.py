@@ -202,17 +202,47 @@ class ArtifactBackend:
         """(umT5 states [L, text_dim], wav2vec2 features [25, audio_dim, frames], ref latents
         [16, 1, h, w], motion latents [16, 92, h, w]) of a render; the prompt and the photo go
         through their on-disk caches. Also what a pipeline of ranks broadcasts (multirank)."""
-        from ..conditioning.caches import PhotoCache, PromptCache, default_cache_dir
-
         req = inputs.request
-        cache_root = self.options.cache_dir or default_cache_dir()
-        text, _ = PromptCache(cache_root).get_or_compute(req.prompt, self.artifact_id,
-                                                         lambda: self._encode_prompt(req.prompt))
+        text = self._prompt_states(req.prompt)
         audio = self._audio_features(inputs.wave, inputs.num_clips)
-        (ref_latents, motion_latents), _ = PhotoCache(cache_root).get_or_compute(
-            inputs.reference, self.artifact_id, req.sample.motion_frames,
-            lambda: self._encode_reference(inputs.reference, req.sample.motion_frames))
+        ref_latents, motion_latents = self._photo_latents(inputs.reference, req.sample.motion_frames)
         return text, audio, ref_latents.to(self.dtype), motion_latents.to(self.dtype)
+
+    def precompute(self, reference: np.ndarray | None = None, prompt: str | None = None,
+                   motion_frames: int | None = None) -> None:
+        """Encode a framed photo (float32 [3, H, W], as `load_reference` gives it) and/or a prompt into
+        their on-disk caches now, as `build` would on a miss: a later render of them loads neither
+        the VAE encoder nor umT5 (a kiosk pre-warms its faces before the doors open).
+
+        backend.precompute(load_reference(Path("me.jpg"), "704*384"), "a person talking")
+        """
+        from ..config import SampleConfig
+
+        if reference is not None:
+            self._photo_latents(reference, motion_frames or SampleConfig().motion_frames)
+        if prompt is not None:
+            self._prompt_states(prompt)
+
+    def _cache_root(self) -> Path:
+        from ..conditioning.caches import default_cache_dir
+
+        return self.options.cache_dir or default_cache_dir()
+
+    def _prompt_states(self, prompt: str) -> Any:
+        """umT5 states of `prompt` through the prompt cache (umT5 loads only on a miss)."""
+        from ..conditioning.caches import PromptCache
+
+        text, _ = PromptCache(self._cache_root()).get_or_compute(prompt, self.artifact_id,
+                                                                 lambda: self._encode_prompt(prompt))
+        return text
+
+    def _photo_latents(self, reference: np.ndarray, motion_frames: int) -> tuple[Any, Any]:
+        """(ref_latents, motion_latents) of the framed photo through the photo cache (VAE on a miss)."""
+        from ..conditioning.caches import PhotoCache
+
+        latents, _ = PhotoCache(self._cache_root()).get_or_compute(
+            reference, self.artifact_id, motion_frames, lambda: self._encode_reference(reference, motion_frames))
+        return latents
 
     def _load_module(self, module: Any, unit_name: str, device: Any = None) -> Any:
         """Fill a meta-built module from one artifact unit (quantized Linears stay quantized)."""

@@ -1,0 +1,88 @@
+"""The service's typed configuration, built once at the edge (the `serve` command's flags).
+
+    config = ServeConfig(pipeline=PipelineOptions(Path("art")), state_dir=Path("state"))
+    config.limits.max_queue  # 32
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..pipeline.request import PipelineOptions
+
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may ask of the service; past these a request gets a 4xx, never a crash."""
+
+    max_queue: int = 32  # queued jobs (not counting the running one); more -> 429 + Retry-After
+    max_upload_bytes: int = 50 * 1024 * 1024  # the whole multipart body of one request
+    max_audio_seconds: float = 600.0  # speech longer than this -> 413
+    max_prompt_chars: int = 2000
+    request_timeout_s: float = 60.0  # receiving + validating one upload; slower -> 408
+    max_jobs_listed: int = 500  # GET /v1/jobs?limit=
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    """How the supervisor keeps the warm worker healthy."""
+
+    memory_ceiling_bytes: int | None = None  # worker RSS above this -> restarted (a job in flight is lost once)
+    recycle_after_jobs: int = 0  # restart the worker (between jobs) after this many tasks; 0: never
+    max_deaths_per_job: int = 2  # a job whose worker died this many times is failed, not retried again
+    checkpoint_interval_s: float = 600.0  # resume checkpoints of service jobs (0: after every clip)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `liveavatar-lite serve` runs with."""
+
+    pipeline: PipelineOptions  # the artifact and memory budget the worker loads once
+    state_dir: Path  # queue database, inputs, results, logs: everything the service writes
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # bearer token; required for a non-loopback host
+    size: str = "704*384"  # the size the worker is planned for, and a job's default
+    limits: Limits = field(default_factory=Limits)
+    worker: WorkerPolicy = field(default_factory=WorkerPolicy)
+    keep_jobs: int = 1000  # finished jobs (and their videos) kept; older ones are deleted
+
+    def __post_init__(self) -> None:
+        if self.token is None and not is_loopback(self.host):
+            raise UserError(f"--host {self.host} is reachable from other machines: pass --token-file FILE "
+                            "(clients then send `Authorization: Bearer TOKEN`), or bind to 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, "localhost")."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in `path` (its first line, stripped); UserError if missing, empty or short."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --token-file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+    lines = text.strip().splitlines()
+    token = lines[0].strip() if lines else ""
+    if len(token) < MIN_TOKEN_CHARS:
+        raise UserError(f"--token-file {path}: the token must be at least {MIN_TOKEN_CHARS} characters "
+                        "(e.g. `openssl rand -hex 32 > FILE`)")
+    return token
+
+
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/liveavatar-lite/serve, else ~/.local/state/liveavatar-lite/serve."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "liveavatar-lite" / "serve"

@@ -1,0 +1,95 @@
+"""Prometheus metrics of the service (prometheus_client), on a registry of its own.
+
+    liveavatar_queue_depth                         jobs waiting (gauge, read from the store on scrape)
+    liveavatar_jobs_total{state}                   finished jobs by final state
+    liveavatar_failures_total{kind}                failures by kind: bad_input, out_of_memory, internal,
+                                                   worker_died, memory_ceiling (retried ones included)
+    liveavatar_job_seconds                         render time of done jobs (histogram)
+    liveavatar_job_latency_seconds                 submit -> done (histogram)
+    liveavatar_clip_seconds                        per clip (histogram)
+    liveavatar_time_to_first_frame_seconds         task start -> first decoded frame (histogram)
+    liveavatar_worker_ready                        1 when the Pipeline is loaded
+    liveavatar_worker_restarts_total{reason}       by reason (gauge mirrored from the supervisor)
+    liveavatar_host_memory_bytes{process}          RSS of the server and the worker
+    liveavatar_device_memory_bytes                 accelerator memory the worker's torch holds
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from .store import JobRow
+from .supervisor import rss_bytes
+from .tasks import Memory, WorkerFailed, WorkerReady
+
+_SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
+
+
+class ServeMetrics:
+    def __init__(self, queue_depth: Callable[[], int], executor_status: Callable[[], dict[str, Any]]) -> None:
+        r = self.registry = CollectorRegistry()
+        self._status = executor_status
+        Gauge("liveavatar_queue_depth", "jobs waiting in the queue", registry=r).set_function(queue_depth)
+        self.jobs = Counter("liveavatar_jobs", "finished jobs by final state", ["state"], registry=r)
+        self.failures = Counter("liveavatar_failures", "failures by kind", ["kind"], registry=r)
+        self.job_seconds = Histogram("liveavatar_job_seconds", "render seconds of a done job", buckets=_SECONDS,
+                                     registry=r)
+        self.latency = Histogram("liveavatar_job_latency_seconds", "submit to done", buckets=_SECONDS, registry=r)
+        self.clip_seconds = Histogram("liveavatar_clip_seconds", "seconds per clip", buckets=_SECONDS, registry=r)
+        self.ttff = Histogram("liveavatar_time_to_first_frame_seconds", "task start to first decoded frame",
+                              buckets=_SECONDS, registry=r)
+        ready = Gauge("liveavatar_worker_ready", "1 when the worker's Pipeline is loaded", registry=r)
+        ready.set_function(lambda: 1.0 if self._status().get("ready") else 0.0)
+        self.restarts = Gauge("liveavatar_worker_restarts", "worker restarts by reason", ["reason"], registry=r)
+        self.host_memory = Gauge("liveavatar_host_memory_bytes", "resident memory", ["process"], registry=r)
+        self.device_memory = Gauge("liveavatar_device_memory_bytes", "accelerator memory held by the worker",
+                                   registry=r)
+
+    # ---- updates from the dispatcher --------------------------------------------------------------
+
+    def first_frame(self, seconds: float) -> None:
+        self.ttff.observe(seconds)
+
+    def clip_done(self, seconds: float) -> None:
+        if seconds > 0:
+            self.clip_seconds.observe(seconds)
+
+    def failure(self, kind: str) -> None:
+        self.failures.labels(kind=kind).inc()
+
+    def job_ended(self, job: JobRow, kind: str | None) -> None:
+        self.jobs.labels(state=job.state).inc()
+        if kind is not None:
+            self.failure(kind)
+        if job.state == "done":
+            if job.render_s is not None:
+                self.job_seconds.observe(job.render_s)
+            if job.finished is not None:
+                self.latency.observe(job.finished - job.created)
+
+    def worker_event(self, event: WorkerReady | WorkerFailed | Memory) -> None:
+        if isinstance(event, Memory) and event.device_bytes is not None:
+            self.device_memory.set(event.device_bytes)
+
+    # ---- a scrape ---------------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        status = self._status()
+        for reason, n in status.get("restarts", {}).items():
+            self.restarts.labels(reason=reason).set(n)
+        server = rss_bytes(os.getpid())
+        if server is not None:
+            self.host_memory.labels(process="server").set(server)
+        if status.get("rss_bytes") is not None:
+            self.host_memory.labels(process="worker").set(status["rss_bytes"])
+        return generate_latest(self.registry)
+

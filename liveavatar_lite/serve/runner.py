@@ -1,0 +1,209 @@
+"""The worker side of the service: a warm Pipeline that runs one task at a time and reports as it goes.
+
+`TaskRunner` is what a worker process (worker.py) or, later, a Ray actor holds. It wraps the
+Pipeline's backend in `_ObservedBackend`, whose renderers check the cancel flag before every block
+(a cancel stops the render between blocks) and report the first frame and each finished clip. No
+change to the Pipeline is needed for that: the backend is the Pipeline's own extension point.
+
+    runner = TaskRunner.load(options, size=(704, 384))
+    runner.run(task, cancel=threading.Event(), emit=print)   # emits Started, FirstFrame, ClipDone..., Finished
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import BudgetError, UserError, first_line
+from ..pipeline.pipeline import Pipeline
+from ..pipeline.request import PipelineOptions, RenderInputs, RenderRequest
+from .tasks import (
+    AvatarTask,
+    Cancelled,
+    ClipDone,
+    Event,
+    Failed,
+    Finished,
+    FirstFrame,
+    Memory,
+    RenderTask,
+    Resumed,
+    Started,
+)
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+
+
+class TaskCancelled(Exception):
+    """Raised between blocks when the task's cancel flag is set."""
+
+
+class _Hooks:
+    """Per-task state the observed renderer reports through."""
+
+    def __init__(self, task_id: str, cancel: threading.Event, emit: Emit) -> None:
+        self.task_id, self.cancel, self.emit = task_id, cancel, emit
+        self.started = time.perf_counter()
+        self.first_frame_s: float | None = None
+        self.clip: int | None = None  # the clip being rendered
+        self.clip_started = self.started
+
+    def before_block(self, clip: int, block: int) -> None:
+        if self.cancel.is_set():
+            raise TaskCancelled()
+        if self.clip is None and clip > 0:
+            self.emit(Resumed(self.task_id, clip))  # a resumed render starts after its checkpoint
+        if block == 0 and self.clip is not None and clip == self.clip + 1:
+            # block 0 of clip c+1 starts only after clip c's segment and live entry were committed
+            self.clip_done(self.clip)
+        if block == 0:
+            self.clip, self.clip_started = clip, time.perf_counter()
+
+    def after_block(self) -> None:
+        if self.first_frame_s is None:
+            self.first_frame_s = time.perf_counter() - self.started
+            self.emit(FirstFrame(self.task_id, round(self.first_frame_s, 4)))
+
+    def clip_done(self, clip: int) -> None:
+        self.emit(ClipDone(self.task_id, clip, clip + 1, round(time.perf_counter() - self.clip_started, 4)))
+
+
+class _ObservedRenderer:
+    """A ClipRenderer that checks for a cancel before each block and reports progress after it."""
+
+    def __init__(self, inner: Any, hooks: _Hooks) -> None:
+        self.inner, self.hooks = inner, hooks
+        self.blocks_per_clip = inner.blocks_per_clip
+
+    def block_frames(self, clip: int, block: int) -> Any:
+        self.hooks.before_block(clip, block)
+        frames = self.inner.block_frames(clip, block)
+        self.hooks.after_block()
+        return frames
+
+    def state(self) -> dict[str, Any]:
+        return self.inner.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.inner.load_state(state)
+
+    def copy_wait_seconds(self) -> float:
+        return self.inner.copy_wait_seconds()
+
+
+class _ObservedBackend:
+    """The loaded ArtifactBackend, whose renderers report to the current task's hooks."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.hooks: _Hooks | None = None
+
+    @property
+    def loads(self) -> dict[str, int]:
+        return dict(self.inner.loads)
+
+    def identity(self) -> str:
+        return self.inner.identity()
+
+    def oom_advice(self) -> str:
+        return self.inner.oom_advice()
+
+    def build(self, inputs: RenderInputs) -> _ObservedRenderer:
+        renderer = self.inner.build(inputs)
+        assert self.hooks is not None, "build outside a task"
+        return _ObservedRenderer(renderer, self.hooks)
+
+
+class TaskRunner:
+    """A warm Pipeline (models loaded once) that renders tasks and pre-encodes avatars."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = _ObservedBackend(backend)
+        self.pipeline = Pipeline(self.backend, progress=False)
+        self.tasks_run = 0
+
+    @classmethod
+    def load(cls, options: PipelineOptions, size: tuple[int, int]) -> TaskRunner:
+        """Open the artifact and load its models planned for `size` (width, height)."""
+        from ..pipeline.render import ArtifactBackend
+
+        backend = ArtifactBackend.open(options)
+        backend.load(size)
+        return cls(backend)
+
+    @property
+    def loads(self) -> dict[str, int]:
+        return self.pipeline.loads
+
+    def run(self, task: RenderTask | AvatarTask, cancel: threading.Event, emit: Emit) -> None:
+        """Run one task to its end, emitting its events; never raises for a task's own failure."""
+        self.tasks_run += 1
+        try:
+            if isinstance(task, AvatarTask):
+                self._avatar(task)
+                emit(Finished(task.id, 0.0))
+            else:
+                self._render(task, cancel, emit)
+        except TaskCancelled:
+            _remove_outputs(task)
+            emit(Cancelled(task.id))
+        except BudgetError as e:
+            _remove_outputs(task)
+            emit(Failed(task.id, "out_of_memory", str(e)))
+        except UserError as e:
+            _remove_outputs(task)
+            emit(Failed(task.id, "bad_input", str(e)))
+        except Exception as e:  # a bug or a library failure: reported, and the worker keeps serving
+            log.exception("task %s failed", task.id)
+            _remove_outputs(task)
+            emit(Failed(task.id, "internal", f"{type(e).__name__}: {first_line(e)}"))
+        finally:
+            self.backend.hooks = None
+            emit(Memory(*memory_now()))
+
+    def _render(self, task: RenderTask, cancel: threading.Event, emit: Emit) -> None:
+        hooks = _Hooks(task.id, cancel, emit)
+        if cancel.is_set():
+            raise TaskCancelled()
+        self.backend.hooks = hooks
+        request = RenderRequest(
+            image=Path(task.image), audio=Path(task.audio), prompt=task.prompt, out=Path(task.out), size=task.size,
+            num_clip=task.num_clip, seed=task.seed, resume=task.resume, telemetry=Path(task.telemetry),
+            live=Path(task.live), checkpoint_interval_s=task.checkpoint_interval_s, progress=False)
+        emit(Started(task.id))
+        result = self.pipeline.run(request)
+        if hooks.clip is not None:
+            hooks.clip_done(hooks.clip)  # the last clip (its segment is in the mp4 now)
+        emit(Finished(task.id, round(result.seconds, 4), result.frames, result.clips, result.resumed_clips,
+                      None if result.first_frame_seconds is None else round(result.first_frame_seconds, 4)))
+
+    def _avatar(self, task: AvatarTask) -> None:
+        from ..conditioning.photo import load_reference
+
+        reference = load_reference(Path(task.image), task.size)  # float32 [3, H, W]
+        self.backend.inner.precompute(reference, task.prompt)
+
+
+def _remove_outputs(task: RenderTask | AvatarTask) -> None:
+    """A failed or cancelled render leaves nothing: its job directory (mp4, work dir, live) goes."""
+    if isinstance(task, RenderTask):
+        shutil.rmtree(Path(task.out).parent, ignore_errors=True)
+
+
+def memory_now() -> tuple[int | None, int | None]:
+    """(host RSS of this process, accelerator bytes allocated by torch or None)."""
+    import sys
+
+    from ..pipeline.telemetry import host_rss_bytes
+
+    torch = sys.modules.get("torch")
+    device = None
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = int(torch.cuda.memory_allocated())
+    return host_rss_bytes()[0], device

@@ -1,0 +1,113 @@
+"""`serve()`: lock the state dir, recover the queue, start the dispatcher + worker, run uvicorn.
+
+    serve(ServeConfig(pipeline=PipelineOptions(Path("art")), state_dir=Path("state")))  # until SIGTERM / Ctrl-C
+
+Start-up after any stop (clean or kill -9): temp uploads are deleted; jobs that were running go
+back to the head of the queue and resume from their checkpoints; directories of jobs that are not
+`done` or in progress are removed, as are blobs no job or avatar refers to.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import IO
+
+from ..errors import UserError
+from .api import BodyLimit, create_app
+from .blobs import BlobStore
+from .config import ServeConfig
+from .dispatcher import Dispatcher
+from .layout import StateDir, is_job_id
+from .metrics import ServeMetrics
+from .service import JobService
+from .store import DONE, QUEUED, RUNNING, JobStore
+from .supervisor import LocalWorkerExecutor
+
+log = logging.getLogger(__name__)
+
+
+def lock_state_dir(layout: StateDir) -> IO[str]:
+    """Hold an exclusive lock on the state dir for the server's life (the kernel drops it on kill -9)."""
+    handle = open(layout.lock, "a+")  # noqa: SIM115 - held open (locked) for the server's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another `liveavatar-lite serve` uses --state-dir {layout.root}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def recover(layout: StateDir, store: JobStore, blobs: BlobStore) -> None:
+    """Bring the state dir back to what the database says (see the module docstring)."""
+    shutil.rmtree(layout.tmp, ignore_errors=True)
+    layout.tmp.mkdir(parents=True, exist_ok=True)
+    requeued = store.recover()
+    if requeued:
+        log.info("resuming %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
+    keep = {j.id for j in store.list(DONE, limit=10**9)} | {j.id for j in store.list(QUEUED, limit=10**9)}
+    keep |= {j.id for j in store.list(RUNNING, limit=10**9)}
+    for d in layout.jobs.iterdir():
+        if not (is_job_id(d.name) and d.name in keep):
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+    blobs.remove_except(store.blob_refs())
+
+
+def build(config: ServeConfig) -> tuple[object, Dispatcher, IO[str]]:
+    """The ASGI app and the (not yet started) dispatcher over `config.state_dir`."""
+    layout = StateDir(config.state_dir)
+    layout.create()
+    lock = lock_state_dir(layout)
+    store = JobStore(layout.database)
+    blobs = BlobStore(layout.blobs)
+    recover(layout, store, blobs)
+    executor = LocalWorkerExecutor(config, layout.worker_log)
+    metrics = ServeMetrics(lambda: store.count(QUEUED), executor.status)
+    blob_lock = threading.Lock()
+    dispatcher = Dispatcher(store, executor, layout, blobs, config, metrics, blob_lock)
+    service = JobService(config, layout, store, blobs, blob_lock, dispatcher.wake)
+    app = create_app(service, layout, metrics, executor.status, config.token)
+    return BodyLimit(app, config.limits.max_upload_bytes), dispatcher, lock
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts (UserError: one line, no worker left behind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(256)
+    return sock
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the service until SIGTERM or Ctrl-C; the worker is stopped with it."""
+    import uvicorn
+
+    sock = listen(config.host, config.port)
+    app, dispatcher, lock = build(config)
+    dispatcher.start()
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
+        limit_concurrency=256))
+    host, port = sock.getsockname()[:2]
+    log.info("serving on http://%s:%d (state: %s%s)", f"[{host}]" if ":" in host else host, port,
+             Path(config.state_dir).resolve(), ", bearer token required" if config.token else "")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        dispatcher.stop()
+        lock.close()
+        sock.close()

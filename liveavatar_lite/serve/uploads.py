@@ -1,0 +1,126 @@
+"""Receiving a multipart upload: only known fields, files spooled to state/tmp, every limit enforced.
+
+`receive_form` turns the request's multipart body into a `ReceivedForm` (text fields + temp files)
+or raises `ApiError` with a one-line reason. The temp files are the caller's to `cleanup()`
+(the API does it in a `finally`), so a rejected request leaves nothing behind.
+
+    form = await receive_form(request, JOB_FIELDS, tmp_dir, limits)
+    try: ... form.files["image"] ... finally: form.cleanup()
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from .config import Limits
+
+JOB_FIELDS = {"image": "file", "audio": "file", "avatar": "text", "prompt": "text", "size": "text", "seed": "text",
+              "num_clip": "text"}
+AVATAR_FIELDS = {"image": "file", "size": "text", "prompt": "text"}
+_CHUNK = 1 << 20
+
+
+DRAIN_BYTES = 64 * 1024 * 1024  # what we read and drop after refusing a body, so the client sees the error
+DRAIN_S = 5.0
+
+
+async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, timeout: float = DRAIN_S) -> None:
+    """Read and drop what the client still sends of a body we refused (up to a budget and a time).
+
+    A server that answers early and closes while the client still sends makes the kernel reset the
+    connection, and the client then loses the answer ("connection reset") instead of reading our
+    one-line error. Draining a bounded amount first ("lingering close") avoids that.
+    """
+
+    async def read() -> None:
+        left = max_bytes
+        while left > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        pass
+
+
+class ApiError(Exception):
+    """An HTTP error with one clear line for the client: {"error": message}."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@dataclass
+class ReceivedForm:
+    """The text fields and the uploaded files (temp paths) of one request."""
+
+    text: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def cleanup(self) -> None:
+        for path in self.files.values():
+            path.unlink(missing_ok=True)
+
+
+async def receive_form(request: Request, allowed: dict[str, str], tmp_dir: Path, limits: Limits) -> ReceivedForm:
+    """Parse and spool the body within `limits.request_timeout_s`; ApiError for anything off."""
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        raise ApiError(415, f"send the fields as multipart/form-data (got {kind[:60] or 'no content type'!r})")
+    received = ReceivedForm()
+    try:
+        await asyncio.wait_for(_receive(request, allowed, tmp_dir, limits, received), limits.request_timeout_s)
+    except asyncio.TimeoutError:
+        received.cleanup()
+        await drain(request.receive)
+        raise ApiError(408, f"the upload took longer than {limits.request_timeout_s:g} s") from None
+    except BaseException:
+        received.cleanup()
+        raise
+    return received
+
+
+async def _receive(request: Request, allowed: dict[str, str], tmp_dir: Path, limits: Limits,
+                   received: ReceivedForm) -> None:
+    files = sum(1 for k in allowed.values() if k == "file")
+    async with request.form(max_files=files, max_fields=len(allowed),
+                            max_part_size=4 * limits.max_prompt_chars + 1024) as form:
+        for name in form:
+            if name not in allowed:
+                raise ApiError(400, f"unknown field {name[:40]!r}; this endpoint takes {', '.join(sorted(allowed))}")
+            values = form.getlist(name)
+            if len(values) > 1:
+                raise ApiError(400, f"field {name!r} is given {len(values)} times")
+            value = values[0]
+            if allowed[name] == "file":
+                if not isinstance(value, UploadFile):
+                    raise ApiError(400, f"field {name!r} must be a file upload")
+                path = received.files[name] = tmp_dir / f"upload-{uuid.uuid4().hex}"  # registered first: cleaned up
+                if await run_in_threadpool(_spool, value, path) == 0:
+                    raise ApiError(400, f"the uploaded {name} is empty")
+            else:
+                if isinstance(value, UploadFile):
+                    raise ApiError(400, f"field {name!r} must be text, not a file")
+                received.text[name] = value
+
+
+def _spool(upload: UploadFile, path: Path) -> int:
+    """Copy one uploaded file to `path`, a fresh temp name (the client's file name is never used); its size."""
+    upload.file.seek(0)
+    with open(path, "wb") as out:
+        shutil.copyfileobj(upload.file, out, _CHUNK)
+        return out.tell()

@@ -1,0 +1,119 @@
+"""The worker process: one warm Pipeline, tasks in and events out as JSON lines over a socket.
+
+Started by the supervisor (supervisor.py) as `python -m liveavatar_lite.serve.worker --fd N ...`.
+It never outlives the server: on Linux the kernel sends it SIGKILL when the server dies
+(prctl PR_SET_PDEATHSIG), and everywhere the socket's end-of-file makes it exit at once. A reader
+thread takes control messages (Cancel, Stop) while the main thread renders, so a cancel lands
+between two blocks of the running render.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from ..errors import UserError
+from ..pipeline.request import PipelineOptions
+from .runner import TaskRunner, memory_now
+from .tasks import Cancel, Memory, Stop, WorkerFailed, WorkerReady, from_wire, to_wire
+
+log = logging.getLogger("liveavatar_lite.serve.worker")
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _Channel:
+    """The socket to the supervisor: one JSON line per message; writes from any thread."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self._lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        with self._lock:
+            self.sock.sendall(to_wire(message))
+
+    def lines(self):
+        return self.sock.makefile("rb")
+
+
+def serve_tasks(channel: _Channel, runner: TaskRunner) -> None:
+    """Run tasks in arrival order until Stop; a reader thread applies Cancel as it arrives."""
+    tasks: queue.Queue = queue.Queue()
+    lock = threading.Lock()
+    current: dict[str, object] = {"id": None, "cancel": threading.Event()}
+    cancelled: set[str] = set()  # cancels that arrived before their task started
+
+    def read() -> None:
+        for line in channel.lines():
+            message = from_wire(line)
+            if isinstance(message, Cancel):
+                with lock:
+                    if current["id"] == message.task_id:
+                        current["cancel"].set()  # type: ignore[attr-defined]
+                    else:
+                        cancelled.add(message.task_id)
+            elif isinstance(message, Stop):
+                tasks.put(None)
+            else:
+                tasks.put(message)
+        os._exit(0)  # end of file: the server is gone, and so is the reason to live
+
+    threading.Thread(target=read, name="worker-reader", daemon=True).start()
+    while (task := tasks.get()) is not None:
+        cancel = threading.Event()
+        with lock:
+            current["id"], current["cancel"] = task.id, cancel
+            if task.id in cancelled:
+                cancelled.discard(task.id)
+                cancel.set()
+        runner.run(task, cancel, channel.send)
+        with lock:
+            current["id"] = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="liveavatar_lite.serve.worker", description="the serve worker (internal)")
+    ap.add_argument("--fd", type=int, required=True, help="the socket to the supervisor")
+    ap.add_argument("--parent-pid", type=int, required=True)
+    ap.add_argument("--options", required=True, help="PipelineOptions and the planning size as JSON")
+    args = ap.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us in order
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("liveavatar_lite").setLevel(logging.INFO)
+    channel = _Channel(args.fd)
+    doc = json.loads(args.options)
+    options = PipelineOptions(artifact=Path(doc["artifact"]), vram_gb=doc["vram_gb"], ram_gb=doc["ram_gb"],
+                              kv_dtype=doc["kv_dtype"], cache_dir=Path(doc["cache_dir"]), progress=False)
+    try:
+        runner = TaskRunner.load(options, tuple(doc["size"]))
+    except UserError as e:
+        channel.send(WorkerFailed(str(e)))
+        return 3
+    channel.send(WorkerReady(os.getpid(), runner.loads))
+    channel.send(Memory(*memory_now()))
+    serve_tasks(channel, runner)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
