@@ -14,13 +14,15 @@ BENCHES = {
     "vae": "bench_vae.py",  # ONNX Runtime vs torch VAE decode
     "pipeline": "bench_pipeline.py",  # time to first frame: cold generate vs a warm Pipeline; RSS over renders
     "serve": "bench_serve.py",  # 100 jobs through the service: failures, latency, TTFF, RSS drift of server + worker
+    "farm": "bench_farm.py",  # farm run throughput: jobs per minute with 1 vs 2 Ray actors
 }
 
 DESCRIPTION = (
     "Run a benchmark from the source checkout's tools/ directory and print its side-by-side table: "
     "stream (streamed vs resident DiT step time, copy-wait fraction, H2D GB/s), quantize, vae, "
     "pipeline (time to first frame of a cold generate vs a warm Pipeline, RSS over many renders), "
-    "serve (a soak of many jobs through the HTTP service: latency, time to first frame, RSS drift). "
+    "serve (a soak of many jobs through the HTTP service: latency, time to first frame, RSS drift), "
+    "farm (jobs per minute with 1 vs 2 Ray actors). "
     "Arguments after NAME go to the script (NAME --help lists them)."
 )
 

@@ -70,6 +70,8 @@ class RayExecutor:
         self.device_bytes: int | None = None
         self.placements: dict[str, list[str]] = {}  # task id -> the actors ("name pid@node") that ran it
         self._stopping = False
+        self._first_submit: float | None = None  # busy_span(): first submit -> last task end
+        self._last_end: float | None = None
 
     # ---- Executor ---------------------------------------------------------------------------------
 
@@ -92,6 +94,7 @@ class RayExecutor:
         if slot is None:
             raise RuntimeError("no free actor")
         task = _absolute(task)  # actors' working directories are not ours
+        self._first_submit = self._first_submit or time.monotonic()
         slot.task, slot.running = task, slot.actor.run.remote(task)
         self.placements.setdefault(task.id, []).append(self._where(slot))
 
@@ -132,6 +135,12 @@ class RayExecutor:
                 "pid": next((s.pid for s in self.slots if s.ready), None), "rss_bytes": self.rss,
                 "device_bytes": self.device_bytes, "restarts": {"worker_died": restarts} if restarts else {},
                 "last_error": self.last_error, "busy": any(s.task is not None for s in self.slots)}
+
+    def busy_span(self) -> float:
+        """Seconds from the first task's submit to the last task's end (the benchmark's steady clock)."""
+        if self._first_submit is None or self._last_end is None:
+            return 0.0
+        return self._last_end - self._first_submit
 
     def stop(self) -> None:
         """Kill the actors (a task in flight stays resumable from its checkpoint) and leave the cluster."""
@@ -174,6 +183,7 @@ class RayExecutor:
     def _ran(self, slot: _Slot, ref: Any) -> list[Event]:
         ray = import_ray()
         task, slot.task, slot.running = slot.task, None, None
+        self._last_end = time.monotonic()
         assert task is not None
         try:
             events = ray.get(ref)
