@@ -97,7 +97,7 @@ def test_six_jobs_equal_generate_and_a_rerun_does_nothing(ray_address: str, tiny
 
 def test_an_actor_killed_mid_job_resumes_on_the_other(ray_address: str, tiny_artifact: Path, media: Path,
                                                       clean_render: dict, tmp_path: Path) -> None:
-    """SIGKILL the actor rendering a 3-clip job after its first checkpoint: the other actor resumes it
+    """SIGKILL the actor rendering a 2-clip job after its first checkpoint: the other actor resumes it
     from that checkpoint (shared storage), and the mp4 equals the uninterrupted `generate`."""
     from liveavatar_lite.farm.actor import ActorSpec
     from liveavatar_lite.farm.batch import run_batch
@@ -109,7 +109,7 @@ def test_an_actor_killed_mid_job_resumes_on_the_other(ray_address: str, tiny_art
     from liveavatar_lite.pipeline.workdir import RenderWorkDir
 
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(json.dumps(_job(media, "long.mp4", 7, 3)) + "\n")
+    jobs.write_text(json.dumps(_job(media, "long.mp4", 7, 2)) + "\n")
     options = PipelineOptions(tiny_artifact, cache_dir=media / "cache", progress=False)
     batch = read_jobs(jobs, JobDefaults())
     plan = plan_batch(batch, ArtifactBackend.open(options).identity(), jobs)
@@ -141,7 +141,7 @@ def test_an_actor_killed_mid_job_resumes_on_the_other(ray_address: str, tiny_art
     assert outcome.deaths == 1 and outcome.resumed_clips >= 1  # resumed from the checkpoint, not from scratch
     first, second = outcome.actors
     assert f"pid {killed[0]} " in first and f"pid {killed[0]} " not in second  # finished on the other actor
-    assert frame_hashes(tmp_path / "long.mp4") == frame_hashes(clean_render["out"])
+    assert frame_hashes(tmp_path / "long.mp4") == frame_hashes(clean_render["out"])[:93]
     assert not journal.parent.exists()  # the work dir (with its checkpoint) is gone once the mp4 is complete
 
 

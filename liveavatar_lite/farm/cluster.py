@@ -29,6 +29,22 @@ def import_ray() -> Any:
     return ray
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """UserError unless HOST:PORT accepts a TCP connection (Ray itself would retry for minutes)."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return  # Ray resolves these itself
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--ray-address {address}: expected HOST:PORT (the head's `ray start --head --port`), or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or first_line(e)} (is "
+                        "`ray start --head` running there, and the port open?)") from None
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where the actors run and how many there are."""
@@ -53,6 +69,7 @@ class Cluster:
         started = False
         if not ray.is_initialized():
             if config.address:
+                check_reachable(config.address)
                 try:
                     ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
                              logging_level=logging.WARNING)

@@ -39,6 +39,7 @@ from .cluster import Cluster, ClusterConfig, import_ray
 log = logging.getLogger(__name__)
 
 SLOW_START_S = 120.0  # an actor still not loaded after this: say why it may be waiting
+MAX_BACKOFF_S = 60.0  # the longest wait before an actor that failed to load tries again
 
 
 @dataclass
@@ -56,6 +57,8 @@ class _Slot:
     pid: int | None = None
     node: str | None = None
     deaths: int = 0
+    failed_loads: int = 0
+    retry_at: float | None = None  # after a failed load: when to try again
 
 
 class RayExecutor:
@@ -174,9 +177,11 @@ class RayExecutor:
             return []
         except Exception as e:  # noqa: BLE001 - the artifact or budget failed in the actor: say why
             self.last_error = _reason(e)
+            slot.failed_loads += 1
+            slot.retry_at = time.monotonic() + min(MAX_BACKOFF_S, 2.0 ** (slot.failed_loads - 1))
             log.error("%s cannot load: %s", slot.name, self.last_error)
             return [WorkerFailed(self.last_error)]
-        slot.ready, slot.pid, slot.node = True, where["pid"], where["node"]
+        slot.ready, slot.pid, slot.node, slot.failed_loads = True, where["pid"], where["node"], 0
         log.info("%s ready (pid %d on %s)", slot.name, slot.pid, slot.node)
         return [WorkerReady(slot.pid, where["loads"])]
 
@@ -206,6 +211,9 @@ class RayExecutor:
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
+            if slot.retry_at is not None and now >= slot.retry_at:  # a failed load: 1, 2, 4 ... 60 s later
+                slot.retry_at = None
+                self._load(slot)
             if slot.loading is not None and not slot.warned_slow and now - slot.loading_since > SLOW_START_S:
                 slot.warned_slow = True
                 log.warning("%s has not loaded after %.0f s: the cluster may lack a free %s", slot.name,
