@@ -211,3 +211,37 @@ def test_bad_batches_and_flags_get_one_line(tiny_artifact: Path, media: Path, tm
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "\n" not in err and message in err, (argv, err)
     assert not (tmp_path / "s").exists()
+
+
+def test_plan_batch_skips_ours_rerenders_stale_and_refuses_theirs(media: Path, tmp_path: Path) -> None:
+    """The ownership rules of a re-run, without Ray: a claimed (or finished) mp4 of the same key is
+    done, one of another key is rendered again, one without a marker or a foreign work dir is refused."""
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.farm.jobs import (
+        JobDefaults,
+        farm_key,
+        marker_path,
+        plan_batch,
+        read_jobs,
+        write_marker,
+    )
+    from liveavatar_lite.pipeline.generate import job_key
+    from liveavatar_lite.pipeline.workdir import RenderWorkDir
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(_job(media, "a.mp4", 7, 1)) + "\n" + json.dumps(_job(media, "b.mp4", 8, 1)) + "\n")
+    a, b = read_jobs(jobs, JobDefaults())
+    assert plan_batch([a, b], "id", jobs).todo == [a, b]
+    a.out.write_bytes(b"mp4")
+    write_marker(a, farm_key(a, "id"))  # only the claim: the driver died right after the mp4 appeared
+    assert plan_batch([a, b], "id", jobs).done == [a]
+    assert plan_batch([a, b], "other artifact", jobs).todo == [a, b]  # ours, but of other inputs: again
+    marker_path(a.out).unlink()
+    with pytest.raises(UserError, match="was not written by `farm run`"):
+        plan_batch([a, b], "id", jobs)
+    a.out.unlink()
+    work = RenderWorkDir.open(b.out, job_key(b.request(), "id"), resume=False)
+    assert plan_batch([a, b], "id", jobs).resuming == {2: 0}
+    with pytest.raises(UserError, match="holds an unfinished render of other inputs"):
+        plan_batch([a, b], "another id", jobs)
+    work.remove()

@@ -2,7 +2,7 @@
 
 The loop is serve's dispatcher in miniature, with a list instead of the durable queue (the files on
 shared storage are the durable state): submit while an actor is free; on `Finished` write the
-job's marker; on `Lost` (its actor died) put the job back at the head, so the next free actor
+job's marker (claimed at submit); on `Lost` (its actor died) put the job back at the head, so the next free actor
 resumes it from its checkpoint; a job whose actor died `max_deaths` times is failed, not retried
 forever. Interrupted (Ctrl-C, the driver killed), a batch continues where it stopped when run
 again: finished jobs are skipped (their markers), unfinished ones resume from their checkpoints.
@@ -28,7 +28,7 @@ from ..serve.tasks import (
     RenderTask,
     WorkerFailed,
 )
-from .jobs import BatchPlan, FarmJob, write_marker
+from .jobs import BatchPlan, FarmJob, drop_claim, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def run_batch(plan: BatchPlan, executor: Any, checkpoint_interval_s: float = 600
                     running.discard(event.task_id)
                     outcome.state = "failed"
                     outcome.error = event.message if isinstance(event, Failed) else "cancelled"
+                    drop_claim(outcome.job)
                     _report(report, outcomes, total, outcome, f"FAILED: {outcome.error}")
                 elif isinstance(event, Lost):
                     running.discard(event.task_id)
@@ -116,12 +117,15 @@ def run_batch(plan: BatchPlan, executor: Any, checkpoint_interval_s: float = 600
                     if outcome.deaths >= max_deaths:
                         outcome.state = "failed"
                         outcome.error = f"{event.reason} (its actor died {outcome.deaths} times; not retried again)"
+                        drop_claim(outcome.job)  # its checkpoint stays: a later run resumes it
                         _report(report, outcomes, total, outcome, f"FAILED: {outcome.error}")
                     else:
                         log.warning("line %d: %s; it resumes on the next free actor", outcome.job.line, event.reason)
                         pending.appendleft(tasks[event.task_id])
             while pending and executor.free_slots() > 0:
                 task = pending.popleft()
+                job = outcomes[task.id].job
+                write_marker(job, plan.keys[job.line])  # the claim: this out is ours from now on
                 executor.submit(task)
                 running.add(task.id)
                 outcomes[task.id].state = "running"

@@ -8,8 +8,8 @@ Relative paths are relative to the batch file's directory. Blank lines and lines
     jobs = read_jobs(Path("jobs.jsonl"), defaults=JobDefaults(size="704*384"))   # UserError on bad input
     plan = plan_batch(jobs, identity=backend.identity())  # which are done, which (re)render, which resume
 
-A finished job's mp4 gets a marker beside it, `.OUT.farm.json`, holding the job's key (the inputs'
-bytes, prompt, size, seed, clip count and the artifact identity). A re-run skips a job whose mp4
+A job's mp4 gets a marker beside it, `.OUT.farm.json`, holding the job's key (the inputs' bytes,
+prompt, size, seed, clip count and the artifact identity), written when its render starts. A re-run skips a job whose mp4
 and marker agree, renders again one whose marker names other inputs (the farm wrote that mp4), and
 refuses an `out` that exists without a marker: the farm never overwrites what it did not write.
 """
@@ -146,10 +146,21 @@ def farm_key(job: FarmJob, identity: str) -> str:
     return h.hexdigest()
 
 
-def write_marker(job: FarmJob, key: str, frames: int) -> None:
-    """Record that the farm wrote `job.out` for `key` (after the mp4 is complete)."""
+def write_marker(job: FarmJob, key: str, frames: int | None = None) -> None:
+    """Claim `job.out` for `key` before its render starts (frames None), and record the result after.
+
+    The claim comes first so that a driver killed between the mp4's rename and the final record
+    still finds the mp4 its own: the mp4 only ever appears complete, so a claim that matches is done.
+    """
     write_json_atomic(marker_path(job.out), {"format": MARKER_FORMAT, "key": key, "line": job.line,
-                                             "clips": job.clips, "frames": frames})
+                                             "clips": job.clips, "frames": frames,
+                                             "state": "rendering" if frames is None else "done"})
+
+
+def drop_claim(job: FarmJob) -> None:
+    """Forget a claim whose render failed and left no mp4 (an earlier mp4 of ours keeps its marker)."""
+    if not job.out.exists():
+        marker_path(job.out).unlink(missing_ok=True)
 
 
 def _marker_key(out: Path) -> str | None:
