@@ -83,6 +83,8 @@ def main() -> None:
                 for workers in (1, 2):
                     batch = _batch(work / f"round{r}-{workers}", media, args.jobs, 0)
                     results[workers].append(_run(batch, artifact, cache, workers))
+                    print(f"round {r + 1}, {workers} actor(s): {results[workers][-1]['wall']:.1f} s", file=sys.stderr,
+                          flush=True)
         finally:
             ray.shutdown()
 
