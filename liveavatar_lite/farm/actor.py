@@ -6,8 +6,8 @@ The actor is threaded (`max_concurrency`): `run` renders one task on one thread 
 
     actor = actor_class().options(num_gpus=1, max_restarts=-1).remote(ActorSpec(options, (704, 384)))
     ray.get(actor.load.remote())            # {"pid": ..., "node": ..., "loads": {...}}; raises if it cannot load
-    ref = actor.run.remote(task)            # -> the task's remaining events, ending with Finished/Failed/Cancelled
-    ray.get(actor.drain.remote())           # events since the last drain, while it runs
+    ref = actor.run.remote(task)            # -> all the task's events, ending with Finished/Failed/Cancelled
+    ray.get(actor.drain.remote(3))          # while it runs: its events from the 4th on
 
 Everything a task reads and writes is a path on shared storage: the inputs, the mp4, its work dir
 with the render checkpoint. So when an actor dies, another one (on any node) resumes the task from
@@ -79,11 +79,12 @@ class RenderActor:
         return {"pid": os.getpid(), "node": socket.gethostname(), "loads": self._runner.loads}
 
     def run(self, task: RenderTask | AvatarTask) -> list[Event]:
-        """Run `task` to its end; the events not yet drained (the last is Finished, Failed or Cancelled)."""
+        """Run `task` to its end; every event it emitted (the last is Finished, Failed or Cancelled)."""
         self.load()
         assert self._runner is not None
         cancel = threading.Event()
         with self._lock:
+            self._events = []
             self._cancel[task.id] = cancel
             if task.id in self._cancelled:
                 self._cancelled.discard(task.id)
@@ -93,12 +94,14 @@ class RenderActor:
         finally:
             with self._lock:
                 self._cancel.pop(task.id, None)
-        return self.drain()
-
-    def drain(self) -> list[Event]:
         with self._lock:
-            events, self._events = self._events, []
-        return events
+            return list(self._events)
+
+    def drain(self, since: int) -> list[Event]:
+        """The running task's events from index `since` on (nothing is removed: a late or lost answer
+        costs no event, and `run` returns them all)."""
+        with self._lock:
+            return self._events[since:]
 
     def cancel(self, task_id: str) -> None:
         with self._lock:

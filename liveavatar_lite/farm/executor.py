@@ -39,6 +39,7 @@ from .cluster import Cluster, ClusterConfig, import_ray
 log = logging.getLogger(__name__)
 
 SLOW_START_S = 120.0  # an actor still not loaded after this: say why it may be waiting
+PROGRESS_WAIT_S = 5.0  # the longest wait for the running actors' progress answers
 MAX_BACKOFF_S = 60.0  # the longest wait before an actor that failed to load tries again
 
 
@@ -54,6 +55,7 @@ class _Slot:
     ready: bool = False
     task: Task | None = None
     running: Any = None  # the ObjectRef of actor.run(task)
+    seen: int = 0  # the running task's events already passed on
     pid: int | None = None
     node: str | None = None
     deaths: int = 0
@@ -98,7 +100,7 @@ class RayExecutor:
             raise RuntimeError("no free actor")
         task = _absolute(task)  # actors' working directories are not ours
         self._first_submit = self._first_submit or time.monotonic()
-        slot.task, slot.running = task, slot.actor.run.remote(task)
+        slot.task, slot.running, slot.seen = task, slot.actor.run.remote(task), 0
         self.placements.setdefault(task.id, []).append(self._where(slot))
 
     def cancel(self, task_id: str) -> None:
@@ -107,26 +109,10 @@ class RayExecutor:
                 slot.actor.cancel.remote(task_id)
 
     def events(self, timeout: float) -> list[Event]:
-        ray = import_ray()
-        out: list[Event] = []
-        busy = [s for s in self.slots if s.running is not None]
-        # progress first: what running tasks emitted so far (a dead actor answers with an error, seen below)
-        drains = [(s, s.actor.drain.remote()) for s in busy]
-        for slot, ref in drains:
-            try:
-                out.extend(ray.get(ref, timeout=30))
-            except Exception:  # noqa: BLE001, S110 - its run() reports the death
-                pass
-        waiting = {s.running: s for s in busy} | {s.loading: s for s in self.slots if s.loading is not None}
-        if waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1, timeout=0 if out else timeout)
-            if done:
-                done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-            for ref in done:
-                slot = waiting[ref]
-                out.extend(self._loaded(slot, ref) if ref is slot.loading else self._ran(slot, ref))
-        elif not out:
-            time.sleep(timeout)
+        out = self._collect(0.0)  # runs and loads that ended
+        out += self._progress()  # what the runs still going have emitted since the last look
+        if not out:
+            out = self._collect(timeout)  # nothing yet: wait for a run or a load to end
         self._housekeeping()
         return out
 
@@ -160,6 +146,43 @@ class RayExecutor:
         self.cluster.close()
 
     # ---- actors -----------------------------------------------------------------------------------
+
+    def _collect(self, timeout: float) -> list[Event]:
+        """The events of runs and loads that have ended, waiting up to `timeout` for the first."""
+        ray = import_ray()
+        waiting = {s.running: s for s in self.slots if s.running is not None}
+        waiting |= {s.loading: s for s in self.slots if s.loading is not None}
+        if not waiting:
+            time.sleep(timeout)
+            return []
+        done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
+        if done:
+            done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        out: list[Event] = []
+        for ref in done:
+            slot = waiting[ref]
+            out.extend(self._loaded(slot, ref) if ref is slot.loading else self._ran(slot, ref))
+        return out
+
+    def _progress(self) -> list[Event]:
+        """New events of the running tasks (a slow or dead actor is skipped: its run() reports it)."""
+        ray = import_ray()
+        asked = {s.actor.drain.remote(s.seen): s for s in self.slots if s.running is not None}
+        if not asked:
+            return []
+        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=PROGRESS_WAIT_S)
+        out: list[Event] = []
+        for ref in ready:
+            slot = asked[ref]
+            try:
+                events = ray.get(ref)
+            except Exception:  # noqa: BLE001, S112 - a dead actor: its run() reports the death
+                continue
+            if slot.task is None or any(getattr(e, "task_id", slot.task.id) != slot.task.id for e in events):
+                continue  # an answer about an earlier task (the slot moved on meanwhile)
+            slot.seen += len(events)
+            out.extend(events)
+        return out
 
     def _load(self, slot: _Slot) -> None:
         slot.ready, slot.loading, slot.loading_since, slot.warned_slow = False, slot.actor.load.remote(), \
@@ -200,11 +223,13 @@ class RayExecutor:
             return [] if self._stopping else [Lost(task.id, "worker_died", reason)]
         except Exception as e:  # noqa: BLE001 - run() never raises for a task's own failure: a bug
             return [Failed(task.id, "internal", _reason(e))]
+        ended = any(isinstance(e, Finished | Failed | Cancelled) and e.task_id == task.id for e in events)
+        events = events[slot.seen:]  # run() returns them all; the first `seen` came through _progress
         for event in events:
             if isinstance(event, Memory):
                 self.rss = event.rss_bytes if event.rss_bytes is not None else self.rss
                 self.device_bytes = event.device_bytes
-        if not any(isinstance(e, Finished | Failed | Cancelled) and e.task_id == task.id for e in events):
+        if not ended:
             events.append(Failed(task.id, "internal", "the actor returned without a result"))
         return events
 
