@@ -188,6 +188,7 @@ def _bad_batches(media: Path, root: Path) -> list[tuple[str, str, str]]:
         ("emptyprompt.jsonl", job(prompt="  "), "emptyprompt.jsonl:1: 'prompt' is empty"),
         ("twice.jsonl", f"{good}\n{good}\n", "twice.jsonl:2: out"),
         ("theirs.jsonl", job(out="theirs.mp4"), "was not written by `farm run`"),
+        ("underfile.jsonl", job(out="theirs.mp4/x.mp4"), "underfile.jsonl:1: cannot make the directory"),
         ("empty.jsonl", "\n# nothing\n", "empty.jsonl: no jobs"),
     ]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def write_marker(job: FarmJob, key: str, frames: int | None = None) -> None:
     The claim comes first so that a driver killed between the mp4's rename and the final record
     still finds the mp4 its own: the mp4 only ever appears complete, so a claim that matches is done.
     """
+    job.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker_path(job.out), {"format": MARKER_FORMAT, "key": key, "line": job.line,
                                              "clips": job.clips, "frames": frames,
                                              "state": "rendering" if frames is None else "done"})
@@ -171,6 +173,17 @@ def _marker_key(out: Path) -> str | None:
     return doc.get("key") if isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT else None
 
 
+def _check_writable(directory: Path, where: str) -> None:
+    """UserError unless `directory` exists as a writable directory or can be made in one."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{where}: cannot make the directory {directory}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: cannot write to {existing} (permission denied)")
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """The batch split by what a run must do: `todo` (render or resume) and `done` (skipped)."""
@@ -188,6 +201,7 @@ def plan_batch(jobs: list[FarmJob], identity: str, source: Path) -> BatchPlan:
     for job in jobs:
         where = f"{source}:{job.line}"
         key = keys[job.line] = farm_key(job, identity)
+        _check_writable(job.out.parent, where)
         marker = _marker_key(job.out)
         if job.out.exists():
             if marker is None:
