@@ -10,6 +10,7 @@ from liveavatar_lite.artifact.checkpoint import LORA_FILE, CheckpointDir, LoraWe
 from liveavatar_lite.artifact.qtypes import QuantType
 from liveavatar_lite.config import preset_for_dit
 from liveavatar_lite.errors import UserError
+from liveavatar_lite.pipeline.workdir import check_output_path
 
 from .inputs import default_samples
 from .measure import measure
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--formats lists quantized formats only (bf16 is always measured as the reference)")
     if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
         raise UserError(f"--height/--width must be positive multiples of 16 (got {args.height}x{args.width})")
+    check_output_path(args.out, "--out", suffix=None)
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} exists (use --force to replace it)")
     samples = default_samples(args.samples, args.seconds, args.height, args.width)

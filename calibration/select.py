@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 
 from liveavatar_lite.artifact.qtypes import QuantType
-from liveavatar_lite.errors import UserError
+from liveavatar_lite.errors import UserError, gb_pair
 
 from .measurement import FormatError, Measurement
 
@@ -44,10 +44,9 @@ def pick_formats(measurement: Measurement, budget_bytes: int) -> dict[str, Quant
     choice = {key: 0 for key in opts}
     used = sum(o[0][1].bytes for o in opts.values())
     if used > budget_bytes:
-        raise UserError(
-            f"the measured Linears need at least {used / 1e9:.3f} GB in their smallest formats; "
-            f"the target leaves {budget_bytes / 1e9:.3f} GB for them"
-        )
+        need, have = gb_pair(used, budget_bytes)  # never "needs 0.002 GB ... leaves 0.002 GB"
+        raise UserError(f"the measured Linears need at least {need} in their smallest formats; "
+                        f"the target leaves {have} for them")
     heap: list[tuple[float, str, int]] = []
     for key, o in opts.items():
         up = _best_upgrade(o, 0)

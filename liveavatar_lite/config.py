@@ -33,6 +33,17 @@ _S2V_FIXED_FLAGS = {
 }
 
 
+# Plausible bounds for every integer field of a DiT config (the 14B model is far inside them):
+# a config.json or manifest outside them is refused in one line instead of hanging in model building.
+_DIT_INT_RANGES = {
+    "dim": (2, 65536), "ffn_dim": (1, 262144), "num_heads": (1, 1024), "num_layers": (1, 1024),
+    "freq_dim": (2, 65536), "text_dim": (1, 65536), "text_len": (1, 65536), "in_dim": (1, 4096),
+    "out_dim": (1, 4096), "cond_dim": (1, 4096), "audio_dim": (1, 65536), "audio_layers": (1, 1024),
+    "num_audio_token": (1, 1024), "motion_token_num": (1, 1 << 20),
+}
+_MAX_DIT_PARAMS = 2e11
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """WanModel_S2V hyper-parameters (upstream config.json of Wan2.2-S2V-14B)."""
@@ -61,6 +72,22 @@ class DiTConfig:
         return self.audio_inject_layers.index(i) if i in self.audio_inject_layers else None
 
     def __post_init__(self) -> None:
+        for name, (lo, hi) in _DIT_INT_RANGES.items():  # absurd sizes would build for minutes, then fail
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} {v} is outside {lo}..{hi}")
+        if len(self.patch_size) != 3 or not all(isinstance(p, int) and 1 <= p <= 16 for p in self.patch_size):
+            raise ValueError(f"patch_size must be 3 integers in 1..16, got {self.patch_size!r}")
+        if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.audio_inject_layers):
+            raise ValueError(f"audio_inject_layers must be integers, got {self.audio_inject_layers!r}")
+        params = self.num_layers * (4 * self.dim * self.dim + 2 * self.dim * self.ffn_dim)
+        if params > _MAX_DIT_PARAMS:
+            raise ValueError(f"{self.num_layers} layers of dim {self.dim} would be {params / 1e9:.0f} B parameters "
+                             f"(this runtime takes at most {_MAX_DIT_PARAMS / 1e9:.0f} B)")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -109,31 +136,42 @@ class DiTConfig:
     @classmethod
     def from_upstream_json(cls, d: dict[str, Any], source: str = "config.json") -> DiTConfig:
         """Parse upstream's config.json; refuse architectures this runtime does not implement."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: not a JSON object")
         if d.get("_class_name") not in (None, "WanModel_S2V", "CausalWanModel_S2V"):
             raise CheckpointError(f"{source}: _class_name {d.get('_class_name')!r} is not WanModel_S2V")
         for key, want in _S2V_FIXED_FLAGS.items():
             if key in d and _norm(d[key]) != _norm(want):
                 raise CheckpointError(f"{source}: {key}={d[key]!r} is not supported (expected {want!r})")
         try:
+            def seq(key: str, default: Any = None) -> tuple:
+                v = d[key] if default is None else d.get(key, default)
+                if not isinstance(v, (list, tuple)):
+                    raise TypeError(f"{key} must be a list, got {v!r}")
+                return tuple(v)
+
+            eps = d.get("eps", 1e-6)
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+                raise TypeError(f"eps must be a number, got {eps!r}")
             return cls(
-                dim=int(d["dim"]),
-                ffn_dim=int(d["ffn_dim"]),
-                num_heads=int(d["num_heads"]),
-                num_layers=int(d["num_layers"]),
-                freq_dim=int(d.get("freq_dim", 256)),
-                text_dim=int(d.get("text_dim", 4096)),
-                text_len=int(d.get("text_len", 512)),
-                in_dim=int(d.get("in_dim", 16)),
-                out_dim=int(d.get("out_dim", 16)),
-                patch_size=tuple(int(x) for x in d.get("patch_size", (1, 2, 2))),  # type: ignore[arg-type]
-                eps=float(d.get("eps", 1e-6)),
-                cond_dim=int(d.get("cond_dim", 16)),
-                audio_dim=int(d.get("audio_dim", 1024)),
-                audio_layers=int(d.get("audio_layers", 25)),
-                num_audio_token=int(d.get("num_audio_token", 4)),
-                audio_inject_layers=tuple(int(x) for x in d["audio_inject_layers"]),
+                dim=d["dim"],
+                ffn_dim=d["ffn_dim"],
+                num_heads=d["num_heads"],
+                num_layers=d["num_layers"],
+                freq_dim=d.get("freq_dim", 256),
+                text_dim=d.get("text_dim", 4096),
+                text_len=d.get("text_len", 512),
+                in_dim=d.get("in_dim", 16),
+                out_dim=d.get("out_dim", 16),
+                patch_size=seq("patch_size", (1, 2, 2)),  # type: ignore[arg-type]
+                eps=float(eps),
+                cond_dim=d.get("cond_dim", 16),
+                audio_dim=d.get("audio_dim", 1024),
+                audio_layers=d.get("audio_layers", 25),
+                num_audio_token=d.get("num_audio_token", 4),
+                audio_inject_layers=seq("audio_inject_layers"),
                 zero_init=bool(d.get("zero_init", True)),
-                motion_token_num=int(d.get("motion_token_num", 1024)),
+                motion_token_num=d.get("motion_token_num", 1024),
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None

@@ -10,6 +10,7 @@ last. Output bytes depend only on the inputs and options, so a resumed run equal
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -30,7 +31,6 @@ from liveavatar_lite.artifact.checkpoint import (
 )
 from liveavatar_lite.artifact.format import (
     DTYPE_CODES,
-    FORMAT_VERSION,
     MANIFEST_FILE,
     FileLayout,
     Manifest,
@@ -38,7 +38,8 @@ from liveavatar_lite.artifact.format import (
     TensorEntry,
     TensorSpec,
     UnitEntry,
-    file_sha256,
+    file_digests,
+    file_entries,
     layout_file,
     write_manifest,
 )
@@ -49,7 +50,7 @@ from liveavatar_lite.errors import CheckpointError, UserError
 from .policy import DIT_KEEP, T5_KEEP, Policy
 from .quantizers import quantize_tensor
 from .source import DitSource, ReadAhead, check_finite, source_identity, weight_shapes
-from .writer import UnitFileWriter, copy_tree, tree_digest, write_bytes_file
+from .writer import DiskFullError, UnitFileWriter, copy_tree, tree_digest, write_bytes_file
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +86,41 @@ class ConvertOptions:
 
 @dataclass
 class _Job:
-    """The resume record: which files are finished, and the digest they had when finished."""
+    """The resume record: which files are finished, and the digests they had when finished.
+
+    `done` holds each finished file's sha256 (a folder's `tree_digest`), `fast` its xxh3-128 (the
+    manifest's load-time checksum); a record without `fast` (written before format version 2) gets
+    it when the finished file is re-hashed on resume.
+    """
 
     path: Path
     fingerprint: str
     done: dict[str, str]
+    fast: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def save(self) -> None:
-        body = {"fingerprint": self.fingerprint, "done": dict(sorted(self.done.items()))}
+        body = {"fingerprint": self.fingerprint, "done": dict(sorted(self.done.items())),
+                "fast": dict(sorted(self.fast.items()))}
         write_bytes_file(self.path, (json.dumps(body, indent=1) + "\n").encode())
 
-    def record(self, rel: str, sha: str) -> None:
+    def record(self, rel: str, sha: str, fast: str | None = None) -> None:
         self.done[rel] = sha
+        if fast is not None:
+            self.fast[rel] = fast
         self.save()
 
     def finished(self, rel: str, digest: Callable[[], str]) -> bool:
         return rel in self.done and digest() == self.done[rel]
+
+    def finished_file(self, rel: str, path: Path) -> bool:
+        """Whether `path` is finished: it still hashes to the recorded sha256 (its xxh3 is noted on the way)."""
+        if rel not in self.done or not path.is_file():
+            return False
+        sha, fast = file_digests(path)
+        if sha != self.done[rel]:
+            return False
+        self.fast[rel] = fast
+        return True
 
 
 def _preset_for(ck: CheckpointDir) -> ModelPreset:
@@ -123,14 +143,13 @@ def _prepare_out_dir(out: Path, fingerprint: str, force: bool) -> tuple[_Job, bo
         job.save()
         return job, True
     if job.path.exists():
-        try:
-            old = json.loads(job.path.read_text())
-            same = old.get("fingerprint") == fingerprint
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            same, old = False, {}
-        if same:
+        old = _read_job(job.path)
+        if old is None and not force:
+            raise UserError(f"{out}: its resume record {JOB_FILE} is unreadable (damaged?); "
+                            "use --force to redo the conversion")
+        if old is not None and old["fingerprint"] == fingerprint:
             log.info("resuming the conversion in %s", out)
-            job.done = dict(old.get("done", {}))
+            job.done, job.fast = old["done"], old["fast"]
             return job, False
         if not force:
             raise UserError(f"{out}: holds a conversion made with other inputs or options (use --force to redo it)")
@@ -141,9 +160,30 @@ def _prepare_out_dir(out: Path, fingerprint: str, force: bool) -> tuple[_Job, bo
     return job, False
 
 
+def _read_job(path: Path) -> dict | None:
+    """The job record as {"fingerprint": str, "done": {rel: str}, "fast": {rel: str}}, or None if damaged."""
+    try:
+        old = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), str):
+        return None
+    maps = [old.get("done", {}), old.get("fast", {})]
+    if not all(isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
+               for m in maps):
+        return None
+    return {"fingerprint": old["fingerprint"], "done": dict(maps[0]), "fast": dict(maps[1])}
+
+
+# The unit files' bytes have not changed since format version 1 (version 2 only added checksums to
+# the manifest), so the fingerprint keeps 1: re-running quantize over a version-1 artifact reuses
+# every file and rewrites just the manifest.
+UNIT_LAYOUT_VERSION = 1
+
+
 def _fingerprint(opts: ConvertOptions, identity: dict) -> str:
     body = {
-        "format_version": FORMAT_VERSION, "source": identity, "format": opts.format.value,
+        "format_version": UNIT_LAYOUT_VERSION, "source": identity, "format": opts.format.value,
         "group_size": opts.group_size, "keep_bf16": list(opts.keep_bf16), "t5": opts.t5.value,
         "components": sorted(opts.components), "overrides": [(k, q.value) for k, q in opts.overrides],
         "vae_onnx": opts.vae_onnx,
@@ -202,6 +242,13 @@ def convert(opts: ConvertOptions) -> Manifest:
     job, fresh = _prepare_out_dir(opts.out_dir, _fingerprint(opts, dataclasses.asdict(identity)), opts.force)
     try:
         manifest = _convert_into(opts, ck, preset, src, lora, identity, job)
+    except DiskFullError:
+        raise  # finished files stay (the job record lists them): freeing space and re-running resumes
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the ONNX export, the manifest, a folder copy
+            raise DiskFullError(f"disk full while writing {e.filename or opts.out_dir} (free some space and "
+                                "re-run the same command to resume; finished files are kept)") from None
+        raise
     except UserError:
         if fresh:  # bad input found mid-way: leave OUT_DIR as we found it (empty), nothing half-written
             _remove_outputs(opts.out_dir)
@@ -235,8 +282,12 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
         def load_dit(key: str) -> torch.Tensor:
             t = ck.read_dit_tensor(key)
             check_finite(key, t, str(ck.path))
-            delta = lora.delta_for_weight(key) if lora is not None else None
-            return merge_lora(t, delta) if delta is not None else t  # LoRA merged in fp32, then quantized
+            delta = lora.delta_for_weight(key) if lora is not None else None  # CheckpointError if not finite
+            if delta is None:
+                return t
+            merged = merge_lora(t, delta)  # LoRA merged in fp32, then quantized
+            check_finite(key, merged, f"{lora.path} merged into {ck.path}")  # an overflow of W + delta
+            return merged
 
         def produce_dit(entry: TensorEntry) -> dict[str, torch.Tensor]:
             assert read_ahead is not None
@@ -273,8 +324,7 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
     total_bytes = sum(_source_nbytes(layout) for *_, layout, _ in files)
     total_tensors = sum(len(layout.tensors) for *_, layout, _ in files)
     progress = _Progress(total_bytes, total_tensors, opts.progress)
-    finished = {rel for _, rel, *_ in files
-                if job.finished(rel, lambda rel=rel: file_sha256(out / rel) if (out / rel).exists() else "")}
+    finished = {rel for _, rel, *_ in files if job.finished_file(rel, out / rel)}
     todo_keys = [t.name for _, rel, kind, _, layout, _ in files if kind.startswith("dit") and rel not in finished
                  for t in layout.tensors]
     read_ahead = ReadAhead(load_dit, todo_keys) if "dit" in opts.components else None
@@ -287,13 +337,13 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
                 else:  # the writer thread records the sha256 in the job file once the file is renamed
                     writer.write(out / rel, layout, produce,
                                  on_tensor=lambda e: progress.tensor_done(_entry_source_nbytes(e)),
-                                 on_done=lambda sha, rel=rel: job.record(rel, sha))
+                                 on_done=lambda sha, fast, rel=rel: job.record(rel, sha, fast))
     finally:
         progress.close()
         if read_ahead is not None:
             read_ahead.close()
     unit_entries = [UnitEntry(name, rel, kind, index, len(layout.header), layout.data_nbytes, job.done[rel],
-                              layout.tensors) for name, rel, kind, index, layout, _ in files]
+                              layout.tensors, xxh3_128=job.fast[rel]) for name, rel, kind, index, layout, _ in files]
 
     paths: dict[str, str] = {}
     for comp, rel, src_dir in (("audio", AUDIO_DIR, ck.wav2vec_dir), ("tokenizer", TOKENIZER_DIR, ck.tokenizer_dir)):
@@ -307,6 +357,8 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
         paths[f"{comp}_dir"] = rel
     if vae_sd is not None and opts.vae_onnx:
         paths["vae_onnx"] = _export_vae_onnx(out, preset, vae_sd, job)
+    # checksums of every non-unit file, which loaders verify before use (re-read: ~12 GB/s, 1.3 GB here)
+    files_checked = tuple(e for rel in sorted(paths.values()) for e in file_entries(out, rel))
 
     manifest = Manifest(
         dit=ck.dit_config, source=identity,
@@ -315,6 +367,7 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
                             target_size_gb=opts.target_size_gb, measurement_sha256=opts.measurement_sha256,
                             lora_alpha=lora.alpha if lora is not None else None),
         units=tuple(unit_entries), components=tuple(c for c in COMPONENTS if c in opts.components), paths=paths,
+        files=files_checked,
     )
     write_manifest(out, manifest)  # last: only now is the directory an artifact
     return manifest
@@ -323,7 +376,7 @@ def _convert_into(opts, ck, preset, src, lora, identity, job) -> Manifest:  # ty
 def _export_vae_onnx(out: Path, preset: ModelPreset, sd: Mapping[str, torch.Tensor], job: _Job) -> str:
     """The VAE decoder as ONNX (helper "vae"'s exporter), fp16 graph for the GPU runtime."""
     path = out / VAE_ONNX
-    if job.finished(VAE_ONNX, lambda: file_sha256(path) if path.exists() else ""):
+    if job.finished_file(VAE_ONNX, path):
         return VAE_ONNX
     from liveavatar_lite.artifact.checkpoint import materialize_strict
     from liveavatar_lite.decode.vae_export import export_decoder
@@ -333,8 +386,7 @@ def _export_vae_onnx(out: Path, preset: ModelPreset, sd: Mapping[str, torch.Tens
         vae = WanVAE(preset.vae)
     materialize_strict(vae, sd, source="Wan2.1_VAE.pth", dtype=torch.float32)
     export_decoder(vae, path, dtype="fp16")
-    job.done[VAE_ONNX] = file_sha256(path)
-    job.save()
+    job.record(VAE_ONNX, *file_digests(path))
     return VAE_ONNX
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from liveavatar_lite.artifact.checkpoint import CheckpointDir
 from liveavatar_lite.artifact.format import ALIGN, TensorSpec, file_sha256, layout_file
 from liveavatar_lite.artifact.qtypes import QuantType, part_specs
-from liveavatar_lite.errors import UserError
+from liveavatar_lite.errors import UserError, gb_pair
 
 from .policy import DIT_KEEP, Policy
 from .source import DitSource
@@ -79,8 +79,9 @@ def plan_for_target(ckpt_dir: Path, measurement_path: Path, target_bytes: float,
     # then correct with the exact size of the files the choice would produce
     budget = int(target_bytes) - fixed - 3 * ALIGN * len(measured)
     if budget <= 0:
-        raise UserError(f"--target-size {target_bytes / 1e9:.3f} GB is below the {fixed / 1e9:.3f} GB of tensors "
-                        "that are never quantized")
+        need, have = gb_pair(fixed + 3 * ALIGN * len(measured), target_bytes)
+        raise UserError(f"--target-size {have} is below the {need} of tensors that are never quantized "
+                        "(and the measured layers' padding)")
     sub = type(m)(m.dit_config, m.source, m.group_size, m.samples, m.blocks, measured)
     for _ in range(8):
         choice = pick_formats(sub, budget)

@@ -1,10 +1,10 @@
 """Crash-safe file output: every file goes to a temp name, is fsync'ed, then renamed into place.
 
 Byte layout comes from `liveavatar_lite.artifact.format.layout_file`; this module only moves bytes, hashes
-them on the way out (sha256 of the whole file, no re-read) and turns a full disk into one clear
+them on the way out (sha256 and xxh3-128 of the whole file, no re-read) and turns a full disk into one clear
 error. `write_chunk` is the single low-level write: the ENOSPC test replaces it.
 
-    with UnitFileWriter() as w: w.write(path, layout, produce, on_done=record_sha)
+    with UnitFileWriter() as w: w.write(path, layout, produce, on_done=record_digests)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from liveavatar_lite.artifact.format import FileLayout, TensorEntry
+from liveavatar_lite.artifact.format import FileLayout, TensorEntry, fast_hasher
 from liveavatar_lite.errors import ArtifactError, UserError
 
 _ZEROS = bytes(64)  # pads are < 64 bytes (format.ALIGN)
@@ -55,10 +55,10 @@ class UnitFileWriter:
     The caller (one thread) calls `write(...)` per file; the parts it produces are queued (at most
     `max_pending_bytes` in flight, which bounds RSS) and a writer thread appends them to
     `.<name>.tmp`, hashes them, and at the end of the file fsyncs, renames and calls
-    `on_done(sha256)`. A failure on either side removes the temp file; the writer's error (e.g.
+    `on_done(sha256, xxh3_128)`. A failure on either side removes the temp file; the writer's error (e.g.
     DiskFullError) is raised in the caller at its next call or at `close()`.
 
-        with UnitFileWriter() as w: w.write(path, layout, produce, on_done=lambda sha: ...)
+        with UnitFileWriter() as w: w.write(path, layout, produce, on_done=lambda sha, xxh3: ...)
     """
 
     def __init__(self, max_pending_bytes: int = 256 << 20) -> None:
@@ -78,9 +78,11 @@ class UnitFileWriter:
         layout: FileLayout,
         produce: Callable[[TensorEntry], dict[str, torch.Tensor]],
         on_tensor: Callable[[TensorEntry], None] | None = None,
-        on_done: Callable[[str], None] | None = None,
+        on_done: Callable[[str, str], None] | None = None,
     ) -> None:
-        """Queue one file: header, then every part in file order (`produce` is called once per tensor)."""
+        """Queue one file: header, then every part in file order (`produce` is called once per tensor).
+
+        `on_done(sha256, xxh3_128)` runs on the writer thread once the file is renamed into place."""
         self._raise_if_failed()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._queue.put(("open", temp_name(path)))
@@ -145,7 +147,7 @@ class UnitFileWriter:
     def _run(self) -> None:
         f = None
         tmp: Path | None = None
-        digest = hashlib.sha256()
+        digest, fast = hashlib.sha256(), fast_hasher()
         while True:
             item = self._queue.get()
             kind = item[0]
@@ -155,12 +157,13 @@ class UnitFileWriter:
                         if f is not None and self._error is None:
                             write_chunk(f, item[1])
                             digest.update(item[1])
+                            fast.update(item[1])
                     finally:
                         with self._cv:
                             self._pending -= item[3]
                             self._cv.notify_all()
                 elif kind == "open":
-                    tmp, digest = item[1], hashlib.sha256()
+                    tmp, digest, fast = item[1], hashlib.sha256(), fast_hasher()
                     f = open(tmp, "wb") if self._error is None else None
                 elif kind == "close" and f is not None:
                     path, on_done = item[1], item[2]
@@ -171,7 +174,7 @@ class UnitFileWriter:
                     os.replace(tmp, path)  # type: ignore[arg-type]
                     tmp = None
                     if on_done is not None:
-                        on_done(digest.hexdigest())
+                        on_done(digest.hexdigest(), fast.hexdigest())
                 elif kind in ("abort", "close", "stop"):
                     if f is not None:
                         f.close()
@@ -205,7 +208,7 @@ def write_unit_file(
     """
     shas: list[str] = []
     with UnitFileWriter() as w:
-        w.write(path, layout, produce, on_tensor, on_done=shas.append)
+        w.write(path, layout, produce, on_tensor, on_done=lambda sha, _fast: shas.append(sha))
     return shas[0]
 
 
@@ -239,7 +242,18 @@ def tree_digest(root: Path) -> str:
 
 
 def copy_tree(src: Path, dst: Path) -> str:
-    """Copy a folder to `dst` via a temp folder + rename; return its `tree_digest`."""
+    """Copy a folder to `dst` via a temp folder + rename; return its `tree_digest`.
+
+    Only regular files (and folders) are copied: a FIFO or device inside `src` is refused before
+    anything is opened (copying one would block or never end)."""
+    import stat
+
+    from liveavatar_lite.fileio import file_kind
+
+    for p in sorted(src.rglob("*")):
+        mode = p.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ArtifactError(f"{p} is {file_kind(mode)}, not a regular file; remove it from {src}")
     tmp = temp_name(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -85,3 +85,28 @@ def clean_render(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.Temp
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "telemetry": tel, "wall": wall, "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def dit_ckpt_pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DiT-only checkpoint in 2 shards with its LoRA (tests/quantize_fixtures.py). Read-only."""
+    from quantize_fixtures import write_dit_checkpoint
+
+    return write_dit_checkpoint(tmp_path_factory.mktemp("dit_ckpt") / "ck")
+
+
+@pytest.fixture
+def dit_ckpt(dit_ckpt_pristine: Path, tmp_path: Path) -> Path:
+    """A private copy of `dit_ckpt_pristine` that the test may damage."""
+    import shutil
+
+    dst = tmp_path / "ck"
+    shutil.copytree(dit_ckpt_pristine, dst)
+    return dst
+
+
+@pytest.fixture
+def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """$LIVEAVATAR_LITE_CACHE in the test's temp dir: crash logs and prompt caches stay there."""
+    monkeypatch.setenv("LIVEAVATAR_LITE_CACHE", str(tmp_path / "lite-cache"))
+    return tmp_path / "lite-cache"

@@ -57,3 +57,13 @@ def load_model(cfg: DiTConfig, sd: dict[str, torch.Tensor], dtype=torch.float32,
         model = WanS2VDiT(cfg, **kw)
     model.load_state_dict(sd, assign=True, strict=True)
     return model.to(dtype).eval()
+
+
+def two_clip_case(cfg: DiTConfig):
+    """(model, GenerationInputs) of the golden weights and inputs, with the audio tiled to 2 clips
+    of 48 frames: what the generator tests run."""
+    from liveavatar_lite.pipeline.generator import GenerationInputs
+
+    sd, inputs = golden_case(cfg)
+    audio = torch.cat([inputs["audio"], inputs["audio"]], dim=-1)[..., :96]
+    return load_model(cfg, sd), GenerationInputs(inputs["text"], audio, inputs["ref"], inputs["motion"])

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "liveavatar_lite"
 # LOWER rank; parts of equal rank (conditioning / runtime / decode) may not import each other.
 RANKS = {
     "errors": 0, "fileio": 1, "config": 1, "progress": 1,  # the foundation every stage shares
-    "model": 2,
+    "model": 2, "audiofile": 2,  # audiofile: speech decoding shared by conditioning/ and decode/
     "artifact": 3,
     "conditioning": 4, "runtime": 4, "decode": 4,
     "pipeline": 5,

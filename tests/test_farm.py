@@ -180,6 +180,7 @@ def _bad_batches(media: Path, root: Path) -> list[tuple[str, str, str]]:
         ("unknown.jsonl", job(steps=8), "unknown.jsonl:1: unknown field 'steps'"),
         ("missing.jsonl", job(out=None), "missing.jsonl:1: missing 'out'"),
         ("seed.jsonl", job(seed="7"), "seed.jsonl:1: 'seed' must be an integer"),
+        ("bigseed.jsonl", job(seed=2**64), "bigseed.jsonl:1: 'seed' must be from 0 to 2^63-1"),
         ("clips.jsonl", job(num_clip=0), "clips.jsonl:1: 'num_clip' must be a positive integer"),
         ("noimage.jsonl", job(image="nope.png"), "noimage.jsonl:1: image"),
         ("silent.jsonl", job(audio=str(root / "silent.wav")), "silent.jsonl:1: "),

@@ -107,10 +107,10 @@ def test_constant_video_encode_is_exact() -> None:
     assert torch.equal(five[:, :, 1:], full[:, :, 1:2])  # the ref latent is a prefix of the motion encode
 
 
-@pytest.mark.parametrize("flag,value,msg", [("--num-clip", "abc", "must be a positive integer, got abc"),
-                                            ("--num-clip", "0", "must be a positive integer, got 0"),
-                                            ("--vram", "lots", "must be a positive number, got lots"),
-                                            ("--vram", "nan", "must be a positive number, got nan")])
+@pytest.mark.parametrize("flag,value,msg", [("--num-clip", "abc", "must be an integer from 1 to 1000000, got 'abc'"),
+                                            ("--num-clip", "0", "must be an integer from 1 to 1000000, got '0'"),
+                                            ("--vram", "lots", "must be a finite number > 0 and <= 1e+06, got 'lots'"),
+                                            ("--vram", "nan", "must be a finite number > 0 and <= 1e+06, got 'nan'")])
 def test_generate_flags_reject_non_positive_numbers(flag: str, value: str, msg: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import argparse

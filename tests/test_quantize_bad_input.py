@@ -130,17 +130,28 @@ def test_out_dir_from_other_options_needs_force(ck, tmp_path, capsys):
     assert _quantize(ck, out, capsys, "--keep-bf16", "blocks.0.*", "--force")[0] == 0
 
 
-def test_disk_full(ck, tmp_path, capsys, monkeypatch):
+def test_disk_full_keeps_finished_files_and_resumes_identically(ck, tmp_path, capsys, monkeypatch):
+    """A full disk mid-conversion: one line, finished unit files stay, a re-run resumes to the same bytes."""
     calls = {"n": 0}
     real = quantize.writer.write_chunk
 
     def write_until_full(f, data):
         calls["n"] += 1
-        if calls["n"] > 40:  # a few files in, mid-file
+        if calls["n"] > 150:  # a few files in, mid-file
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, data)
 
-    monkeypatch.setattr(quantize.writer, "write_chunk", write_until_full)
-    code, err = _quantize(ck, tmp_path / "out", capsys)
-    assert calls["n"] > 40
-    _assert_clean_failure(code, err, tmp_path / "out", "disk full while writing")
+    with monkeypatch.context() as m:
+        m.setattr(quantize.writer, "write_chunk", write_until_full)
+        code, err = _quantize(ck, tmp_path / "out", capsys)
+    assert calls["n"] > 150 and code != 0
+    assert err.count("\n") == 0 and "disk full while writing" in err and "re-run" in err, err
+    out = tmp_path / "out"
+    kept = sorted(p.name for p in (out / "units").iterdir())
+    assert kept and not any(n.endswith(".tmp") for n in kept)  # finished units kept, no half-written file
+    assert not (out / "manifest.json").exists()
+    assert _quantize(ck, out, capsys)[0] == 0  # space "freed": the same command resumes
+    assert _quantize(ck, tmp_path / "clean", capsys)[0] == 0
+    for p in sorted((tmp_path / "clean").rglob("*")):
+        if p.is_file() and p.name != ".quantize-job.json":
+            assert p.read_bytes() == (out / p.relative_to(tmp_path / "clean")).read_bytes(), p.name

@@ -81,3 +81,21 @@ def test_corrupted_finished_unit_is_rewritten_on_resume(ck, reference, tmp_path)
     unit.write_bytes(bytes(raw))
     subprocess.run(_cmd(ck, out), check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert _files(out) == _files(reference)
+
+
+def test_sigint_then_rerun_is_byte_identical(ck, reference, tmp_path):
+    """Ctrl-C mid-conversion: exit 130 with one line saying how to continue; the re-run gives the same bytes."""
+    out = tmp_path / "art"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_cmd(ck, out), env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _done(out) < 1:
+        time.sleep(0.005)
+    assert proc.poll() is None, "conversion finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "liveavatar-lite quantize: interrupted (re-run the same command to resume: finished files are kept)"), err
+    subprocess.run(_cmd(ck, out), check=True, env=env)
+    assert _files(out) == _files(reference)

@@ -1,7 +1,7 @@
 """CausalGenerator: seeding, clip/block bookkeeping, ring rolling, resume."""
 import pytest
 import torch
-from dit_fixtures import golden_case, load_model
+from dit_fixtures import two_clip_case
 
 from liveavatar_lite.config import PRESETS
 from liveavatar_lite.pipeline.generator import CausalGenerator, GenerationInputs
@@ -11,11 +11,7 @@ CFG = PRESETS["tiny"].dit
 
 @pytest.fixture(scope="module")
 def setup():
-    sd, inputs = golden_case(CFG)
-    model = load_model(CFG, sd)
-    audio = torch.cat([inputs["audio"], inputs["audio"]], dim=-1)[..., :96]  # 2 clips of 48 frames
-    gi = GenerationInputs(inputs["text"], audio, inputs["ref"], inputs["motion"])
-    return model, gi
+    return two_clip_case(CFG)
 
 
 def _gen(setup, seed=7, **kw):

@@ -230,6 +230,8 @@ def test_job_equals_generate_while_hostile_requests_hit_the_server(
     r = post()
     _one_line_error(r, 429)
     assert int(r.headers["Retry-After"]) >= 1 and _snapshot(server) == before
+    etas = [server.job(q)["eta_s"] for q in queued]  # from recent seconds per clip, counting the jobs ahead
+    assert 0 < etas[0] < etas[1], etas
     # concurrent cancels of one queued job: exactly one wins, the others get 409
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: c.delete(f"/v1/jobs/{queued[0]}"), range(8)))
@@ -331,7 +333,10 @@ def test_job_that_kills_its_worker_twice_fails(server: ServeProcess, media: Path
     assert server.wait_ready(300)["worker"]["pid"] != pid  # the supervisor started a fresh worker
 
 
-def test_metrics(server: ServeProcess) -> None:
+def test_health_and_metrics(server: ServeProcess) -> None:
+    assert httpx.get(f"{server.url}/healthz").json() == {"ok": True}  # no token needed to probe liveness
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["worker"]["restarts"]["worker_died"] == 2
     text = server.client.get("/metrics").text
     for name in ("liveavatar_queue_depth", "liveavatar_job_seconds_count", "liveavatar_clip_seconds_count",
                  "liveavatar_time_to_first_frame_seconds_count", "liveavatar_job_latency_seconds_count",

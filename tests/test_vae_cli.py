@@ -54,10 +54,10 @@ def test_bad_inputs_leave_no_output(u8_onnx: Path, tmp_path: Path, capsys) -> No
     bad[0, 0, 0, 0] = np.inf
     np.save(tmp_path / "inf.npy", bad)
     _run_fails(base + [str(tmp_path / "inf.npy")], capsys, "finite")
-    _run_fails(base + [str(tmp_path / "nope.npy")], capsys, "not found")
+    _run_fails(base + [str(tmp_path / "nope.npy")], capsys, "does not exist")
     np.save(tmp_path / "ok.npy", np.zeros((16, 2, 3, 2), np.float32))
     ok = ["--latents", str(tmp_path / "ok.npy"), "--out", str(out)]
-    _run_fails(["vae", "decode", "--onnx", str(tmp_path / "no.onnx"), *ok], capsys, "not found")
+    _run_fails(["vae", "decode", "--onnx", str(tmp_path / "no.onnx"), *ok], capsys, "does not exist")
     foreign = tmp_path / "foreign.onnx"
     import onnx
 

@@ -40,7 +40,7 @@ def _render(tmp_path: Path, counts: list[int], key: str = "job") -> RenderWorkDi
         seg = work.begin_clip(k, SPEC)
         seg.append(_frames(n - n // 2, k))
         seg.append(_frames(n // 2, k + 10))
-        work.commit_clip(seg, lambda p, k=k: p.write_bytes(f"state{k}".encode()))
+        work.commit_clip(seg, lambda f, k=k: f.write(f"state{k}".encode()))  # f: the open state file
     return work
 
 
@@ -121,6 +121,7 @@ def test_resume_keeps_committed_clips_and_drops_partial_files(tmp_path: Path) ->
     work = _render(tmp_path, [45, 48])
     (work.root / "clip_00002.mp4.part").write_bytes(b"half")  # what a kill -9 mid-clip leaves
     (work.root / "state_00002.pt.tmp").write_bytes(b"half")
+    work.unlock()  # the killed render's lock died with it
     again = RenderWorkDir.open(tmp_path / "out.mp4", "job", resume=True)
     assert again.clips_done == 2 and again.frames_done == 93
     assert again.state_path is not None and again.state_path.read_bytes() == b"state1"
@@ -133,8 +134,9 @@ def test_sparse_checkpoints_and_rewind(tmp_path: Path) -> None:
     for k, with_state in enumerate([True, False, False]):
         seg = work.begin_clip(k, SPEC)
         seg.append(_frames(45 if k == 0 else 48, k))
-        work.commit_clip(seg, (lambda p: p.write_bytes(b"s0")) if with_state else None)
+        work.commit_clip(seg, (lambda f: f.write(b"s0")) if with_state else None)
     assert work.clips_done == 3 and work.state_clips == 1 and work.state_path.name == "state_00000.pt"
+    work.unlock()
     again = RenderWorkDir.open(tmp_path / "out.mp4", "job", resume=True)
     again.rewind_to_state()
     assert again.clips_done == 1 and again.frames_done == 45
@@ -155,6 +157,7 @@ def test_resume_refuses_another_job_and_fresh_start_discards(tmp_path: Path) -> 
 def test_resume_with_missing_segment_is_refused(tmp_path: Path) -> None:
     work = _render(tmp_path, [45, 48])
     (work.root / "clip_00000.mp4").unlink()
+    work.unlock()
     with pytest.raises(UserError, match="lacks clip_00000.mp4"):
         RenderWorkDir.open(tmp_path / "out.mp4", "job", resume=True)
 
@@ -164,7 +167,7 @@ def test_journal_is_written_after_segment_and_state(tmp_path: Path) -> None:
     seg = work.begin_clip(0, SPEC)
     seg.append(_frames(45, 0))
 
-    def failing_state(path: Path) -> None:
+    def failing_state(f: object) -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):

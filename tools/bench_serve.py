@@ -8,7 +8,7 @@ speech, seed = job number, submitted through POST /v1/jobs with up to --inflight
 (OMP_NUM_THREADS=1 for the worker). Printed: failed jobs (must be 0), p50/p95 of the latency
 (submit -> done), the render time and the time to first frame (task start -> first decoded frame,
 and submit -> first frame), and the RSS of the server and of the worker after job 10 and after the
-last job, both measured with the queue drained (growth must stay within 1 %): VmRSS, and RssAnon
+last job, both measured with the queue drained (the median of 5 samples 0.5 s apart; growth must stay within 1 %): VmRSS, and RssAnon
 (anonymous memory only, where a leak shows; VmRSS also moves with shared-library pages the kernel
 evicts under other processes' memory pressure).
 """
@@ -44,6 +44,15 @@ def _rss(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "RssAnon"):
             fields[key] = int(value.split()[0]) * 1024
     return fields["VmRSS"], fields["RssAnon"]
+
+
+def _settled_rss(pid: int, samples: int = 5, every_s: float = 0.5) -> tuple[int, int]:
+    """The median (VmRSS, RssAnon) of a few samples taken `every_s` apart (one sample can catch a transient)."""
+    taken = []
+    for _ in range(samples):
+        time.sleep(every_s)
+        taken.append(_rss(pid))
+    return (int(statistics.median(t[0] for t in taken)), int(statistics.median(t[1] for t in taken)))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -104,7 +113,7 @@ def main() -> None:
                     pending.pop(0)
                     if len(results) in (args.baseline, args.jobs) and not pending:
                         time.sleep(1.0)  # let the worker's Memory report and the server settle
-                        rss[len(results)] = (_rss(server.pid), _rss(worker))
+                        rss[len(results)] = (_settled_rss(server.pid), _settled_rss(worker))
                     continue
                 time.sleep(0.1)
             assert client.get("/readyz").json()["worker"]["pid"] == worker, "the worker was restarted"

@@ -9,6 +9,10 @@ the copy time itself).
 
     python tools/bench_stream.py --preset 14b --size 704*384 --vram 12 --device cuda
     python tools/bench_stream.py --preset tiny --size 64*64 --device cpu        # CPU: control flow only
+
+Each layout runs `--warmup` untimed times, then `--samples` timed times interleaved with the other
+layout; the table shows medians and the ratio's spread over the samples (one sample swung from
+0.07x to 16x between two runs on a loaded 2-core VM).
 """
 from __future__ import annotations
 
@@ -138,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vram", type=float, help="budget in GB for the streamed run (default: the leanest layout)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--device-profile", default=None)
-    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=3, help="blocks per sample (4 steps each; the first is not timed)")
+    ap.add_argument("--samples", type=int, default=5, help="timed samples of each layout, interleaved (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each layout first (allocator, caches, page cache)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -156,22 +162,43 @@ def main(argv: list[str] | None = None) -> int:
     resident_plan = replace(resident_plan, kv=tuple(replace(k, placement="host") for k in resident_plan.kv)) \
         if args.device == "cuda" and args.preset == "14b" else resident_plan  # 40 GiB of KV never fits a card
     streamed_plan = make_plan(inp, budget(lean), profile)
-    results = {}
-    for label, plan in (("resident", resident_plan), ("streamed", streamed_plan)):
-        results[label] = measure(cfg, units, plan, size, args.blocks, args.device)
+    layouts = (("resident", resident_plan), ("streamed", streamed_plan))
+    for _ in range(max(0, args.warmup)):  # warm-up runs: first-touch allocations, kernel caches, page cache
+        for _label, plan in layouts:
+            measure(cfg, units, plan, size, args.blocks, args.device)
+    samples: dict[str, list[dict]] = {label: [] for label, _ in layouts}
+    for _ in range(max(1, args.samples)):  # interleaved, so load from other processes hits both alike
+        for label, plan in layouts:
+            samples[label].append(measure(cfg, units, plan, size, args.blocks, args.device))
+    results = {label: _median_result(runs) for label, runs in samples.items()}
     ratio = results["streamed"]["s_per_step"] / results["resident"]["s_per_step"]
+    per_sample = [st["s_per_step"] / rs["s_per_step"] for st, rs in zip(samples["streamed"], samples["resident"])]
+    spread = (min(per_sample), max(per_sample))
     if args.json:
         print(json.dumps({"device": args.device, "preset": args.preset, "layers": cfg.num_layers,
                           "size": f"{size[0]}*{size[1]}", "format": args.format, "kv": args.kv,
-                          "results": results, "streamed_over_resident": ratio}, indent=1))
+                          "samples": len(per_sample), "warmup": args.warmup, "results": results,
+                          "streamed_over_resident": ratio, "per_sample_ratio_range": spread}, indent=1))
         return 0
     cols = ("s_per_step", "copy_wait_fraction", "h2d_gbps", "h2d_gb_per_step", "streamed_units", "predicted_s_per_step")
     print(f"{args.preset} ({cfg.num_layers} layers) {args.format} at {size[0]}*{size[1]}, KV {args.kv}, on {args.device}")
     print(f"{'':10}" + "".join(f"{c:>22}" for c in cols))
     for label, r in results.items():
         print(f"{label:10}" + "".join(f"{r[c]:>22.4f}" if isinstance(r[c], float) else f"{r[c]:>22}" for c in cols))
-    print(f"streamed / resident step time: {ratio:.3f}x")
+    print(f"streamed / resident step time: {ratio:.3f}x (median of {len(per_sample)} interleaved samples after "
+          f"{args.warmup} warm-up; per-sample ratios {spread[0]:.3f}x-{spread[1]:.3f}x)")
     return 0
+
+
+def _median_result(runs: list[dict]) -> dict:
+    """Per-field median over samples (numbers), the first sample's value otherwise."""
+    import statistics
+
+    out = {}
+    for key, value in runs[0].items():
+        numbers = [r[key] for r in runs]
+        out[key] = statistics.median(numbers) if isinstance(value, float) else value
+    return out
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=3, help="latents per call after the first")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both backends")
-    p.add_argument("--repeats", type=int, default=1, help="timed passes after one warm-up pass")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes after one warm-up pass (median reported)")
     p.add_argument("--onnx", type=Path, default=None, help="reuse an exported graph (must match preset/dtype)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)

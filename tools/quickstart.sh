@@ -9,7 +9,7 @@ BIN=.venv/bin
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 rm -rf "$W" && mkdir -p "$W"
 "$BIN/python" tools/make_checkpoint.py --preset tiny --out "$W/ckpt"
-"$BIN/liveavatar-lite" quantize "$W/ckpt" "$W/art" --format int8 --lora "$W/ckpt/liveavatar.safetensors" --no-progress
+"$BIN/liveavatar-lite" quantize "$W/ckpt" "$W/art" --format int8 --no-progress  # merges $W/ckpt/liveavatar.safetensors
 "$BIN/liveavatar-lite" inspect "$W/art"
 "$BIN/liveavatar-lite" plan "$W/art" --vram 24 --size 64*64
 "$BIN/python" - "$W" <<'PY'

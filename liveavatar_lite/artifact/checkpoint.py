@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import DiTConfig
 from ..errors import CheckpointError, first_line
-from ..fileio import read_json
+from ..fileio import contained_path, read_json, require_file
 
 DIT_CONFIG = "config.json"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -74,9 +74,13 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header without reading tensor data.
 
-    Raises CheckpointError for a missing, truncated or corrupt file.
+    Refuses (CheckpointError, one line) what the safetensors library refuses: a header that is not a
+    JSON object of entries, unknown dtypes, negative or non-integer shapes, offsets that do not
+    match the shape, and tensors that overlap, leave gaps or run past the end of the file. A FIFO or
+    device is refused before it is opened.
         infos, metadata = read_safetensors_header(Path("x.safetensors"))
     """
+    require_file(path, "safetensors file", CheckpointError, missing=f"{path}: file is missing")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -93,27 +97,46 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a string map)")
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_header_int(s) for s in entry["shape"])
+            begin, end = (_header_int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
+        if any(s < 0 for s in shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has a negative dimension {list(shape)}")
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0:
             raise CheckpointError(f"{path}: tensor {key!r} has inconsistent offsets")
         if base + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {key!r} ends past the end of the file")
         infos[key] = TensorInfo(path, dtype, shape, base + begin, nbytes)
+        spans.append((begin, end, key))
+    covered = 0  # as the safetensors library: the tensors tile the data section, no overlap, no gap
+    for begin, end, key in sorted(spans):
+        if begin != covered:
+            what = "overlaps the tensor before it" if begin < covered else "leaves a gap before it"
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} {what}")
+        covered = end
     return infos, metadata
+
+
+def _header_int(x: object) -> int:
+    """An integer from a safetensors header (bools and floats are refused, as the library does)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"not an integer: {x!r}")
+    return x
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -141,7 +164,9 @@ class CheckpointDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: not a checkpoint directory")
+            what = "it does not exist" if not self.path.exists() else "it is a file"
+            raise CheckpointError(f"{self.path}: not a checkpoint directory ({what}; expected a Wan2.2-S2V-14B "
+                                  "download, see `liveavatar-lite download`)")
         cfg_path = self.path / DIT_CONFIG
         raw = read_json(cfg_path, CheckpointError, missing=f"{cfg_path}: missing (is this a Wan2.2-S2V-14B download?)")
         self.dit_config: DiTConfig = DiTConfig.from_upstream_json(raw, source=str(cfg_path))
@@ -150,14 +175,17 @@ class CheckpointDir:
     def _read_weight_map(self) -> dict[str, Path]:
         index = self.path / DIT_INDEX
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
-            shards = {name: self.path / name for name in sorted(set(weight_map.values()))}
-            for name, p in shards.items():
+            doc = read_json(index, CheckpointError, missing=f"{index}: missing")
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: corrupt index (no weight_map of key -> shard file)")
+            # shard names come from a data file: they must stay inside the checkpoint directory
+            shards = {name: contained_path(self.path, name, str(index), CheckpointError)
+                      for name in sorted(set(weight_map.values()))}
+            for p in shards.values():
                 if not p.exists():
                     raise CheckpointError(f"{p}: shard listed in {DIT_INDEX} is missing")
+                require_file(p, "shard", CheckpointError)
             return {k: shards[v] for k, v in weight_map.items()}
         single = self.path / DIT_SINGLE
         if single.exists():
@@ -253,6 +281,10 @@ class LoraWeights:
             a, b = ab["A"], ab["B"]
             if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
                 raise CheckpointError(f"{path}: {module} has mismatched LoRA shapes A{list(a.shape)} B{list(b.shape)}")
+            if a.shape[0] == 0:  # alpha / rank would divide by zero
+                raise CheckpointError(f"{path}: {module} has LoRA rank 0 (A{list(a.shape)}); not a usable LoRA")
+            if not a.dtype.is_floating_point or not b.dtype.is_floating_point:
+                raise CheckpointError(f"{path}: {module} has LoRA dtype {a.dtype}/{b.dtype}, expected a float type")
             pairs[module] = (a, b)
         if not pairs:
             raise CheckpointError(f"{path}: no LoRA tensors")
@@ -283,7 +315,11 @@ class LoraWeights:
             return None
         a = read_tensor(pair[0]).float()  # [r, in]
         b = read_tensor(pair[1]).float()  # [out, r]
-        return (self.alpha / a.shape[0]) * (b @ a)
+        delta = (self.alpha / a.shape[0]) * (b @ a)  # [out, in]
+        # NaN/Inf in A or B propagates through the product: two reductions catch it (no mask)
+        if delta.numel() and not bool(torch.isfinite(delta.amax()) & torch.isfinite(delta.amin())):
+            raise CheckpointError(f"{self.path}: LoRA for {module!r} contains NaN or Inf (its merged delta is not finite)")
+        return delta
 
     def delta_for_weight(self, key: str) -> torch.Tensor | None:
         """The delta for a state-dict key `<module>.weight`, else None."""
@@ -312,7 +348,9 @@ class _PthTensor:
 
 
 def _rebuild_tensor_meta(storage: _StorageRef, offset: int, size, stride, *_rest) -> _PthTensor:  # type: ignore[no-untyped-def]
-    return _PthTensor(storage, int(offset), tuple(size), tuple(stride))
+    if not isinstance(storage, _StorageRef):
+        raise pickle.UnpicklingError("tensor without a storage")
+    return _PthTensor(storage, offset, tuple(size), tuple(stride))  # sizes checked by PthFile._check
 
 
 # storage classes torch.save names in its pickle -> element dtype
@@ -337,7 +375,9 @@ class _PthMetaUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):  # type: ignore[no-untyped-def]
         _, dtype, key, _location, numel = pid  # ("storage", storage class, key, location, numel)
-        return _StorageRef(str(key), dtype, int(numel))
+        if not isinstance(dtype, torch.dtype) or isinstance(numel, bool) or not isinstance(numel, int):
+            raise pickle.UnpicklingError("malformed storage reference")
+        return _StorageRef(str(key), dtype, numel)
 
 
 class PthFile(Mapping[str, torch.Tensor]):
@@ -349,7 +389,7 @@ class PthFile(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = require_file(path, "torch checkpoint", CheckpointError, missing=f"{path}: file is missing")
         try:
             with zipfile.ZipFile(self.path) as zf:
                 records = {i.filename: i for i in zf.infolist()}
@@ -366,6 +406,27 @@ class PthFile(Mapping[str, torch.Tensor]):
         self._tensors: dict[str, _PthTensor] = dict(obj)
         self._records = records
         self._prefix = pkl[: -len("data.pkl")]
+        for key, t in self._tensors.items():
+            self._check(key, t)
+
+    def _check(self, key: str, t: _PthTensor) -> None:
+        """Refuse a storage or view the file cannot back: bogus dtype, negative or impossible sizes."""
+        st = t.storage
+        if not isinstance(st.dtype, torch.dtype) or st.dtype not in _PTH_STORAGES.values():
+            raise CheckpointError(f"{self.path}: tensor {key!r} has an unsupported storage type")
+        ints = (st.numel, t.offset, *t.shape, *t.stride)
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ints) or len(t.shape) != len(t.stride):
+            raise CheckpointError(f"{self.path}: tensor {key!r} has a negative or malformed size")
+        rec = self._records.get(f"{self._prefix}data/{st.key}")
+        if rec is None:
+            raise CheckpointError(f"{self.path}: storage of {key!r} is missing (truncated file?)")
+        if rec.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{self.path}: storage of {key!r} is compressed; torch.save never does that")
+        if st.numel * st.dtype.itemsize > rec.file_size:
+            raise CheckpointError(f"{self.path}: storage of {key!r} claims {st.numel} elements but holds "
+                                  f"{rec.file_size} bytes")
+        if math.prod(t.shape) and t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) >= st.numel:
+            raise CheckpointError(f"{self.path}: tensor {key!r} reaches past the end of its storage")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         t = self._tensors[key]
@@ -398,9 +459,7 @@ class PthFile(Mapping[str, torch.Tensor]):
 
 def load_pth(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A plain torch state_dict (.pth), loaded safely (weights_only) and lazily (mmap)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: file is missing")
+    path = require_file(path, "torch checkpoint", CheckpointError, missing=f"{path}: file is missing")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for corrupt files

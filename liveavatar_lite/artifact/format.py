@@ -11,9 +11,17 @@ API (runtime side):
         #        views[k].dequantize(buf, dtype) -> the logical weight (qtypes.dequantize)
     path = unit_path(dir, m.unit("vae"))          # for readers that want safe_open on the file
 
+    verify_files(dir, m)                         # ArtifactError naming the first changed/extra file
+                                                 # (decoder.onnx, wav2vec2/, tokenizer/) before use
+
 API (writer side, used by quantize/):
     layout = layout_file(specs, unit_name)       # FileLayout: header bytes + TensorEntry offsets
+    entries = file_entries(dir, "wav2vec2")      # FileEntry (path, size, xxh3_128) per file under it
     write_manifest(dir, manifest)                # temp file + rename; call it LAST
+
+Checksums: every unit records the sha256 AND the xxh3-128 of its whole file; every other file the
+xxh3-128. Loaders verify the xxh3 while the bytes are read anyway (~12 GB/s on one core here,
+sha256 1.2 GB/s: docs/FORMAT.md); `inspect --verify` checks both.
 
 Each unit file is a valid safetensors file whose header length makes the data section start at a
 multiple of 64 bytes, and whose parts all start at multiples of 64 (gaps are filled with
@@ -25,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,13 +42,14 @@ from typing import Any
 import torch
 
 from ..config import DiTConfig
-from ..errors import ArtifactError
-from ..fileio import read_json, write_bytes_atomic
+from ..errors import ArtifactError, first_line
+from ..fileio import contained_path, read_json, write_bytes_atomic
 from .checkpoint import SAFETENSORS_DTYPES
 from .qtypes import QuantType, dequantize, part_specs
 
 FORMAT_NAME = "liveavatar-lite"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fast checksums of every unit and every other file (units unchanged since 1)
+READABLE_VERSIONS = (1, 2)  # version 1 is read (inspect), but generate asks for a re-quantize (no checksums)
 MANIFEST_FILE = "manifest.json"
 ALIGN = 64  # bytes: every part starts at a multiple of this inside the data section and in the file
 PAD_PREFIX = "__pad_"
@@ -101,6 +111,7 @@ class UnitEntry:
     data_nbytes: int  # size of the data section (a multiple of ALIGN)
     sha256: str  # of the whole file
     tensors: tuple[TensorEntry, ...]
+    xxh3_128: str | None = None  # of the whole file (format version >= 2): checked while a loader reads it
 
     @property
     def file_nbytes(self) -> int:
@@ -111,6 +122,15 @@ class UnitEntry:
             if t.name == name:
                 return t
         raise KeyError(f"unit {self.name} has no tensor {name!r}")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the artifact that is not a unit (the ONNX decoder, wav2vec2/ and tokenizer/ files)."""
+
+    path: str  # relative to the artifact directory, POSIX separators
+    size: int
+    xxh3_128: str
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,7 @@ class Manifest:
     components: tuple[str, ...]  # which of dit, t5, vae, audio, tokenizer were converted
     paths: dict[str, str] = field(default_factory=dict)  # "audio_dir", "tokenizer_dir", "vae_onnx" -> rel path
     format_version: int = FORMAT_VERSION
+    files: tuple[FileEntry, ...] = ()  # every file under `paths`, with its checksum (version >= 2)
 
     def unit(self, name: str) -> UnitEntry:
         for u in self.units:
@@ -280,10 +301,34 @@ def _from_json(d: dict[str, Any]) -> Manifest:
             )
             for t in u["tensors"]
         )
-        units.append(UnitEntry(**{**u, "tensors": tensors}))
+        units.append(_checked_unit(UnitEntry(**{**u, "tensors": tensors})))
+    files = tuple(FileEntry(**f) for f in d.get("files", ()))
     return Manifest(dit=dit, source=source, quant=quant, units=tuple(units),
                     components=tuple(d["components"]), paths=dict(d.get("paths", {})),
-                    format_version=int(d["format_version"]))
+                    format_version=int(d["format_version"]), files=files)
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _checked_unit(u: UnitEntry) -> UnitEntry:
+    """ValueError unless every size and offset a reader will use is an integer inside the file."""
+    if not (_is_count(u.header_nbytes) and _is_count(u.data_nbytes) and u.header_nbytes >= 8
+            and u.header_nbytes % ALIGN == 0 and u.data_nbytes % ALIGN == 0):
+        raise ValueError(f"unit {u.name!r} has impossible sizes")
+    if not isinstance(u.sha256, str) or (u.xxh3_128 is not None and not isinstance(u.xxh3_128, str)):
+        raise ValueError(f"unit {u.name!r} has a malformed checksum")
+    for t in u.tensors:
+        if not all(_is_count(n) for n in t.logical_shape) or not (t.group_size is None or _is_count(t.group_size)):
+            raise ValueError(f"unit {u.name!r}: tensor {t.name!r} has a malformed shape")
+        for p in t.parts:
+            shape_ok = all(_is_count(n) for n in p.shape)
+            if (p.dtype not in CODE_DTYPES or not shape_ok or not _is_count(p.offset) or not _is_count(p.nbytes)
+                    or p.nbytes != math.prod(p.shape) * CODE_DTYPES[p.dtype].itemsize
+                    or p.offset + p.nbytes > u.data_nbytes):
+                raise ValueError(f"unit {u.name!r}: part {p.name!r} does not fit its file")
+    return u
 
 
 def manifest_bytes(m: Manifest) -> bytes:
@@ -306,14 +351,20 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     d = read_json(path, ArtifactError, missing=f"{directory}: no {MANIFEST_FILE} (not an artifact, or an unfinished conversion)")
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path}: not a {FORMAT_NAME} manifest")
-    if d.get("format_version") != FORMAT_VERSION:
+    if d.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{path}: unknown format version {d.get('format_version')!r} (this liveavatar-lite reads {FORMAT_VERSION})"
+            f"{path}: unknown format version {d.get('format_version')!r} (this liveavatar-lite reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; re-run `liveavatar-lite quantize` with this version)"
         )
     try:
-        return _from_json(d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+        m = _from_json(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{path}: malformed manifest ({type(e).__name__}: {first_line(e)})") from None
+    # every name read back from the manifest must stay inside the artifact directory
+    root = Path(directory)
+    for name in [u.file for u in m.units] + list(m.paths.values()) + [f.path for f in m.files]:
+        contained_path(root, name, str(path), ArtifactError)
+    return m
 
 
 # ------------------------------------------------------------------------------------------ unit reading
@@ -362,13 +413,17 @@ def read_unit(
         raise ArtifactError(f"{path}: unit file is missing") from None
     if size != unit.file_nbytes:
         raise ArtifactError(f"{path}: {size} bytes, the manifest says {unit.file_nbytes}")
+    if verify and unit.xxh3_128 is None and not unit.sha256:
+        raise ArtifactError(f"{path}: the manifest records no checksum for it")
     if out is None:
         buf = torch.empty(unit.data_nbytes, dtype=torch.uint8, pin_memory=pin)
     else:
         if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < unit.data_nbytes or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous 1-D uint8 tensor of >= {unit.data_nbytes} bytes")
         buf = out[:unit.data_nbytes]
-    digest = hashlib.sha256() if verify else None
+    # xxh3 where the manifest has it (version 2), else sha256; hashed as the bytes arrive, no re-read
+    digest = (fast_hasher() if unit.xxh3_128 is not None else hashlib.sha256()) if verify else None
+    expected = unit.xxh3_128 if unit.xxh3_128 is not None else unit.sha256
     with open(path, "rb", buffering=0) as f:
         header = f.read(unit.header_nbytes)
         if len(header) != unit.header_nbytes or int.from_bytes(header[:8], "little") + 8 != unit.header_nbytes:
@@ -384,20 +439,96 @@ def read_unit(
             done += n
     if digest:
         digest.update(view)
-        if digest.hexdigest() != unit.sha256:
-            raise ArtifactError(f"{path}: checksum mismatch (file changed or corrupt)")
+        if digest.hexdigest() != expected:
+            raise ArtifactError(f"{path}: checksum mismatch (changed or corrupt since quantize); "
+                                f"re-run `liveavatar-lite quantize` into {directory} to repair it")
     return buf, {t.name: TensorView(t) for t in unit.tensors}
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 16 << 20) -> str:
-    """sha256 of a whole file, read in chunks (bounded memory)."""
-    h = hashlib.sha256()
+def fast_hasher() -> Any:
+    """A fresh xxh3-128 hasher (`update(bytes)`, `hexdigest()`): the artifact's load-time checksum."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def _hash_file(path: str | os.PathLike[str], *hashers: Any, chunk: int = 16 << 20) -> tuple[str, ...]:
+    """Feed a whole file, read once in chunks (bounded memory), to every hasher; their hex digests."""
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk)
         view = memoryview(buf)
         while n := f.readinto(view):
-            h.update(view[:n])
-    return h.hexdigest()
+            for h in hashers:
+                h.update(view[:n])
+    return tuple(h.hexdigest() for h in hashers)
+
+
+def file_digests(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(sha256, xxh3_128) of a whole file, in one read."""
+    sha, fast = _hash_file(path, hashlib.sha256(), fast_hasher())
+    return sha, fast
+
+
+def file_xxh3(path: str | os.PathLike[str]) -> str:
+    """xxh3-128 of a whole file."""
+    return _hash_file(path, fast_hasher())[0]
+
+
+def _files_under(root: Path, rel: str) -> list[str]:
+    """Every file below `root / rel` (or `rel` itself when it is a file), relative to `root`, sorted."""
+    top = root / rel
+    if not top.is_dir():
+        return [rel]
+    return sorted(p.relative_to(root).as_posix() for p in top.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def file_entries(directory: str | os.PathLike[str], rel: str) -> tuple[FileEntry, ...]:
+    """FileEntry (path, size, xxh3) for `rel` (a file) or every file below it (a folder), sorted."""
+    root = Path(directory)
+    return tuple(FileEntry(name, (root / name).stat().st_size, file_xxh3(root / name))
+                 for name in _files_under(root, rel))
+
+
+def verify_files(directory: str | os.PathLike[str], m: Manifest, keys: Sequence[str] | None = None) -> None:
+    """Check the files under `m.paths` (all, or those of `keys`) against their recorded checksums.
+
+    ArtifactError (one line, naming the file) for a version-1 artifact (no checksums), a missing,
+    resized, changed or non-regular file, or a file the converter did not write (a loader such as
+    transformers would pick up an extra weights file). Every byte is read once, at ~12 GB/s.
+        verify_files("artifact", m, keys=("vae_onnx", "audio_dir", "tokenizer_dir"))
+    """
+    root = Path(directory)
+    if m.format_version < 2:
+        raise ArtifactError(f"{root}: artifact format version {m.format_version} records no checksums for its "
+                            "decoder, audio encoder and tokenizer; re-run `liveavatar-lite quantize` into it "
+                            "(finished files are reused) or into a new directory")
+    listed = {f.path: f for f in m.files}
+    for key in keys if keys is not None else tuple(m.paths):
+        rel = m.paths.get(key)
+        if rel is None:
+            continue
+        found = _files_under(root, rel) if (root / rel).exists() else []
+        expected = sorted(p for p in listed if p == rel or p.startswith(rel.rstrip("/") + "/"))
+        for name in found:
+            if name not in listed:
+                raise ArtifactError(f"{root / name}: not written by quantize (remove it, or re-run quantize "
+                                    f"into {root})")
+        for name in expected:
+            entry, p = listed[name], contained_path(root, name, f"{root / MANIFEST_FILE}", ArtifactError)
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise ArtifactError(f"{p}: missing from the artifact; re-run quantize into {root}") from None
+            if not stat.S_ISREG(st.st_mode) or p.is_symlink():
+                raise ArtifactError(f"{p}: not a regular file")
+            if st.st_size != entry.size or file_xxh3(p) != entry.xxh3_128:
+                raise ArtifactError(f"{p}: checksum mismatch (changed or corrupt since quantize); "
+                                    f"re-run `liveavatar-lite quantize` into {root} to repair it")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a whole file, read in chunks (bounded memory)."""
+    return _hash_file(path, hashlib.sha256())[0]
 
 
 def verify_artifact(directory: str | os.PathLike[str], m: Manifest, checksums: bool = False) -> list[str]:
@@ -409,11 +540,23 @@ def verify_artifact(directory: str | os.PathLike[str], m: Manifest, checksums: b
             problems.append(f"{u.file}: missing")
         elif p.stat().st_size != u.file_nbytes:
             problems.append(f"{u.file}: {p.stat().st_size} bytes, expected {u.file_nbytes}")
-        elif checksums and file_sha256(p) != u.sha256:
+        elif checksums and (file_digests(p) if u.xxh3_128 else (file_sha256(p), None)) != (u.sha256, u.xxh3_128):
             problems.append(f"{u.file}: checksum mismatch")
     for key, rel in m.paths.items():
         if not (Path(directory) / rel).exists():
             problems.append(f"{rel} ({key}): missing")
+    if m.format_version < 2:
+        problems.append(f"format version {m.format_version}: no checksums for {', '.join(m.paths) or 'its files'} "
+                        "(re-run quantize into it to add them)")
+        return problems
+    for f in m.files:
+        p = Path(directory) / f.path
+        if not p.is_file():
+            problems.append(f"{f.path}: missing")
+        elif p.stat().st_size != f.size:
+            problems.append(f"{f.path}: {p.stat().st_size} bytes, expected {f.size}")
+        elif checksums and file_xxh3(p) != f.xxh3_128:
+            problems.append(f"{f.path}: checksum mismatch")
     return problems
 
 

@@ -13,23 +13,29 @@ BENCHES = {
     "quantize": "bench_quantize.py",  # converter throughput and RSS vs optimum-quanto
     "vae": "bench_vae.py",  # ONNX Runtime vs torch VAE decode
     "pipeline": "bench_pipeline.py",  # time to first frame: cold generate vs a warm Pipeline; RSS over renders
+    "checksum": "bench_checksum.py",  # xxh3 vs sha256/blake2b/blake3, and what verifying adds to a unit read
     "serve": "bench_serve.py",  # 100 jobs through the service: failures, latency, TTFF, RSS drift of server + worker
     "farm": "bench_farm.py",  # farm run throughput: jobs per minute with 1 vs 2 Ray actors
 }
 
 DESCRIPTION = (
-    "Run a benchmark from the source checkout's tools/ directory and print its side-by-side table: "
-    "stream (streamed vs resident DiT step time, copy-wait fraction, H2D GB/s), quantize, vae, "
-    "pipeline (time to first frame of a cold generate vs a warm Pipeline, RSS over many renders), "
-    "serve (a soak of many jobs through the HTTP service: latency, time to first frame, RSS drift), "
-    "farm (jobs per minute with 1 vs 2 Ray actors). "
-    "Arguments after NAME go to the script (NAME --help lists them)."
+    "Run a benchmark from the source checkout's tools/ directory and print its side-by-side table. "
+    "stream: streamed vs resident DiT step time, copy-wait fraction and H2D GB/s (median of --samples "
+    "interleaved runs after --warmup). quantize: converter throughput and peak RSS vs optimum-quanto. "
+    "vae: ONNX Runtime vs torch streaming VAE decode (median of --repeats after a warm-up pass). "
+    "pipeline: time to first frame of a cold generate vs a warm Pipeline, RSS over many renders. "
+    "checksum: hash throughput of the artifact's load-time check vs sha256, and its cost per unit read. "
+    "serve: a soak of many jobs through the HTTP service (latency, time to first frame, RSS drift). "
+    "farm: jobs per minute of `farm run` with 1 vs 2 Ray actors. "
+    "Arguments after NAME go to the script: `liveavatar-lite bench NAME --help` lists them."
 )
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    parser.add_argument("name", choices=sorted(BENCHES), metavar="NAME",
+                        help="which benchmark: " + ", ".join(sorted(BENCHES)))
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="arguments for the benchmark script, e.g. `stream --preset tiny --samples 5`")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .generate_cmd import _positive, add_memory_flags
+from .flags import non_negative_float, positive_float, positive_int, seed
+from .generate_cmd import add_memory_flags
 
 DESCRIPTION = (
     "Render many videos on a Ray cluster: one actor per GPU (across machines), each keeping the models "
@@ -20,9 +21,9 @@ def add_ray_flags(parser: argparse.ArgumentParser, what: str) -> None:
     """--ray-address, --workers, --cpus-per-worker (farm run, serve --backend ray)."""
     parser.add_argument("--ray-address", default=None, metavar="ADDR",
                         help=f"a running Ray cluster (HOST:6379, or `auto`); default: start a local Ray{what}")
-    parser.add_argument("--workers", type=_positive(int, "integer"), default=None, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help="actors, each holding a warm Pipeline (default: one per GPU in the cluster, 1 without GPUs)")
-    parser.add_argument("--cpus-per-worker", type=_positive(float, "number"), default=1.0, metavar="N",
+    parser.add_argument("--cpus-per-worker", type=positive_float, default=1.0, metavar="N",
                         help="CPUs Ray reserves for each actor; its CPU threads (default: %(default)s)")
 
 
@@ -38,8 +39,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_ray_flags(p, "")
     add_memory_flags(p)  # each actor's --vram, --ram, --kv
     p.add_argument("--size", default="704*384", help="size of jobs that do not give one (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="seed of jobs that do not give one (default: %(default)s)")
-    p.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--seed", type=seed, default=42, help="seed of jobs that do not give one (default: %(default)s)")
+    p.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",
                    help="seconds between a job's resume checkpoints (what a dead actor's job resumes from); "
                         "0 = after every clip (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -64,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.farm_command != "run":
         raise UserError("farm needs an action: farm run JOBS.jsonl --artifact ART (see farm run --help)")
-    if args.checkpoint_interval < 0:
-        raise UserError("--checkpoint-interval must not be negative")
     options = PipelineOptions(artifact=args.artifact.resolve(), vram_gb=args.vram, ram_gb=args.ram,
                               kv_dtype=args.kv, cache_dir=args.cache_dir.resolve() if args.cache_dir else None,
                               progress=False)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from .flags import float_range, int_range, non_negative_float, seed
 
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
@@ -12,31 +12,15 @@ DESCRIPTION = (
     "The output file appears only when the video is complete; --live DIR lets you watch it while "
     "it renders (an HLS playlist, DIR/index.m3u8, growing by one segment per clip)."
 )
-
-
-def _positive(convert: Callable[[str], Any], noun: str) -> Callable[[str], Any]:
-    """argparse type: `convert(text)` when it is > 0, else a one-line error ("must be a positive NOUN").
-
-    parser.add_argument("--num-clip", type=_positive(int, "integer"))
-    """
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:  # `not >` also refuses nan
-            raise argparse.ArgumentTypeError(f"must be a positive {noun}, got {text}")
-        return value
-
-    return parse
+DISK_FULL_HINT = "free some space and re-run the same command with --resume: finished clips are kept"
+RESUME_HINT = "re-run the same command with --resume to continue from the newest checkpoint"
 
 
 def add_memory_flags(parser: argparse.ArgumentParser) -> None:
     """--vram, --ram, --kv: the memory budget a Pipeline is planned for (generate and serve)."""
-    parser.add_argument("--vram", type=_positive(float, "number"), default=None, metavar="GB",
+    parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
                         help="GPU memory budget in GB (default: what the GPU has free)")
-    parser.add_argument("--ram", type=_positive(float, "number"), default=None, metavar="GB",
+    parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
                         help="host memory budget in GB (default: this machine's physical RAM)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
                         help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
@@ -47,20 +31,20 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifact", required=True, type=Path,
                         help="artifact directory from `liveavatar-lite quantize`")
     parser.add_argument("--image", required=True, type=Path, help="reference photo (jpg, png, webp)")
-    parser.add_argument("--audio", required=True, type=Path, help="speech (wav, flac, ogg; any rate, mono or stereo)")
+    parser.add_argument("--audio", required=True, type=Path, help="speech (wav, flac, ogg, mp3, m4a/aac, opus; any rate, mono or stereo)")
     parser.add_argument("--prompt", required=True, help="text prompt (its umT5 embedding is cached on disk)")
     parser.add_argument("-o", "--out", required=True, type=Path, help="output .mp4 (h264 25 fps + aac)")
     parser.add_argument("--size", default="704*384",
                         help="maximum pixel area as W*H (upstream keys such as 704*384, 720*400, 688*368, "
                              "384*256, or a custom one); the photo's aspect is kept, sides snap to 64 "
                              "(default: %(default)s)")
-    parser.add_argument("--num-clip", type=_positive(int, "integer"), default=None,
+    parser.add_argument("--num-clip", type=int_range(1, 10**6), default=None,
                         help="number of clips (45 frames, then 48 each); default: until the audio ends")
-    parser.add_argument("--seed", type=int, default=42, help="noise seed (default: %(default)s)")
+    parser.add_argument("--seed", type=seed, default=42, help="noise seed, 0 to 2^63-1 (default: %(default)s)")
     add_memory_flags(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same inputs from its newest checkpoint")
-    parser.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",
                         help="seconds between resume checkpoints; each holds every KV cache (tens of GB at 14B), "
                              "a resume re-renders the clips after the newest one; 0 = after every clip "
                              "(default: %(default)s)")
@@ -74,6 +58,24 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="where prompt embeddings are cached "
                              "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--ranks", type=int_range(1, 64), default=1, metavar="N",
+                        help="split the 4 denoising steps over N processes, one GPU each (2: two steps each, "
+                             "4: one each, 5: one each + a decoding rank); blocks flow rank to rank; CPU "
+                             "processes where there is no GPU; also under torchrun (docs/multi-gpu.md)")
+    parser.add_argument("--gpus", type=_gpu_list, default=None, metavar="LIST",
+                        help="GPU of each rank, e.g. 0,1,2,3 (default: rank i on GPU i); a GPU may repeat "
+                             "(then give each rank its share with --vram)")
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    """argparse type: '0,1,2,3' -> (0, 1, 2, 3)."""
+    try:
+        gpus = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        gpus = ()
+    if not gpus or any(g < 0 for g in gpus):
+        raise argparse.ArgumentTypeError(f"must be GPU numbers separated by commas, e.g. 0,1,2,3; got {text}")
+    return gpus
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +104,19 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_interval_s=args.checkpoint_interval,
         progress=not args.no_progress,
     )
-    result = generate(request, options)
+    if args.ranks > 1:
+        from ..pipeline.multirank import generate_multirank
+
+        result = generate_multirank(options, request, args.ranks, args.gpus)
+        if result is None:  # a torchrun rank that does not write the video
+            return 0
+    elif args.gpus is not None:
+        from ..errors import UserError
+
+        raise UserError("--gpus places the ranks of --ranks N (N >= 2); for one process pick the GPU with "
+                        "CUDA_VISIBLE_DEVICES")
+    else:
+        result = generate(request, options)
     log = logging.getLogger("liveavatar_lite.pipeline.generate")
     log.info("wrote %s: %d clips, %d frames at %dx%d in %.1f s%s", result.out, result.clips, result.frames,
              result.width, result.height, result.seconds,

@@ -2,6 +2,7 @@
 
     liveavatar-lite plan ARTIFACT --vram 24 [--ram 64] [--size 704*384] [--kv fp8] [--device-profile rtx4090] [--json]
     liveavatar-lite plan 14b --format int4 --vram 12      # no artifact needed: sizes from the config
+    liveavatar-lite plan 14b --format int8 --vram 24 --ranks 5 --device-profile rtx4090   # a pipeline of 5 GPUs
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import argparse
 import json
 import os
 from pathlib import Path
+
+from .flags import float_range, int_range
 
 DESCRIPTION = (
     "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "
@@ -21,8 +24,10 @@ DESCRIPTION = (
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", metavar="ARTIFACT", help="artifact directory, or a preset name: 14b | tiny")
-    parser.add_argument("--vram", type=float, required=True, metavar="GB", help="VRAM budget in GB (the one knob)")
-    parser.add_argument("--ram", type=float, metavar="GB", help="host RAM budget in GB (default: this machine's RAM)")
+    parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), required=True, metavar="GB",
+                        help="VRAM budget in GB (the one knob)")
+    parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), metavar="GB",
+                        help="host RAM budget in GB (default: this machine's RAM)")
     parser.add_argument("--size", default="704*384", metavar="W*H", help="video size (default 704*384)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"), help="KV cache storage dtype")
     parser.add_argument("--format", choices=("bf16", "int8", "fp8", "int4", "nf4"),
@@ -31,6 +36,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bandwidth/throughput figures: rtx4090, rtx3090, rtx5090, l40s, h100-pcie "
                              "(default: this GPU's profile if known, else a short probe)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--ranks", type=int_range(1, 64), default=1, metavar="N",
+                        help="plan a pipeline of N GPUs (generate --ranks N): each rank's layout within its own "
+                             "--vram (only its own KV rings), the predicted throughput (the slowest rank sets "
+                             "it) and real-time factor; --ram is the whole machine's, shared by the ranks")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
         inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m))
     ram = args.ram * GB if args.ram is not None else _physical_ram()
     profile, note = _profile(args.device_profile)
+    if args.ranks != 1:
+        print(_pipeline_report(inp, Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv), profile,
+                               args.ranks, args.json, ram))
+        if note and not args.json:
+            print(note)
+        return 0
     plan = make_plan(inp, Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv), profile)
     if args.json:
         print(json.dumps({**plan.to_json(), "predicted_realtime_factor": predicted_realtime_factor(plan)}, indent=1))
@@ -126,4 +141,58 @@ def format_plan(plan, ram_budget: float | None) -> str:
               f"(DiT only, 4 steps x 4 blocks, 48 frames)",
               f"real time  predicted real-time factor {predicted_realtime_factor(plan):.3f} "
               f"(seconds of video per second of rendering; 1.0 = as fast as it plays)"]
+    return "\n".join(lines)
+
+
+def _pipeline_report(inp, budget, profile, ranks: int, as_json: bool, ram_budget: float | None) -> str:
+    """`plan --ranks N`: every rank's plan, the pipeline's throughput, one GPU for comparison."""
+    from ..errors import BudgetError
+    from ..runtime.stage_plan import plan_ranks, predict_pipeline, rank_roles
+
+    plans = plan_ranks(inp, budget, profile, rank_roles(ranks, inp.sample.num_steps))
+    pred = predict_pipeline(plans, inp.sample)
+    try:
+        single = predict_pipeline(plan_ranks(inp, budget, profile, rank_roles(1)), inp.sample)
+    except BudgetError:
+        single = None
+    if as_json:
+        return json.dumps({"ranks": [p.to_json() for p in plans], "pipeline": pred.to_json(),
+                           "one_gpu": single.to_json() if single else None}, indent=1)
+    return format_pipeline(plans, pred, single, ram_budget)
+
+
+def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
+    """The human-readable pipeline table (one line per rank)."""
+    from ..runtime.plan import GB
+
+    first = next(p.plan for p in plans if p.plan is not None)
+    w, h = first.size
+    title = (f"pipeline plan: {len(plans)} ranks, {first.weight_format} weights, {w}*{h}, KV {first.kv[0].dtype}, "
+             f"profile {first.device_profile} (predictions)")
+    header = (f"{'rank':<5}{'role':<18}{'peak GB':>8}{'budget':>8}  {'resident/streamed':<18}{'KV caches':<30}"
+              f"{'host GB':>8}{'s/clip':>8}")
+    lines = [title, "", header]
+    for p in plans:
+        if p.plan is None:
+            layout, kv = "(no DiT)", "VAE decoder only"
+        else:
+            streamed = len(p.plan.streamed_units)
+            layout = f"{len(p.plan.units) - streamed} / {streamed}"
+            kv = ", ".join(f"{k.name}:{k.placement}" for k in p.plan.kv)
+        lines.append(f"{p.role.rank:<5}{p.role.label:<18}{p.peak_vram_bytes / GB:8.2f}{p.vram_budget_bytes / GB:8.2f}  "
+                     f"{layout:<18}{kv:<30}{p.host_ram_bytes / GB:8.1f}{p.seconds_per_clip:8.2f}")
+    host = sum(p.host_ram_bytes for p in plans)
+    ram = f" of {ram_budget / GB:.1f} GB" if ram_budget else ""
+    slow = plans[pred.slowest_rank]
+    throughput = (f"throughput  one clip per {pred.seconds_per_clip:.2f} s (rank {pred.slowest_rank}, "
+                  f"{slow.role.label}, is the slowest) = {pred.fps:.1f} fps, {pred.realtime_factor:.2f}x real time "
+                  f"(25 fps); first clip {pred.first_clip_seconds:.2f} s")
+    lines += ["", f"host RAM    {host / GB:.1f} GB{ram} for all ranks together",
+              "per rank    s/clip = DiT (+ VAE decode on the decoding rank) + block hand-off, per 48-frame clip",
+              throughput]
+    if single is not None:
+        lines.append(f"one GPU     {single.seconds_per_clip:.2f} s per clip = {single.fps:.1f} fps "
+                     f"({pred.fps / single.fps:.1f}x with {len(plans)} ranks)")
+    else:
+        lines.append("one GPU     does not fit this budget")
     return "\n".join(lines)

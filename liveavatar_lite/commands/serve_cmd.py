@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from .farm_cmd import add_ray_flags
-from .generate_cmd import _positive, add_memory_flags
+from .flags import (
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from .generate_cmd import add_memory_flags
 
 DESCRIPTION = (
     "Serve renders over HTTP for days: a durable job queue (SQLite under --state-dir) in front of one "
@@ -19,7 +27,7 @@ DESCRIPTION = (
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", type=Path, help="artifact directory from `liveavatar-lite quantize`")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    parser.add_argument("--port", type=int_range(0, 65535), default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="queue, inputs, results and logs (default: $XDG_STATE_HOME/liveavatar-lite/serve, "
                              "else ~/.local/state/liveavatar-lite/serve)")
@@ -31,26 +39,26 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="the size the worker is planned for and a job's default (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="prompt and photo latent caches (default: STATE_DIR/cache)")
-    parser.add_argument("--max-queue", type=_positive(int, "integer"), default=32,
+    parser.add_argument("--max-queue", type=positive_int, default=32,
                         help="jobs that may wait; more get 429 with Retry-After (default: %(default)s)")
-    parser.add_argument("--max-upload-mb", type=_positive(float, "number"), default=50.0,
+    parser.add_argument("--max-upload-mb", type=positive_float, default=50.0,
                         help="largest request body in MB (default: %(default)s)")
-    parser.add_argument("--max-audio-seconds", type=_positive(float, "number"), default=600.0,
+    parser.add_argument("--max-audio-seconds", type=positive_float, default=600.0,
                         help="longest speech a job may have (default: %(default)s)")
-    parser.add_argument("--request-timeout", type=_positive(float, "number"), default=60.0, metavar="SECONDS",
+    parser.add_argument("--request-timeout", type=positive_float, default=60.0, metavar="SECONDS",
                         help="time to receive one upload (default: %(default)s)")
-    parser.add_argument("--worker-memory-gb", type=_positive(float, "number"), default=None, metavar="GB",
+    parser.add_argument("--worker-memory-gb", type=positive_float, default=None, metavar="GB",
                         help="restart the worker when its RSS passes this (a job in flight resumes; default: off)")
-    parser.add_argument("--recycle-after", type=int, default=0, metavar="N",
+    parser.add_argument("--recycle-after", type=non_negative_int, default=0, metavar="N",
                         help="restart the worker between jobs after N tasks (default: 0, never)")
-    parser.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",
                         help="seconds between a job's resume checkpoints; 0 = after every clip (default: %(default)s)")
     parser.add_argument("--backend", choices=("local", "ray"), default="local",
                         help="who renders: one local worker process (default), or Ray actors, one per GPU across "
                              "machines (needs the farm extra and a --state-dir on storage every node shares; "
                              "docs/farm.md)")
     add_ray_flags(parser, " (with --backend ray)")
-    parser.add_argument("--keep-jobs", type=_positive(int, "integer"), default=1000,
+    parser.add_argument("--keep-jobs", type=positive_int, default=1000,
                         help="finished jobs kept with their videos; older ones are deleted (default: %(default)s)")
 
 
@@ -60,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     liveavatar-lite serve la-int8/ --vram 24 --kv fp8 --state-dir /var/lib/liveavatar
     """
     from ..conditioning.photo import parse_size
-    from ..errors import UserError
     from ..pipeline.render import ArtifactBackend
     from ..pipeline.request import PipelineOptions
     from ..serve.config import (
@@ -72,16 +79,15 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..serve.server import serve
 
-    if not 0 <= args.port < 65536:
-        raise UserError(f"--port {args.port} is not a TCP port (1-65535, or 0 for any free one)")
-    if args.recycle_after < 0 or args.checkpoint_interval < 0:
-        raise UserError("--recycle-after and --checkpoint-interval must not be negative")
     parse_size(args.size)
     if args.backend == "local" and (args.ray_address or args.workers):
         raise UserError("--ray-address and --workers need --backend ray")
-    state_dir = (args.state_dir or default_state_dir()).resolve()
-    options = PipelineOptions(artifact=args.artifact.resolve(), vram_gb=args.vram, ram_gb=args.ram, kv_dtype=args.kv,
-                              cache_dir=(args.cache_dir or state_dir / "cache").resolve(), progress=False)
+    state_dir = args.state_dir or default_state_dir()
+    options = PipelineOptions(artifact=args.artifact, vram_gb=args.vram, ram_gb=args.ram, kv_dtype=args.kv,
+                              cache_dir=args.cache_dir or state_dir / "cache", progress=False)
+    if args.backend == "ray":  # actors run in other directories, on other machines: absolute paths
+        state_dir = state_dir.resolve()
+        options = replace(options, artifact=options.artifact.resolve(), cache_dir=Path(options.cache_dir).resolve())
     ArtifactBackend.open(options)  # a bad artifact fails here, in a second, not in the worker
     config = ServeConfig(
         pipeline=options, state_dir=state_dir, host=args.host, port=args.port,

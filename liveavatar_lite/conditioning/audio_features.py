@@ -222,8 +222,13 @@ def extract_audio_features(
     clip_frames: int = CLIP_FRAMES,
     fps: int = VIDEO_FPS,
     out_dtype: torch.dtype = torch.float32,
+    num_clips: int | None = None,
 ) -> torch.Tensor:
     """Per-video-frame features of a 16 kHz mono wave: [layers (25), audio_dim, n_clips * clip_frames].
+
+    `num_clips` (the clips a render will make, e.g. --num-clip) limits the work to those clips'
+    frames: the wave is still normalised as a whole and every window keeps its real context, so the
+    result equals the first num_clips * clip_frames frames of the full computation.
 
     Frame j holds the 25 wav2vec2 hidden states at time j / fps (via the 30 Hz re-timing above);
     frames past the end of the audio are zero up to whole clips; n_clips = num_clips_for_audio(len(wave)).
@@ -241,12 +246,15 @@ def extract_audio_features(
         raise UserError(f"audio is too short ({len(wave)} samples); need at least {min_ms:.0f} ms")
     values = normalize_waveform(encoder, wave)
     n_clips = _clips_for_frames(resampled_frame_count(frames_50), clip_frames, fps)
+    if num_clips is not None:
+        n_clips = max(1, min(n_clips, num_clips))
     taps = _video_frame_taps(frames_50, n_clips, clip_frames, fps)
+    needed = int(taps.hi[taps.valid].max()) + 1 if taps.valid.any() else 0  # 50 Hz frames read
 
     cfg = encoder.model.config
     layers = cfg.num_hidden_layers + 1
     out = torch.zeros(layers, cfg.hidden_size, n_clips * clip_frames, dtype=out_dtype)
-    plan = _chunk_plan(frames_50, chunking)
+    plan = [c for c in _chunk_plan(frames_50, chunking) if c[2] < needed]  # cores the clips read
     log.info("wav2vec2: %d frames at 50 Hz in %d chunk(s) -> %d clips", frames_50, len(plan), n_clips)
     for w0, w1, a, b in tqdm(plan, desc="audio features", unit="chunk", disable=len(plan) == 1):
         h = _hidden_states_window(encoder, values, w0, w1)  # [layers, w1 - w0, dim]

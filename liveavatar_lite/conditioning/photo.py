@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, first_line
+from ..fileio import require_file
 
 # --size keys upstream accepts; each stands for a maximum pixel area (h * w of the key).
 SIZE_KEYS = (
@@ -125,9 +126,7 @@ def read_rgb(path: str | Path) -> "PIL.Image.Image":  # noqa: F821
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image file {path} does not exist")
+    path = require_file(path, "image file")  # a FIFO or device is refused, not opened (it would block)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # decodes fully here, so truncated files fail inside the try

@@ -1,6 +1,7 @@
 """The driving speech: any audio file -> float32 mono at 16 kHz, the rate wav2vec2 expects.
 
-Audio: any format libsndfile reads (wav, flac, ogg/vorbis, mp3, aiff, ...), channels averaged to
+Audio: any format libsndfile reads (wav, flac, ogg/vorbis, mp3, aiff, ...), or PyAV for the rest
+(m4a/aac, opus, webm; `liveavatar_lite.audiofile` decodes without resampling), channels averaged to
 mono (as librosa does), resampled to 16 kHz with band-limited windowed-sinc interpolation: our own
 small version of the method torchaudio.functional.resample uses, with a Kaiser window (64 zero
 crossings, roll-off 0.96, beta 10), tuned to sit close to the soxr_hq filter upstream's librosa
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError, first_line
+from ..errors import UserError
 
 SAMPLE_RATE = 16000
 _SILENCE_PEAK = 1e-5  # -100 dBFS: a file whose every sample is below this carries no speech
@@ -67,20 +68,17 @@ def resample(wave: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE, *, zero_cr
 def load_audio(path: str | Path) -> np.ndarray:
     """Read an audio file as float32 mono at 16 kHz: np.ndarray [N].
 
+    Decoded by libsndfile, or by PyAV for what it cannot read (m4a/aac, opus, ...): see
+    `liveavatar_lite.audiofile`; either way resampled here, by `resample` only.
     Raises UserError (one line) for a missing, unreadable, empty, non-finite or silent file.
 
         wave = load_audio("speech.wav")
     """
-    import soundfile as sf
+    from ..audiofile import read_audio
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"audio file {path} does not exist")
-    try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [N, channels]
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError by format
-        msg = first_line(e)
-        raise UserError(f"cannot read audio {path}: {msg} (supported: wav, flac, ogg, mp3, aiff)") from None
+    audio = read_audio(path, "audio file")
+    data, sr = audio.data, audio.rate  # [N, channels]
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise UserError(f"audio {path} is empty (0 samples)")
     wave = data.mean(axis=1)  # [N]: channels averaged, as librosa.load(mono=True)

@@ -16,10 +16,30 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError, UserError, first_line
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # T5 / umT5 special token ids
 SPECIALS = ("<pad>", "</s>", "<unk>")
+MAX_PROMPT_CHARS = 20_000  # umT5 sees 512 tokens (~2-3k characters); far longer text is a mistake
+
+
+def check_prompt(prompt: str) -> str:
+    """The prompt, if it is text the tokenizer can take; else UserError (one line).
+
+    Refused: bytes that are not UTF-8 (Python hands them over as lone surrogates), NUL characters,
+    and prompts over MAX_PROMPT_CHARS characters. check_prompt("a person talking")
+    """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"--prompt is not valid UTF-8 text (bad byte at character {e.start}); "
+                        "save it as UTF-8 or pass it from a UTF-8 terminal") from None
+    if "\0" in prompt:
+        raise UserError("--prompt contains a NUL character")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"--prompt has {len(prompt)} characters; umT5 reads at most 512 tokens, "
+                        f"so keep it under {MAX_PROMPT_CHARS}")
+    return prompt
 
 
 def clean_prompt(text: str) -> str:

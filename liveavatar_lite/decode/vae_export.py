@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.vae import FIRST_CALL_JUNK_FRAMES, WanVAE
+from ..progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,7 @@ def export_decoder(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
-        log.info("exporting the VAE decoder step (%s, %s frames) to %s", dtype, output, out)
-        with warnings.catch_warnings():
+        with phase(f"exporting the VAE decoder step ({dtype}, {output} frames) to {out}"), warnings.catch_warnings():
             # torch.export's notes about derived axis names (2*h, 4*h, ...) and pytree deprecations: noise here
             warnings.filterwarnings("ignore", message=".*axis name.*")
             warnings.filterwarnings("ignore", category=FutureWarning)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError, first_line
+from ..errors import UserError
 from ..fileio import durable_replace
 
 log = logging.getLogger(__name__)
@@ -107,27 +107,12 @@ class ClipSegmentWriter:
 
 
 def _read_audio_blocks(path: Path, block: int, start_s: float = 0.0) -> tuple[int, int, Iterator[np.ndarray]]:
-    """(sample_rate, channels, blocks of float32 [n, channels]) streamed from an audio file from `start_s`."""
-    import soundfile as sf
+    """(sample_rate, channels, blocks of float32 [n, channels]) streamed from an audio file from `start_s`
+    (decoded by libsndfile, or PyAV for m4a/aac, opus, ...: `liveavatar_lite.audiofile`)."""
+    from ..audiofile import open_audio
 
-    try:
-        f = sf.SoundFile(str(path))
-    except Exception as e:  # noqa: BLE001 - libsndfile raises RuntimeError/LibsndfileError variants
-        raise UserError(f"cannot read audio {path}: {first_line(e)}") from None
-    start = math.floor(start_s * f.samplerate)
-
-    def blocks() -> Iterator[np.ndarray]:
-        with f:
-            if start >= f.frames:
-                return  # the span lies past the end of the speech: the caller pads silence
-            f.seek(start)
-            while True:
-                data = f.read(block, dtype="float32", always_2d=True)  # [n, channels]
-                if not len(data):
-                    return
-                yield data
-
-    return f.samplerate, f.channels, blocks()
+    src = open_audio(path, "audio file")
+    return src.rate, src.channels, src.blocks(block, start_s=start_s)
 
 
 def audio_frames(path: Path, start_s: float, end_s: float, layout: str) -> Iterator[object]:
@@ -198,13 +183,9 @@ def copy_video(src: Any, out: Any, vstream: Any, start_s: float) -> None:
 
 def audio_layout(path: Path) -> str:
     """The aac channel layout for a speech file: "stereo" for 2+ channels, else "mono"."""
-    import soundfile as sf
+    from ..audiofile import open_audio
 
-    try:
-        channels = sf.info(str(path)).channels
-    except Exception as e:  # noqa: BLE001 - libsndfile raises RuntimeError/LibsndfileError variants
-        raise UserError(f"cannot read audio {path}: {first_line(e)}") from None
-    return "stereo" if channels >= 2 else "mono"
+    return "stereo" if open_audio(path, "audio file").channels >= 2 else "mono"
 
 
 def _make_frame(planes: np.ndarray, layout: str, pts: int) -> object:

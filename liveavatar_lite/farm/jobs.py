@@ -27,6 +27,7 @@ from ..fileio import write_json_atomic
 from ..pipeline.generate import job_key, prepare_inputs
 from ..pipeline.request import RenderRequest
 from ..pipeline.workdir import RenderWorkDir
+from ..serve.service import MAX_SEED
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def _parse_line(text: str, number: int, base: Path, defaults: JobDefaults, where
             ok = True
         if not ok:
             raise UserError(f"{where}: {key!r} must be {'a string' if kind is str else 'an integer'}, got {value!r}")
+    if "seed" in doc and not 0 <= doc["seed"] <= MAX_SEED:
+        raise UserError(f"{where}: 'seed' must be from 0 to 2^63-1, got {doc['seed']}")
     if doc.get("num_clip") is not None and doc["num_clip"] < 1:
         raise UserError(f"{where}: 'num_clip' must be a positive integer, got {doc['num_clip']}")
     if not doc["prompt"].strip():

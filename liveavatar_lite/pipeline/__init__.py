@@ -5,7 +5,8 @@ Owns: Live Avatar's causal block-by-block generator and its flow-matching schedu
 (`request.py`), the artifact backend that loads the stages once and wires them together
 (`render.py`), the stay-loaded `Pipeline` (`pipeline.py`), the clip loop with checkpoints, resume
 and live output (`generate.py`), the crash-safe work directory (`workdir.py`) and
-telemetry (`telemetry.py`).
+telemetry (`telemetry.py`); the same render as a pipeline of ranks, each running whole denoising
+steps (`multirank/`, docs/multi-gpu.md).
 
 May import: every stage below (`conditioning/`, `runtime/`, `decode/`, `artifact/`, `model/`).
 """

@@ -52,25 +52,33 @@ def num_clips_for(num_samples: int, num_clip: int | None) -> int:
     return available if num_clip is None else min(num_clip, available)
 
 
-def check_output(out: Path, live: Path | None = None) -> None:
-    """UserError unless `out` can be the render's mp4 and `live` its HLS directory (before any work)."""
-    if out.suffix.lower() != ".mp4":
-        raise UserError(f"--out {out} must end in .mp4")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory")
+def check_output(out: Path, live: Path | None = None, telemetry: Path | None = None) -> None:
+    """UserError unless `out` can be the render's mp4, `live` its HLS directory and `telemetry` a file
+    (a directory, FIFO or device, a parent that is a file, a read-only place: all refused before any work)."""
+    from .workdir import check_output_path
+
+    check_output_path(out)
     if live is not None and live.exists() and not live.is_dir():
         raise UserError(f"--live {live} is a file; pass a directory for the HLS playlist")
+    if telemetry is not None:
+        check_output_path(telemetry, "--telemetry", suffix=None)
 
 
 def prepare_inputs(request: RenderRequest) -> RenderInputs:
     """The photo framed for the size, the speech at 16 kHz and the clip count; UserError for bad input.
 
+    Everything is checked before any folder or work dir is made (docs/errors.md).
     prepare_inputs(request).num_clips  # 3 for 4.7 s of speech
     """
     from ..conditioning import speech
+    from ..conditioning.text_tokenizer import check_prompt
+    from ..fileio import require_file
 
     if request.out is not None:
-        check_output(request.out, request.live)
+        check_output(request.out, request.live, request.telemetry)
+    check_prompt(request.prompt)
+    require_file(request.image, "--image")  # a FIFO or device is refused, never opened (it would block)
+    require_file(request.audio, "--audio")
     reference = load_reference(request.image, request.size)  # float32 [3, H, W]
     height, width = int(reference.shape[1]), int(reference.shape[2])
     wave = speech.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
@@ -165,22 +173,25 @@ def render_to_file(backend: Backend, request: RenderRequest, inputs: RenderInput
     out = request.out
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    work = RenderWorkDir.open(out, job_key(request, backend.identity()), request.resume)
-    if work.clips_done < inputs.num_clips:
-        work.rewind_to_state()  # segments after the newest checkpoint are rendered again
-    resumed = work.clips_done
-    telemetry = Telemetry.open(request.telemetry, append=resumed > 0)
-    clock.telemetry = telemetry
+    work = RenderWorkDir.open(out, job_key(request, backend.identity()), request.resume)  # locked until done
     try:
-        frames, rendered, live = _render(request, backend, work, inputs, telemetry, clock)
-    except Exception as e:
-        if not _is_out_of_memory(e):
-            raise
-        advice = backend.oom_advice() if hasattr(backend, "oom_advice") else "pass a smaller --vram or --size"
-        raise BudgetError(f"out of memory after {work.clips_done} finished clips; {advice}") from None
+        if work.clips_done < inputs.num_clips:
+            work.rewind_to_state()  # segments after the newest checkpoint are rendered again
+        resumed = work.clips_done
+        telemetry = Telemetry.open(request.telemetry, append=resumed > 0)
+        clock.telemetry = telemetry
+        try:
+            frames, rendered, live = _render(request, backend, work, inputs, telemetry, clock)
+        except Exception as e:
+            if not _is_out_of_memory(e):
+                raise
+            advice = backend.oom_advice() if hasattr(backend, "oom_advice") else "pass a smaller --vram or --size"
+            raise BudgetError(f"out of memory after {work.clips_done} finished clips; {advice}") from None
+        finally:
+            telemetry.close()
+        work.remove()
     finally:
-        telemetry.close()
-    work.remove()
+        work.unlock()  # a failed render keeps its files for --resume; the next run may lock them
     seconds = clock.seconds
     return RenderResult(out, inputs.num_clips, frames, inputs.height, inputs.width, resumed, seconds,
                         first_frame_seconds=clock.first_frame,
@@ -210,10 +221,7 @@ def _render(request: RenderRequest, backend: Backend, work: Any, inputs: RenderI
     if resumed < inputs.num_clips:  # (a render killed while muxing has every clip already)
         renderer = backend.build(inputs)
         if work.state_path is not None:
-            import torch
-
-            # mmap: the tens of GB of KV state are paged in while copied into the caches, never held twice
-            renderer.load_state(torch.load(work.state_path, map_location="cpu", weights_only=True, mmap=True))
+            work.restore(renderer)  # mmap'ed, weights_only; one line if the state file is damaged
             telemetry.event("resume", clips_done=resumed, frames_done=work.frames_done)
         _render_clips(renderer, work, spec, inputs, telemetry, clock, live)
     frames = mux_segments(work.segment_paths()[: inputs.num_clips], request.audio, request.out, spec)
@@ -230,6 +238,8 @@ def _render(request: RenderRequest, backend: Backend, work: Any, inputs: RenderI
 def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderInputs, telemetry: Any,
                   clock: _Clock, live: Any) -> None:
     """Clips work.clips_done .. num_clips-1: blocks -> segment, then commit segment + state (+ live)."""
+    import sys
+
     import torch
     from tqdm import tqdm
 
@@ -243,8 +253,9 @@ def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderIn
             first_frame = work.frames_done
             segment = work.begin_clip(clip, spec)
             try:
+                # the nested bar moves the cursor up when it closes: only on a terminal, never into a log
                 blocks = tqdm(range(renderer.blocks_per_clip), unit="block", desc=f"clip {clip}", leave=False,
-                              disable=not show)
+                              disable=not show or not sys.stderr.isatty())
                 for block in blocks:
                     frames = renderer.block_frames(clip, block)  # uint8 [12, H, W, 3]
                     if clip == 0 and block == 0:
@@ -253,8 +264,10 @@ def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderIn
                     clock.frame()
                 # Checkpoint when due, never after the last clip (nothing follows it).
                 due = clip < inputs.num_clips - 1 and (interval <= 0 or time.monotonic() - last_checkpoint >= interval)
+                if hasattr(renderer, "checkpoint_due"):  # a pipeline of ranks decides at its head (multirank)
+                    due = renderer.checkpoint_due(clip)
                 t_ckpt = time.perf_counter()
-                work.commit_clip(segment, (lambda path: torch.save(renderer.state(), path)) if due else None)
+                work.commit_clip(segment, (lambda f: torch.save(renderer.state(), f)) if due else None)
                 if due:
                     last_checkpoint = time.monotonic()
             except BaseException:

@@ -24,7 +24,7 @@ plugs in its block-streaming runner and reuses this state machine unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..config import DiTConfig, SampleConfig
+from ..errors import UserError
 from ..model.dit import DiTContext, WanS2VDiT
 from ..runtime.kv_cache import RingKVCache, SinkKVCache, layer_kv
 from .scheduler import FlowSchedule
@@ -199,8 +200,13 @@ class CausalGenerator:
         runner: UnitRunner | None = None,
         cache_dtype: torch.dtype | None = None,
         noise_for_clip: Callable[[int], Tensor] | None = None,
+        steps: Sequence[int] | None = None,
     ) -> None:
-        """noise_for_clip(clip) -> [16, 12, h, w] replaces the seeded noise (tests and parity runs)."""
+        """noise_for_clip(clip) -> [16, 12, h, w] replaces the seeded noise (tests and parity runs).
+
+        steps: the denoising steps this generator runs (default all): a pipeline stage
+        (pipeline/multirank) runs only its own and gets each block's latents from the stage before.
+        """
         self.dit = dit
         self.noise_for_clip = noise_for_clip
         self.sample = sample or SampleConfig()
@@ -209,6 +215,9 @@ class CausalGenerator:
         self.seed = seed
         self.sink_offset = sink_offset
         self.refresher = refresher
+        self.steps = tuple(range(s.num_steps)) if steps is None else tuple(steps)
+        if refresher is not None and len(self.steps) != s.num_steps:
+            raise ValueError("online decode (refresher) needs every step in one generator")
         _check_inputs(inputs, dit.cfg)
         _, _, h, w = inputs.ref_latents.shape
         self.hw = (h, w)
@@ -255,8 +264,12 @@ class CausalGenerator:
         return torch.cat(outs, dim=1)
 
     @torch.no_grad()
-    def next_block(self) -> BlockOutput:
-        """Denoise the next block (prefilling the sink first when due)."""
+    def next_block(self, latents: Tensor | None = None) -> BlockOutput:
+        """Denoise the next block (prefilling the sink first when due).
+
+        latents: the block's input [16, 3, h, w] when this generator does not run step 0 (the
+        previous pipeline stage's output); default: the block's slice of the clip noise.
+        """
         if self.done:
             raise StopIteration
         s = self.sample
@@ -272,9 +285,15 @@ class CausalGenerator:
         px = fpb * self.video_frames_per_latent  # video frames per block (12)
         a0 = self.clip * s.infer_frames + self.block * px
         audio = self.audio[..., a0 : a0 + px].to(self.dit.compute_dtype)
-        latents = self._noise[:, self.block * fpb : (self.block + 1) * fpb]
+        if latents is None:
+            latents = self._noise[:, self.block * fpb : (self.block + 1) * fpb]
         for i, t in enumerate(self.schedule.timesteps):
-            x, ctx = self.dit.prepare_block(latents, t, frame0, audio, self.text, self._draw_sink_offset())
+            # One draw per (block, step), also for steps another stage runs: every stage of a
+            # pipeline then sees the sink-offset stream of a single generator.
+            sink_offset = self._draw_sink_offset()
+            if i not in self.steps:
+                continue
+            x, ctx = self.dit.prepare_block(latents, t, frame0, audio, self.text, sink_offset)
             x = self.runner.denoise(i, frame0 * self.tokens_per_frame, x, ctx)
             flow = self.dit.finish(x, ctx)
             latents = self.schedule.step(i, flow, latents.to(flow.device))  # steps where flow lives
@@ -331,6 +350,9 @@ class CausalGenerator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ranks" in state:  # a pipeline's checkpoint (pipeline/multirank): its parts live in several files
+            raise UserError(f"cannot resume: this render was checkpointed by --ranks {state['ranks']['world_size']}; "
+                            "resume it with the same --ranks")
         if state["seed"] != self.seed:
             raise ValueError(f"resume state was made with seed {state['seed']}, not {self.seed}")
         self.clip, self.block = int(state["clip"]), int(state["block"])

@@ -64,7 +64,7 @@ class ArtifactBackend:
 
         ArtifactBackend.open(PipelineOptions(Path("artifact"), kv_dtype="int8"))  # ArtifactError if unusable
         """
-        from ..artifact.format import read_manifest
+        from ..artifact.format import read_manifest, verify_files
         from ..config import preset_for_dit
         from ..errors import ArtifactError, CheckpointError, UserError
         from ..runtime.plan_inputs import KV_DTYPES
@@ -80,6 +80,10 @@ class ArtifactBackend:
         for key in ("audio_dir", "tokenizer_dir", "vae_onnx"):
             if key not in manifest.paths or not (directory / manifest.paths[key]).exists():
                 raise ArtifactError(f"{directory}: the artifact has no {key.replace('_', ' ')} (incomplete conversion)")
+        verify_files(directory, manifest, keys=("vae_onnx", "audio_dir", "tokenizer_dir"))  # units: as read
+        if manifest.source.lora is None:
+            log.warning("%s was converted without the Live Avatar LoRA (quantize --no-lora): with 4 steps and "
+                        "no CFG the base model renders poor video; re-run quantize with the LoRA", directory)
         try:
             preset = preset_for_dit(manifest.dit)
         except CheckpointError:  # same check as for a checkpoint, worded for an artifact
@@ -170,10 +174,7 @@ class ArtifactBackend:
 
         req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
-        text = self._prompt_states(req.prompt)
-        audio = self._audio_features(inputs.wave)
-        ref_latents, motion_latents = self._photo_latents(inputs.reference, req.sample.motion_frames)
-        ref_latents, motion_latents = ref_latents.to(self.dtype), motion_latents.to(self.dtype)
+        text, audio, ref_latents, motion_latents = self.conditioning(inputs)
         runtime = self._runtime_for(plan)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
                                       ref_latents=ref_latents, motion_latents=motion_latents)
@@ -188,6 +189,16 @@ class ArtifactBackend:
         return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip)
 
     # ---- conditioning ---------------------------------------------------------------------------
+
+    def conditioning(self, inputs: RenderInputs) -> tuple[Any, Any, Any, Any]:
+        """(umT5 states [L, text_dim], wav2vec2 features [25, audio_dim, frames], ref latents
+        [16, 1, h, w], motion latents [16, 92, h, w]) of a render; the prompt and the photo go
+        through their on-disk caches. Also what a pipeline of ranks broadcasts (multirank)."""
+        req = inputs.request
+        text = self._prompt_states(req.prompt)
+        audio = self._audio_features(inputs.wave, inputs.num_clips)
+        ref_latents, motion_latents = self._photo_latents(inputs.reference, req.sample.motion_frames)
+        return text, audio, ref_latents.to(self.dtype), motion_latents.to(self.dtype)
 
     def precompute(self, reference: np.ndarray | None = None, prompt: str | None = None,
                    motion_frames: int | None = None) -> None:
@@ -234,7 +245,7 @@ class ArtifactBackend:
         from ..runtime.qlinear import QuantLinear, part_attr, swap_linears
 
         device = self.device if device is None else device
-        buf, views = read_unit(self.directory, unit_name, manifest=self.manifest)
+        buf, views = read_unit(self.directory, unit_name, manifest=self.manifest, verify=True)
         specs = {n[: -len(".weight")]: (v.entry.qtype, v.entry.group_size)
                  for n, v in views.items() if v.entry.qtype.is_quantized and n.endswith(".weight")}
         swap_linears(module, specs, bias_dtype=self.dtype)
@@ -277,8 +288,10 @@ class ArtifactBackend:
             self._free()
         return states.float().cpu()
 
-    def _audio_features(self, wave: np.ndarray) -> Any:
-        """Per-video-frame wav2vec2 features [25, audio_dim, clips*48], kept in host memory.
+    def _audio_features(self, wave: np.ndarray, num_clips: int) -> Any:
+        """Per-video-frame wav2vec2 features [25, audio_dim, num_clips*48], kept in host memory.
+
+        Only the clips rendered are computed (20 min of speech with --num-clip 1: one window).
 
         They stay on the CPU (51 KB per video frame at width 1024 in bf16): each block moves only
         its own 12 frames to the device. The encoder visits the GPU only while it runs.
@@ -289,7 +302,7 @@ class ArtifactBackend:
         encoder.model.to(self.device)
         try:
             with phase("computing audio features", self.options.progress):
-                return extract_audio_features(encoder, wave, out_dtype=self.dtype)
+                return extract_audio_features(encoder, wave, out_dtype=self.dtype, num_clips=num_clips)
         finally:
             encoder.model.to("cpu")
             self._free()

@@ -74,15 +74,19 @@ def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: b
         where = placement.get(u.name)
         if where is None:
             raise ArtifactError(f"the plan does not place unit {u.name}; re-run `liveavatar-lite plan` for this artifact")
-        reader = partial(_read_into, directory, u.name, manifest)
-        host = read_unit(directory, u, manifest=manifest, pin=pin)[0] if where == "host" else None
+        reader = partial(_read_into, directory, u.name, manifest, set())
+        # verified (xxh3) as read: host units now, disk/resident units on their first read
+        host = read_unit(directory, u, manifest=manifest, pin=pin, verify=True)[0] if where == "host" else None
         out.append(UnitData(u.name, u.block_index if u.kind == "dit_block" else None, u.data_nbytes, u.tensors,
                             host=host, read_into=None if host is not None else reader))
     return out
 
 
-def _read_into(directory: str | Path, name: str, manifest: Manifest, out: Tensor) -> None:
-    read_unit(directory, name, manifest=manifest, out=out)
+def _read_into(directory: str | Path, name: str, manifest: Manifest, verified: set[str], out: Tensor) -> None:
+    """Read unit `name` into `out`; its checksum is checked on the first read (later reads of a
+    disk-streamed unit skip the hash: it was verified before first use)."""
+    read_unit(directory, name, manifest=manifest, out=out, verify=name not in verified)
+    verified.add(name)
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,9 @@ class DiTRuntime:
         if not self.same_weight_layout(plan):
             raise ValueError("place_kv: the plan places the weights differently; build a new runtime")
         specs_kv = kv_specs(self.cfg, plan.size)  # 4 rings, then the sink
-        ring_gpu = tuple(k.placement == "gpu" for k in plan.kv if k.step is not None)
+        # A pipeline rank's plan places only its own steps' rings: the others are None (not held).
+        held = {k.step: k.placement == "gpu" for k in plan.kv if k.step is not None}
+        ring_gpu = tuple(held.get(k.step) for k in specs_kv if k.step is not None)
         sink_gpu = next(k.placement == "gpu" for k in plan.kv if k.step is None)
         kv_dtype = plan.kv[0].dtype
         layout = (specs_kv[0].tokens, specs_kv[-1].tokens, kv_dtype, ring_gpu, sink_gpu)
@@ -279,7 +285,7 @@ class DiTRuntime:
     def denoise_units(self, step: int, start_token: int, x: Tensor, ctx: DiTContext) -> Tensor:
         """All units of step `step` over prepared inputs (`dit.prepare_block`); the block starts at
         absolute token `start_token` (its ring position). Returns x for `dit.finish`."""
-        self.kv.rings[step].begin(start_token, x.shape[1])
+        self.kv.ring(step).begin(start_token, x.shape[1])
         return self._run_units(x, ctx, step)
 
     @torch.no_grad()

@@ -193,14 +193,18 @@ class _Open:
 
 
 class KVOffload:
-    """All KV caches of a run: `steps` rings + the sink, each on the GPU or streamed from the host."""
+    """All KV caches of a run: `steps` rings + the sink, each on the GPU or streamed from the host.
 
-    def __init__(self, rings: list[OffloadRing], sink: OffloadSink, num_layers: int, compute_dtype: torch.dtype,
-                 device: torch.device, copy_stream: object | None = None) -> None:
+    `rings[s]` is None where this process does not hold step s's ring: a pipeline rank
+    (pipeline/multirank) runs only some steps and keeps only their rings.
+    """
+
+    def __init__(self, rings: list[OffloadRing | None], sink: OffloadSink, num_layers: int,
+                 compute_dtype: torch.dtype, device: torch.device, copy_stream: object | None = None) -> None:
         self.rings, self.sink, self.num_layers = rings, sink, num_layers
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         # Host rings share ONE streamer (two slots, as the plan counts them): units in execution order.
-        host_rings = [r for r in rings if not r.on_device]
+        host_rings = [r for r in rings if r is not None and not r.on_device]
         sources = []
         for r in host_rings:
             r.first_unit = len(sources)
@@ -215,21 +219,34 @@ class KVOffload:
         self._open: dict[tuple[int | None, int], _Open] = {}
 
     @classmethod
-    def build(cls, cfg: DiTConfig, ring_tokens: int, sink_tokens: int, kv_dtype: str, ring_gpu: Sequence[bool],
-              sink_gpu: bool, device: torch.device | str, compute_dtype: torch.dtype = torch.bfloat16,
-              copy_stream: object | None = None) -> KVOffload:
-        """Caches for `len(ring_gpu)` steps; ring_gpu[s] / sink_gpu: keep that cache on `device`."""
+    def build(cls, cfg: DiTConfig, ring_tokens: int, sink_tokens: int, kv_dtype: str,
+              ring_gpu: Sequence[bool | None], sink_gpu: bool, device: torch.device | str,
+              compute_dtype: torch.dtype = torch.bfloat16, copy_stream: object | None = None) -> KVOffload:
+        """Caches for `len(ring_gpu)` steps; ring_gpu[s] / sink_gpu: keep that cache on `device`
+        (ring_gpu[s] None: no ring for step s here, another pipeline rank holds it)."""
         if kv_dtype not in STORE_DTYPES:
             raise ValueError(f"unknown KV dtype {kv_dtype!r}")
         dev = torch.device(device)
         common = dict(layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.head_dim, kv_dtype=kv_dtype, device=dev)
-        rings = [OffloadRing(ring_tokens, on_device=g, **common) for g in ring_gpu]
+        rings = [None if g is None else OffloadRing(ring_tokens, on_device=g, **common) for g in ring_gpu]
         sink = OffloadSink(sink_tokens, on_device=sink_gpu, **common)
         return cls(rings, sink, cfg.num_layers, compute_dtype, dev, copy_stream)
 
     def streamers(self) -> list[UnitStreamer]:
-        out = {id(s.streamer): s.streamer for s in [*self.rings, self.sink] if s.streamer is not None}
+        out = {id(s.streamer): s.streamer for s in [*self.held_rings(), self.sink] if s.streamer is not None}
         return list(out.values())
+
+    def held_rings(self) -> list[OffloadRing]:
+        """The rings this process holds, in step order."""
+        return [r for r in self.rings if r is not None]
+
+    def ring(self, step: int) -> OffloadRing:
+        """Step `step`'s ring; a clear error where another pipeline rank holds it."""
+        ring = self.rings[step] if 0 <= step < len(self.rings) else None
+        if ring is None:
+            held = [s for s, r in enumerate(self.rings) if r is not None]
+            raise RuntimeError(f"no KV ring for step {step} here: this runtime holds steps {held}")
+        return ring
 
     def _next_ring_unit(self, ring: OffloadRing, i: int) -> int | None:
         if ring.on_device:
@@ -238,7 +255,7 @@ class KVOffload:
 
     def open_layer(self, step: int | None, i: int) -> LayerKV:
         """LayerKV for layer i of denoising step `step` (None: the sink prefill, no ring)."""
-        ring = None if step is None else self.rings[step]
+        ring = None if step is None else self.ring(step)
         ring_views = ring.open(i, self._next_ring_unit(ring, i)) if ring is not None else None
         sink_next = None if self.sink.on_device else (i + 1) % self.num_layers
         sink_views = self.sink.open(i, sink_next)
@@ -251,19 +268,19 @@ class KVOffload:
         """Release layer i's slots; host caches get back only the rows this forward wrote."""
         o = self._open.pop((step, i))
         if step is not None:
-            ring = self.rings[step]
+            ring = self.ring(step)
             ring.close(i, o.ring, slice(ring.write_slot, ring.write_slot + ring.write_len))
         self.sink.close(i, o.sink, slice(0, self.sink.length) if o.sink_layer.written else None)
 
     def state_dict(self) -> dict[str, object]:
         """Every cache's bytes on the CPU (plus the sink length), for resume."""
-        return {"rings": [r.state() for r in self.rings], "sink": self.sink.state(), "sink_length": self.sink.length,
+        return {"rings": [r.state() for r in self.held_rings()], "sink": self.sink.state(), "sink_length": self.sink.length,
                 "kv_dtype": self.sink.kv_dtype}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         if state["kv_dtype"] != self.sink.kv_dtype:
             raise ValueError(f"KV state is {state['kv_dtype']}, these caches are {self.sink.kv_dtype}")
-        for r, bufs in zip(self.rings, state["rings"], strict=True):  # type: ignore[call-overload]
+        for r, bufs in zip(self.held_rings(), state["rings"], strict=True):  # type: ignore[call-overload]
             r.load_state(bufs)
         self.sink.load_state(state["sink"])  # type: ignore[arg-type]
         self.sink.length = int(state["sink_length"])  # type: ignore[call-overload]

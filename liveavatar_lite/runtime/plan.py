@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from ..artifact.format import read_manifest
-from ..errors import BudgetError
+from ..errors import BudgetError, gb_pair
 from .device_profiles import DeviceProfile
 from .plan_inputs import (
-    GB,
+    GB,  # noqa: F401 - re-exported: plan_cmd and the benchmarks import it from here
     KV_DTYPES,
     Budget,
     PlanInput,
@@ -221,7 +221,7 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
     sink = [k for k in inp.kv if k.step is None]
     new_kv = wl.new_kv_layer_bytes_bf16 if dt == "bf16" else wl.new_kv_layer_bytes_bf16 // 2
     total_s, total_h2d = 0.0, 0
-    for step in range(wl.steps):
+    for step in _planned_steps(inp):
         ring_on_host = [k for k in inp.kv if k.step == step and step not in lay.gpu_steps]
         copy = []
         for layer in layers:
@@ -239,6 +239,12 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
         n = len(layers)
         total_s += sum(compute[i] + max(0.0, copy[i] - compute[i - 1]) for i in range(n))
     return total_s * wl.blocks_per_clip, total_h2d * wl.blocks_per_clip
+
+
+def _planned_steps(inp: PlanInput) -> list[int]:
+    """The denoising steps this process runs: those whose ring the input places (a pipeline rank
+    holds only its own, runtime/stage_plan.py), or all `workload.steps` when it places no ring."""
+    return sorted({k.step for k in inp.kv if k.step is not None}) or list(range(inp.workload.steps))
 
 
 def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> Plan:
@@ -270,19 +276,23 @@ def min_ram_bytes(inp: PlanInput, budget: Budget) -> int | None:
 
 def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:
     need = min_vram_bytes(inp, budget)
-    have = f"{budget.vram_bytes / GB:.1f} GB VRAM" + (
-        f" + {budget.ram_bytes / GB:.1f} GB RAM" if budget.ram_bytes is not None else "")
     need_ram = min_ram_bytes(inp, budget) if need <= budget.vram_bytes else None
-    why = (f"the host copies need {need_ram / GB:.1f} GB RAM" if need_ram is not None
-           else f"the leanest layout needs {need / GB:.1f} GB VRAM")
+    # need rounded up, budget down, with enough decimals that the two never print alike
+    need_vram_gb, have_vram_gb = gb_pair(need, budget.vram_bytes, decimals=1)
+    need_ram_gb, have_ram_gb = gb_pair(need_ram or 0, budget.ram_bytes or 0, decimals=1)
+    if need_ram is None:
+        have_ram_gb = gb_pair(0, budget.ram_bytes or 0, decimals=1)[1]
+    have = f"{have_vram_gb} VRAM" + (f" + {have_ram_gb} RAM" if budget.ram_bytes is not None else "")
+    why = (f"the host copies need {need_ram_gb} RAM" if need_ram is not None
+           else f"the leanest layout needs {need_vram_gb} VRAM")
     head = (f"{inp.weight_format} weights at {inp.workload.size[0]}*{inp.workload.size[1]} with {budget.kv_dtype} KV "
             f"do not fit {have} ({why})")
     for label, alt_inp, alt_budget in alternatives(inp, budget):
         if _best_layout(alt_inp, alt_budget, prof) is not None:
             return f"{head}; smallest change that fits: {label}"
     if need_ram is not None:
-        return f"{head}; nothing smaller fits either: raise --ram to at least {need_ram / GB:.1f}"
-    return f"{head}; nothing smaller fits either: raise --vram to at least {need / GB:.1f}"
+        return f"{head}; nothing smaller fits either: raise --ram to at least {need_ram_gb.removesuffix(' GB')}"
+    return f"{head}; nothing smaller fits either: raise --vram to at least {need_vram_gb.removesuffix(' GB')}"
 
 
 def plan_for_artifact(directory, size: tuple[int, int], budget: Budget, profile) -> Plan:

@@ -33,10 +33,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .layout import LIVE_FILE, StateDir
+from .layout import StateDir
 from .metrics import ServeMetrics
 from .service import JobService
-from .store import STATES, TERMINAL
+from .store import TERMINAL
 from .uploads import (
     AVATAR_FIELDS,
     DRAIN_BYTES,
@@ -160,12 +160,7 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
 
     @v1.get("/jobs")
     def list_jobs(state: str | None = None, limit: int = 100) -> dict:
-        if state is not None and state not in STATES:
-            raise ApiError(400, f"state must be one of {', '.join(STATES)}")
-        if not 1 <= limit <= config.limits.max_jobs_listed:
-            raise ApiError(400, f"limit must be between 1 and {config.limits.max_jobs_listed}")
-        etas = service.etas()
-        return {"jobs": [service.view(j, etas) for j in service.store.list(state, limit)]}
+        return {"jobs": service.list_views(state, limit)}
 
     @v1.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
@@ -179,36 +174,17 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
 
     @v1.get("/jobs/{job_id}/video")
     def video(job_id: str) -> FileResponse:
-        job = service.job(job_id)
-        if job.state != "done":
-            raise ApiError(409, f"job {job_id} is {job.state}; its video exists once it is done")
-        path = layout.video(job_id)
-        if not path.is_file():
-            raise ApiError(410, f"the video of job {job_id} is gone from the server")
-        return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")
+        return FileResponse(service.video(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
 
     @v1.get("/jobs/{job_id}/live/{name}")
     def live(job_id: str, name: str) -> FileResponse:
-        service.job(job_id)
-        if not LIVE_FILE.match(name):
-            raise ApiError(404, "the live output has only index.m3u8 and seg_NNNNN.ts")
-        path = layout.live(job_id) / name
-        if not path.is_file():
-            raise ApiError(404, f"{name} is not there (yet)")
+        path = service.live_file(job_id, name)
         kind = "application/vnd.apple.mpegurl" if name.endswith(".m3u8") else "video/mp2t"
         return FileResponse(path, media_type=kind, headers={"Cache-Control": "no-cache"})
 
     @v1.get("/jobs/{job_id}/clips/{index}")
     def clip(job_id: str, index: int) -> Response:
-        from .playback import segment_mp4
-
-        service.job(job_id)
-        if not 0 <= index < 100_000:
-            raise ApiError(404, f"no clip {index}")
-        path = layout.live(job_id) / f"seg_{index:05d}.ts"
-        if not path.is_file():
-            raise ApiError(404, f"clip {index} is not finished (yet)")
-        return Response(segment_mp4(path), media_type="video/mp4", headers={"Cache-Control": "no-cache"})
+        return Response(service.clip_mp4(job_id, index), media_type="video/mp4", headers={"Cache-Control": "no-cache"})
 
     @v1.get("/jobs/{job_id}/events")
     async def events(job_id: str, request: Request) -> StreamingResponse:
@@ -217,14 +193,13 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
         async def stream():
             last, quiet_since = None, time.monotonic()
             while True:
-                job = await run_in_threadpool(service.store.get, job_id)
-                if job is None:
+                view = await run_in_threadpool(service.current_view, job_id)
+                if view is None:
                     return
-                view = await run_in_threadpool(service.view, job)
                 if view != last:
                     yield f"event: job\ndata: {json.dumps(view)}\n\n"
                     last, quiet_since = view, time.monotonic()
-                if job.state in TERMINAL or await request.is_disconnected():
+                if view["state"] in TERMINAL or await request.is_disconnected():
                     return
                 if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
                     yield ": keepalive\n\n"

@@ -1,11 +1,16 @@
-"""The operations behind the API: submit a job, pre-encode an avatar, cancel, and the JSON views.
+"""The job operations the HTTP routes call: the only layer between api.py and the queue and state dir.
 
-Everything here is synchronous (the API runs it in its thread pool). Inputs are validated with the
-same functions a render uses (photo framing, speech decoding, clip count), so a job the queue
-accepts is one the worker can render; the uploads then move into the blob store and the job row is
-inserted under one lock, which blob clean-up also takes.
+Submit a job, cancel it, list and look jobs up, find a job's result and live files, pre-encode an
+avatar, and the JSON views of both. The routes (api.py) only parse HTTP and call one of these;
+these never see a request. Everything here is synchronous (the API runs it in its thread pool).
 
-    service.submit(form)   # JobRow, or ApiError(400/404/413/429) with one line
+Inputs are validated with the same functions a render uses (photo framing, speech decoding, clip
+count), so a job the queue accepts is one the worker can render; the uploads then move into the
+blob store and the job row is inserted under one lock, which blob clean-up also takes. Ids and
+file names from clients become paths only after they match the layout's patterns (layout.py).
+
+    service.submit(form)            # JobRow, or ApiError(400/404/413/429) with one line
+    service.video(job_id)           # Path of the mp4, or ApiError(404/409/410)
 """
 from __future__ import annotations
 
@@ -19,12 +24,14 @@ from ..errors import UserError
 from ..pipeline.request import RenderRequest
 from .blobs import BlobStore
 from .config import ServeConfig
-from .layout import StateDir, is_avatar_id, is_job_id, new_job_id
+from .layout import LIVE_FILE, StateDir, is_avatar_id, is_job_id, new_job_id
 from .store import (
+    DONE,
     FAILED,
     PENDING,
     QUEUED,
     RUNNING,
+    STATES,
     AvatarRow,
     JobRow,
     JobStore,
@@ -32,7 +39,7 @@ from .store import (
 )
 from .uploads import ApiError, ReceivedForm
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # as the CLI's --seed (commands/flags.py)
 MAX_CLIPS = 100_000
 
 
@@ -92,6 +99,50 @@ class JobService:
             raise ApiError(404, f"no job {job_id[:80]!r}")
         return job
 
+    def list_views(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        """The views of the newest `limit` jobs (in `state` if given); ApiError 400 for a bad filter."""
+        if state is not None and state not in STATES:
+            raise ApiError(400, f"state must be one of {', '.join(STATES)}")
+        if not 1 <= limit <= self.config.limits.max_jobs_listed:
+            raise ApiError(400, f"limit must be between 1 and {self.config.limits.max_jobs_listed}")
+        etas = self.etas()
+        return [self.view(j, etas) for j in self.store.list(state, limit)]
+
+    def current_view(self, job_id: str) -> dict[str, Any] | None:
+        """The view of a job now, None once it is gone (pruned): what the progress stream polls."""
+        job = self.store.get(job_id)
+        return None if job is None else self.view(job)
+
+    # ---- a job's files ----------------------------------------------------------------------------
+
+    def video(self, job_id: str) -> Path:
+        """The finished mp4 of a done job (409 before it is done, 410 if its file was removed)."""
+        job = self.job(job_id)
+        if job.state != DONE:
+            raise ApiError(409, f"job {job_id} is {job.state}; its video exists once it is done")
+        path = self.layout.video(job_id)
+        if not path.is_file():
+            raise ApiError(410, f"the video of job {job_id} is gone from the server")
+        return path
+
+    def live_file(self, job_id: str, name: str) -> Path:
+        """`index.m3u8` or a `seg_NNNNN.ts` of the job's live HLS output; nothing else is served."""
+        self.job(job_id)
+        if not LIVE_FILE.match(name):
+            raise ApiError(404, "the live output has only index.m3u8 and seg_NNNNN.ts")
+        path = self.layout.live(job_id) / name
+        if not path.is_file():
+            raise ApiError(404, f"{name} is not there (yet)")
+        return path
+
+    def clip_mp4(self, job_id: str, index: int) -> bytes:
+        """Finished clip `index` as a small mp4 (its live segment stream-copied; playback.py)."""
+        from .playback import segment_mp4
+
+        if not 0 <= index < MAX_CLIPS:
+            raise ApiError(404, f"no clip {index}")
+        return segment_mp4(self.live_file(job_id, f"seg_{index:05d}.ts"))
+
     def view(self, job: JobRow, etas: dict[str, float | None] | None = None) -> dict[str, Any]:
         """The JSON of a job (what GET /v1/jobs/{id} returns)."""
         etas = self.etas() if etas is None else etas
@@ -103,8 +154,8 @@ class JobService:
             "clips_done": job.clips_done, "eta_s": etas.get(job.id), "first_frame_s": job.first_frame_s,
             "render_s": job.render_s, "cancel_requested": job.cancel_requested, "error": job.error,
             "error_kind": job.error_kind, "resumed": job.resume, "worker_deaths": job.worker_deaths,
-            "video": f"{base}/video" if job.state == "done" else None,
-            "live": f"{base}/live/index.m3u8" if job.state in (RUNNING, "done") else None,
+            "video": f"{base}/video" if job.state == DONE else None,
+            "live": f"{base}/live/index.m3u8" if job.state in (RUNNING, DONE) else None,
             "events": f"{base}/events",
         }
 

@@ -1,0 +1,297 @@
+"""Timestep pipelining, in one process: roles, per-rank plans, step-subset generators, rings held
+per rank, checkpoint companions, the launcher's failure line, the CLI's checks.
+
+The multi-process renders (gloo, tiny model) are in test_multirank_e2e.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dit_fixtures import two_clip_case
+
+from liveavatar_lite.cli import main
+from liveavatar_lite.config import PRESETS
+from liveavatar_lite.errors import BudgetError, UserError
+from liveavatar_lite.pipeline.generator import CausalGenerator
+from liveavatar_lite.pipeline.multirank.launch import _failure
+from liveavatar_lite.pipeline.workdir import RenderWorkDir
+from liveavatar_lite.runtime.device_profiles import get_profile
+from liveavatar_lite.runtime.kv_offload import KVOffload
+from liveavatar_lite.runtime.plan import make_plan
+from liveavatar_lite.runtime.plan_inputs import Budget, plan_input
+from liveavatar_lite.runtime.stage_plan import (
+    RankRole,
+    plan_ranks,
+    predict_pipeline,
+    rank_roles,
+    split_steps,
+    stage_input,
+)
+
+CFG = PRESETS["tiny"].dit
+RTX4090 = get_profile("rtx4090")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and a second thread on a busy 2-core runner
+    makes it several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- roles and plans
+
+def test_steps_split_into_contiguous_runs_larger_first() -> None:
+    assert split_steps(4, 1) == ((0, 1, 2, 3),)
+    assert split_steps(4, 2) == ((0, 1), (2, 3))
+    assert split_steps(4, 3) == ((0, 1), (2,), (3,))
+    assert split_steps(4, 4) == ((0,), (1,), (2,), (3,))
+
+
+def test_roles_decoder_on_the_last_rank_or_a_spare_one() -> None:
+    assert rank_roles(2) == (RankRole(0, (0, 1), False), RankRole(1, (2, 3), True))
+    four = rank_roles(4)
+    assert [r.steps for r in four] == [(0,), (1,), (2,), (3,)] and [r.decodes for r in four] == [0, 0, 0, 1]
+    five = rank_roles(5)
+    assert five[-1] == RankRole(4, (), True) and not any(r.decodes for r in five[:4])
+    assert [r.label for r in five] == ["step 0", "step 1", "step 2", "step 3", "decoder"]
+    assert rank_roles(2)[1].label == "steps 2-3 + decoder"
+    for bad in (0, 6):
+        with pytest.raises(UserError, match="choose 1 to 5"):
+            rank_roles(bad)
+
+
+def test_each_rank_plans_only_its_rings_and_the_vae_only_where_it_decodes() -> None:
+    inp = plan_input(PRESETS["14b"].dit, (704, 384), "int8")
+    budget = Budget(vram_bytes=24e9, ram_bytes=128e9)
+    plans = plan_ranks(inp, budget, RTX4090, rank_roles(4))
+    for p in plans:
+        assert [k.step for k in p.plan.kv] == [*p.role.steps, None]  # own ring(s) + the sink
+        assert p.peak_vram_bytes <= 24e9 * (1 - budget.reserve_frac)
+        vae = p.plan.breakdown["vae_arena"] + p.plan.breakdown["vae_caches"]
+        assert (vae > 0) == p.role.decodes
+    # host RAM is one machine's: each rank planned within its quarter
+    assert all(p.host_ram_bytes <= 128e9 / 4 for p in plans)
+    # a rank's DiT time is its steps' share of the one-process time (same per-step cost model)
+    alone = make_plan(stage_input(inp, RankRole(0, (0, 1, 2, 3), False)), budget, RTX4090)
+    assert sum(p.dit_seconds_per_clip for p in plans) >= alone.predicted_seconds_per_clip * 0.99
+
+
+def test_pipeline_throughput_is_set_by_the_slowest_rank() -> None:
+    inp = plan_input(PRESETS["14b"].dit, (704, 384), "int8")
+    budget = Budget(vram_bytes=24e9, ram_bytes=128e9)
+    plans = plan_ranks(inp, budget, RTX4090, rank_roles(5))
+    pred = predict_pipeline(plans, inp.sample)
+    slowest = max(p.seconds_per_clip for p in plans)
+    assert pred.seconds_per_clip == slowest and plans[pred.slowest_rank].seconds_per_clip == slowest
+    assert pred.fps == pytest.approx(48 / slowest) and pred.realtime_factor == pytest.approx(pred.fps / 25)
+    assert plans[4].plan is None and plans[4].peak_vram_bytes < 6e9  # the decoder rank holds no DiT
+    one = predict_pipeline(plan_ranks(inp, budget, RTX4090, rank_roles(1)), inp.sample)
+    assert pred.fps > 3.5 * one.fps  # whole steps per GPU: ~4 DiT GPUs' worth, nothing unsharded
+
+
+def test_a_rank_that_cannot_fit_is_named() -> None:
+    inp = plan_input(PRESETS["14b"].dit, (704, 384), "int8")
+    with pytest.raises(BudgetError, match=r"^rank 0 \(step 0\): .*do not fit"):
+        plan_ranks(inp, Budget(vram_bytes=4e9, ram_bytes=128e9), RTX4090, rank_roles(4))
+
+
+def test_plan_ranks_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "14b", "--format", "int8", "--vram", "24", "--ram", "128", "--device-profile", "rtx4090",
+            "--ranks", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "step 3 + decoder" in out and "fps" in out and "real time" in out and "one GPU" in out
+    assert main([*argv, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [r["steps"] for r in d["ranks"]] == [[0], [1], [2], [3]]
+    assert d["pipeline"]["fps"] > d["one_gpu"]["fps"]
+
+
+# ---------------------------------------------------------------------------- stages of the generator
+
+BLOCKS = 5  # clip 0 and the first block of clip 1: new clip noise, every ring has wrapped
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    model, gi = two_clip_case(CFG)
+    one = CausalGenerator(model, gi, seed=7, num_clips=2)
+    return model, gi, [one.next_block().latents for _ in range(BLOCKS)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_stage_generators_chained_equal_one_generator_bitwise(tiny_setup, world: int) -> None:
+    """Each stage draws every step's sink offset and runs only its own steps: chained, the stages
+    ARE the one generator."""
+    model, gi, want = tiny_setup
+    stages = [CausalGenerator(model, gi, seed=7, num_clips=2, steps=s) for s in split_steps(4, world)]
+    for b in range(BLOCKS):
+        latents = None
+        for stage in stages:
+            latents = stage.next_block(latents).latents
+        assert torch.equal(latents, want[b])
+
+
+def test_stages_resume_from_their_own_states(tiny_setup) -> None:
+    model, gi, want = tiny_setup
+    a, b = (CausalGenerator(model, gi, seed=7, num_clips=2, steps=s) for s in ((0, 1), (2, 3)))
+    for _ in range(4):  # clip 0
+        b.next_block(a.next_block().latents)
+    snap_a, snap_b = copy.deepcopy(a.state_dict()), copy.deepcopy(b.state_dict())  # as if saved to disk
+    a2, b2 = (CausalGenerator(model, gi, seed=7, num_clips=2, steps=s) for s in ((0, 1), (2, 3)))
+    a2.load_state_dict(snap_a)
+    b2.load_state_dict(snap_b)
+    assert torch.equal(b2.next_block(a2.next_block().latents).latents, want[4])
+
+
+def test_a_pipeline_checkpoint_is_refused_by_one_process(tiny_setup) -> None:
+    model, gi, _ = tiny_setup
+    gen = CausalGenerator(model, gi, seed=7)
+    with pytest.raises(UserError, match="--ranks 4; resume it with the same --ranks"):
+        gen.load_state_dict({"ranks": {"world_size": 4}, "own": None})
+
+
+def test_runtime_kv_holds_only_the_rings_of_its_steps() -> None:
+    kv = KVOffload.build(CFG, 24, 10, "bf16", [None, False, None, True], False, "cpu", compute_dtype=torch.float32)
+    assert [r is not None for r in kv.rings] == [False, True, False, True] and len(kv.held_rings()) == 2
+    with pytest.raises(RuntimeError, match=r"no KV ring for step 0 here: this runtime holds steps \[1, 3\]"):
+        kv.open_layer(0, 0)
+    state = kv.state_dict()
+    assert len(state["rings"]) == 2
+    kv.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------- checkpoints and failures
+
+def test_companions_live_and_die_with_their_state(tmp_path: Path) -> None:
+    pytest.importorskip("av")
+    import numpy as np
+
+    from liveavatar_lite.decode.video import VideoSpec
+
+    spec = VideoSpec(height=64, width=64, preset="ultrafast")
+    out = tmp_path / "out.mp4"
+    work = RenderWorkDir.open(out, "job", resume=False)
+    for clip in range(2):
+        for rank in (0, 1):  # what the DiT ranks write before the clip's last block moves on
+            RenderWorkDir.rank_state_path(out, clip, rank).write_bytes(b"rank")
+        seg = work.begin_clip(clip, spec)
+        seg.append(np.full((45, 64, 64, 3), 100, np.uint8))
+        work.commit_clip(seg, lambda f: f.write(b"coord"))  # f: the open state file
+    names = sorted(p.name for p in work.root.iterdir())
+    assert "state_00001.pt.rank0" in names and "state_00000.pt.rank0" not in names  # went with state 0
+    RenderWorkDir.rank_state_path(out, 2, 0).write_bytes(b"ahead")  # a rank ahead of a crash
+    work.unlock()  # the crashed render's lock went with its process
+    again = RenderWorkDir.open(out, "job", resume=True)
+    assert sorted(p.name for p in again.root.iterdir()) == [
+        "clip_00000.mp4", "clip_00001.mp4", "journal.json", "state_00001.pt", "state_00001.pt.rank0",
+        "state_00001.pt.rank1"]
+
+
+class _Proc:
+    def __init__(self, exitcode: int | None) -> None:
+        self.exitcode = exitcode
+
+
+def test_the_failure_line_names_the_cause_not_the_peers() -> None:
+    from liveavatar_lite.pipeline.multirank.launch import contexts
+
+    ctxs = contexts(None, None, rank_roles(4), (torch.device("cpu"),) * 4)  # type: ignore[arg-type]
+    procs = [_Proc(1), _Proc(-9), _Proc(1), _Proc(1)]
+    peers = [("peer", 0, "sending to rank 1: Connection closed by peer", 1),
+             ("peer", 2, "waiting for rank 1: Connection closed by peer", 1)]
+    msg, code = _failure(procs, {0, 1, 2, 3}, peers, ctxs)
+    assert msg.startswith("rank 1 (step 1) was killed by SIGKILL;") and "--resume" in msg and code == 1
+    msg, code = _failure(procs, {0, 2}, [*peers, ("error", 3, "int8 weights ... do not fit", 3)], ctxs)
+    assert msg == "rank 3 (step 3 + decoder): int8 weights ... do not fit" and code == 3
+    msg, _ = _failure(procs, {0, 2}, peers, ctxs)
+    assert msg.startswith("rank 0 (step 0) lost another rank (sending to rank 1")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ranks", "6"], "--ranks 6: choose 1 to 5"),
+    (["--ranks", "2", "--gpus", "0,1,2"], "--gpus"),
+    (["--gpus", "0"], "--gpus places the ranks of --ranks N"),
+    (["--ranks", "2", "--gpus", "a,b"], "must be GPU numbers"),
+])
+def test_generate_rank_flags_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         extra: list[str], message: str) -> None:
+    argv = ["generate", "--artifact", str(tmp_path / "art"), "--image", str(tmp_path / "p.png"),
+            "--audio", str(tmp_path / "s.wav"), "--prompt", "p", "--out", str(tmp_path / "o.mp4"), *extra]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+class _FakeLink:
+    """Blocks as rank-1 would send them: (header, latents)."""
+
+    def __init__(self, blocks: list[tuple[int, int, bool]]) -> None:
+        self.blocks = list(blocks)
+
+    def recv(self):
+        from liveavatar_lite.pipeline.multirank.comm import BlockHeader
+
+        clip, block, flag = self.blocks.pop(0)
+        return BlockHeader(clip, block, flag), torch.full((16, 3, 2, 2), float(clip * 4 + block))
+
+
+def test_decode_only_coordinator_follows_the_heads_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """5 ranks: the coordinator only decodes. It takes the blocks in order, learns from the last
+    block of a clip whether the head marked a checkpoint, and its state names every companion."""
+    from liveavatar_lite.pipeline.multirank import coordinator
+    from liveavatar_lite.pipeline.multirank.launch import contexts
+    from liveavatar_lite.pipeline.request import PipelineOptions, RenderRequest
+
+    sent = []
+    monkeypatch.setattr(coordinator, "broadcast", lambda obj, src: sent.append(obj))
+    out = tmp_path / "o.mp4"
+    options, request = PipelineOptions(tmp_path), RenderRequest(image=tmp_path, audio=tmp_path, prompt="p", out=out)
+    ctx = contexts(options, request, rank_roles(5), (torch.device("cpu"),) * 5)[4]
+    blocks = [(0, b, b == 3) for b in range(4)] + [(1, b, False) for b in range(4)]
+    gen = coordinator.PipelineGenerator(ctx, None, _FakeLink(blocks), num_clips=2)
+    outs = [gen.next_block() for _ in range(4)]
+    assert sent[0].clip == 0 and sent[0].companions is None  # the start message, once
+    assert [(o.clip, o.block, o.clip_done) for o in outs][-1] == (0, 3, True)
+    assert gen.checkpoint_due(0) and not gen.checkpoint_due(0)
+    with pytest.raises(RuntimeError, match="did not write its checkpoint"):
+        gen.state_dict()
+    RenderWorkDir.path_for(out).mkdir()
+    for rank in range(4):
+        RenderWorkDir.rank_state_path(out, 0, rank).write_bytes(b"x")
+    state = gen.state_dict()
+    assert state["ranks"]["companions"] == {r: f"state_00000.pt.rank{r}" for r in range(4)}
+    assert state["own"] is None
+    # a fresh coordinator resumes from it: it tells every rank where to start and what to load
+    again = coordinator.PipelineGenerator(ctx, None, _FakeLink(blocks[4:]), num_clips=2)
+    again.load_state_dict(state)
+    assert again.next_block().clip == 1 and sent[-1].clip == 1 and len(sent[-1].companions) == 4
+    other = contexts(options, request, rank_roles(4), (torch.device("cpu"),) * 4)[3]
+    with pytest.raises(UserError, match="checkpointed by --ranks 5; resume it with the same --ranks"):
+        coordinator.PipelineGenerator(other, None, None, 2).load_state_dict(state)
+    with pytest.raises(UserError, match="checkpointed by a single process"):
+        coordinator.PipelineGenerator(ctx, None, None, 2).load_state_dict({"seed": 7})
+    RenderWorkDir.rank_state_path(out, 0, 2).unlink()
+    with pytest.raises(UserError, match="lacks state_00000.pt.rank2"):
+        coordinator.PipelineGenerator(ctx, None, None, 2).load_state_dict(state)
+
+
+def test_the_heads_checkpoint_clock_is_the_clip_loops_rule() -> None:
+    from liveavatar_lite.pipeline.multirank.stage import CheckpointClock
+
+    every = CheckpointClock(0, num_clips=3)
+    assert [every.due(c) for c in range(3)] == [True, True, False]  # never after the last clip
+    sparse = CheckpointClock(3600, num_clips=3)
+    assert not sparse.due(0)
