@@ -189,7 +189,7 @@ def _bad_batches(media: Path, root: Path) -> list[tuple[str, str, str]]:
         ("emptyprompt.jsonl", job(prompt="  "), "emptyprompt.jsonl:1: 'prompt' is empty"),
         ("twice.jsonl", f"{good}\n{good}\n", "twice.jsonl:2: out"),
         ("theirs.jsonl", job(out="theirs.mp4"), "was not written by `farm run`"),
-        ("underfile.jsonl", job(out="theirs.mp4/x.mp4"), "underfile.jsonl:1: cannot make the directory"),
+        ("underfile.jsonl", job(out="theirs.mp4/x.mp4"), "underfile.jsonl:1: --out"),
         ("empty.jsonl", "\n# nothing\n", "empty.jsonl: no jobs"),
     ]
 
@@ -247,3 +247,23 @@ def test_plan_batch_skips_ours_rerenders_stale_and_refuses_theirs(media: Path, t
     with pytest.raises(UserError, match="holds an unfinished render of other inputs"):
         plan_batch([a, b], "another id", jobs)
     work.remove()
+
+
+FARM_FLAG_CASES = [
+    (["farm", "run", "J", "--artifact", "A", "--workers", "0"], "--workers"),
+    (["farm", "run", "J", "--artifact", "A", "--cpus-per-worker", "nan"], "--cpus-per-worker"),
+    (["farm", "run", "J", "--artifact", "A", "--checkpoint-interval", "-1"], "--checkpoint-interval"),
+    (["farm", "run", "J", "--artifact", "A", "--seed", "-1"], "--seed"),
+    (["farm", "run", "J", "--artifact", "A", "--vram", "inf"], "--vram"),
+    (["serve", "A", "--backend", "ray", "--workers", "0"], "--workers"),
+    (["serve", "A", "--backend", "kubernetes"], "--backend"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", FARM_FLAG_CASES, ids=[f"{a[0]}{a[-2]}={a[-1]}" for a, _ in FARM_FLAG_CASES])
+def test_farm_flags_out_of_range(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], flag: str) -> None:
+    from hostile_fixtures import assert_one_line, run_cli
+
+    code, err = run_cli(capsys, *(str(tmp_path / a) if a in ("J", "A") else a for a in argv))
+    assert_one_line(code, err, flag, exit_code=2)
+    assert sorted(tmp_path.iterdir()) == []  # refused while parsing: nothing created

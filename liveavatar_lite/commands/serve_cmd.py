@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     liveavatar-lite serve la-int8/ --vram 24 --kv fp8 --state-dir /var/lib/liveavatar
     """
     from ..conditioning.photo import parse_size
+    from ..errors import UserError
     from ..pipeline.render import ArtifactBackend
     from ..pipeline.request import PipelineOptions
     from ..serve.config import (
