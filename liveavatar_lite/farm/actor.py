@@ -15,6 +15,7 @@ its newest checkpoint and produces identical frames.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -48,11 +49,25 @@ class ActorSpec:
 
 
 def remove_work(task: RenderTask | AvatarTask) -> None:
-    """A failed farm job leaves nothing half-written: its work dir and temp mp4 go, the user's directory stays."""
-    if isinstance(task, RenderTask):
-        out = Path(task.out)
-        shutil.rmtree(RenderWorkDir.path_for(out), ignore_errors=True)
+    """A failed farm job leaves nothing half-written: its work dir and temp mp4 go, the user's directory
+    stays. A work dir another render holds (its flock: a second driver, an actor not yet known dead) is
+    left alone: that render's failure to lock it is what failed this task."""
+    if not isinstance(task, RenderTask):
+        return
+    out = Path(task.out)
+    work = RenderWorkDir.path_for(out)
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:  # gone already, or not a directory we made: nothing of ours to remove
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(work, ignore_errors=True)  # removed while we hold its lock
         out.with_name(out.name + ".tmp").unlink(missing_ok=True)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class RenderActor:
