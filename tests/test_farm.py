@@ -267,3 +267,25 @@ def test_farm_flags_out_of_range(capsys: pytest.CaptureFixture[str], tmp_path: P
     code, err = run_cli(capsys, *(str(tmp_path / a) if a in ("J", "A") else a for a in argv))
     assert_one_line(code, err, flag, exit_code=2)
     assert sorted(tmp_path.iterdir()) == []  # refused while parsing: nothing created
+
+
+def test_a_failed_job_removes_only_its_own_work(tmp_path: Path) -> None:
+    """The farm's cleanup removes the work dir and temp mp4 of a failed job, never the user's directory,
+    and never a work dir another render holds (locked): that render is what made this task fail."""
+    from liveavatar_lite.farm.actor import remove_work
+    from liveavatar_lite.farm.batch import task_for
+    from liveavatar_lite.farm.jobs import FarmJob
+    from liveavatar_lite.pipeline.workdir import RenderWorkDir
+
+    out = tmp_path / "videos" / "a.mp4"
+    out.parent.mkdir()
+    (out.parent / "b.mp4").write_bytes(b"another video")
+    job = FarmJob(1, tmp_path / "p.png", tmp_path / "s.wav", "p", out, SIZE, 7, None, 1, 64, 64)
+    task = task_for(job, 0)
+    work = RenderWorkDir.open(out, "key", resume=False)  # another render, still running (holds the lock)
+    remove_work(task)
+    assert work.root.is_dir()
+    work.unlock()  # it failed or was killed: its files are ours to clean
+    out.with_name("a.mp4.tmp").write_bytes(b"half")
+    remove_work(task)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.mp4"]
