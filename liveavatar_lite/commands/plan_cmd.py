@@ -115,7 +115,7 @@ def format_plan(plan, ram_budget: float | None) -> str:
     """The human-readable plan table."""
     from ..runtime.plan import GB
 
-    gb = lambda b: f"{b / GB:8.2f}"
+    gb = lambda b: f"{b / GB:8.2f}"  # noqa: E731
     w, h = plan.size
     kv_dtype = plan.kv[0].dtype if plan.kv else "-"
     lines = [f"plan: {plan.weight_format} weights, {w}*{h}, KV {kv_dtype}, profile {plan.device_profile}", "",
