@@ -10,7 +10,7 @@ speech, seed = job number, submitted through POST /v1/jobs with up to --inflight
 and submit -> first frame), and the RSS of the server and of the worker after job 10 and after the
 last job, both measured with the queue drained (the median of 5 samples 0.5 s apart; growth must stay within 1 %): VmRSS, and RssAnon
 (anonymous memory only, where a leak shows; VmRSS also moves with shared-library pages the kernel
-evicts under other processes' memory pressure).
+evicts under other processes' memory pressure). RssAnon every 10 jobs (not drained) shows the trend.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def main() -> None:
                     raise SystemExit(f"the server did not start: {(work / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
             worker = ready.json()["worker"]["pid"]
-            results, pending, submitted, rss = [], [], 0, {}
+            results, pending, submitted, rss, trend = [], [], 0, {}, []
             while len(results) < args.jobs:
                 drain = submitted == args.baseline and len(results) < args.baseline  # baseline: queue empty
                 while submitted < args.jobs and len(pending) <= args.inflight and not drain:
@@ -111,6 +111,8 @@ def main() -> None:
                 if job["state"] in ("done", "failed", "cancelled"):
                     results.append(job)
                     pending.pop(0)
+                    if len(results) % 10 == 0:  # the trend (not drained: a render may be running)
+                        trend.append((len(results), _rss(server.pid)[1], _rss(worker)[1]))
                     if len(results) in (args.baseline, args.jobs) and not pending:
                         time.sleep(1.0)  # let the worker's Memory report and the server settle
                         rss[len(results)] = (_settled_rss(server.pid), _settled_rss(worker))
@@ -134,6 +136,8 @@ def main() -> None:
     for name, values in (("latency (submit -> done)", latency), ("render (task start -> done)", render),
                          ("time to first frame (task start)", ttff), ("time to first frame (submit)", submit_ttff)):
         print(f"{name:40s}{_percentile(values, 50):8.2f}{_percentile(values, 95):8.2f}")
+    print("RssAnon every 10 jobs, MB (server / worker): "
+          + ", ".join(f"{n}: {s / 1e6:.1f} / {w / 1e6:.1f}" for n, s, w in trend))
     (s0, w0), (s1, w1) = rss[args.baseline], rss[args.jobs]
     for name, a, b in (("server", s0, s1), ("worker", w0, w1)):
         for i, kind in enumerate(("RSS", "RssAnon")):

@@ -122,39 +122,48 @@ def _job(row: sqlite3.Row) -> JobRow:
 class JobStore:
     """Jobs and avatars in SQLite (WAL, synchronous=FULL: a committed change survives kill -9 and power loss).
 
-    One short-lived connection per operation keeps it safe to call from any thread; writes that
-    read-then-change run under BEGIN IMMEDIATE, so two concurrent cancels cannot both win.
+    One connection for the whole server, used under a lock, so it is safe to call from any thread
+    and its memory does not grow with the number of threads that ever called it (a connection per
+    thread of the API's pool would keep up to 40 page caches). Writes that read-then-change run
+    under BEGIN IMMEDIATE inside that lock, so two concurrent cancels cannot both win.
     """
+
+    CACHE_KIB = 2048  # SQLite's page cache for the one connection (its default size, stated)
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
-        self._connect().executescript(_SCHEMA)  # (executescript commits by itself)
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        with self._lock:
+            self._connect().executescript(_SCHEMA)  # (executescript commits by itself)
 
     def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+        """The connection (opened on first use); callers hold `self._lock`."""
+        if self._db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+            db.execute(f"PRAGMA cache_size=-{self.CACHE_KIB}")
+            self._db = db
+        return self._db
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._lock:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        return self._connect().execute(sql, args).fetchall()
+        with self._lock:
+            return self._connect().execute(sql, args).fetchall()
 
     # ---- jobs -------------------------------------------------------------------------------------
 
@@ -314,7 +323,7 @@ class JobStore:
             db.execute("UPDATE avatars SET state = ?, error = ? WHERE id = ?", (state, error, avatar_id))
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
