@@ -15,6 +15,7 @@ BENCHES = {
     "pipeline": "bench_pipeline.py",  # time to first frame: cold generate vs a warm Pipeline; RSS over renders
     "checksum": "bench_checksum.py",  # xxh3 vs sha256/blake2b/blake3, and what verifying adds to a unit read
     "serve": "bench_serve.py",  # 100 jobs through the service: failures, latency, TTFF, RSS drift of server + worker
+    "farm": "bench_farm.py",  # farm run throughput: jobs per minute with 1 vs 2 Ray actors
 }
 
 DESCRIPTION = (
@@ -25,6 +26,7 @@ DESCRIPTION = (
     "pipeline: time to first frame of a cold generate vs a warm Pipeline, RSS over many renders. "
     "checksum: hash throughput of the artifact's load-time check vs sha256, and its cost per unit read. "
     "serve: a soak of many jobs through the HTTP service (latency, time to first frame, RSS drift). "
+    "farm: jobs per minute of `farm run` with 1 vs 2 Ray actors. "
     "Arguments after NAME go to the script: `liveavatar-lite bench NAME --help` lists them."
 )
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
+from .farm_cmd import add_ray_flags
 from .flags import (
     int_range,
     non_negative_float,
@@ -51,6 +53,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="restart the worker between jobs after N tasks (default: 0, never)")
     parser.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",
                         help="seconds between a job's resume checkpoints; 0 = after every clip (default: %(default)s)")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="who renders: one local worker process (default), or Ray actors, one per GPU across "
+                             "machines (needs the farm extra and a --state-dir on storage every node shares; "
+                             "docs/farm.md)")
+    add_ray_flags(parser, " (with --backend ray)")
     parser.add_argument("--keep-jobs", type=positive_int, default=1000,
                         help="finished jobs kept with their videos; older ones are deleted (default: %(default)s)")
 
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     liveavatar-lite serve la-int8/ --vram 24 --kv fp8 --state-dir /var/lib/liveavatar
     """
     from ..conditioning.photo import parse_size
+    from ..errors import UserError
     from ..pipeline.render import ArtifactBackend
     from ..pipeline.request import PipelineOptions
     from ..serve.config import (
@@ -73,9 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.server import serve
 
     parse_size(args.size)
+    if args.backend == "local" and (args.ray_address or args.workers):
+        raise UserError("--ray-address and --workers need --backend ray")
     state_dir = args.state_dir or default_state_dir()
     options = PipelineOptions(artifact=args.artifact, vram_gb=args.vram, ram_gb=args.ram, kv_dtype=args.kv,
                               cache_dir=args.cache_dir or state_dir / "cache", progress=False)
+    if args.backend == "ray":  # actors run in other directories, on other machines: absolute paths
+        state_dir = state_dir.resolve()
+        options = replace(options, artifact=options.artifact.resolve(), cache_dir=Path(options.cache_dir).resolve())
     ArtifactBackend.open(options)  # a bad artifact fails here, in a second, not in the worker
     config = ServeConfig(
         pipeline=options, state_dir=state_dir, host=args.host, port=args.port,
@@ -85,5 +98,18 @@ def run(args: argparse.Namespace) -> int:
         worker=WorkerPolicy(memory_ceiling_bytes=int(args.worker_memory_gb * 1e9) if args.worker_memory_gb else None,
                             recycle_after_jobs=args.recycle_after, checkpoint_interval_s=args.checkpoint_interval),
         keep_jobs=args.keep_jobs)
-    serve(config)
+    serve(config, _ray_executor(args, config) if args.backend == "ray" else None)
     return 0
+
+
+def _ray_executor(args: argparse.Namespace, config: object) -> object:
+    """The farm's executor over Ray actors (imported here: serve never imports the farm)."""
+    from ..farm.actor import ActorSpec
+    from ..farm.cluster import ClusterConfig, import_ray
+    from ..farm.executor import RayExecutor
+
+    import_ray()  # one line if Ray is missing, before the server starts
+    w, h = (int(x) for x in args.size.lower().replace("x", "*").split("*"))
+    return RayExecutor(ActorSpec(config.pipeline, (w, h), cleanup="job_dir"),  # type: ignore[attr-defined]
+                       ClusterConfig(address=args.ray_address, workers=args.workers,
+                                     cpus_per_worker=args.cpus_per_worker))

@@ -123,19 +123,23 @@ class _ObservedBackend:
 class TaskRunner:
     """A warm Pipeline (models loaded once) that renders tasks and pre-encodes avatars."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, remove_outputs: Callable[[RenderTask | AvatarTask], None] | None = None) -> None:
+        """`remove_outputs`: what a failed or cancelled task leaves is removed by it (default: the task's
+        job directory, serve's layout; the farm removes only the render's work files)."""
         self.backend = _ObservedBackend(backend)
+        self.remove_outputs = remove_outputs or _remove_outputs
         self.pipeline = Pipeline(self.backend, progress=False)
         self.tasks_run = 0
 
     @classmethod
-    def load(cls, options: PipelineOptions, size: tuple[int, int]) -> TaskRunner:
+    def load(cls, options: PipelineOptions, size: tuple[int, int],
+             remove_outputs: Callable[[RenderTask | AvatarTask], None] | None = None) -> TaskRunner:
         """Open the artifact and load its models planned for `size` (width, height)."""
         from ..pipeline.render import ArtifactBackend
 
         backend = ArtifactBackend.open(options)
         backend.load(size)
-        return cls(backend)
+        return cls(backend, remove_outputs)
 
     @property
     def loads(self) -> dict[str, int]:
@@ -151,17 +155,17 @@ class TaskRunner:
             else:
                 self._render(task, cancel, emit)
         except TaskCancelled:
-            _remove_outputs(task)
+            self.remove_outputs(task)
             emit(Cancelled(task.id))
         except BudgetError as e:
-            _remove_outputs(task)
+            self.remove_outputs(task)
             emit(Failed(task.id, "out_of_memory", str(e)))
         except UserError as e:
-            _remove_outputs(task)
+            self.remove_outputs(task)
             emit(Failed(task.id, "bad_input", str(e)))
         except Exception as e:  # a bug or a library failure: reported, and the worker keeps serving
             log.exception("task %s failed", task.id)
-            _remove_outputs(task)
+            self.remove_outputs(task)
             emit(Failed(task.id, "internal", f"{type(e).__name__}: {first_line(e)}"))
         finally:
             self.backend.hooks = None
@@ -174,8 +178,9 @@ class TaskRunner:
         self.backend.hooks = hooks
         request = RenderRequest(
             image=Path(task.image), audio=Path(task.audio), prompt=task.prompt, out=Path(task.out), size=task.size,
-            num_clip=task.num_clip, seed=task.seed, resume=task.resume, telemetry=Path(task.telemetry),
-            live=Path(task.live), checkpoint_interval_s=task.checkpoint_interval_s, progress=False)
+            num_clip=task.num_clip, seed=task.seed, resume=task.resume,
+            telemetry=Path(task.telemetry) if task.telemetry else None, live=Path(task.live) if task.live else None,
+            checkpoint_interval_s=task.checkpoint_interval_s, progress=False)
         emit(Started(task.id))
         result = self.pipeline.run(request)
         if hooks.clip is not None:

@@ -22,6 +22,7 @@ from .api import BodyLimit, create_app
 from .blobs import BlobStore
 from .config import ServeConfig
 from .dispatcher import Dispatcher
+from .executor import Executor
 from .layout import StateDir, is_job_id
 from .metrics import ServeMetrics
 from .service import JobService
@@ -61,15 +62,16 @@ def recover(layout: StateDir, store: JobStore, blobs: BlobStore) -> None:
     blobs.remove_except(store.blob_refs())
 
 
-def build(config: ServeConfig) -> tuple[object, Dispatcher, IO[str]]:
-    """The ASGI app and the (not yet started) dispatcher over `config.state_dir`."""
+def build(config: ServeConfig, executor: Executor | None = None) -> tuple[object, Dispatcher, IO[str]]:
+    """The ASGI app and the (not yet started) dispatcher over `config.state_dir`, rendering on
+    `executor` (default: the local supervised worker; `serve --backend ray` passes the farm's)."""
     layout = StateDir(config.state_dir)
     layout.create()
     lock = lock_state_dir(layout)
     store = JobStore(layout.database)
     blobs = BlobStore(layout.blobs)
     recover(layout, store, blobs)
-    executor = LocalWorkerExecutor(config, layout.worker_log)
+    executor = executor or LocalWorkerExecutor(config, layout.worker_log)
     metrics = ServeMetrics(lambda: store.count(QUEUED), executor.status)
     blob_lock = threading.Lock()
     dispatcher = Dispatcher(store, executor, layout, blobs, config, metrics, blob_lock)
@@ -92,12 +94,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config: ServeConfig) -> None:
-    """Run the service until SIGTERM or Ctrl-C; the worker is stopped with it."""
+def serve(config: ServeConfig, executor: Executor | None = None) -> None:
+    """Run the service until SIGTERM or Ctrl-C; the worker (or `executor`'s workers) stopped with it."""
     import uvicorn
 
     sock = listen(config.host, config.port)
-    app, dispatcher, lock = build(config)
+    app, dispatcher, lock = build(config, executor)
     dispatcher.start()
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,

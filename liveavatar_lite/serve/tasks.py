@@ -26,8 +26,8 @@ class RenderTask:
     seed: int
     num_clip: int | None
     out: str
-    live: str
-    telemetry: str
+    live: str | None  # None: no live HLS output
+    telemetry: str | None  # None: no telemetry file
     checkpoint_interval_s: float
     resume: bool = True
 
