@@ -31,7 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve_cmd", "the kiosk service: HTTP API, durable job queue, one warm worker (docs/serve.md)"),
     "farm": ("farm_cmd", "render a batch of jobs on a Ray cluster, one warm actor per GPU (docs/farm.md)"),
     "vae": ("vae_cmd", "export the VAE decoder to ONNX, or decode saved latents with it"),
-    "bench": ("bench_cmd", "run a benchmark (stream, quantize, vae) and print side-by-side ratios"),
+    "bench": ("bench_cmd", "run a benchmark (stream, quantize, vae, pipeline, serve, farm, gpu, ...) side by side"),
 }
 
 OUR_LOGGERS = ("liveavatar_lite", "quantize", "calibration")
