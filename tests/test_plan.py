@@ -184,6 +184,21 @@ def test_probe_profile_measures_this_machine():
     prof = probe_profile("cpu", seconds=0.1)
     assert prof.h2d_gbps > 0 and prof.bf16_tflops > 0 and prof.name == "probe:cpu"
     assert prof.linear_tops("int8") > 0 and prof.attention_tflops() > 0
+    assert prof.int4_tops > 0 and prof.linear_tops("int4") == prof.int4_tops  # the real int4 forward, measured
+
+
+def test_a_measured_int4_rate_prices_int4_linears():
+    """An H100 ran int4 linears (dequantize + bf16 GEMM) at ~0.35x of bf16 (2026-11-26), where the
+    plan, pricing them at bf16's rate, predicted 6.8 s per clip for 10.3 s measured. A profile with a
+    measured int4 rate prices them by it; named profiles (no measurement) keep bf16's rate."""
+    inp = _inp14("int4")
+    budget = Budget(vram_bytes=16 * GB, kv_dtype="fp8")
+    base = make_plan(inp, budget, RTX4090)
+    slow = make_plan(inp, budget, replace(RTX4090, int4_tops=RTX4090.bf16_tflops * 0.35))
+    assert RTX4090.linear_tops("int4") == RTX4090.linear_tops("bf16")
+    gemm = base.seconds_breakdown["gemm"]
+    assert slow.seconds_breakdown["gemm"] == pytest.approx(gemm / 0.35, rel=1e-4)  # the breakdown is rounded
+    assert slow.predicted_seconds_per_clip > base.predicted_seconds_per_clip
 
 
 def test_unit_shape_table_matches_the_model():

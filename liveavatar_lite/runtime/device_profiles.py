@@ -32,6 +32,10 @@ class DeviceProfile:
     # Fraction of peak that real kernels reach at our shapes (M ~ 3k tokens, K ~ 5k): GEMMs of
     # this size run at 60-75 % of peak; SDPA/flash attention at 50-60 %; elementwise kernels at
     # 75-85 % of the memory bandwidth. A probed profile measures the real kernels: efficiency 1.
+    # Measured op/s of the int4 linear (dequantize + bf16 GEMM) where probed; 0: priced at bf16's rate.
+    # On an H100 it ran at 0.33-0.38x of bf16 (2026-11-26): the dequantize's kernel launches, not its
+    # bytes, bound it, and a plan at bf16's rate predicted 6.8 s per clip where the card took 10.3 s.
+    int4_tops: float = 0.0
     gemm_efficiency: float = 0.65
     attn_efficiency: float = 0.55
     mem_efficiency: float = 0.8
@@ -43,6 +47,8 @@ class DeviceProfile:
             peak = self.int8_tops
         elif fmt == "fp8" and self.fp8_tflops > 0:
             peak = self.fp8_tflops
+        elif fmt in ("int4", "nf4") and self.int4_tops > 0:
+            peak = self.int4_tops
         else:  # bf16, int4/nf4 (dequantize then bf16 matmul), or no native path on this device
             peak = self.bf16_tflops
         return peak * self.gemm_efficiency
@@ -69,8 +75,9 @@ PROFILES: dict[str, DeviceProfile] = {
     "l40s": DeviceProfile("l40s", h2d_gbps=24.0, d2h_gbps=24.0, bf16_tflops=362.0, int8_tops=733.0,
                           fp8_tflops=733.0, mem_gbps=864.0),
     # int8 at bf16's rate: on Hopper int8 weights run dequantized to bf16 (qlinear: `_int_mm` measured
-    # at under half bf16's rate on an H100, 2026-11-26)
+    # at under half bf16's rate on an H100, 2026-11-26); int4 at the 0.35x of bf16 measured there
     "h100-pcie": DeviceProfile("h100-pcie", h2d_gbps=48.0, d2h_gbps=48.0, bf16_tflops=756.0, int8_tops=756.0,
+                               int4_tops=265.0,
                                fp8_tflops=1513.0, mem_gbps=2039.0),
 }
 
@@ -158,6 +165,7 @@ def probe_profile(device: str | None = None, seconds: float = 2.0) -> DeviceProf
     fp8 = 0.0
     if on_cuda and torch.cuda.get_device_capability(dev) >= (8, 9):
         fp8 = _linear_rate(QuantType.FP8, x, dev, budget, flops)
+    int4 = _linear_rate(QuantType.INT4, x, dev, budget, flops)
     heads, keys = (40, 15312) if on_cuda else (2, 1024)
     q = torch.randn(1, heads, m, 128, device=dev, dtype=dtype)
     kv = torch.randn(1, heads, keys, 128, device=dev, dtype=dtype)
@@ -165,10 +173,11 @@ def probe_profile(device: str | None = None, seconds: float = 2.0) -> DeviceProf
     name = f"probe:{torch.cuda.get_device_name(dev) if on_cuda else 'cpu'}"
     prof = DeviceProfile(
         name=name, h2d_gbps=h2d, d2h_gbps=d2h, bf16_tflops=bf16, int8_tops=int8, fp8_tflops=fp8, mem_gbps=mem,
+        int4_tops=int4,
         gemm_efficiency=1.0, attn_efficiency=attn / bf16 if bf16 > 0 else 1.0, mem_efficiency=1.0,
     )
     log.info("probed %s: H2D %.1f GB/s, memory %.0f GB/s, bf16 %.2f TFLOPS, int8 linear %.2f TOPS, fp8 linear "
-             "%.2f TFLOPS, attention %.2f TFLOPS", name, h2d, mem, bf16, int8, fp8, attn)
+             "%.2f TFLOPS, int4 linear %.2f TOPS, attention %.2f TFLOPS", name, h2d, mem, bf16, int8, fp8, int4, attn)
     return prof
 
 
@@ -179,11 +188,16 @@ def _linear_rate(qtype, x, dev, budget: float, flops: float) -> float:  # type: 
     from .qlinear import QuantLinear
 
     k = x.shape[1]
-    lin = QuantLinear(k, k, qtype, device=dev, bias_dtype=x.dtype)
-    store = torch.float8_e4m3fn if qtype.value == "fp8" else torch.int8
+    int4 = qtype.value == "int4"
+    lin = QuantLinear(k, k, qtype, group_size=128 if int4 else None, device=dev, bias_dtype=x.dtype)
     with torch.no_grad():
-        lin.weight_data.copy_(torch.randint(-100, 100, (k, k), device=dev, dtype=torch.int16).to(store))
+        data = lin.weight_data  # int8 / fp8 [k, k]; int4: packed uint8 [k, k/2]
+        codes = torch.randint(0, 256, data.shape, device=dev, dtype=torch.int16) if int4 else \
+            torch.randint(-100, 100, data.shape, device=dev, dtype=torch.int16)
+        data.copy_(codes.to(data.dtype))
         lin.weight_scale.fill_(1.0 / (127 * k**0.5))
+        if int4:
+            lin.weight_zero.fill_(7.5)
         lin.bias.zero_()
     try:
         with torch.no_grad():
