@@ -24,6 +24,7 @@ from .config import ServeConfig
 from .dispatcher import Dispatcher
 from .executor import Executor
 from .layout import StateDir, is_job_id
+from .malloc_policy import steady_malloc
 from .metrics import ServeMetrics
 from .service import JobService
 from .store import DONE, QUEUED, RUNNING, JobStore
@@ -98,6 +99,7 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     """Run the service until SIGTERM or Ctrl-C; the worker (or `executor`'s workers) stopped with it."""
     import uvicorn
 
+    steady_malloc()  # a server that runs for days: no RSS step some jobs into the run
     sock = listen(config.host, config.port)
     app, dispatcher, lock = build(config, executor)
     dispatcher.start()

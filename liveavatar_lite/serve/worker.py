@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..pipeline.request import PipelineOptions
+from .malloc_policy import steady_malloc
 from .runner import TaskRunner, memory_now
 from .tasks import Cancel, Memory, Stop, WorkerFailed, WorkerReady, from_wire, to_wire
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", required=True, help="PipelineOptions and the planning size as JSON")
     args = ap.parse_args(argv)
     die_with_parent(args.parent_pid)
+    steady_malloc()  # before the Pipeline allocates: no RSS step some jobs into a long run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us in order
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     logging.getLogger("liveavatar_lite").setLevel(logging.INFO)
