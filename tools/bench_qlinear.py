@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The W8A8 quantized linear, eager vs fused: kernels, bytes moved, seconds, error.
 
-    python tools/bench_qlinear.py [--shapes tiny|14b] [--repeats 20] [--dtype fp32|bf16]
+    python tools/bench_qlinear.py [--shapes tiny|14b] [--repeats 20] [--dtype fp32|bf16] [--linear qkvo]
     liveavatar-lite bench qlinear --shapes 14b          # on CUDA: also W8A16 and fp8 _scaled_mm
 
 Eager is `linear_w8a8` as the runtime runs it without compile (quantize: norm, divide, round,
@@ -23,8 +23,10 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from liveavatar_lite.artifact.qtypes import QuantType, dequantize
 from liveavatar_lite.config import PRESETS
 from liveavatar_lite.runtime.qlinear import (
     linear_fp8_rowwise,
@@ -102,22 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", choices=("tiny", "14b"), default=None, help="default: 14b on CUDA, tiny on CPU")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="activations (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--linear", choices=("qkvo", "ffn.0", "ffn.2"), default=None, help="one linear only")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                    help="activations (default: bf16 on CUDA, fp32 on CPU)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if cuda else "fp32")]
-    # inductor counts bytes only while its metrics log is enabled (torch._inductor.compile_fx); enable it, silently
+    # inductor counts bytes only while its metrics log is enabled (torch._inductor.compile_fx): enable it, quietly
     metrics_log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
     metrics_log.setLevel(logging.INFO)
     metrics_log.propagate = False
     metrics_log.addHandler(logging.NullHandler())
     dev_name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"W8A8 linear, eager vs fused, {dev_name}, activations {str(dtype)[6:]}, torch {torch.__version__}")
-    hdr = f"{'linear':8} {'M*K*N':>18} {'kernels e/f(gen)':>16} {'MB e/f':>15} {'bytes/tok e/f':>15} {'ms e/f':>15} {'speedup':>7} {'max|dy| / bound':>15}"
-    print(hdr)
+    print(f"{'linear':8} {'M*K*N':>18} {'kernels e/f(gen)':>16} {'MB e/f':>15} {'bytes/tok e/f':>15} "
+          f"{'ms e/f':>15} {'speedup':>7} {'max|dy| / bound':>15}")
     g = torch.Generator().manual_seed(0)
     for name, m, k, n in shapes(a.shapes or ("14b" if cuda else "tiny")):
+        if a.linear not in (None, name):
+            continue
         w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(dev)
         sw = (torch.rand(n, generator=g) / 1000 + 1e-4).to(dev)
         b = torch.randn(n, generator=g).to(dev, dtype)
@@ -134,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             bound = bound + 2.0**-8 * ref.float().abs().amax()
         dy = float((got.float() - ref.float()).abs().max())
         t_e, t_f = seconds(linear_w8a8, *args, repeats=a.repeats), seconds(fn, *args, repeats=a.repeats)
-        print(f"{name:8} {f'{m}*{k}*{n}':>18} {f'{e_ops}/{f_ops}':>16} {f'{e_bytes / 1e6:.2f}/{f_bytes / 1e6:.2f}':>15} "
+        mb = f"{e_bytes / 1e6:.2f}/{f_bytes / 1e6:.2f}"
+        print(f"{name:8} {f'{m}*{k}*{n}':>18} {f'{e_ops}/{f_ops}':>16} {mb:>15} "
               f"{f'{e_bytes // m}/{f_bytes // m}':>15} {f'{t_e * 1e3:.3f}/{t_f * 1e3:.3f}':>15} {t_e / t_f:>6.2f}x "
               f"{f'{dy:.2e}/{float(bound):.1e}':>15}")
         if cuda:  # the alternatives the int8 / Hopper choice is between
-            wbf = (w.to(dtype) * sw[:, None].to(dtype))
-            t_w8a16 = seconds(lambda: torch.nn.functional.linear(x, (w.to(dtype) * sw[:, None].to(dtype)), b), repeats=a.repeats)
-            t_bf16 = seconds(lambda: torch.nn.functional.linear(x, wbf, b), repeats=a.repeats)
+            parts = {"data": w, "scale": sw}
+            wbf = dequantize(QuantType.INT8, parts, (n, k), None, dtype)
+            t_w8a16 = seconds(lambda: F.linear(x, dequantize(QuantType.INT8, parts, (n, k), None, dtype), b),
+                              repeats=a.repeats)  # as QuantLinear's w8a16 kernel
+            t_bf16 = seconds(lambda: F.linear(x, wbf, b), repeats=a.repeats)
             line = f"{'':8} W8A16 (dequantize + bf16 GEMM) {t_w8a16 * 1e3:.3f} ms, bf16 GEMM {t_bf16 * 1e3:.3f} ms"
             if torch.cuda.get_device_capability() >= (8, 9) and k % 16 == 0 and n % 16 == 0:
                 w8 = (w.float() / 127 * 448).to(torch.float8_e4m3fn)

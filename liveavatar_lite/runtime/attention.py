@@ -98,7 +98,8 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -
             with sdpa_kernel(_BACKENDS[name]):
                 F.scaled_dot_product_attention(q, q, q)
         except RuntimeError as e:
-            reasons = [first_line(w.message) for w in seen if "because" in str(w.message) or "requires" in str(w.message)]
+            reasons = [first_line(w.message) for w in seen
+                       if "because" in str(w.message) or "requires" in str(w.message)]
             return reasons[0] if reasons else first_line(e)
     return None
 
@@ -117,7 +118,8 @@ def resolve_attention(requested: str, device: torch.device | str, dtype: torch.d
         raise UserError(f"unknown attention {requested!r}; choose one of {', '.join(CHOICES)}")
     if requested == "sage":
         if device.type != "cuda":
-            raise UserError(f"--attention sage needs a CUDA GPU (SageAttention is Triton-only); this run is on {device.type}")
+            raise UserError("--attention sage needs a CUDA GPU (SageAttention is Triton-only); "
+                            f"this run is on {device.type}")
         try:
             import sageattention  # noqa: F401
         except ImportError:
