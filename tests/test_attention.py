@@ -204,3 +204,14 @@ def test_cuda_sage_error_against_sdpa():
     err = {n: float((kern(q, k, v).float() - ref).norm() / ref.norm()) for n, kern in (("sage", sage), ("sdpa", sdpa))}
     print(f"relative L2 vs fp32 SDPA: sage {err['sage']:.4f}, {sdpa.name} {err['sdpa']:.4f}")
     assert err["sdpa"] <= 1e-2 and err["sage"] <= 5e-2
+
+
+def test_a_render_records_the_attention_it_ran(clean_render):
+    """The CLI render's telemetry `layout` line names the kernel "auto" resolved to on this machine."""
+    import json
+
+    lines = [json.loads(s) for s in clean_render["telemetry"].read_text().splitlines()]
+    layout = next(r for r in lines if r.get("event") == "layout")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    want = resolve_attention("auto", dev, torch.bfloat16, PRESETS["tiny"].dit.head_dim).record()
+    assert {k: layout[k] for k in want} == want
