@@ -122,10 +122,10 @@ def test_renderer_layout_line_records_the_attention():
 
     attn = CrossAttention(256, 2, 1e-6)
     use_attention(attn, AttentionKernel("math", "math"))
-    runtime = SimpleNamespace(layout=lambda: {"streamed_units": 0}, dit=attn)
+    runtime = SimpleNamespace(layout=lambda: {"streamed_units": 0}, dit=attn, device=CPU)
     r = ArtifactRenderer(None, None, runtime, 4, plan=SimpleNamespace(decode_latents_per_call=3))
     assert r.layout() == {"streamed_units": 0, "decode_latents_per_call": 3,
-                          "attention": "math", "attention_requested": "math"}
+                          "attention": "math", "attention_requested": "math", "linear_kernels": {}}
 
 
 def test_cross_attention_with_a_chosen_kernel_traces_without_graph_breaks():
@@ -207,7 +207,8 @@ def test_cuda_sage_error_against_sdpa():
 
 
 def test_a_render_records_the_attention_it_ran(clean_render):
-    """The CLI render's telemetry `layout` line names the kernel "auto" resolved to on this machine."""
+    """The CLI render's telemetry `layout` line names the kernel "auto" resolved to on this machine,
+    and the quantized linears' kernels (the tiny int8 artifact: every block linear is int8)."""
     import json
 
     lines = [json.loads(s) for s in clean_render["telemetry"].read_text().splitlines()]
@@ -215,3 +216,5 @@ def test_a_render_records_the_attention_it_ran(clean_render):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     want = resolve_attention("auto", dev, torch.bfloat16, PRESETS["tiny"].dit.head_dim).record()
     assert {k: layout[k] for k in want} == want
+    kernels = layout["linear_kernels"]
+    assert sum(kernels.values()) > 0 and set(kernels) <= {"reference", "w8a8", "w8a16"}

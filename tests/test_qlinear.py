@@ -293,3 +293,13 @@ def test_bench_qlinear_prints_eager_and_fused_side_by_side(capsys):
     e_ops, f_ops = int(kernels.split("/")[0]), int(kernels.split("/")[1].split("(")[0])
     e_mb, f_mb = (float(v) for v in mb.split("/"))
     assert f_ops < e_ops and f_mb < e_mb
+
+
+def test_linear_kernels_counts_what_each_layer_runs(wxb):
+    """`linear_kernels` (for `bench speed`): the CPU's auto pick is the reference; forced kernels stay."""
+    from liveavatar_lite.runtime.qlinear import linear_kernels
+
+    w, _, b = wxb
+    root = nn.Sequential(_qlinear(QuantType.INT8, w, b), _qlinear(QuantType.INT8, w, b, kernel="w8a8_fused"),
+                         _qlinear(QuantType.FP8, w, b), nn.Linear(K, N))
+    assert linear_kernels(root, "cpu") == {"reference": 2, "w8a8_fused": 1}

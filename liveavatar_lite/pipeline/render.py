@@ -496,9 +496,11 @@ class ArtifactRenderer:
     def layout(self) -> dict[str, Any]:
         """The layout this render runs under (telemetry's `layout` line)."""
         from ..runtime.attention import attention_record
+        from ..runtime.qlinear import linear_kernels
 
+        dit = self.runtime.dit  # which attention and linear kernels run (runtime/attention.py, qlinear.py)
         return {**self.runtime.layout(), "decode_latents_per_call": self.plan.decode_latents_per_call,
-                **attention_record(self.runtime.dit)}
+                **attention_record(dit), "linear_kernels": linear_kernels(dit, self.runtime.device)}
 
     def counters(self) -> dict[str, float]:
         """Running copy-wait (weights, KV) and H2D byte totals (ledger.clip_mark)."""

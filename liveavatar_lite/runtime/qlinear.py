@@ -82,7 +82,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.qtype, self.parts(), (self.out_features, self.in_features), self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        kernel = self.kernel if self.kernel != "auto" else self._auto_kernel(x)
+        kernel = self.kernel_on(x.device)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
         y = None
@@ -104,15 +104,19 @@ class QuantLinear(nn.Module):
             y = F.linear(x2, self.dequantized(x2.dtype), _cast(self.bias, x2.dtype))
         return y.reshape(*lead, self.out_features)  # [M, N] -> [..., N]
 
-    def _auto_kernel(self, x: Tensor) -> str:
-        if x.device.type != "cuda":
+    def kernel_on(self, device: torch.device) -> str:
+        """The kernel this layer runs on `device` (its forced one, or the "auto" pick per the table;
+        shapes the fast kernels refuse still fall back per call)."""
+        if self.kernel != "auto":
+            return self.kernel
+        if device.type != "cuda":
             return "reference"
         if self.qtype is QuantType.INT8:
             # Hopper: cuBLASLt's int8 GEMM ran at 0.37-0.47x of bf16 at the DiT's shapes (266-385 vs
             # 720-814 TFLOP/s, H100 80GB HBM3, torch 2.11, 2026-11-26), so dequantizing to bf16 wins there;
             # chosen by architecture, not by timing, so the same machine always renders the same frames
-            return "w8a16" if _int8_gemm_slow(x.device) else "w8a8"
-        if self.qtype is QuantType.FP8 and torch.cuda.get_device_capability(x.device) >= (8, 9):
+            return "w8a16" if _int8_gemm_slow(device) else "w8a8"
+        if self.qtype is QuantType.FP8 and torch.cuda.get_device_capability(device) >= (8, 9):
             return "scaled_mm"
         if self.qtype is QuantType.NF4 and _has_bnb():
             return "bnb"
@@ -123,8 +127,19 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.qtype.value}{g}, kernel={self.kernel}"
 
 
+def linear_kernels(root: nn.Module, device: torch.device | str) -> dict[str, int]:
+    """How many quantized linears under `root` run each kernel on `device` ({"w8a8": 280, ...}):
+    what `bench speed` and telemetry can print beside the attention kernel."""
+    counts: dict[str, int] = {}
+    for m in root.modules():
+        if isinstance(m, QuantLinear):
+            k = m.kernel_on(torch.device(device))
+            counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _int8_gemm_slow(device: torch.device) -> bool:
-    """Whether `_int_mm` is slower than a bf16 GEMM here (sm_90, Hopper: measured; see _auto_kernel)."""
+    """Whether `_int_mm` is slower than a bf16 GEMM here (sm_90, Hopper: measured; see kernel_on)."""
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
