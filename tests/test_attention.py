@@ -85,6 +85,30 @@ def test_sage_refuses_head_dims_its_kernels_lack(monkeypatch):
     assert resolve_attention("sage", torch.device("cuda"), head_dim=128).record()["attention"] == "sage"
 
 
+def test_sage_wrapper_centres_k_out_of_place(monkeypatch):
+    """The sage kernel passes K minus its mean over the keys (smooth_k off: sageattention would
+    subtract in place, and the text K/V cache must not change); softmax is shift-invariant per
+    query, so with an exact stand-in for sageattn the result is attention itself."""
+    import types
+
+    calls = []
+
+    def fake_sageattn(q, k, v, tensor_layout, is_causal, smooth_k):
+        calls.append((tensor_layout, is_causal, smooth_k, float(k.mean(dim=2).abs().max())))
+        return F.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=fake_sageattn))
+    q, k, v = _qkv()
+    k = k + 3.0  # a large common offset, as real keys have
+    k_before = k.clone()
+    out = AttentionKernel("sage", "sage")(q, k, v)
+    assert torch.equal(k, k_before)
+    (layout, causal, smooth, mean), = calls
+    assert (layout, causal, smooth) == ("HND", False, False) and mean < 1e-5
+    want = _naive(q, k, v)
+    assert float((out.double() - want).norm() / want.norm()) <= 1e-5
+
+
 def test_attend_calls_the_kernel_it_is_given():
     """attend() passes [B, n, L, d] views to the kernel and returns [B, Lq, n*d]; None is torch's SDPA."""
     q, k, v = (t.transpose(1, 2) for t in _qkv())  # attend takes [B, L, n, d]
