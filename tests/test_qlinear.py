@@ -11,8 +11,10 @@ from liveavatar_lite.artifact.qtypes import QuantType, nf4_code
 from liveavatar_lite.runtime.qlinear import (
     QuantLinear,
     linear_w8a8,
+    linear_w8a8_fused,
     quantize_per_token_int8,
     swap_linears,
+    w8a8_expr,
 )
 from quantize.quantizers import quantize_tensor
 
@@ -64,6 +66,74 @@ def test_w8a8_matches_its_definition(wxb):
     assert torch.equal(y, want)
     assert _snr_db(nn.functional.linear(x, w, b), y) >= 30  # W8A8 costs a few dB over W8A16
     assert torch.equal(linear_w8a8(x2, m.weight_data, m.weight_scale, m.bias), y.reshape(-1, N))
+
+
+def _w8a8_bound(x2: torch.Tensor, m: QuantLinear, ref: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """How far a differently-compiled W8A8 may land from the eager one, per output [M, N].
+
+    The absmax is exact (a max), the scale one correctly rounded division; a compiler may still
+    compute x / s as x * (1/s) or contract the epilogue into FMAs: 1 ulp in x / s flips the
+    rounding of an element only at a tie (.5), moving that int8 value by one step, so output
+    (m, n) moves by at most flips[m] * sx[m] * max|Wq[n, :]| * sw[n]; the epilogue's three fp32
+    operations add at most 4 ulp of the largest term."""
+    _, sx = quantize_per_token_int8(x2)
+    wmax = m.weight_data.abs().amax(dim=1).float()  # [N], <= 127
+    step = flips.float()[:, None] * sx * wmax[None, :] * m.weight_scale.float()[None, :]
+    return step + 4 * 2.0**-23 * (ref.abs() + m.bias.abs()[None, :])
+
+
+def test_w8a8_expr_is_the_eager_math(wxb):
+    """The functional expression a compiled graph traces (w8a8_expr) is the same arithmetic as
+    the in-place eager kernel, op for op: equal bit for bit when run eagerly."""
+    w, x, b = wxb
+    m = _qlinear(QuantType.INT8, w, b, kernel="w8a8")
+    x2 = x.reshape(-1, K)
+    assert torch.equal(w8a8_expr(x2, m.weight_data, m.weight_scale, m.bias),
+                       linear_w8a8(x2, m.weight_data, m.weight_scale, m.bias))
+    xb = x2.bfloat16()  # bf16 activations: x / s widens to fp32 in both
+    assert torch.equal(w8a8_expr(xb, m.weight_data, m.weight_scale, m.bias.bfloat16()),
+                       linear_w8a8(xb, m.weight_data, m.weight_scale, m.bias.bfloat16()))
+
+
+@pytest.mark.parametrize("qtype,kernel", [(QuantType.INT8, "w8a8"), (QuantType.INT8, "w8a8_fused"),
+                                          (QuantType.FP8, "scaled_mm"), (QuantType.INT8, "reference")])
+def test_quantized_linears_trace_without_graph_breaks(wxb, qtype, kernel):
+    """A compiled unit graph (i21graph) must see each kernel whole: dynamo with fullgraph=True
+    (backend "eager" runs the traced ops unchanged, so the result is the eager one exactly)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    w, x, b = wxb
+    m = _qlinear(qtype, w, b, kernel=kernel)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        got = torch.compile(m, fullgraph=True, backend="eager")(x[:, :8])  # 16 tokens
+        want = _qlinear(qtype, w, b, kernel="w8a8" if kernel == "w8a8_fused" else kernel)(x[:, :8])
+    assert dict(counters["graph_break"]) == {}
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_w8a8_fused_by_inductor_matches_the_eager_kernel(wxb):
+    """The inductor-compiled W8A8 (quantize in one fused loop, `_int_mm`, one epilogue loop) against
+    the eager kernel, within `_w8a8_bound`; the rounding flips must be rare (ties only).
+    (`bench qlinear` prints the kernels and bytes, fused vs eager, from inductor's counters.)"""
+    w, x, b = wxb
+    m = _qlinear(QuantType.INT8, w, b, kernel="w8a8_fused")
+    x2 = torch.cat([x.reshape(-1, K), torch.randn(40, K, generator=torch.Generator().manual_seed(9)) * 30])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = m(x2)
+    ref = linear_w8a8(x2, m.weight_data, m.weight_scale, m.bias)
+    xq_ref, _ = quantize_per_token_int8(x2)
+    sx_c = x2.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / 127  # the compiled graph's scale
+    xq_c = torch.compile(lambda t: (t / sx_c).round().clamp(-127, 127).to(torch.int8), fullgraph=True)(x2)
+    flips = (xq_c.int() - xq_ref.int()).abs()
+    assert int(flips.max()) <= 1 and int(flips.sum()) <= x2.numel() // 1000  # ties only
+    assert bool(((got - ref).abs() <= _w8a8_bound(x2, m, ref, flips.sum(dim=1))).all())
+    assert m.kernel == "w8a8_fused"  # no fallback to dequantize + matmul
+    assert torch.equal(linear_w8a8_fused(x2, m.weight_data, m.weight_scale, m.bias), got)  # cached compile
 
 
 def test_w8a8_per_token_scales_isolate_outlier_tokens(wxb):
@@ -187,3 +257,49 @@ def test_cuda_int8_auto_kernel_follows_the_architecture(monkeypatch):
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert (calls == []) if hopper else (calls == [(64, K)])
     assert _snr_db(nn.functional.linear(x, w, b), y) >= 30
+
+
+@pytest.mark.gpu
+def test_cuda_w8a8_fused_matches_the_eager_kernel():
+    """On CUDA the fused W8A8 (inductor's Triton quantize + `_int_mm` + epilogue) against the eager
+    kernel in bf16: the bound of `_w8a8_bound` plus one bf16 rounding of the output (2^-8 relative)."""
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(256, 512, generator=g) / 16, torch.randn(256, generator=g)
+    m = QuantLinear(512, 256, QuantType.INT8, None, bias=True, bias_dtype=torch.bfloat16, device="cpu",
+                    kernel="w8a8_fused")
+    for role, t in quantize_tensor(QuantType.INT8, w, None).items():
+        getattr(m, f"weight_{role}").copy_(t)
+    m.bias.data.copy_(b)
+    m = m.cuda()
+    x2 = torch.randn(3168 // 8, 512, generator=g).cuda().bfloat16()
+    got = m(x2).float()
+    ref = linear_w8a8(x2, m.weight_data, m.weight_scale, m.bias).float()
+    bound = _w8a8_bound(x2, m, ref, torch.full((x2.shape[0],), 2, device="cuda")) + 2.0**-8 * ref.abs()
+    assert bool(((got - ref).abs() <= bound).all()) and m.kernel == "w8a8_fused"
+
+
+@pytest.mark.slow
+def test_bench_qlinear_prints_eager_and_fused_side_by_side(capsys):
+    """`bench qlinear` on the CPU: one tiny linear, eager vs inductor-fused, fewer kernels and bytes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_qlinear import main
+
+    assert main(["--shapes", "tiny", "--linear", "qkvo", "--repeats", "1", "--dtype", "bf16"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("qkvo"))
+    kernels, mb = row.split()[2], row.split()[3]
+    e_ops, f_ops = int(kernels.split("/")[0]), int(kernels.split("/")[1].split("(")[0])
+    e_mb, f_mb = (float(v) for v in mb.split("/"))
+    assert f_ops < e_ops and f_mb < e_mb
+
+
+def test_linear_kernels_counts_what_each_layer_runs(wxb):
+    """`linear_kernels` (for `bench speed`): the CPU's auto pick is the reference; forced kernels stay."""
+    from liveavatar_lite.runtime.qlinear import linear_kernels
+
+    w, _, b = wxb
+    root = nn.Sequential(_qlinear(QuantType.INT8, w, b), _qlinear(QuantType.INT8, w, b, kernel="w8a8_fused"),
+                         _qlinear(QuantType.FP8, w, b), nn.Linear(K, N))
+    assert linear_kernels(root, "cpu") == {"reference": 2, "w8a8_fused": 1}

@@ -21,3 +21,7 @@ echo "gpu_proof rc=$?"; tail -n 40 "$OUT/proof.log"
 timeout "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu -k "${TESTS_K:-not device_wide}" --timeout 150 -rfEs \
     --continue-on-collection-errors tests/ > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -n 60 "$OUT/gpu_tests.log"
+# 4. the W8A8 linear eager vs fused at the 14B shapes, with W8A16 / bf16 / fp8 _scaled_mm beside it (issue 21);
+#    the sageattention wheel, when carried in .whl/, lets test_cuda_sage_error_against_sdpa above run
+timeout "${QLINEAR_TIMEOUT:-240}" python3 tools/bench_qlinear.py --repeats 20 > "$OUT/bench_qlinear.log" 2>&1
+echo "bench qlinear rc=$?"; tail -n 12 "$OUT/bench_qlinear.log"

@@ -17,6 +17,7 @@ BENCHES = {
     "serve": "bench_serve.py",  # 100 jobs through the service: failures, latency, TTFF, RSS drift of server + worker
     "farm": "bench_farm.py",  # farm run throughput: jobs per minute with 1 vs 2 Ray actors
     "gpu": "gpu_proof.py",  # on a GPU: the 14B DiT under 24/16/12 GB caps (NVML), GEMMs, streamed vs resident
+    "qlinear": "bench_qlinear.py",  # W8A8 linear eager vs fused: kernels, bytes, ms (CUDA: W8A16, fp8 too)
 }
 
 DESCRIPTION = (
@@ -30,6 +31,8 @@ DESCRIPTION = (
     "farm: jobs per minute of `farm run` with 1 vs 2 Ray actors. "
     "gpu (CUDA): the 14B DiT's runtime at 704*384 placed for 24/16/12 GB, torch capped at each budget and "
     "the whole device sampled with NVML, next to the plan; GEMM kernels; streamed vs resident. "
+    "qlinear: the W8A8 linear eager vs fused (torch.compile): kernels, bytes, ms, error; on CUDA also W8A16 and "
+    "fp8 _scaled_mm at the 14B shapes. "
     "Arguments after NAME go to the script: `liveavatar-lite bench NAME --help` lists them."
 )
 

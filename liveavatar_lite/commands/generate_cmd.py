@@ -6,6 +6,8 @@ from pathlib import Path
 
 from .flags import float_range, int_range, non_negative_float, seed
 
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "sage")  # = runtime.attention.CHOICES
+
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
     "decoded and written block by block; finished clips survive a crash (rerun with --resume). "
@@ -49,6 +51,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="fuse each DiT block's elementwise work with torch.compile (CUDA only; the first "
                              "clip pays the compilation)")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                        help="attention kernel: auto (per GPU: cuDNN on sm_90, flash on sm_80/sm_89; torch's CPU "
+                             "kernel), sdpa (torch picks per call), one SDPA backend, or sage (8-bit, CUDA, the "
+                             "[attention] extra); recorded in --telemetry (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same inputs from its newest checkpoint")
     parser.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.request import PipelineOptions, RenderRequest
 
     options = PipelineOptions(artifact=args.artifact, vram_gb=args.vram, ram_gb=args.ram, kv_dtype=args.kv,
-                              device_profile=args.device_profile, compile_units=args.compile,
+                              device_profile=args.device_profile, compile_units=args.compile, attention=args.attention,
                               cache_dir=args.cache_dir, progress=not args.no_progress)
     request = RenderRequest(
         image=args.image,

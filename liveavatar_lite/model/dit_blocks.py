@@ -13,6 +13,7 @@ of `norm3` and q/k/v entering attention) are kept, so fp32 runs reproduce upstre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,8 @@ from .rope import apply_rope
 
 if TYPE_CHECKING:  # the cache types are only used in annotations
     from .kv import LayerKV
+
+AttnKernel = Callable[[Tensor, Tensor, Tensor], Tensor]  # q, k, v [B, n, L, d] -> [B, n, Lq, d]
 
 
 class RMSNorm(nn.Module):
@@ -40,16 +43,18 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bf16_inputs: bool) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, bf16_inputs: bool, kernel: AttnKernel | None = None) -> Tensor:
     """Dense attention. q [B, Lq, n, d], k/v [B, Lk, n, d] -> [B, Lq, n*d] in q's dtype.
 
-    `bf16_inputs` rounds q/k/v to bf16 first (what upstream's flash/cuDNN kernels see).
+    `bf16_inputs` rounds q/k/v to bf16 first (what upstream's flash/cuDNN kernels see). `kernel`:
+    softmax(q k^T / sqrt(d)) v on [B, n, L, d] (runtime/attention.py picks one); None: torch's SDPA.
     """
     out_dtype = q.dtype
     if bf16_inputs:
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    sdpa = F.scaled_dot_product_attention if kernel is None else kernel
     # SDPA wants heads before sequence: [B, n, L, d]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2).to(out_dtype)  # [B, Lq, n*d]
 
 
@@ -66,6 +71,7 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+        self.attn_kernel: AttnKernel | None = None  # set by runtime.attention.use_attention; None: torch's SDPA
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, s = x.shape[:2]
@@ -81,7 +87,7 @@ class SelfAttention(nn.Module):
         kv.sink.write(k, v)
         _, v_cached = kv.sink.read()  # upstream attends to the cache's (possibly rounded) V copy
         k_rot = apply_rope(k, freqs).type_as(v)
-        out = attend(apply_rope(q, freqs).type_as(v), k_rot, v_cached.type_as(v), bf16_attn)
+        out = attend(apply_rope(q, freqs).type_as(v), k_rot, v_cached.type_as(v), bf16_attn, self.attn_kernel)
         return self.o(out)
 
     def forward_block(
@@ -96,7 +102,7 @@ class SelfAttention(nn.Module):
         sink_k, sink_v = kv.sink.read()  # un-roped; re-roped at this call's sink offset
         keys = torch.cat([hist_k.type_as(v), apply_rope(sink_k, sink_freqs).type_as(v)], dim=1)
         values = torch.cat([hist_v.type_as(v), sink_v.type_as(v)], dim=1)
-        return self.o(attend(q, keys, values, bf16_attn))
+        return self.o(attend(q, keys, values, bf16_attn, self.attn_kernel))
 
 
 class CrossAttention(nn.Module):
@@ -112,6 +118,7 @@ class CrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.attn_kernel: AttnKernel | None = None  # set by runtime.attention.use_attention; None: torch's SDPA
 
     def forward(self, x: Tensor, context: Tensor, bf16_attn: bool) -> Tensor:
         """x [B, L, dim], context [B, Lc, dim] -> [B, L, dim]."""
@@ -119,7 +126,7 @@ class CrossAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(b, -1, n, d)  # [B, L, n, d]
         k = self.norm_k(self.k(context)).view(b, -1, n, d)  # [B, Lc, n, d]
         v = self.v(context).view(b, -1, n, d)  # [B, Lc, n, d]
-        return self.o(attend(q, k, v, bf16_attn))
+        return self.o(attend(q, k, v, bf16_attn, self.attn_kernel))
 
 
 class DiTBlock(nn.Module):

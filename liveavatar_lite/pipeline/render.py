@@ -58,6 +58,11 @@ class ArtifactBackend:
         self._vae: Any = None
         # the manifest's exact bytes name the artifact (read once: a warm pipeline keeps its identity)
         self._artifact_id = hashlib.sha256((self.directory / MANIFEST_FILE).read_bytes()).hexdigest()
+        # the attention kernel, resolved (and refused in one line) before anything heavy loads;
+        # q/k/v enter attention in bf16 (la_roundings) or the compute dtype
+        from ..runtime.attention import resolve_attention
+
+        self.attention = resolve_attention(options.attention, self.device, torch.bfloat16, manifest.dit.head_dim)
 
     @classmethod
     def open(cls, options: PipelineOptions) -> ArtifactBackend:
@@ -114,6 +119,7 @@ class ArtifactBackend:
     def _runtime_for(self, plan: Any) -> Any:
         """The DiT runtime laid out per `plan`: the loaded one when its weight layout matches (its KV
         caches re-placed if needed), else a new one (weights read again: counted in `loads`)."""
+        from ..runtime.attention import use_attention
         from ..runtime.dit_runtime import DiTRuntime
 
         if self._runtime is not None and self._runtime.same_weight_layout(plan):
@@ -127,6 +133,7 @@ class ArtifactBackend:
             self._runtime = DiTRuntime.from_artifact(self.directory, plan, device=self.device,
                                                      timing=self.device.type == "cuda",
                                                      compile_units=self.options.compile_units)
+            use_attention(self._runtime.dit, self.attention)
         self.loads["dit"] += 1
         return self._runtime
 
@@ -488,7 +495,12 @@ class ArtifactRenderer:
 
     def layout(self) -> dict[str, Any]:
         """The layout this render runs under (telemetry's `layout` line)."""
-        return {**self.runtime.layout(), "decode_latents_per_call": self.plan.decode_latents_per_call}
+        from ..runtime.attention import attention_record
+        from ..runtime.qlinear import linear_kernels
+
+        dit = self.runtime.dit  # which attention and linear kernels run (runtime/attention.py, qlinear.py)
+        return {**self.runtime.layout(), "decode_latents_per_call": self.plan.decode_latents_per_call,
+                **attention_record(dit), "linear_kernels": linear_kernels(dit, self.runtime.device)}
 
     def counters(self) -> dict[str, float]:
         """Running copy-wait (weights, KV) and H2D byte totals (ledger.clip_mark)."""

@@ -7,6 +7,9 @@ streamed unit buffer. Kernels, picked per call from the device and the qtype:
 | qtype | CUDA                                                                   | reference (CPU, tests)        |
 |-------|------------------------------------------------------------------------|-------------------------------|
 | int8  | W8A8: per-token dynamic activation scale + `torch._int_mm` (int32 acc);| dequantize + `F.linear`       |
+|       | inside `torch.compile` one functional expression (`w8a8_expr`) whose   |                               |
+|       | quantize prologue and scale epilogue inductor fuses; "w8a8_fused":     |                               |
+|       | that expression compiled on its own (no unit graph needed);            |                               |
 |       | W8A16 (dequantize + matmul) when M <= 16 or K/N not multiples of 8,    |                               |
 |       | and on Hopper (sm_90), where `_int_mm` runs at under half bf16's rate  |                               |
 | fp8   | `torch._scaled_mm` with row-wise scales (per-token x, per-channel w)   | dequantize + `F.linear`       |
@@ -19,8 +22,9 @@ streamed unit buffer. Kernels, picked per call from the device and the qtype:
 """
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +43,7 @@ from ..errors import first_line
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "reference", "w8a8", "w8a16", "scaled_mm", "bnb")
+KERNELS = ("auto", "reference", "w8a8", "w8a8_fused", "w8a16", "scaled_mm", "bnb")
 
 
 def part_attr(role: str) -> str:
@@ -51,7 +55,8 @@ class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as `qtype` parts. Build on meta; the runtime binds the buffers.
 
     kernel: "auto" (per device, table above), or force one: "reference" (dequantize + F.linear),
-    "w8a8" (int8 `_int_mm`), "w8a16", "scaled_mm" (fp8), "bnb" (nf4 via bitsandbytes).
+    "w8a8" (int8 `_int_mm`), "w8a8_fused" (the same, its quantize and epilogue fused by a standalone
+    `torch.compile`), "w8a16", "scaled_mm" (fp8), "bnb" (nf4 via bitsandbytes).
     """
 
     def __init__(self, in_features: int, out_features: int, qtype: QuantType, group_size: int | None = None,
@@ -77,13 +82,15 @@ class QuantLinear(nn.Module):
         return dequantize(self.qtype, self.parts(), (self.out_features, self.in_features), self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        kernel = self.kernel if self.kernel != "auto" else self._auto_kernel(x)
+        kernel = self.kernel_on(x.device)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
         y = None
         try:
             if kernel == "w8a8" and _int_mm_ok(x2, self.out_features):
                 y = linear_w8a8(x2, self.weight_data, self.weight_scale, self.bias)
+            elif kernel == "w8a8_fused" and _int_mm_ok(x2, self.out_features):
+                y = linear_w8a8_fused(x2, self.weight_data, self.weight_scale, self.bias)
             elif kernel == "scaled_mm" and _scaled_mm_ok(x2, self.out_features):
                 y = linear_fp8_rowwise(x2, self.weight_data, self.weight_scale, self.bias)
             elif kernel == "bnb":
@@ -97,15 +104,19 @@ class QuantLinear(nn.Module):
             y = F.linear(x2, self.dequantized(x2.dtype), _cast(self.bias, x2.dtype))
         return y.reshape(*lead, self.out_features)  # [M, N] -> [..., N]
 
-    def _auto_kernel(self, x: Tensor) -> str:
-        if x.device.type != "cuda":
+    def kernel_on(self, device: torch.device) -> str:
+        """The kernel this layer runs on `device` (its forced one, or the "auto" pick per the table;
+        shapes the fast kernels refuse still fall back per call)."""
+        if self.kernel != "auto":
+            return self.kernel
+        if device.type != "cuda":
             return "reference"
         if self.qtype is QuantType.INT8:
             # Hopper: cuBLASLt's int8 GEMM ran at 0.37-0.47x of bf16 at the DiT's shapes (266-385 vs
             # 720-814 TFLOP/s, H100 80GB HBM3, torch 2.11, 2026-11-26), so dequantizing to bf16 wins there;
             # chosen by architecture, not by timing, so the same machine always renders the same frames
-            return "w8a16" if _int8_gemm_slow(x.device) else "w8a8"
-        if self.qtype is QuantType.FP8 and torch.cuda.get_device_capability(x.device) >= (8, 9):
+            return "w8a16" if _int8_gemm_slow(device) else "w8a8"
+        if self.qtype is QuantType.FP8 and torch.cuda.get_device_capability(device) >= (8, 9):
             return "scaled_mm"
         if self.qtype is QuantType.NF4 and _has_bnb():
             return "bnb"
@@ -116,8 +127,19 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.qtype.value}{g}, kernel={self.kernel}"
 
 
+def linear_kernels(root: nn.Module, device: torch.device | str) -> dict[str, int]:
+    """How many quantized linears under `root` run each kernel on `device` ({"w8a8": 280, ...}):
+    what `bench speed` and telemetry can print beside the attention kernel."""
+    counts: dict[str, int] = {}
+    for m in root.modules():
+        if isinstance(m, QuantLinear):
+            k = m.kernel_on(torch.device(device))
+            counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _int8_gemm_slow(device: torch.device) -> bool:
-    """Whether `_int_mm` is slower than a bf16 GEMM here (sm_90, Hopper: measured; see _auto_kernel)."""
+    """Whether `_int_mm` is slower than a bf16 GEMM here (sm_90, Hopper: measured; see kernel_on)."""
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
@@ -156,13 +178,45 @@ def quantize_per_token_int8(x2: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def w8a8_expr(x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """W8A8 as one functional expression, the same math as `linear_w8a8`, written for inductor.
+
+    Under `torch.compile` the per-token absmax, the division, round, clamp and int8 cast become one
+    kernel (fused with whatever produced x), the GEMM stays `_int_mm`, and the scales, bias and the
+    cast to x's dtype one epilogue kernel: per token ~2K (x, bf16) + K (xq) + K (GEMM read) + 4N
+    (int32 out) + 4N + 2N (epilogue) bytes, against ~30K + 26N for `linear_w8a8` run eagerly.
+    """
+    sx = x2.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / INT8_QMAX  # [M, 1], exact absmax
+    xq = (x2.float() / sx).round().clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)  # [M, K]
+    y = torch._int_mm(xq, w_int8.t()) * sx * w_scale.float()[None, :]  # int32 [M, N] -> fp32
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)
+
+
+@functools.cache
+def _compiled_w8a8() -> Callable[..., Tensor]:
+    return torch.compile(w8a8_expr, fullgraph=True)  # built once, on first use; recompiles per shape set
+
+
+def linear_w8a8_fused(x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """`w8a8_expr` compiled on its own: two fused kernels around the GEMM (inside a compiled unit
+    graph `linear_w8a8` already traces to the same expression)."""
+    if torch.compiler.is_compiling():
+        return w8a8_expr(x2, w_int8, w_scale, bias)
+    return _compiled_w8a8()(x2, w_int8, w_scale, bias)
+
+
 def linear_w8a8(x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     """W8A8: per-token int8 x [M, K] times per-channel int8 W [N, K] with int32 accumulation.
 
     y = (xq @ Wq^T) * sx[:, None] * sw[None, :] + b, in fp32 in that order, rounded once to x's dtype.
     Each step reads its input once and the last writes x's dtype directly (no int32 -> fp32 pass,
     no fp32 result to cast): the epilogue's traffic drops from ~42 to ~26 bytes per output.
+    Traced by `torch.compile` it is `w8a8_expr` (functional, so inductor fuses it).
     """
+    if torch.compiler.is_compiling():
+        return w8a8_expr(x2, w_int8, w_scale, bias)
     xq, sx = quantize_per_token_int8(x2)
     acc = torch._int_mm(xq, w_int8.t())  # [M, K] @ [K, N] (column-major view of W) -> int32 [M, N]
     y = torch.mul(acc, sx)  # int32 * fp32 -> fp32 [M, N]
