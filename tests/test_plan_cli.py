@@ -32,6 +32,11 @@ def test_plan_table(capsys):
 def test_plan_prices_the_chosen_kernels(capsys):
     """--compile and --attention reach the prediction; an attention backend the profile has no rate
     for is one line and exit 2."""
+    from liveavatar_lite.commands import plan_cmd
+    from liveavatar_lite.runtime import device_profiles
+
+    assert plan_cmd.COMPILE_CHOICES == device_profiles.COMPILE_CHOICES
+    assert plan_cmd.ATTENTION_CHOICES == device_profiles.ATTENTION_CHOICES
     base = ["plan", "14b", "--format", "int8", "--kv", "fp8", "--vram", "24", "--ram", "64",
             "--device-profile", "rtx4090", "--json"]
     seconds = {}
