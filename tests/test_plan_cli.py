@@ -25,10 +25,37 @@ def test_plan_table(capsys):
     out = capsys.readouterr().out
     assert "peak" in out and "streamed from pinned RAM" in out and "predicted" in out
     assert "vae working set" in out and "latent(s) per call" in out and "elementwise" in out
+    assert "fused graphs (compile on), attention flash" in out and "text kv" in out  # auto on a GPU profile
+    assert "predicted real-time factor" in out and "PCIe floor" in out and "not hidden by the DiT" in out
+
+
+def test_plan_prices_the_chosen_kernels(capsys):
+    """--compile and --attention reach the prediction; an attention backend the profile has no rate
+    for is one line and exit 2."""
+    from liveavatar_lite.commands import plan_cmd
+    from liveavatar_lite.runtime import device_profiles
+
+    assert plan_cmd.COMPILE_CHOICES == device_profiles.COMPILE_CHOICES
+    assert plan_cmd.ATTENTION_CHOICES == device_profiles.ATTENTION_CHOICES
+    base = ["plan", "14b", "--format", "int8", "--kv", "fp8", "--vram", "24", "--ram", "64",
+            "--device-profile", "rtx4090", "--json"]
+    seconds = {}
+    for extra in (["--compile", "off"], ["--compile", "on"], ["--compile", "on", "--attention", "sage"]):
+        assert main(base + extra) == 0
+        d = json.loads(capsys.readouterr().out)
+        seconds[" ".join(extra)] = d["predicted_seconds_per_clip"]
+        assert d["predicted_realtime_factor"] <= d["predicted_dit_realtime_factor"]
+    assert seconds["--compile on"] < seconds["--compile off"]
+    assert seconds["--compile on --attention sage"] < seconds["--compile on"]
+    assert main(base[:-3] + ["--device-profile", "h100", "--attention", "sage"]) == 2
+    err = capsys.readouterr().err
+    assert "no rate for --attention sage" in err and err.count("\n") == 1
 
 
 def test_plan_budget_error_exit_3(capsys):
-    rc = main(["plan", "14b", "--format", "int8", "--vram", "9.8", "--ram", "64", "--device-profile", "rtx4090"])
+    # eager costs (the fused path also keeps every layer's text K/V on the GPU: 0.42 GB more)
+    rc = main(["plan", "14b", "--format", "int8", "--vram", "9.8", "--ram", "64", "--device-profile", "rtx4090",
+               "--compile", "off"])
     assert rc == 3
     err = capsys.readouterr().err
     assert err.startswith("liveavatar-lite plan: error:") and "smallest change that fits: --kv fp8" in err

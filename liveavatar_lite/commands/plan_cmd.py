@@ -3,6 +3,7 @@
     liveavatar-lite plan ARTIFACT --vram 24 [--ram 64] [--size 704*384] [--kv fp8] [--device-profile rtx4090] [--json]
     liveavatar-lite plan 14b --format int4 --vram 12      # no artifact needed: sizes from the config
     liveavatar-lite plan 14b --format int8 --vram 24 --ranks 5 --device-profile rtx4090   # a pipeline of 5 GPUs
+    liveavatar-lite plan 14b --format int8 --kv fp8 --vram 24 --device-profile rtx4090 --compile off  # eager costs
 """
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import json
 from pathlib import Path
 
 from .flags import float_range, int_range
+
+# device_profiles.COMPILE_CHOICES / ATTENTION_CHOICES (commands import only argparse at module level;
+# tests/test_plan_cli.py checks they are the same)
+COMPILE_CHOICES = ("auto", "on", "off")
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "sage")
 
 DESCRIPTION = (
     "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "
@@ -34,6 +40,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-profile", metavar="NAME",
                         help="bandwidth/throughput figures: rtx4090, rtx3090, rtx5090, l40s, h100-pcie "
                              "(default: this GPU's profile if known, else a short probe)")
+    parser.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                        help="price the units as fused graphs (on) or eager ops (off); auto: fused on a GPU "
+                             "profile, as the runtime runs them (default auto)")
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                        help="attention backend to price (auto: what the runtime picks on this GPU; sage: "
+                             "8-bit SageAttention where the profile has its rate)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--ranks", type=int_range(1, 64), default=1, metavar="N",
                         help="plan a pipeline of N GPUs (generate --ranks N): each rank's layout within its own "
@@ -67,15 +79,18 @@ def run(args: argparse.Namespace) -> int:
                          decoder=decoder_graph(Path(args.artifact), m))
     ram = args.ram * GB if args.ram is not None else physical_ram_bytes()
     profile, note = resolve_profile(args.device_profile)
+    budget = Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv, compile=args.compile,
+                    attention=args.attention)
     if args.ranks != 1:
-        print(_pipeline_report(inp, Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv), profile,
-                               args.ranks, args.json, ram))
+        print(_pipeline_report(inp, budget, profile, args.ranks, args.json, ram))
         if note and not args.json:
             print(note)
         return 0
-    plan = make_plan(inp, Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv), profile)
+    plan = make_plan(inp, budget, profile)
     if args.json:
-        print(json.dumps({**plan.to_json(), "predicted_realtime_factor": predicted_realtime_factor(plan)}, indent=1))
+        print(json.dumps({**plan.to_json(), "predicted_clip_seconds": plan.clip_seconds,
+                          "predicted_realtime_factor": predicted_realtime_factor(plan),
+                          "predicted_dit_realtime_factor": predicted_realtime_factor(plan, dit_only=True)}, indent=1))
     else:
         print(format_plan(plan, ram))
         if note:
@@ -83,12 +98,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def predicted_realtime_factor(plan) -> float:
-    """Seconds of video per second of wall time the plan predicts (a clip is 48 frames at 25 fps)."""
+def predicted_realtime_factor(plan, dit_only: bool = False) -> float:
+    """Seconds of video per second of wall time the plan predicts (a clip is 48 frames at 25 fps):
+    the DiT and the decoder time it does not hide, or (`dit_only`) the DiT alone."""
     from ..config import SampleConfig
 
     sample = SampleConfig()
-    return sample.infer_frames / sample.fps / plan.predicted_seconds_per_clip
+    return sample.infer_frames / sample.fps / (plan.predicted_seconds_per_clip if dit_only else plan.clip_seconds)
 
 
 def format_plan(plan, ram_budget: float | None) -> str:
@@ -121,10 +137,16 @@ def format_plan(plan, ram_budget: float | None) -> str:
     lines += ["", f"host RAM    {plan.host_ram_bytes / GB:.1f} GB{ram} ({host}; pinned buffers at their exact size)",
               (f"decoder     {plan.decode_latents_per_call or '-'} latent(s) per call, ONNX Runtime arena cap "
                f"{plan.decoder_arena_bytes / GB:.2f} GB (weights + working set + workspace, from the graph's shapes)"),
-              (f"per clip    H2D {plan.h2d_bytes_per_clip / GB:.1f} GB, predicted {plan.predicted_seconds_per_clip:.1f} s "
+              f"kernels     {plan.kernels}",
+              (f"per clip    H2D {plan.h2d_bytes_per_clip / GB:.1f} GB (PCIe floor {plan.pcie_floor_seconds_per_clip:.1f} s), "
+               f"predicted {plan.predicted_seconds_per_clip:.1f} s "
                f"(DiT only, 4 steps x 4 blocks, 48 frames: {causes})"),
+              (f"decoder     {plan.decode_seconds_per_clip:.1f} s per clip on this GPU, "
+               f"{plan.decode_exposed_seconds_per_clip:.1f} s of it not hidden by the DiT: "
+               f"{plan.clip_seconds:.1f} s per clip in all"),
               (f"real time  predicted real-time factor {predicted_realtime_factor(plan):.3f} "
-               f"(seconds of video per second of rendering; 1.0 = as fast as it plays)")]
+               f"(DiT alone {predicted_realtime_factor(plan, dit_only=True):.3f}; seconds of video per second "
+               f"of rendering, 1.0 = as fast as it plays; predictions)")]
     return "\n".join(lines)
 
 

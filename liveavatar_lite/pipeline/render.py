@@ -201,7 +201,8 @@ class ArtifactBackend:
         # motion latents and discard those frames, so block 0 continues a "video" of the photo.
         with phase("warming the decoder up", self.options.progress):
             decoder.decode(motion_latents[:, :7].float().cpu().numpy())
-        return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan=plan)
+        return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan=plan,
+                                overlap_decode=self.options.overlap_decode)
 
     # ---- conditioning ---------------------------------------------------------------------------
 
@@ -453,26 +454,107 @@ class _RuntimeRunner:
         self.runtime.load_kv_state(state)
 
 
+class _DecodeJob:
+    """One block's decode on a worker thread (ONNX Runtime releases the GIL while it runs). Owned by
+    one `block_frames` call, which always joins it: no thread outlives the call."""
+
+    def __init__(self, decoder: Any, latents: np.ndarray) -> None:
+        import threading
+
+        self.frames: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, args=(decoder, latents), name="vae-decode", daemon=True)
+        self._thread.start()
+
+    def _run(self, decoder: Any, latents: np.ndarray) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            self.frames = decoder.decode(latents)
+        except BaseException as e:  # handed to the caller's thread by result()
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+
+    def join(self) -> None:
+        """Wait for the decode to end (bounded: one block). A Ctrl-C meanwhile is held until then, so
+        the decoder is never left running on its own; it is raised after."""
+        interrupted = False
+        while True:
+            try:
+                self._thread.join()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def result(self) -> np.ndarray:
+        if self.error is not None:
+            raise self.error
+        assert self.frames is not None
+        return self.frames
+
+
 class ArtifactRenderer:
     """ClipRenderer: CausalGenerator blocks -> ONNX streaming decode -> uint8 frames.
 
     frames = renderer.block_frames(clip, block)  # in order: clip 0 blocks 0..3, clip 1 block 0, ...
+
+    With `overlap_decode`, a block's decode runs on a worker thread while the DiT computes the next
+    block of the same clip; the frames are the same bytes as serial (the decoder sees the same
+    latents in the same order). The last block of a clip decodes alone, so the renderer's state at
+    a clip's end (what a checkpoint saves) is the serial one. `counters()` reports the decoder's
+    time and the part of it the loop waited for (exposed; the rest was hidden behind the DiT).
     """
 
-    def __init__(self, generator: Any, decoder: Any, runtime: Any, blocks_per_clip: int, plan: Any = None) -> None:
+    def __init__(self, generator: Any, decoder: Any, runtime: Any, blocks_per_clip: int, plan: Any = None,
+                 overlap_decode: bool = True) -> None:
         self.generator, self.decoder, self.runtime = generator, decoder, runtime
         self.blocks_per_clip, self.plan = blocks_per_clip, plan
+        self.overlap_decode = overlap_decode
+        self._ahead: Any = None  # the next block's DiT output, computed while this block decoded
+        self.decode_seconds = 0.0  # the decoder's own time, all blocks
+        self.decode_exposed_seconds = 0.0  # of it, the time the loop waited for the decoder
 
     def block_frames(self, clip: int, block: int) -> np.ndarray:
         """The next block's 12 frames, uint8 [12, H, W, 3]; (clip, block) must be the next in order."""
-        out = self.generator.next_block()
+        import time
+
+        out = self._ahead if self._ahead is not None else self.generator.next_block()
+        self._ahead = None
         if (out.clip, out.block) != (clip, block):
             raise RuntimeError(f"generator produced clip {out.clip} block {out.block}, expected {clip}/{block}")
-        return self.decoder.decode(out.latents.float().cpu().numpy())  # [12, H, W, 3] uint8
+        # sync point: the block's latents on the host (waits for this block's DiT work)
+        latents = out.latents.float().cpu().numpy()
+        if not self.overlap_decode or block == self.blocks_per_clip - 1:
+            t0 = time.perf_counter()
+            frames = self.decoder.decode(latents)  # [12, H, W, 3] uint8, alone: all of it exposed
+            spent = time.perf_counter() - t0
+            self._count(spent, spent)
+            return frames
+        job = _DecodeJob(self.decoder, latents)  # this block decodes on the worker ...
+        try:
+            self._ahead = self.generator.next_block()  # ... while the DiT computes the next one
+        finally:
+            # sync point: the decoder has finished this block, on every path (error, Ctrl-C included)
+            t0 = time.perf_counter()
+            job.join()
+            self._count(job.seconds, time.perf_counter() - t0)
+        return job.result()  # the decoder's error, if any, raised here
+
+    def _count(self, seconds: float, waited: float) -> None:
+        self.decode_seconds += seconds
+        self.decode_exposed_seconds += min(seconds, waited)
 
     def state(self) -> dict[str, Any]:
-        """Everything the next block depends on, as tensors (torch.save-able)."""
+        """Everything the next block depends on, as tensors (torch.save-able). At a clip's end only
+        (no block computed ahead then)."""
         import torch
+
+        if self._ahead is not None:
+            raise RuntimeError("renderer state is taken at a clip's end, not while a block is computed ahead")
 
         # np.array (not ascontiguousarray, which turns 0-d arrays into 1-d) keeps every shape
         decoder = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in self.decoder.state().items()}
@@ -503,8 +585,12 @@ class ArtifactRenderer:
                 **attention_record(dit), "linear_kernels": linear_kernels(dit, self.runtime.device)}
 
     def counters(self) -> dict[str, float]:
-        """Running copy-wait (weights, KV) and H2D byte totals (ledger.clip_mark)."""
-        return self.runtime.copy_counters()
+        """Running copy-wait (weights, KV), H2D byte and decoder-time totals (ledger.clip_mark):
+        decode_s = the decoder's time, decode_exposed_s = what the loop waited for, decode_hidden_s
+        = the rest (ran behind the DiT)."""
+        return {**self.runtime.copy_counters(), "decode_s": self.decode_seconds,
+                "decode_exposed_s": self.decode_exposed_seconds,
+                "decode_hidden_s": self.decode_seconds - self.decode_exposed_seconds}
 
     def ledger(self, seconds: float | None, clip: dict[str, float]) -> dict[str, Any]:
         """The plan's figures next to the measured ones, for the clip just rendered."""

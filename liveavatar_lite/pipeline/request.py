@@ -32,6 +32,7 @@ class PipelineOptions:
     device_profile: str | None = None  # None: the GPU's named profile if known, else a probe (as `plan`)
     compile_units: bool = False  # fuse each DiT unit's elementwise work with torch.compile (CUDA only)
     attention: str = "auto"  # auto | sdpa | flash | cudnn | efficient | math | sage (runtime/attention.py)
+    overlap_decode: bool = True  # decode block b while the DiT computes block b+1 (same frames; render.py)
     cache_dir: Path | None = None  # prompt and photo latent caches; None: caches.default_cache_dir()
     progress: bool = True  # progress bars / phase lines on stderr
 

@@ -16,6 +16,18 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
+# What the runtime can run, as the planner prices it (`runtime/attention.py`, `--attention`; the
+# compile mode of `dit_runtime`: fused graphs or eager units).
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "sage")
+COMPILE_CHOICES = ("auto", "on", "off")
+# The streaming VAE decoder's share of the bf16 tensor peak where no rate was measured on the card:
+# the torch decoder (bf16, real Wan2.1 shapes) took 0.73 s for one clip's 12 latents at 704*384 on
+# an H100 SXM (BENCHMARKS.md, "GPU: the 14B DiT ...", 2026-11-26): 2.91 + 11 x 9.13 = 103.3 TFLOP
+# (LIVEAVATAR.md §3) in 0.73 s = 141 TFLOP/s = 14.3 % of its 989 TFLOP/s. Assumed to carry over to
+# other cards (an extrapolation: cuDNN's 3-D convolutions, not the tensor peak, bound it).
+VAE_MEASURED_TFLOPS_H100 = 103.3 / 0.73
+VAE_EFFICIENCY = VAE_MEASURED_TFLOPS_H100 / 989.0
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -39,6 +51,16 @@ class DeviceProfile:
     gemm_efficiency: float = 0.65
     attn_efficiency: float = 0.55
     mem_efficiency: float = 0.8
+    # Attention kernels' effective bf16 TFLOP/s at head dim 128, non-causal, long sequences, from the
+    # kernels' published charts ((backend, TFLOP/s) pairs; already effective: no efficiency applied).
+    # A backend without a figure is priced at bf16_tflops x attn_efficiency (the generic figure; a
+    # probed profile's attn_efficiency makes that the measured SDPA rate); "sage" needs a figure.
+    attention_rates: tuple[tuple[str, float], ...] = ()
+    attention_pick: str = ""  # what "auto" pins and unpinned SDPA picks here ("": the generic figure)
+    # The int8 linear the runtime runs here (`qlinear`, by architecture): "w8a8" (int8 activations,
+    # `_int_mm`) or "w8a16" (weights dequantized to bf16; Hopper, where `_int_mm` measured slow).
+    int8_kernel: str = "w8a8"
+    vae_tflops: float = 0.0  # the VAE decoder's effective rate where measured; 0: bf16 x VAE_EFFICIENCY
 
     def linear_tops(self, weight_format: str) -> float:
         """Effective op/s (in 1e12) of a quantized linear in `weight_format`."""
@@ -53,21 +75,48 @@ class DeviceProfile:
             peak = self.bf16_tflops
         return peak * self.gemm_efficiency
 
-    def attention_tflops(self) -> float:
-        """Effective bf16 attention throughput (1e12 FLOP/s)."""
+    def attention_tflops(self, backend: str = "sdpa") -> float:
+        """Effective attention throughput (1e12 FLOP/s) of `backend` (ATTENTION_CHOICES): "auto"
+        and "sdpa" are what this architecture picks (`attention_pick`); a backend with a chart
+        figure gets it; any other the generic bf16_tflops x attn_efficiency. UserError for "sage"
+        without a figure (an 8-bit kernel is not priced at a bf16 guess)."""
+        backend = resolve_attention_name(backend, self)
+        rates = dict(self.attention_rates)
+        if backend in rates:
+            return rates[backend]
+        if backend == "sage":
+            raise UserError(f"device profile {self.name} has no rate for --attention sage; "
+                            f"choose one of {', '.join(sorted(rates) or ['sdpa'])}")
         return self.bf16_tflops * self.attn_efficiency
+
+    def vae_rate(self) -> float:
+        """Effective op/s (in 1e12) of the streaming VAE decoder on this device."""
+        return self.vae_tflops if self.vae_tflops > 0 else self.bf16_tflops * VAE_EFFICIENCY
 
     def memory_gbps(self) -> float:
         """Effective bandwidth (1e9 B/s) of elementwise kernels (0: not known, not counted)."""
         return self.mem_gbps * self.mem_efficiency
 
 
+def resolve_attention_name(backend: str, profile: DeviceProfile) -> str:
+    """The backend a request runs as on `profile`: "auto" and "sdpa" -> the architecture's pick."""
+    if backend not in ATTENTION_CHOICES:
+        raise UserError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+    if backend in ("auto", "sdpa"):
+        return profile.attention_pick or "sdpa"
+    return backend
+
+
 # Spec-sheet dense figures (vendor whitepapers); H2D figures are measured pinned copies where
 # PRIOR_ART.md §4 cites one (4090: 23.9-26.4 GB/s), otherwise the PCIe generation's usual ~75 %;
 # memory bandwidth from the spec sheets (4090: 1008 GB/s GDDR6X).
 PROFILES: dict[str, DeviceProfile] = {
+    # Attention (SPEED.md's table, from SageAttention's published kernel charts on an RTX 4090):
+    # FlashAttention-2 ~160-163 TFLOP/s (torch's SDPA picks it on sm_89), SageAttention 1 (int8
+    # Q.K^T) ~320. Not 55 % of 165 (= 91), the generic figure these replaced.
     "rtx4090": DeviceProfile("rtx4090", h2d_gbps=24.0, d2h_gbps=26.0, bf16_tflops=165.0, int8_tops=660.0,
-                             fp8_tflops=330.0, mem_gbps=1008.0),
+                             fp8_tflops=330.0, mem_gbps=1008.0,
+                             attention_rates=(("flash", 160.0), ("sage", 320.0)), attention_pick="flash"),
     "rtx3090": DeviceProfile("rtx3090", h2d_gbps=24.0, d2h_gbps=24.0, bf16_tflops=71.0, int8_tops=284.0,
                              fp8_tflops=0.0, mem_gbps=936.0),
     "rtx5090": DeviceProfile("rtx5090", h2d_gbps=48.0, d2h_gbps=48.0, bf16_tflops=209.0, int8_tops=838.0,
@@ -78,7 +127,18 @@ PROFILES: dict[str, DeviceProfile] = {
     # at under half bf16's rate on an H100, 2026-11-26); int4 at the 0.35x of bf16 measured there
     "h100-pcie": DeviceProfile("h100-pcie", h2d_gbps=48.0, d2h_gbps=48.0, bf16_tflops=756.0, int8_tops=756.0,
                                int4_tops=265.0,
-                               fp8_tflops=1513.0, mem_gbps=2039.0),
+                               fp8_tflops=1513.0, mem_gbps=2039.0, int8_kernel="w8a16"),
+    # The card the GPU campaigns ran on (NVIDIA H100 80GB HBM3, SXM), 2026-11-26: H2D 55 GB/s pinned
+    # (SPEED.md); bf16 GEMMs at one block of tokens 708-813 of 989 TFLOP/s (BENCHMARKS.md's GEMM
+    # table: efficiency 0.77); int8 runs W8A16, whose eager forward (dequantize + bf16 GEMM) measured
+    # 368-382 TFLOP/s (int8_tops 487 x 0.77 = 375; the fused path prices its GEMM at bf16's rate and
+    # its dequantize as traffic); int4 linears measured 264 TFLOP/s (= 343 x 0.77); the torch VAE
+    # decoder 141 TFLOP/s. Spec: 3350 GB/s HBM3, fp8 1979.
+    # Attention (SPEED.md, FlashAttention-3's charts): FA2 ~339, cuDNN / FA3 ~650 (SDPA's pick).
+    "h100": DeviceProfile("h100", h2d_gbps=55.0, d2h_gbps=55.0, bf16_tflops=989.0, int8_tops=487.0,
+                          int4_tops=343.0, fp8_tflops=1979.0, mem_gbps=3350.0, gemm_efficiency=0.77,
+                          attention_rates=(("flash", 339.0), ("cudnn", 650.0)), attention_pick="cudnn",
+                          int8_kernel="w8a16", vae_tflops=VAE_MEASURED_TFLOPS_H100),
 }
 
 

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import BudgetError, gb_pair
+from .costs import (
+    Kernels,
+    clip_with_decode,
+    decode_seconds_per_block,
+    embed_head_seconds,
+    layer_step_costs,
+    resolve_kernels,
+)
 from .device_profiles import DeviceProfile
 from .plan_inputs import (
     GB,  # noqa: F401 - re-exported: plan_cmd and the benchmarks import it from here
@@ -65,6 +73,18 @@ class Plan:
     host_breakdown: dict[str, int] = field(default_factory=dict)  # what host_ram_bytes is made of
     decode_latents_per_call: int = 0  # latents per ONNX decoder call (0: the decoder is not planned)
     seconds_breakdown: dict[str, float] = field(default_factory=dict)  # per clip: gemm, attention, elementwise, copy stalls
+    kernels: str = ""  # how the units run, as priced: "fused graphs (compile on), attention flash"
+    # The VAE decoder on this GPU, per clip: all its time, and what the DiT does not hide of it
+    # (costs.clip_with_decode); 0 when the plan has no decoder on the device.
+    decode_seconds_per_clip: float = 0.0
+    decode_exposed_seconds_per_clip: float = 0.0
+    # H2D bytes per clip at the profile's H2D rate: no layout of this plan's copies runs faster
+    pcie_floor_seconds_per_clip: float = 0.0
+
+    @property
+    def clip_seconds(self) -> float:
+        """Predicted wall seconds per clip: the DiT and the decoder time it does not hide."""
+        return self.predicted_seconds_per_clip + self.decode_exposed_seconds_per_clip
 
     def to_json(self) -> dict:
         """A JSON-able dict (the `plan --json` output)."""
@@ -108,6 +128,8 @@ def make_plan(inp: PlanInput, budget: Budget, profile: DeviceProfile) -> Plan:
     """
     if budget.kv_dtype not in KV_DTYPES:
         raise BudgetError(f"unknown KV dtype {budget.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+    kernels = resolve_kernels(budget.compile, budget.attention, profile)
+    budget = replace(budget, compile="on" if kernels.fused else "off", attention=kernels.attention)
     best = _best_layout(inp, budget, profile)
     if best is None:
         raise BudgetError(_no_fit_message(inp, budget, profile))
@@ -223,6 +245,7 @@ def _peak(inp: PlanInput, budget: Budget, lay: _Layout) -> tuple[float, dict[str
         "cuda_context": int(budget.cuda_context_bytes),
         **_decoder_parts(inp, budget, lay),
         "activations": inp.workload.activation_bytes,
+        **({"text_kv": _text_kv_bytes(inp)} if budget.compile != "off" else {}),
         "resident_weights": sum(u.nbytes for u in resident),
         # two fixed slots, each as large as the largest streamed unit (ping-pong)
         "weight_slots": 2 * max((u.nbytes for u in streamed), default=0),
@@ -257,20 +280,15 @@ def _ram_fits(inp: PlanInput, budget: Budget, lay: _Layout) -> bool:
     return budget.ram_bytes is None or _host_bytes(inp, budget, lay) <= budget.ram_bytes
 
 
-def _elementwise(inp: PlanInput, kv_dtype: str) -> list[float]:
-    """Non-matmul bytes per layer of one denoising call (`Workload.elementwise_bytes`, else counted
-    from the model on the meta device; 0 when the plan input has no model config)."""
-    wl = inp.workload
-    n = len(wl.linear_flops)
-    given = dict(wl.elementwise_bytes)
-    if kv_dtype in given:
-        return list(given[kv_dtype])
+def _text_kv_bytes(inp: PlanInput) -> int:
+    """Device bytes of every layer's text K/V, kept per prompt on the fused path (bf16)."""
     if inp.dit is None:
-        return [0.0] * n
-    from .traffic import unit_elementwise_bytes
+        return 0
+    return inp.dit.num_layers * 2 * inp.dit.text_len * inp.dit.dim * 2
 
-    plain, inject = unit_elementwise_bytes(inp.dit, wl.size, inp.weight_format, kv_dtype, inp.sample)
-    return [float(inject if i in inp.dit.audio_inject_layers else plain) for i in range(n)]
+
+def _kernels(budget: Budget, profile: DeviceProfile) -> Kernels:
+    return resolve_kernels(budget.compile, budget.attention, profile)
 
 
 def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> tuple[float, int, dict[str, float]]:
@@ -294,14 +312,12 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
     unit_by_layer = {u.layer: u for u in inp.units if u.layer is not None}
     layers = sorted(unit_by_layer)
     n = len(layers)
-    lin_rate = prof.linear_tops(inp.weight_format) * 1e12
-    attn_rate = prof.attention_tflops() * 1e12
-    mem_rate = prof.memory_gbps() * 1e9
-    elem = _elementwise(inp, dt)
-    gemm = [wl.linear_flops[i] / lin_rate for i in range(n)]
-    attn = [wl.attn_flops[i] / attn_rate for i in range(n)]
-    ew = [elem[i] / mem_rate if mem_rate > 0 else 0.0 for i in range(n)]
-    compute = [gemm[i] + attn[i] + ew[i] for i in range(n)]
+    costs = layer_step_costs(inp, prof, _kernels(budget, prof), dt)  # runtime/costs.py: each term's source
+    gemm = [c.gemm for c in costs]
+    attn = [c.attention for c in costs]
+    ew = [c.elementwise for c in costs]
+    compute = [c.seconds for c in costs]
+    embed_head = embed_head_seconds(inp, prof)  # resident prologue + head, once per call
     h2d, d2h = prof.h2d_gbps * 1e9, prof.d2h_gbps * 1e9
     sink = [k for k in inp.kv if k.step is None]
     new_kv = wl.new_kv_layer_bytes_bf16 if dt == "bf16" else wl.new_kv_layer_bytes_bf16 // 2
@@ -345,8 +361,8 @@ def _predict(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) 
                 wb_two_back, wb_one_back = wb_one_back, wb / d2h
     blocks = wl.blocks_per_clip
     parts = {"gemm": sum(gemm) * len(steps) * blocks, "attention": sum(attn) * len(steps) * blocks,
-             "elementwise": sum(ew) * len(steps) * blocks, "kv_copy_stall": stall_kv * blocks,
-             "weight_copy_stall": stall_w * blocks}
+             "elementwise": sum(ew) * len(steps) * blocks, "embed_head": embed_head * len(steps) * blocks,
+             "kv_copy_stall": stall_kv * blocks, "weight_copy_stall": stall_w * blocks}
     return sum(parts.values()), total_h2d * blocks, parts
 
 
@@ -359,6 +375,7 @@ def _planned_steps(inp: PlanInput) -> list[int]:
 def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) -> Plan:
     peak, parts = _peak(inp, budget, lay)
     seconds, h2d, by_cause = _predict(inp, budget, prof, lay)
+    decode, exposed = _decode(inp, budget, prof, seconds, by_cause)
     host = _host_parts(inp, budget, lay)
     streamed_place = "disk" if lay.weights_on_disk else "host"
     units = tuple(
@@ -378,7 +395,24 @@ def _build(inp: PlanInput, budget: Budget, prof: DeviceProfile, lay: _Layout) ->
         vram_budget_bytes=int(budget.vram_bytes), breakdown=parts, device_profile=prof.name,
         host_breakdown=host, decode_latents_per_call=lay.decode_latents,
         seconds_breakdown={k: round(v, 4) for k, v in by_cause.items()},
+        kernels=_kernels(budget, prof).label(), decode_seconds_per_clip=decode,
+        decode_exposed_seconds_per_clip=exposed,
+        pcie_floor_seconds_per_clip=h2d / (prof.h2d_gbps * 1e9) if prof.h2d_gbps > 0 else 0.0,
     )
+
+
+def _decode(inp: PlanInput, budget: Budget, prof: DeviceProfile, dit_seconds: float,
+            by_cause: dict[str, float]) -> tuple[float, float]:
+    """(decoder seconds per clip, the part the DiT does not hide) when the decoder shares this
+    device (the plan input has its graph's figures); (0, 0) otherwise."""
+    if inp.workload.decoder is None:
+        return 0.0, 0.0
+    blocks = inp.workload.blocks_per_clip
+    per_block = decode_seconds_per_block(inp, prof)
+    stalls = by_cause.get("kv_copy_stall", 0.0) + by_cause.get("weight_copy_stall", 0.0)
+    _, exposed = clip_with_decode(dit_seconds / blocks, (dit_seconds - stalls) / blocks, per_block, blocks,
+                                  budget.overlap_decode)
+    return per_block * blocks, exposed
 
 
 def min_ram_bytes(inp: PlanInput, budget: Budget) -> int | None:

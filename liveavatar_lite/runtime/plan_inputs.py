@@ -132,6 +132,12 @@ class Budget:
     # 3-latent call's working set (1.25 vs 3.74 GB at 704*384). None: the plan picks the largest
     # call that costs the DiT no speed.
     decode_latents: int | None = 1
+    # How the units run (the runtime's compile mode): "off" = eager (today's traced costs), "on" =
+    # fused graphs (runtime/costs.py), "auto" = fused on a GPU profile. Fused also keeps every
+    # layer's text K/V on the device (computed once per prompt).
+    compile: str = "off"
+    attention: str = "auto"  # the attention backend (`--attention`), priced per device profile
+    overlap_decode: bool = True  # the VAE decode of block b runs during the DiT of block b+1
 
 
 

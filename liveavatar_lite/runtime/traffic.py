@@ -143,3 +143,81 @@ def trace_unit(cfg: DiTConfig, size: tuple[int, int], weight_format: str, kv_dty
     with torch.no_grad(), _FusedAttention(), counter:
         unit_forward(block, inj, x, ctx, kv)
     return counter.elementwise, counter.by_op
+
+
+# ------------------------------------------------------------------ the fused path, kernel by kernel
+
+def fused_unit_traffic(cfg: DiTConfig, size: tuple[int, int], weight_format: str, kv_dtype: str,
+                       sample: SampleConfig | None = None, inject: bool = False,
+                       int8_kernel: str = "w8a8") -> dict[str, int]:
+    """Bytes read + written per fused kernel of one unit's denoising call at steady state (the ring
+    full), when each unit runs as fused graphs (`compile` on) with the text K/V kept per prompt.
+
+    Counted from the tensors each kernel must touch once, not traced: one block of `t` tokens, width
+    `d`, FFN width `f`. The residual stream stays fp32 between kernels (4 bytes), the GEMMs' inputs
+    and outputs are as the linear's kernel needs them (W8A8 / fp8: 8-bit activations + an fp32
+    per-token scale, made by the kernel before the GEMM; the weight scale, bias and (FFN) GELU in
+    the GEMM's epilogue, bf16 out; W8A16, int4, nf4: one pass dequantizing each weight to bf16).
+    As with the traced count, GEMMs (timed by FLOPs) and attention (a fused kernel, timed by FLOPs)
+    are not in it. Kernels (names are the keys):
+
+    * norm1_mod_quant: LayerNorm + AdaLN modulation of x, quantized for q/k/v (one input, 3 GEMMs)
+    * qk_norm_rope_kv_write: q/k RMSNorm + real RoPE, q out; k/v written into the ring in its dtype
+    * kv_gather: the history (ring) + sink keys/values concatenated for attention, the sink's keys
+      re-RoPE'd, an 8-bit ring dequantized in the same pass (never a separate pass over the ring)
+    * attn_out_quant / cross_out_quant: attention outputs quantized for the o projections
+    * residual1_norm3_quant, residual2_norm2_mod_quant, residual3: gated residual adds, each
+      fused with the norm + quantization that follows it
+    * cross_q_norm: the cross-attention q RMSNorm (its K/V: once per prompt, not per call)
+    * ffn_gelu_quant: the FFN hidden (GELU) quantized for ffn.2
+    * weight_dequant: W8A16 / int4 / nf4 only
+    * inject_*: the audio injector of an inject layer (AdaLN, q norm, output quantize, residual)
+    """
+    sample = sample or SampleConfig()
+    from .plan_inputs import _token_counts
+
+    tpf, motion = _token_counts(size)
+    t = sample.frames_per_block * tpf
+    keys = sample.latent_frames_per_clip * tpf + tpf + motion  # the ring (this block included) + sink
+    d, f, n = cfg.dim, cfg.ffn_dim, cfg.num_heads
+    kernel = int8_kernel if weight_format == "int8" else KERNEL_FOR_FORMAT.get(weight_format, "reference")
+    eight_bit_in = kernel in ("w8a8", "scaled_mm")
+    bf16, fp32 = 2, 4
+
+    def gemm_in(k: int) -> int:  # what a kernel writes for a GEMM over [t, k] to read
+        return t * k + fp32 * t if eight_bit_in else bf16 * t * k
+
+    kv_item = 2 if kv_dtype == "bf16" else 1
+    kv_scales = 0 if kv_dtype == "bf16" else 2 * fp32 * n  # per token: one fp32 scale per head for K and V
+    stored_per_token = 2 * d * kv_item + kv_scales
+    x = fp32 * t * d  # the residual stream
+    y = bf16 * t * d  # a GEMM's bf16 output
+    k: dict[str, int] = {
+        "norm1_mod_quant": x + gemm_in(d),
+        "qk_norm_rope_kv_write": 3 * y + y + t * stored_per_token,
+        "kv_gather": keys * stored_per_token + 2 * bf16 * keys * d,
+        "attn_out_quant": y + gemm_in(d),
+        "residual1_norm3_quant": x + y + x + gemm_in(d),
+        "cross_q_norm": 2 * y,
+        "cross_out_quant": y + gemm_in(d),
+        "residual2_norm2_mod_quant": x + y + x + gemm_in(d),
+        "ffn_gelu_quant": bf16 * t * f + (gemm_in(f) if eight_bit_in else bf16 * t * f),
+        "residual3": x + y + x,
+    }
+    weights = 6 * d * d + 2 * d * f  # self q,k,v,o, cross q,o, FFN (cross k,v: once per prompt)
+    if inject:
+        k |= {"inject_adanorm_quant": x + gemm_in(d), "inject_q_norm": 2 * y,
+              "inject_out_quant": y + gemm_in(d), "inject_residual": x + y + x}
+        weights += 2 * d * d
+    if kernel not in ("w8a8", "scaled_mm") and weight_format != "bf16":
+        stored = {"int8": 1.0, "int4": 0.5, "nf4": 0.5}.get(weight_format, 2.0)
+        k["weight_dequant"] = int(weights * (stored + bf16))  # read the stored weight, write bf16
+    return k
+
+
+@lru_cache(maxsize=64)
+def fused_elementwise_bytes(cfg: DiTConfig, size: tuple[int, int], weight_format: str, kv_dtype: str,
+                            sample: SampleConfig | None = None, int8_kernel: str = "w8a8") -> tuple[int, int]:
+    """(plain layer, audio-inject layer) bytes of the fused path (`fused_unit_traffic` summed)."""
+    return tuple(sum(fused_unit_traffic(cfg, size, weight_format, kv_dtype, sample, inj, int8_kernel).values())
+                 for inj in (False, True))  # type: ignore[return-value]
