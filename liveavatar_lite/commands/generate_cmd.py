@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .flags import float_range, int_range, non_negative_float, seed
-
-ATTENTION_CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "sage")  # = runtime.attention.CHOICES
+from .flags import ATTENTION_CHOICES, float_range, int_range, non_negative_float, seed
 
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "

@@ -11,12 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .flags import float_range, int_range
-
-# device_profiles.COMPILE_CHOICES / ATTENTION_CHOICES (commands import only argparse at module level;
-# tests/test_plan_cli.py checks they are the same)
-COMPILE_CHOICES = ("auto", "on", "off")
-ATTENTION_CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "sage")
+from .flags import ATTENTION_CHOICES, COMPILE_CHOICES, float_range, int_range
 
 DESCRIPTION = (
     "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import UserError, first_line
+from .device_profiles import ATTENTION_CHOICES
 
-CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "sage")
+CHOICES = ATTENTION_CHOICES  # what `--attention` offers (device_profiles prices each)
 SAGE_HEAD_DIMS = (64, 96, 128)  # what sageattention 1.0.x's kernels support
 _BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
