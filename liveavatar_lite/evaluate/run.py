@@ -9,7 +9,8 @@ The reference renders first; its frames and latents go to a work dir on disk cli
 reference alone needs (flicker energy, mouth motion, drift) computed on the way. Then each
 candidate renders, and each of its clips is compared with the reference's as soon as it is
 decoded: nothing but one clip of each is in memory, so a 10-minute render is measured in bounded
-memory. Only the model calls are timed. Between settings the previous one is dropped (its memory
+memory. Only the model calls are timed (prompt and photo are encoded into their caches before
+the clock starts). Between settings the previous one is dropped (its memory
 returned) before the next loads, and the peak memory counters are reset, so each setting's speed
 and peak memory are its own. With `out`, report.json and drift.png are rewritten after each
 candidate (atomically: a crash keeps every finished candidate), and each candidate gets a contact
@@ -412,10 +413,16 @@ def evaluate(job: EvalJob, backends: BackendFactory | None = None,
 
 def _render_setting(index: int, setting: EvalSetting, job: EvalJob, inputs: Any, backends: BackendFactory,
                     stats: RenderStats) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Load one setting (after dropping the previous one), render its clips, read its peak memory."""
+    """Load one setting (after dropping the previous one), render its clips, read its peak memory.
+
+    The prompt and photo are encoded into their caches first, untimed and before the peak counters
+    reset: a cache miss (umT5 loads) would otherwise count against whichever setting met it first.
+    """
+    backend = backends(index, setting, _options(job, setting))
+    if hasattr(backend, "precompute"):
+        backend.precompute(inputs.reference, job.prompt, inputs.request.sample.motion_frames)
     _reset_peaks()
     t0 = time.perf_counter()
-    backend = backends(index, setting, _options(job, setting))
     backend.load((inputs.width, inputs.height))
     stats.load_s = time.perf_counter() - t0
     try:
