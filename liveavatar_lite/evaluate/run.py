@@ -264,6 +264,7 @@ def validate(job: EvalJob) -> Any:
     from ..pipeline.generate import prepare_inputs
     from ..pipeline.render import ArtifactBackend
     from ..pipeline.request import RenderRequest
+    from ..runtime.device_profiles import get_profile
 
     if not job.candidates:
         raise UserError("nothing to compare: give --candidate, --candidates or --kv")
@@ -275,7 +276,10 @@ def validate(job: EvalJob) -> Any:
     for setting in (job.reference, *job.candidates):
         if not setting.artifact.is_dir():
             raise UserError(f"{setting.spec}: no artifact directory {setting.artifact}")
-        ArtifactBackend.open(_options(job, setting))  # manifest, components, checksums of the small files
+        options = _options(job, setting)
+        if options.device_profile is not None:
+            get_profile(options.device_profile)  # an unknown name fails now, not at this setting's load
+        ArtifactBackend.open(options)  # manifest, components, checksums of the small files
     return inputs
 
 
