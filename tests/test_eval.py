@@ -294,3 +294,21 @@ def test_bad_input_is_one_line_and_exit_2(tiny_artifact: Path, eval_media: Path,
     code, err = run_cli(capsys, *eval_args(tiny_artifact, eval_media), *extra)  # a repeated flag: the last wins
     assert_one_line(code, err, match, exit_code=2)
     assert not (tmp_path / "file").is_dir() and not list(tmp_path.glob(".eval-work-*"))
+
+
+def test_flags_become_each_settings_pipeline_options(tmp_path: Path) -> None:
+    """--vram/--ram/--device-profile/--cache-dir are the defaults; a setting's own keys win."""
+    from liveavatar_lite.cli import build_parser
+    from liveavatar_lite.commands.eval_cmd import build_job
+    from liveavatar_lite.evaluate.run import _options
+
+    args = build_parser().parse_args([
+        "eval", "--reference", "ref", "--candidate", "a:vram=8,kv=int8", "--candidate", "b:compile=on",
+        "--image", "p.png", "--audio", "s.wav", "--prompt", "x", "--vram", "24", "--ram", "32",
+        "--device-profile", "rtx4090", "--cache-dir", str(tmp_path), "--no-progress"])
+    job = build_job(args)
+    a, b = (_options(job, s) for s in job.candidates)
+    ref = _options(job, job.reference)
+    assert (a.vram_gb, a.ram_gb, a.kv_dtype, a.compile_units) == (8.0, 32.0, "int8", False)
+    assert (b.vram_gb, b.kv_dtype, b.compile_units, b.device_profile) == (24.0, "bf16", True, "rtx4090")
+    assert ref.artifact == Path("ref") and ref.cache_dir == tmp_path and ref.progress is False
