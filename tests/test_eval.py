@@ -312,3 +312,10 @@ def test_flags_become_each_settings_pipeline_options(tmp_path: Path) -> None:
     assert (a.vram_gb, a.ram_gb, a.kv_dtype, a.compile_units) == (8.0, 32.0, "int8", False)
     assert (b.vram_gb, b.kv_dtype, b.compile_units, b.device_profile) == (24.0, "bf16", True, "rtx4090")
     assert ref.artifact == Path("ref") and ref.cache_dir == tmp_path and ref.progress is False
+
+
+def test_face_and_mouth_boxes_follow_the_framing() -> None:
+    assert M.face_box(384, 704) == M.Box(56, 267, 246, 458)  # centred, upper-middle (docs/eval.md)
+    assert M.mouth_box(64, 64) == M.Box(32, 42, 23, 41)
+    f, m = M.face_box(704, 384), M.mouth_box(704, 384)  # portrait: the same rule on the short side
+    assert f.x0 <= m.x0 < m.x1 <= f.x1 and f.y0 <= m.y0 < m.y1 <= f.y1

@@ -43,7 +43,7 @@ def ssim_luma(ref: np.ndarray, cand: np.ndarray, device: str = "cpu") -> np.ndar
     """SSIM per frame on luma (torchmetrics' Gaussian-window SSIM, data range 255), float64 [T].
 
     1.0 for identical frames. `device` "cuda" moves the frames there first (a 704*384 frame took
-    0.46 s on the shared 2-core dev VM; on a GPU it is negligible).
+    0.46 s on the shared 2-core dev VM).
     """
     import torch
     from torchmetrics.functional.image import structural_similarity_index_measure
@@ -117,7 +117,7 @@ def face_box(height: int, width: int) -> Box:
 
     The photo is resized and center-cropped, so a portrait's face stays centred horizontally and in
     the upper-middle vertically: a square of 0.55 * the short side, centred at (W/2, 0.42 H).
-    face_box(384, 704)  # Box(y0=55, y1=266, x0=246, x1=457)
+    face_box(384, 704)  # Box(y0=56, y1=267, x0=246, x1=458)
     """
     side = 0.55 * min(height, width)
     cx, cy = width / 2, 0.42 * height
@@ -129,7 +129,7 @@ def face_box(height: int, width: int) -> Box:
 def mouth_box(height: int, width: int) -> Box:
     """The lower middle of `face_box`: rows 65-95 % and the middle 50 % of its columns.
 
-    mouth_box(64, 64)  # Box(y0=..., ...) at least 2 x 2 pixels
+    mouth_box(64, 64)  # Box(y0=32, y1=42, x0=23, x1=41); never under 2 x 2 pixels
     """
     f = face_box(height, width)
     h, w = f.y1 - f.y0, f.x1 - f.x0
