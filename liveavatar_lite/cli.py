@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect_cmd", "summarize an artifact: formats, bytes per unit, source, verification"),
     "plan": ("plan_cmd", "place weights and KV caches within a VRAM/RAM budget and predict speed"),
     "generate": ("generate_cmd", "photo + speech + prompt -> mp4 (streaming, resumable)"),
+    "eval": ("eval_cmd", "what a weight format or runtime setting costs in picture: PSNR, SSIM, flicker, lip-sync, drift"),
     "serve": ("serve_cmd", "the kiosk service: HTTP API, durable job queue, one warm worker (docs/serve.md)"),
     "farm": ("farm_cmd", "render a batch of jobs on a Ray cluster, one warm actor per GPU (docs/farm.md)"),
     "vae": ("vae_cmd", "export the VAE decoder to ONNX, or decode saved latents with it"),

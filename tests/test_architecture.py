@@ -19,7 +19,7 @@ RANKS = {
     "artifact": 3,
     "conditioning": 4, "runtime": 4, "decode": 4,
     "pipeline": 5,
-    "serve": 6,
+    "serve": 6, "evaluate": 6,  # side by side: neither imports the other
     "farm": 7,
     "commands": 8,
     "cli": 9, "__init__": 9,
