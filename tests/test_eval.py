@@ -36,6 +36,7 @@ def test_settings_syntax_maps_each_key_onto_pipeline_options() -> None:
     plain = parse_setting("dir:with:colons")
     assert plain.artifact == Path("dir:with:colons") and plain.values == () and plain.get("kv") == "bf16"
     assert parse_setting("art:compile=off").options({})["compile_units"] is False
+    assert parse_setting("art:attention=math").options({}) == {"attention": "math"}
 
 
 @pytest.mark.parametrize("text, match", [
@@ -44,6 +45,7 @@ def test_settings_syntax_maps_each_key_onto_pipeline_options() -> None:
     ("art:vram=-3", "a finite number of GB > 0"),
     ("art:kv=fp8,kv=int8", "kv is given twice"),
     ("art:compile=maybe", "on or off"),
+    ("art:attention=fast", "attention='fast' must be one of auto, sdpa"),
     ("", "empty"),
 ])
 def test_bad_settings_are_one_line_errors(text: str, match: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..runtime.device_profiles import ATTENTION_CHOICES
 
 
 def _choice(*values: str) -> Callable[[str], str]:
@@ -48,6 +49,7 @@ KV_CHOICES = ("bf16", "fp8", "int8")  # as runtime.plan_inputs.KV_DTYPES (Artifa
 KEYS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
     "kv": ("kv_dtype", _choice(*KV_CHOICES), "bf16", "KV cache storage: bf16, fp8 or int8"),
     "compile": ("compile_units", _on_off, False, "fuse the DiT's elementwise work (on/off; CUDA only)"),
+    "attention": ("attention", _choice(*ATTENTION_CHOICES), "auto", "attention backend, as generate --attention"),
     "vram": ("vram_gb", _gigabytes, None, "GPU memory budget in GB"),
     "ram": ("ram_gb", _gigabytes, None, "host memory budget in GB"),
     "profile": ("device_profile", str, None, "the device profile the memory plan uses (as --device-profile)"),
