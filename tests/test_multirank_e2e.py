@@ -88,3 +88,21 @@ def test_two_ranks_on_one_gpu_write_the_frames_of_one_process(clean_render: dict
     proc = subprocess.run(cli_command(*args), env=render_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.array_equal(decoded_frames(out), decoded_frames(clean_render["out"])[:93])
+
+
+# ------------------------------------------------------------------------------ --split layers
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,label", [(2, "rank 1 (layers 2-3 + decoder)"), (3, "rank 2 (layer 3 + decoder)")])
+def test_layer_split_writes_the_frames_of_one_process(clean_render: dict, tiny_artifact: Path, media: Path,
+                                                      tmp_path: Path, ranks: int, label: str) -> None:
+    """Each rank a range of the tiny model's 4 layers for every step, items in wavefront order, the
+    decoding rank with the fewest layers; two clips (a clip boundary, the rings wrapped)."""
+    out = tmp_path / f"layers{ranks}.mp4"
+    args = generate_args(tiny_artifact, media, out, "--num-clip", "2", "--ranks", str(ranks), "--split", "layers")
+    proc = subprocess.run(cli_command(*args), env=render_env(), capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert label in proc.stderr
+    assert np.array_equal(decoded_frames(out), decoded_frames(clean_render["out"])[:93])
+    assert not RenderWorkDir.path_for(out).exists()
