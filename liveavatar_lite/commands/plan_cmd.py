@@ -173,7 +173,7 @@ def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
         else:
             streamed = len(p.plan.streamed_units)
             layout = f"{len(p.plan.units) - streamed} / {streamed}"
-            kv = ", ".join(f"{k.name}:{k.placement}" for k in p.plan.kv)
+            kv = _kv_places(p.plan.kv)
         lines.append(f"{p.role.rank:<5}{p.role.label:<24}{p.peak_vram_bytes / GB:8.2f}{p.vram_budget_bytes / GB:8.2f}  "
                      f"{layout:<18}{kv:<30}{p.host_ram_bytes / GB:8.1f}{p.seconds_per_clip:8.2f}")
     host = sum(p.host_ram_bytes for p in plans)
@@ -191,3 +191,11 @@ def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
     else:
         lines.append("one GPU     does not fit this budget")
     return "\n".join(lines)
+
+
+def _kv_places(kv) -> str:
+    """'ring.0:host, sink:gpu'; a rank with all its caches in one place: 'all 5 on gpu'."""
+    places = {k.placement for k in kv}
+    if len(kv) > 2 and len(places) == 1:
+        return f"all {len(kv)} on {places.pop()}"
+    return ", ".join(f"{k.name}:{k.placement}" for k in kv)

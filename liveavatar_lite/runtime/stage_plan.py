@@ -15,6 +15,12 @@ The throughput is one clip per slowest-stage time.
     roles = rank_roles(4)      # (RankRole(0, (0,), False), ..., RankRole(3, (3,), True))
     plans = plan_ranks(inp, Budget(vram_bytes=24e9, ram_bytes=128e9), get_profile("rtx4090"), roles)
     pred = predict_pipeline(plans, inp)   # pred.fps, pred.realtime_factor, pred.slowest_rank
+
+The layer split (`--split layers`, second half of this file) gives each DiT rank a contiguous
+range of the layers for every step instead, balanced with the plan's per-layer costs;
+`plan_split` plans either split, or both (`auto`) and keeps the faster, saying why.
+
+    choice = plan_split(inp, Budget(vram_bytes=24e9, ram_bytes=128e9), get_profile("rtx4090"), 4, "auto")
 """
 from __future__ import annotations
 
@@ -408,28 +414,29 @@ def plan_split(inp: PlanInput, budget: Budget, profile: DeviceProfile, world_siz
         return SplitChoice(name, *ok[name], f"only the {name} split fits ({other}: {tried[other]})", None)
     (ps, st), (pl, ly) = ok["steps"], ok["layers"]
     if ly.fps > st.fps * 1.01:
-        why = (f"the layer split predicts {ly.realtime_factor:.2f}x real time, the step split "
-               f"{st.realtime_factor:.2f}x: {_why_layers(ps, pl)}")
-        return SplitChoice("layers", pl, ly, why, st)
-    why = (f"the step split predicts {st.realtime_factor:.2f}x real time, the layer split "
-           f"{ly.realtime_factor:.2f}x: {_why_steps(ps, pl)}")
-    return SplitChoice("steps", ps, st, why, ly)
+        return SplitChoice("layers", pl, ly, _why("layers", pl, ly, "steps", ps, st), st)
+    return SplitChoice("steps", ps, st, _why("steps", ps, st, "layers", pl, ly), ly)
 
 
-def _stalls(plans: Sequence[RankPlan]) -> float:
-    return max((sum(v for k, v in p.plan.seconds_breakdown.items() if k.endswith("_stall"))
-                for p in plans if p.plan is not None), default=0.0)
-
-
-def _why_layers(steps: Sequence[RankPlan], layers: Sequence[RankPlan]) -> str:
-    stall = _stalls(steps)
-    if stall > 0:
-        return (f"a step-split rank holds all 40 layers and waits {stall:.2f} s per clip for PCIe copies; "
-                f"a layer rank keeps its weights and ring slices on its GPU")
-    return "its ranks are better balanced"
-
-
-def _why_steps(steps: Sequence[RankPlan], layers: Sequence[RankPlan]) -> str:
-    hand = max(p.handoff_seconds_per_clip for p in layers)
-    return (f"nothing is streamed either way, and a layer rank moves the hidden state every item "
-            f"({hand:.2f} s per clip) where a step rank moves a block's latents")
+def _why(win: str, wp: Sequence[RankPlan], w: PipelinePrediction, lose: str, lp: Sequence[RankPlan],
+         loser: PipelinePrediction) -> str:
+    """One line: both predictions and what makes the loser's slowest rank slower."""
+    head = (f"the {win[:-1]} split predicts {w.realtime_factor:.2f}x real time, the {lose[:-1]} split "
+            f"{loser.realtime_factor:.2f}x")
+    slow = lp[loser.slowest_rank]
+    stall = sum(v for k, v in slow.plan.seconds_breakdown.items() if k.endswith("_stall")) if slow.plan else 0.0
+    causes = []
+    if stall > 0.005:
+        causes.append(f"waits {stall:.2f} s per clip for PCIe copies")
+    if slow.plan is not None and slow.plan.streamed_units:
+        causes.append(f"streams {len(slow.plan.streamed_units)} weight units")
+    host_kv = [k.name for k in slow.plan.kv if k.placement == "host"] if slow.plan else []
+    if host_kv:
+        causes.append(f"keeps {', '.join(host_kv)} on the host")
+    if slow.decode_seconds_per_clip > 0:
+        causes.append(f"also decodes ({slow.decode_seconds_per_clip:.2f} s per clip)")
+    if slow.handoff_seconds_per_clip > 0.01:
+        causes.append(f"spends {slow.handoff_seconds_per_clip:.2f} s per clip on hand-offs")
+    if not causes:
+        causes.append("has more work")
+    return f"{head}: its slowest rank ({slow.role.label}, {slow.seconds_per_clip:.2f} s per clip) " + ", ".join(causes)
