@@ -227,6 +227,8 @@ def test_the_failure_line_names_the_cause_not_the_peers() -> None:
     (["--ranks", "2", "--gpus", "0,1,2"], "--gpus"),
     (["--gpus", "0"], "--gpus places the ranks of --ranks N"),
     (["--ranks", "2", "--gpus", "a,b"], "must be GPU numbers"),
+    (["--split", "layers"], "--split layers divides the work of --ranks N"),
+    (["--ranks", "2", "--split", "rows"], "--split: invalid choice"),
 ])
 def test_generate_rank_flags_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          extra: list[str], message: str) -> None:
@@ -470,3 +472,20 @@ def test_a_layer_split_checkpoint_is_refused_by_the_step_split(tmp_path: Path, m
     with pytest.raises(UserError, match="checkpointed with --split layers"):
         coordinator.PipelineGenerator(other, None, None, 2).load_state_dict(state)
     coordinator.PipelineGenerator(layers, None, None, 2).load_state_dict(state)  # the same split resumes
+
+
+def test_a_runtime_runs_one_contiguous_range_of_layers() -> None:
+    from liveavatar_lite.runtime.dit_runtime import plan_layers
+    from liveavatar_lite.runtime.stage_plan import layer_input, layer_roles
+
+    inp = plan_input(CFG, (64, 64), "int8")
+    budget = Budget(vram_bytes=1e12)
+    role = layer_roles(2, ((0, 3), (3, 4)))[0]
+    plan = make_plan(layer_input(inp, role, "bf16"), budget, RTX4090)
+    assert plan_layers(plan) == (0, 1, 2) and all(k.nbytes == inp.kv[0].nbytes("bf16") * 3 // 4 for k in plan.kv[:4])
+    assert plan_layers(make_plan(inp, budget, RTX4090)) == (0, 1, 2, 3)
+    from dataclasses import replace
+
+    gap = replace(plan, units=tuple(u for u in plan.units if u.layer != 1))
+    with pytest.raises(ValueError, match="one contiguous range"):
+        plan_layers(gap)

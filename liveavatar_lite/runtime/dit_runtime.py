@@ -69,12 +69,15 @@ def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: b
     host buffers, disk units stay on disk, resident units are read when they are moved to the device."""
     placement = {u.name: u.placement for u in plan.units}
     held = set(plan_layers(plan))
+    # A layer-split pipeline rank's plan places its range of layers AND sizes its KV for that many;
+    # a plan that merely lacks a unit (stale, or broken) still fails below.
+    layer_plan = len(held) < manifest.dit.num_layers and kv_layers(manifest.dit, plan) == len(held)
     out = []
     for u in manifest.units:
         if u.kind not in ("dit_block", "dit_resident"):
             continue
         where = placement.get(u.name)
-        if where is None and u.kind == "dit_block" and u.block_index not in held:
+        if where is None and layer_plan and u.kind == "dit_block" and u.block_index not in held:
             continue  # a layer-split pipeline rank: another rank holds this layer
         if where is None:
             raise ArtifactError(f"the plan does not place unit {u.name}; re-run `liveavatar-lite plan` for this artifact")
@@ -95,6 +98,13 @@ def plan_layers(plan: Plan) -> tuple[int, ...]:
     if layers and layers != tuple(range(layers[0], layers[-1] + 1)):
         raise ValueError(f"the plan places layers {list(layers)}: a runtime runs one contiguous range")
     return layers
+
+
+def kv_layers(cfg: DiTConfig, plan: Plan) -> int:
+    """How many layers the plan's sink cache is sized for (all of them, or a layer rank's range)."""
+    sink = next(k for k in plan.kv if k.step is None)
+    spec = next(k for k in kv_specs(cfg, plan.size) if k.step is None)
+    return sink.nbytes // spec.layer_bytes(sink.dtype)
 
 
 def _read_into(directory: str | Path, name: str, manifest: Manifest, verified: set[str], out: Tensor) -> None:
