@@ -111,7 +111,7 @@ def test_a_rank_that_cannot_fit_is_named() -> None:
 
 def test_plan_ranks_cli(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["plan", "14b", "--format", "int8", "--vram", "24", "--ram", "128", "--device-profile", "rtx4090",
-            "--ranks", "4"]
+            "--ranks", "4", "--split", "steps"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "step 3 + decoder" in out and "fps" in out and "real time" in out and "one GPU" in out
@@ -227,6 +227,8 @@ def test_the_failure_line_names_the_cause_not_the_peers() -> None:
     (["--ranks", "2", "--gpus", "0,1,2"], "--gpus"),
     (["--gpus", "0"], "--gpus places the ranks of --ranks N"),
     (["--ranks", "2", "--gpus", "a,b"], "must be GPU numbers"),
+    (["--split", "layers"], "--split layers divides the work of --ranks N"),
+    (["--ranks", "2", "--split", "rows"], "--split: invalid choice"),
 ])
 def test_generate_rank_flags_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          extra: list[str], message: str) -> None:
@@ -301,3 +303,189 @@ def test_the_heads_checkpoint_clock_is_the_clip_loops_rule() -> None:
     assert [every.due(c) for c in range(3)] == [True, True, False]  # never after the last clip
     sparse = CheckpointClock(3600, num_clips=3)
     assert not sparse.due(0)
+
+
+# ---------------------------------------------------------------------------- the layer split (--split layers)
+
+def _inp14(size=(704, 384), elementwise=None, kv="bf16"):
+    from dataclasses import replace
+
+    from liveavatar_lite.decode.decoder_memory import DecoderGraph
+
+    inp = plan_input(PRESETS["14b"].dit, size, "int8", decoder=DecoderGraph.for_preset("14b"))
+    if elementwise is not None:  # per-layer non-matmul bytes of a fused path (a what-if, see below)
+        inp = replace(inp, workload=replace(inp.workload, elementwise_bytes=((kv, (elementwise,) * 40),)))
+    return inp
+
+
+def test_layers_split_into_contiguous_ranges_the_decoder_rank_lightest() -> None:
+    from liveavatar_lite.runtime.stage_plan import layer_roles, split_layers
+
+    assert split_layers([1.0] * 8, [0.0, 0.0]) == ((0, 4), (4, 8))
+    assert split_layers([1.0] * 8, [0.0, 0.0, 0.0, 2.0]) == ((0, 2), (2, 4), (4, 7), (7, 8))
+    assert split_layers([1.0] * 4, [0.0] * 4) == ((0, 1), (1, 2), (2, 3), (3, 4))  # at least one layer each
+    with pytest.raises(UserError, match="cannot split 4 layers over 5 ranks"):
+        split_layers([1.0] * 4, [0.0] * 5)
+    roles = layer_roles(5, ((0, 10), (10, 20), (20, 30), (30, 40)))
+    assert [r.label for r in roles] == ["layers 0-9", "layers 10-19", "layers 20-29", "layers 30-39", "decoder"]
+    assert all(r.steps == (0, 1, 2, 3) for r in roles[:4]) and roles[4] == RankRole(4, (), True)
+    assert layer_roles(2, ((0, 3), (3, 4)))[1].label == "layer 3 + decoder"
+
+
+def test_wavefront_runs_every_item_once_after_what_it_needs() -> None:
+    from liveavatar_lite.pipeline.multirank.layers import wavefront
+
+    items = list(wavefront(0, 12, 4, lambda b: False))
+    assert sorted(items) == [(b, s) for b in range(12) for s in range(4)]
+    pos = {it: i for i, it in enumerate(items)}
+    for (b, s), i in pos.items():
+        if s:
+            assert pos[(b, s - 1)] < i  # its input
+            if b >= 3 and b + s < 12:  # after the fill: 5 items apart, so 4 (or 5) ranks in a ring stay busy
+                assert pos[(b, s - 1)] == i - 5
+        if b:
+            assert pos[(b - 1, s)] < i  # ring s as block b-1 left it
+    assert items[:6] == [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2)]
+    # a cut before block 4 (a checkpoint after clip 0): blocks 0-3 finish before block 4 starts
+    asked: list[int] = []
+    cut = list(wavefront(0, 8, 4, lambda b: asked.append(b) or b == 4))
+    assert sorted(cut) == [(b, s) for b in range(8) for s in range(4)]
+    assert cut.index((3, 3)) == 15 and cut[16] == (4, 0) and asked.count(4) == 1
+    assert list(wavefront(4, 6, 4, lambda b: False))[0] == (4, 0)  # a resumed render starts at its clip
+
+
+def test_plan_layers_rtx4090_every_rank_holds_its_layers_and_rings() -> None:
+    """`plan 14b --format int8 --ranks 4 --split layers --vram 24 --device-profile rtx4090` at 704*384:
+    every rank within 22.5 GB with nothing streamed and no ring on the host; the decoder's rank
+    holds the fewest layers. A 5th rank only decodes."""
+    from liveavatar_lite.runtime.stage_plan import plan_split
+
+    inp, budget = _inp14(), Budget(vram_bytes=24e9, ram_bytes=128e9)
+    for n in (4, 5):
+        choice = plan_split(inp, budget, RTX4090, n, "layers")
+        dit = [p for p in choice.plans if p.plan is not None]
+        assert len(dit) == 4 and [p.role.layers[0] for p in dit][0] == 0 and dit[-1].role.layers[1] == 40
+        for p in dit:
+            assert p.peak_vram_bytes <= 22.5e9 and not p.plan.streamed_units
+            assert all(k.placement == "gpu" for k in p.plan.kv) and [k.step for k in p.plan.kv] == [0, 1, 2, 3, None]
+            a, b = p.role.layers
+            assert {u.layer for u in p.plan.units} == {None, *range(a, b)}  # the resident unit + its layers
+            assert p.plan.kv[0].nbytes == inp.kv[0].nbytes(budget.kv_dtype) * (b - a) // 40
+        sizes = [b - a for a, b in (p.role.layers for p in dit)]
+        if n == 4:
+            assert dit[-1].role.decodes and sizes[-1] == min(sizes) < max(sizes)
+        else:
+            assert choice.plans[4].role == RankRole(4, (), True)
+
+
+def test_layer_costs_add_up_to_the_plans_compute() -> None:
+    """The per-layer costs that balance the ranks are the plan's own terms (plan.py keeps them alike)."""
+    from liveavatar_lite.runtime.plan import layer_compute_seconds
+
+    inp = _inp14()
+    plan = make_plan(inp, Budget(vram_bytes=200e9, ram_bytes=128e9), RTX4090)  # all resident: compute only
+    per_clip = sum(layer_compute_seconds(inp, "bf16", RTX4090)) * 16
+    assert per_clip == pytest.approx(plan.predicted_seconds_per_clip, rel=1e-3)
+
+
+def test_real_time_on_4090s_needs_fused_kernels_and_8bit_attention() -> None:
+    """Predictions (labelled so in BENCHMARKS.md), the layer split at 704*384 on RTX 4090s with the
+    fused path's figures of SPEED.md: ~1.9 GB of non-matmul traffic per layer, attention at
+    FlashAttention-2's ~163 TFLOP/s or SageAttention2's ~450. With FA2 the work (~8.5 s of DiT and
+    ~1 s of decode per clip) exceeds what 4-5 cards give per 1.92 s clip; with 8-bit attention
+    4 and 5 cards play in real time."""
+    from dataclasses import replace
+
+    from liveavatar_lite.runtime.stage_plan import plan_split
+
+    inp = _inp14(elementwise=1.9e9)
+    budget = Budget(vram_bytes=24e9, ram_bytes=128e9)
+    rtf = {}
+    for name, attn in (("fa2", 163.0), ("sage2", 450.0)):
+        prof = replace(RTX4090, attn_efficiency=attn / RTX4090.bf16_tflops)
+        for n in (4, 5):
+            rtf[name, n] = plan_split(inp, budget, prof, n, "layers").prediction.realtime_factor
+    assert rtf["fa2", 4] < rtf["fa2", 5] < 1.0
+    assert 1.0 <= rtf["sage2", 4] < rtf["sage2", 5]
+
+
+def test_auto_keeps_the_faster_split_and_says_why() -> None:
+    from dataclasses import replace
+
+    from liveavatar_lite.runtime.stage_plan import plan_split
+
+    fast = replace(RTX4090, attn_efficiency=450.0 / RTX4090.bf16_tflops)
+    choice = plan_split(_inp14(elementwise=1.9e9), Budget(vram_bytes=24e9, ram_bytes=128e9), fast, 4)
+    assert choice.split == "layers" and choice.other is not None
+    assert choice.prediction.fps > choice.other.fps
+    assert "step 3 + decoder" in choice.reason and "also decodes" in choice.reason
+    with pytest.raises(UserError, match="--split diagonal: choose one of auto, steps, layers"):
+        plan_split(_inp14(), Budget(vram_bytes=24e9), RTX4090, 4, "diagonal")
+
+
+def test_two_layer_ranks_with_fp8_rings() -> None:
+    """2 layer ranks, fp8 KV, 24 GB each: every weight stays on its GPU; at 704*384 one or two of each
+    rank's four ring slices go to the host (the 20 layers' rings, 11 GB, and the decoder do not fit
+    beside the weights); at 384*256 everything does."""
+    from liveavatar_lite.runtime.stage_plan import plan_split
+
+    budget = Budget(vram_bytes=24e9, ram_bytes=128e9, kv_dtype="fp8")
+    big = plan_split(_inp14(), budget, RTX4090, 2, "layers").plans
+    assert all(not p.plan.streamed_units and p.peak_vram_bytes <= 22.5e9 for p in big)
+    assert all(1 <= sum(k.placement == "host" for k in p.plan.kv if k.step is not None) <= 2 for p in big)
+    small = plan_split(_inp14((384, 256)), budget, RTX4090, 2, "layers").plans
+    assert all(not p.plan.streamed_units and all(k.placement == "gpu" for k in p.plan.kv) for p in small)
+
+
+def test_plan_split_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "14b", "--format", "int8", "--vram", "24", "--ram", "128", "--device-profile", "rtx4090",
+            "--ranks", "4", "--split", "layers"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(layer split)" in out and "layers 0-" in out and "+ decoder" in out and "split       layers" in out
+    assert main([*argv, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["split"] == "layers" and d["ranks"][0]["layers"][0] == 0 and d["ranks"][-1]["layers"][1] == 40
+    assert main([*argv[:-2], "--split", "auto", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["split"] in ("steps", "layers") and d["why"].startswith("the ") and d["other_split"] is not None
+    assert main(["plan", "14b", "--format", "int8", "--vram", "24", "--split", "layers"]) == 2
+    assert "--split layers divides the work of --ranks N" in capsys.readouterr().err
+
+
+def test_a_layer_split_checkpoint_is_refused_by_the_step_split(tmp_path: Path, monkeypatch) -> None:
+    from liveavatar_lite.pipeline.multirank import coordinator
+    from liveavatar_lite.pipeline.multirank.launch import contexts
+    from liveavatar_lite.pipeline.request import PipelineOptions, RenderRequest
+    from liveavatar_lite.runtime.stage_plan import layer_roles
+
+    options, request = PipelineOptions(tmp_path), RenderRequest(image=tmp_path, audio=tmp_path, prompt="p",
+                                                                 out=tmp_path / "o.mp4")
+    cpu = (torch.device("cpu"),) * 2
+    layers = contexts(options, request, layer_roles(2, ((0, 2), (2, 4))), cpu)[1]
+    state = {"ranks": {"world_size": 2, "steps": [[0, 1, 2, 3], [0, 1, 2, 3]], "layers": [[0, 2], [2, 4]],
+                       "clip": 0, "companions": {}}, "own": None}
+    steps = contexts(options, request, rank_roles(2), cpu)[1]
+    with pytest.raises(UserError, match="resume it with the same --ranks"):
+        coordinator.PipelineGenerator(steps, None, None, 2).load_state_dict(state)
+    other = contexts(options, request, layer_roles(2, ((0, 3), (3, 4))), cpu)[1]
+    with pytest.raises(UserError, match="checkpointed with --split layers"):
+        coordinator.PipelineGenerator(other, None, None, 2).load_state_dict(state)
+    coordinator.PipelineGenerator(layers, None, None, 2).load_state_dict(state)  # the same split resumes
+
+
+def test_a_runtime_runs_one_contiguous_range_of_layers() -> None:
+    from liveavatar_lite.runtime.dit_runtime import plan_layers
+    from liveavatar_lite.runtime.stage_plan import layer_input, layer_roles
+
+    inp = plan_input(CFG, (64, 64), "int8")
+    budget = Budget(vram_bytes=1e12)
+    role = layer_roles(2, ((0, 3), (3, 4)))[0]
+    plan = make_plan(layer_input(inp, role, "bf16"), budget, RTX4090)
+    assert plan_layers(plan) == (0, 1, 2) and all(k.nbytes == inp.kv[0].nbytes("bf16") * 3 // 4 for k in plan.kv[:4])
+    assert plan_layers(make_plan(inp, budget, RTX4090)) == (0, 1, 2, 3)
+    from dataclasses import replace
+
+    gap = replace(plan, units=tuple(u for u in plan.units if u.layer != 1))
+    with pytest.raises(ValueError, match="one contiguous range"):
+        plan_layers(gap)

@@ -44,9 +44,17 @@ def test_four_ranks_a_rank_killed_then_resume_gives_identical_frames(clean_rende
                                                                      media: Path, tmp_path: Path) -> None:
     """4 ranks, one step each (the last also decodes). Clip 0 is written by the first run, clip 1
     by the resumed one: both are 4-rank frames, and they equal the one-process frames."""
-    out, log = tmp_path / "ranks4.mp4", tmp_path / "stderr.txt"
+    _kill_a_rank_then_resume(clean_render, tiny_artifact, media, tmp_path, ["--ranks", "4"],
+                             "rank 1 (step 1) was killed by SIGKILL")
+
+
+def _kill_a_rank_then_resume(clean_render: dict, tiny_artifact: Path, media: Path, tmp_path: Path,
+                             extra: list[str], killed: str) -> None:
+    """Render 2 clips with `extra`; once clip 0 and its checkpoint are durable kill rank 1 with
+    SIGKILL: one line names it, no rank is left; `--resume` ends with the one-process frames."""
+    out, log = tmp_path / "ranks.mp4", tmp_path / "stderr.txt"
     journal = RenderWorkDir.path_for(out) / "journal.json"
-    args = cli_command(*generate_args(tiny_artifact, media, out, "--num-clip", "2", "--ranks", "4"))
+    args = cli_command(*generate_args(tiny_artifact, media, out, "--num-clip", "2", *extra))
     with log.open("w") as err:
         proc = subprocess.Popen(args, env=render_env(), stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 300
@@ -65,7 +73,7 @@ def test_four_ranks_a_rank_killed_then_resume_gives_identical_frames(clean_rende
     stderr = log.read_text()
     assert rc == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("liveavatar-lite generate: error: rank 1 (step 1) was killed by SIGKILL"), last
+    assert last.startswith(f"liveavatar-lite generate: error: {killed}"), last
     assert "--resume" in last and "Traceback" not in stderr
     for pid in pids.values():  # no rank is left behind
         with pytest.raises(ProcessLookupError):
@@ -88,3 +96,32 @@ def test_two_ranks_on_one_gpu_write_the_frames_of_one_process(clean_render: dict
     proc = subprocess.run(cli_command(*args), env=render_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.array_equal(decoded_frames(out), decoded_frames(clean_render["out"])[:93])
+
+
+# ------------------------------------------------------------------------------ --split layers
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,label", [(2, "rank 1 (layers 2-3 + decoder)"), (3, "rank 2 (layer 3 + decoder)")])
+def test_layer_split_writes_the_frames_of_one_process(clean_render: dict, tiny_artifact: Path, media: Path,
+                                                      tmp_path: Path, ranks: int, label: str) -> None:
+    """Each rank a range of the tiny model's 4 layers for every step, items in wavefront order, the
+    decoding rank with the fewest layers; two clips, the wave NOT cut at the clip boundary (no
+    checkpoint due: items of clip 1 run while clip 0 finishes), the rings wrapped."""
+    out = tmp_path / f"layers{ranks}.mp4"
+    args = generate_args(tiny_artifact, media, out, "--num-clip", "2", "--ranks", str(ranks), "--split", "layers",
+                         "--checkpoint-interval", "3600")
+    proc = subprocess.run(cli_command(*args), env=render_env(), capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert label in proc.stderr
+    assert np.array_equal(decoded_frames(out), decoded_frames(clean_render["out"])[:93])
+    assert not RenderWorkDir.path_for(out).exists()
+
+
+@pytest.mark.slow
+def test_layer_split_four_ranks_a_rank_killed_then_resume_gives_identical_frames(
+        clean_render: dict, tiny_artifact: Path, media: Path, tmp_path: Path) -> None:
+    """4 layer ranks (one tiny layer each), a checkpoint after every clip (the wave cut there): clip 0
+    by the first run, clip 1 by the resumed one, both equal to the one-process frames."""
+    _kill_a_rank_then_resume(clean_render, tiny_artifact, media, tmp_path, ["--ranks", "4", "--split", "layers"],
+                             "rank 1 (layer 1) was killed by SIGKILL")

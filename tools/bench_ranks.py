@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--size", default="704*384")
     p.add_argument("--num-clip", type=int, default=4, help="clips per render (the first is not timed)")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--split", default="auto", choices=("auto", "steps", "layers"), help="generate --split")
     p.add_argument("--gpus", default=None, help="GPU of each rank, e.g. 0,0 (two ranks on one GPU)")
     p.add_argument("--vram", type=float, default=None, help="GB per rank")
     p.add_argument("--single-vram", type=float, default=None, help="GB for the one-process run")
@@ -56,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         one = _render(args, root / "one.mp4", ["--vram", str(args.single_vram)] if args.single_vram else [])
-        extra = ["--ranks", str(args.ranks)] + (["--gpus", args.gpus] if args.gpus else [])
+        extra = ["--ranks", str(args.ranks), "--split", args.split] + (["--gpus", args.gpus] if args.gpus else [])
         extra += ["--vram", str(args.vram)] if args.vram else []
         many = _render(args, root / "ranks.mp4", extra)
         same = bool((_frames(root / "one.mp4") == _frames(root / "ranks.mp4")).all())

@@ -74,6 +74,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="split the 4 denoising steps over N processes, one GPU each (2: two steps each, "
                              "4: one each, 5: one each + a decoding rank); blocks flow rank to rank; CPU "
                              "processes where there is no GPU; also under torchrun (docs/multi-gpu.md)")
+    parser.add_argument("--split", choices=("auto", "steps", "layers"), default="auto",
+                        help="how --ranks divides the DiT: steps (each rank whole denoising steps, all layers), "
+                             "layers (each rank a range of the layers for every step; only the hidden state "
+                             "crosses) or auto: the planner's faster one on GPUs, steps on CPU processes "
+                             "(default: %(default)s; docs/multi-gpu.md)")
     parser.add_argument("--gpus", type=_gpu_list, default=None, metavar="LIST",
                         help="GPU of each rank, e.g. 0,1,2,3 (default: rank i on GPU i); a GPU may repeat "
                              "(then give each rank its share with --vram)")
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks > 1:
         from ..pipeline.multirank import generate_multirank
 
-        result = generate_multirank(options, request, args.ranks, args.gpus)
+        result = generate_multirank(options, request, args.ranks, args.gpus, args.split)
         if result is None:  # a torchrun rank that does not write the video
             return 0
     elif args.gpus is not None:
@@ -128,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError("--gpus places the ranks of --ranks N (N >= 2); for one process pick the GPU with "
                         "CUDA_VISIBLE_DEVICES")
+    elif args.split != "auto":
+        from ..errors import UserError
+
+        raise UserError(f"--split {args.split} divides the work of --ranks N (N >= 2) processes")
     else:
         result = generate(request, options)
     log = logging.getLogger("liveavatar_lite.pipeline.generate")

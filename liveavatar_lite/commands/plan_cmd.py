@@ -46,6 +46,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="plan a pipeline of N GPUs (generate --ranks N): each rank's layout within its own "
                              "--vram (only its own KV rings), the predicted throughput (the slowest rank sets "
                              "it) and real-time factor; --ram is the whole machine's, shared by the ranks")
+    parser.add_argument("--split", choices=("auto", "steps", "layers"), default="auto",
+                        help="with --ranks: steps (each rank whole steps, all layers), layers (each rank a range "
+                             "of the layers for every step) or auto: plan both and keep the higher predicted "
+                             "throughput, saying why (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
     profile, note = resolve_profile(args.device_profile)
     budget = Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv, compile=args.compile,
                     attention=args.attention)
+    if args.ranks == 1 and args.split != "auto":
+        raise UserError(f"--split {args.split} divides the work of --ranks N (N >= 2) GPUs")
     if args.ranks != 1:
-        print(_pipeline_report(inp, budget, profile, args.ranks, args.json, ram))
+        print(_pipeline_report(inp, budget, profile, args.ranks, args.json, ram, args.split))
         if note and not args.json:
             print(note)
         return 0
@@ -145,21 +151,25 @@ def format_plan(plan, ram_budget: float | None) -> str:
     return "\n".join(lines)
 
 
-def _pipeline_report(inp, budget, profile, ranks: int, as_json: bool, ram_budget: float | None) -> str:
-    """`plan --ranks N`: every rank's plan, the pipeline's throughput, one GPU for comparison."""
+def _pipeline_report(inp, budget, profile, ranks: int, as_json: bool, ram_budget: float | None,
+                     split: str = "auto") -> str:
+    """`plan --ranks N`: every rank's plan, the pipeline's throughput (the split asked, or with auto
+    the faster one and why), one GPU for comparison."""
     from ..errors import BudgetError
-    from ..runtime.stage_plan import plan_ranks, predict_pipeline, rank_roles
+    from ..runtime.stage_plan import plan_ranks, plan_split, predict_pipeline, rank_roles
 
-    plans = plan_ranks(inp, budget, profile, rank_roles(ranks, inp.sample.num_steps))
-    pred = predict_pipeline(plans, inp.sample)
+    choice = plan_split(inp, budget, profile, ranks, split)
+    plans, pred = choice.plans, choice.prediction
     try:
         single = predict_pipeline(plan_ranks(inp, budget, profile, rank_roles(1)), inp.sample)
     except BudgetError:
         single = None
     if as_json:
-        return json.dumps({"ranks": [p.to_json() for p in plans], "pipeline": pred.to_json(),
+        return json.dumps({"split": choice.split, "why": choice.reason, "ranks": [p.to_json() for p in plans],
+                           "pipeline": pred.to_json(), "other_split": choice.other.to_json() if choice.other else None,
                            "one_gpu": single.to_json() if single else None}, indent=1)
-    return format_pipeline(plans, pred, single, ram_budget)
+    text = format_pipeline(plans, pred, single, ram_budget)
+    return text + f"\nsplit       {choice.split}: {choice.reason}"
 
 
 def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
@@ -168,9 +178,10 @@ def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
 
     first = next(p.plan for p in plans if p.plan is not None)
     w, h = first.size
-    title = (f"pipeline plan: {len(plans)} ranks, {first.weight_format} weights, {w}*{h}, KV {first.kv[0].dtype}, "
+    split = "layer" if any(p.role.layers is not None for p in plans) else "step"
+    title = (f"pipeline plan: {len(plans)} ranks ({split} split), {first.weight_format} weights, {w}*{h}, KV {first.kv[0].dtype}, "
              f"profile {first.device_profile} (predictions)")
-    header = (f"{'rank':<5}{'role':<18}{'peak GB':>8}{'budget':>8}  {'resident/streamed':<18}{'KV caches':<30}"
+    header = (f"{'rank':<5}{'role':<24}{'peak GB':>8}{'budget':>8}  {'resident/streamed':<18}{'KV caches':<30}"
               f"{'host GB':>8}{'s/clip':>8}")
     lines = [title, "", header]
     for p in plans:
@@ -179,8 +190,8 @@ def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
         else:
             streamed = len(p.plan.streamed_units)
             layout = f"{len(p.plan.units) - streamed} / {streamed}"
-            kv = ", ".join(f"{k.name}:{k.placement}" for k in p.plan.kv)
-        lines.append(f"{p.role.rank:<5}{p.role.label:<18}{p.peak_vram_bytes / GB:8.2f}{p.vram_budget_bytes / GB:8.2f}  "
+            kv = _kv_places(p.plan.kv)
+        lines.append(f"{p.role.rank:<5}{p.role.label:<24}{p.peak_vram_bytes / GB:8.2f}{p.vram_budget_bytes / GB:8.2f}  "
                      f"{layout:<18}{kv:<30}{p.host_ram_bytes / GB:8.1f}{p.seconds_per_clip:8.2f}")
     host = sum(p.host_ram_bytes for p in plans)
     ram = f" of {ram_budget / GB:.1f} GB" if ram_budget else ""
@@ -189,7 +200,7 @@ def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
                   f"{slow.role.label}, is the slowest) = {pred.fps:.1f} fps, {pred.realtime_factor:.2f}x real time "
                   f"(25 fps); first clip {pred.first_clip_seconds:.2f} s")
     lines += ["", f"host RAM    {host / GB:.1f} GB{ram} for all ranks together",
-              "per rank    s/clip = DiT (+ VAE decode on the decoding rank) + block hand-off, per 48-frame clip",
+              "per rank    s/clip = DiT (+ VAE decode on the decoding rank) + hand-off, per 48-frame clip",
               throughput]
     if single is not None:
         lines.append(f"one GPU     {single.seconds_per_clip:.2f} s per clip = {single.fps:.1f} fps "
@@ -197,3 +208,11 @@ def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
     else:
         lines.append("one GPU     does not fit this budget")
     return "\n".join(lines)
+
+
+def _kv_places(kv) -> str:
+    """'ring.0:host, sink:gpu'; a rank with all its caches in one place: 'all 5 on gpu'."""
+    places = {k.placement for k in kv}
+    if len(kv) > 2 and len(places) == 1:
+        return f"all {len(kv)} on {places.pop()}"
+    return ", ".join(f"{k.name}:{k.placement}" for k in kv)

@@ -68,11 +68,17 @@ def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: b
     """The DiT units of an artifact; streamed-from-host units are read now into exact-size (pinned)
     host buffers, disk units stay on disk, resident units are read when they are moved to the device."""
     placement = {u.name: u.placement for u in plan.units}
+    held = set(plan_layers(plan))
+    # A layer-split pipeline rank's plan places its range of layers AND sizes its KV for that many;
+    # a plan that merely lacks a unit (stale, or broken) still fails below.
+    layer_plan = len(held) < manifest.dit.num_layers and kv_layers(manifest.dit, plan) == len(held)
     out = []
     for u in manifest.units:
         if u.kind not in ("dit_block", "dit_resident"):
             continue
         where = placement.get(u.name)
+        if where is None and layer_plan and u.kind == "dit_block" and u.block_index not in held:
+            continue  # a layer-split pipeline rank: another rank holds this layer
         if where is None:
             raise ArtifactError(f"the plan does not place unit {u.name}; re-run `liveavatar-lite plan` for this artifact")
         reader = partial(_read_into, directory, u.name, manifest, set())
@@ -83,6 +89,22 @@ def artifact_units(directory: str | Path, manifest: Manifest, plan: Plan, pin: b
         out.append(UnitData(u.name, u.block_index if u.kind == "dit_block" else None, u.data_nbytes, u.tensors,
                             host=host, read_into=None if host is not None else reader))
     return out
+
+
+def plan_layers(plan: Plan) -> tuple[int, ...]:
+    """The layers a plan places, in order: all of them, or a layer-split pipeline rank's contiguous
+    range (`runtime/stage_plan.py`). ValueError for a plan with a gap."""
+    layers = tuple(sorted(u.layer for u in plan.units if u.layer is not None))
+    if layers and layers != tuple(range(layers[0], layers[-1] + 1)):
+        raise ValueError(f"the plan places layers {list(layers)}: a runtime runs one contiguous range")
+    return layers
+
+
+def kv_layers(cfg: DiTConfig, plan: Plan) -> int:
+    """How many layers the plan's sink cache is sized for (all of them, or a layer rank's range)."""
+    sink = next(k for k in plan.kv if k.step is None)
+    spec = next(k for k in kv_specs(cfg, plan.size) if k.step is None)
+    return sink.nbytes // spec.layer_bytes(sink.dtype)
 
 
 def _read_into(directory: str | Path, name: str, manifest: Manifest, verified: set[str], out: Tensor) -> None:
@@ -232,7 +254,11 @@ class DiTRuntime:
                  for u in units for e in u.tensors if e.qtype.is_quantized and e.name.endswith(".weight")}
         swap_linears(self.dit, specs, kernel=kernel, bias_dtype=compute_dtype)
         self.dit.eval()
-        _check_coverage(self.dit, units)
+        # The layers this runtime runs: all of them, or a layer-split pipeline rank's range (the
+        # others stay on meta, never bound; its KV caches hold only these layers).
+        self.layers = plan_layers(plan) or tuple(range(cfg.num_layers))
+        absent = set(range(cfg.num_layers)) - set(self.layers)
+        _check_coverage(self.dit, units, absent)
         # Two copy streams: a weight prefetch that waits for its slot's release never holds up a KV
         # copy (on one stream it would). Copies the engine already holds still run in queue order.
         cuda = self.device.type == "cuda"
@@ -245,7 +271,7 @@ class DiTRuntime:
         self.weights = WeightStreamer(streamed, binder, self.device, weight_stream, timing)
         for u in resident:
             self.weights.make_resident(u, u.load())
-        _check_materialized(self.dit, set(self.weights.by_layer))
+        _check_materialized(self.dit, set(self.weights.by_layer) | absent)
 
         self.compute_dtype, self._kv_stream, self._timing = compute_dtype, kv_stream, timing
         self._kv_layout: tuple | None = None
@@ -276,7 +302,8 @@ class DiTRuntime:
         if self._kv_layout is not None:
             del self.kv  # the old caches go first, so both never coexist in memory
         self.kv = KVOffload.build(self.cfg, layout[0], layout[1], kv_dtype, list(ring_gpu), sink_gpu, self.device,
-                                  compute_dtype=self.compute_dtype, copy_stream=self._kv_stream, timing=self._timing)
+                                  compute_dtype=self.compute_dtype, copy_stream=self._kv_stream, timing=self._timing,
+                                  num_layers=len(self.layers))
         self._kv_layout = layout
 
     @classmethod
@@ -293,19 +320,21 @@ class DiTRuntime:
 
     def _run_units(self, x: Tensor, ctx: DiTContext, step: int | None) -> Tensor:
         """All units in order: prefetch i+1, compute i, release i (comments mark the sync points)."""
-        for i in range(self.cfg.num_layers):
+        first = self.layers[0]  # the KV caches index this runtime's layers from 0
+        for i in self.layers:
             self.weights.open(i)  # streamed: waits for unit i's copy, starts the next unit's copy, binds
-            lkv = self.kv.open_layer(step, i)  # same for layer i's KV when its cache lives on the host
+            lkv = self.kv.open_layer(step, i - first)  # same for layer i's KV when its cache lives on the host
             block, inject = self.dit.unit_modules(i)
             x = self._unit_forward(block, inject, x, ctx, lkv)  # == dit.forward_unit(i, ...), maybe compiled
-            self.kv.close_layer(step, i)  # host caches: copy back only this block's new K/V rows
+            self.kv.close_layer(step, i - first)  # host caches: copy back only this block's new K/V rows
             self.weights.close(i)  # the slot frees once the kernels queued above have finished
         return x
 
     @torch.no_grad()
-    def prefill_units(self, x: Tensor, ctx: DiTContext) -> None:
-        """Sink prefill over prepared inputs (`dit.prepare_sink`): fills the sink KV cache."""
-        self._run_units(x, ctx, step=None)
+    def prefill_units(self, x: Tensor, ctx: DiTContext) -> Tensor:
+        """Sink prefill over prepared inputs (`dit.prepare_sink`): fills the sink KV cache. Returns the
+        hidden state after this runtime's layers (a layer-split pipeline rank passes it on)."""
+        return self._run_units(x, ctx, step=None)
 
     @torch.no_grad()
     def denoise_units(self, step: int, start_token: int, x: Tensor, ctx: DiTContext) -> Tensor:
@@ -393,9 +422,13 @@ class DiTRuntime:
         self.kv.load_state_dict(state)
 
 
-def _check_coverage(model: nn.Module, units: Sequence[UnitData]) -> None:
-    """Every model tensor is stored exactly once in the units, and nothing else is."""
-    want = set(model.state_dict().keys())
+def _check_coverage(model: nn.Module, units: Sequence[UnitData], absent: frozenset[int] | set[int] = frozenset()) -> None:
+    """Every model tensor is stored exactly once in the units, and nothing else is (`absent`: layers
+    another pipeline rank holds)."""
+    from ..model.units import unit_of_key
+
+    cfg = model.cfg  # type: ignore[attr-defined]
+    want = {k for k in model.state_dict().keys() if unit_of_key(cfg, k) not in absent}
     got: set[str] = set()
     for u in units:
         for e in u.tensors:

@@ -248,16 +248,18 @@ class KVOffload:
     def build(cls, cfg: DiTConfig, ring_tokens: int, sink_tokens: int, kv_dtype: str,
               ring_gpu: Sequence[bool | None], sink_gpu: bool, device: torch.device | str,
               compute_dtype: torch.dtype = torch.bfloat16, copy_stream: object | None = None,
-              timing: bool = False) -> KVOffload:
+              timing: bool = False, num_layers: int | None = None) -> KVOffload:
         """Caches for `len(ring_gpu)` steps; ring_gpu[s] / sink_gpu: keep that cache on `device`
-        (ring_gpu[s] None: no ring for step s here, another pipeline rank holds it)."""
+        (ring_gpu[s] None: no ring for step s here, another pipeline rank holds it). num_layers:
+        a layer-split pipeline rank's layer count (default: the model's); layers index from 0."""
         if kv_dtype not in STORE_DTYPES:
             raise ValueError(f"unknown KV dtype {kv_dtype!r}")
         dev = torch.device(device)
-        common = dict(layers=cfg.num_layers, heads=cfg.num_heads, head_dim=cfg.head_dim, kv_dtype=kv_dtype, device=dev)
+        layers = cfg.num_layers if num_layers is None else num_layers
+        common = dict(layers=layers, heads=cfg.num_heads, head_dim=cfg.head_dim, kv_dtype=kv_dtype, device=dev)
         rings = [None if g is None else OffloadRing(ring_tokens, on_device=g, **common) for g in ring_gpu]
         sink = OffloadSink(sink_tokens, on_device=sink_gpu, **common)
-        return cls(rings, sink, cfg.num_layers, compute_dtype, dev, copy_stream, timing)
+        return cls(rings, sink, layers, compute_dtype, dev, copy_stream, timing)
 
     def streamers(self) -> list[UnitStreamer]:
         out = {id(s.streamer): s.streamer for s in [*self.held_rings(), self.sink] if s.streamer is not None}

@@ -15,6 +15,12 @@ The throughput is one clip per slowest-stage time.
     roles = rank_roles(4)      # (RankRole(0, (0,), False), ..., RankRole(3, (3,), True))
     plans = plan_ranks(inp, Budget(vram_bytes=24e9, ram_bytes=128e9), get_profile("rtx4090"), roles)
     pred = predict_pipeline(plans, inp)   # pred.fps, pred.realtime_factor, pred.slowest_rank
+
+The layer split (`--split layers`, second half of this file) gives each DiT rank a contiguous
+range of the layers for every step instead, balanced with the plan's per-layer costs;
+`plan_split` plans either split, or both (`auto`) and keeps the faster, saying why.
+
+    choice = plan_split(inp, Budget(vram_bytes=24e9, ram_bytes=128e9), get_profile("rtx4090"), 4, "auto")
 """
 from __future__ import annotations
 
@@ -44,13 +50,18 @@ class RankRole:
     rank: int
     steps: tuple[int, ...]
     decodes: bool
+    layers: tuple[int, int] | None = None  # layer split: layers [first, end) for every step; None: all layers
 
     @property
     def label(self) -> str:
-        """'steps 0-1', 'step 3 + decoder', 'decoder'."""
+        """'steps 0-1', 'step 3 + decoder', 'layers 0-9', 'layers 30-39 + decoder', 'decoder'."""
         if not self.steps:
             return "decoder"
-        s = f"step {self.steps[0]}" if len(self.steps) == 1 else f"steps {self.steps[0]}-{self.steps[-1]}"
+        if self.layers is not None:
+            a, b = self.layers
+            s = f"layer {a}" if b - a == 1 else f"layers {a}-{b - 1}"
+        else:
+            s = f"step {self.steps[0]}" if len(self.steps) == 1 else f"steps {self.steps[0]}-{self.steps[-1]}"
         return s + (" + decoder" if self.decodes else "")
 
 
@@ -121,6 +132,7 @@ class RankPlan:
 
     def to_json(self) -> dict:
         return {"rank": self.role.rank, "steps": list(self.role.steps), "decodes": self.role.decodes,
+                "layers": list(self.role.layers) if self.role.layers is not None else None,
                 "role": self.role.label, "peak_vram_bytes": self.peak_vram_bytes,
                 "vram_budget_bytes": self.vram_budget_bytes, "host_ram_bytes": self.host_ram_bytes,
                 "dit_seconds_per_clip": self.dit_seconds_per_clip,
@@ -151,12 +163,16 @@ def plan_rank(inp: PlanInput, budget: Budget, profile: DeviceProfile, role: Rank
     """One rank's plan within `budget` (this rank's VRAM; host RAM already this rank's share).
     BudgetError names the rank."""
     decode_s = vae_decode_seconds_per_clip(inp, profile) if role.decodes else 0.0
-    hops = (role.rank > 0) + (not role.decodes)  # receives from rank-1 unless the head; sends unless it decodes
-    hop_s = HANDOFF_LATENCY_S + block_latent_bytes(inp) / (HANDOFF_GBPS * 1e9)
-    handoff_s = hops * hop_s * inp.workload.blocks_per_clip if world_size > 1 else 0.0
+    if role.layers is not None:  # every item (block, step) crosses this rank: hidden state in and out
+        handoff_s = layer_handoff_seconds_per_clip(inp, profile, role, world_size)
+    else:
+        hops = (role.rank > 0) + (not role.decodes)  # receives from rank-1 unless the head; sends unless it decodes
+        hop_s = HANDOFF_LATENCY_S + block_latent_bytes(inp) / (HANDOFF_GBPS * 1e9)
+        handoff_s = hops * hop_s * inp.workload.blocks_per_clip if world_size > 1 else 0.0
     if role.steps:
         try:
-            plan = make_plan(stage_input(inp, role), stage_budget(budget, role), profile)
+            rank_inp = layer_input(inp, role, budget.kv_dtype) if role.layers is not None else stage_input(inp, role)
+            plan = make_plan(rank_inp, stage_budget(budget, role), profile)
         except BudgetError as e:
             raise BudgetError(f"rank {role.rank} ({role.label}): {e}") from None
         return RankPlan(role, plan, plan.peak_vram_bytes, int(budget.vram_bytes), plan.host_ram_bytes,
@@ -210,3 +226,217 @@ def predict_pipeline(plans: Sequence[RankPlan], sample: SampleConfig) -> Pipelin
     fill = sum(p.seconds_per_clip for p in plans if p is not slow) / sample.blocks_per_clip
     fps = sample.infer_frames / per_clip if per_clip > 0 else float("inf")
     return PipelinePrediction(per_clip, slow.role.rank, fps, fps / sample.fps, per_clip + fill)
+
+
+# ------------------------------------------------------------------------------ the layer split
+#
+# Rank r holds a contiguous range of the layers (the resident unit on every rank: each needs the
+# per-call conditioning of its layers, the time modulation and audio tokens) and its layers' slice
+# of all four step rings and of the sink. Items (block b, step s) flow rank 0 -> ... -> last: each
+# rank runs its layers on the hidden state [1, tokens, dim] and passes it on; the last DiT rank runs
+# the head and the Euler step and sends the latents of (b, s + 1) back to rank 0. (b, s) needs
+# (b, s - 1) and (b - 1, s), so in wavefront order (`pipeline/multirank/layers.py`) as many items are
+# in flight as there are ranks, and every rank is busy after the fill.
+
+SPLITS = ("auto", "steps", "layers")
+# The sender's D2H copy of the hidden state and the receiver's H2D copy are on the critical path; the
+# transfer between the processes (HANDOFF_GBPS, an assumption) runs while the receiver computes the
+# item before (it posts the receive one item ahead), so it costs throughput only where it is longer.
+
+
+def hidden_bytes(inp: PlanInput, itemsize: int = 2) -> int:
+    """Bytes of one item's hidden state between two layer ranks ([1, block tokens, dim], bf16)."""
+    assert inp.dit is not None, "a layer split needs the model's config"
+    return inp.workload.block_tokens * inp.dit.dim * itemsize
+
+
+def layer_handoff_seconds_per_clip(inp: PlanInput, profile: DeviceProfile, role: RankRole, world_size: int) -> float:
+    """A layer rank's hand-off time per clip: per item, the hidden state in (unless the first rank)
+    and out (unless the last DiT rank), and the latents that go round (the last rank sends them back)."""
+    if world_size <= 1:
+        return 0.0
+    x = hidden_bytes(inp)
+    items = inp.workload.steps * inp.workload.blocks_per_clip
+    transfer = HANDOFF_LATENCY_S + x / (HANDOFF_GBPS * 1e9)
+    per_item = 0.0
+    first, last = role.layers[0] == 0, role.layers[1] == len(inp.workload.linear_flops)  # type: ignore[index]
+    if not first:  # receive: the copy to the device; the transfer only where it outlasts the item before
+        per_item += x / (profile.h2d_gbps * 1e9)
+    if not last:  # send: the copy to the host (the transfer itself runs in the background)
+        per_item += x / (profile.d2h_gbps * 1e9)
+    latents = HANDOFF_LATENCY_S + block_latent_bytes(inp) / (HANDOFF_GBPS * 1e9)
+    # the transfer runs while this rank computes the item before: it costs throughput only beyond that
+    exposed = 0.0 if first else max(0.0, transfer - sum(_layer_range_costs(inp, profile, role)))
+    return items * (per_item + latents + exposed)
+
+
+def _layer_range_costs(inp: PlanInput, profile: DeviceProfile, role: RankRole) -> tuple[float, ...]:
+    from .plan import layer_compute_seconds
+
+    a, b = role.layers  # type: ignore[misc]
+    return layer_compute_seconds(inp, "bf16", profile)[a:b]
+
+
+def layer_input(inp: PlanInput, role: RankRole, kv_dtype: str) -> PlanInput:
+    """The planner's input for one layer rank: the resident unit and its layers' units, its layers'
+    slice of every ring and of the sink, its layers' work; the VAE decoder only where it decodes."""
+    from .plan import _elementwise
+
+    assert role.layers is not None
+    a, b = role.layers
+    units = tuple(u for u in inp.units if u.layer is None or a <= u.layer < b)
+    kv = tuple(replace(k, layers=b - a) for k in inp.kv)
+    wl = inp.workload
+    elem = tuple(_elementwise(inp, kv_dtype))[a:b]  # per global layer (inject layers differ), then sliced
+    workload = replace(wl, linear_flops=wl.linear_flops[a:b], attn_flops=wl.attn_flops[a:b],
+                       elementwise_bytes=((kv_dtype, elem),),
+                       vae_cache_bytes=wl.vae_cache_bytes if role.decodes else 0)
+    return replace(inp, units=units, kv=kv, workload=workload)
+
+
+def split_layers(costs: Sequence[float], extra: Sequence[float]) -> tuple[tuple[int, int], ...]:
+    """`len(costs)` layers as `len(extra)` contiguous ranges, at least one layer each, that make the
+    slowest rank fastest: rank r costs sum(costs[range]) + extra[r] (the decoder on its rank).
+    Ties go to the earlier cut (deterministic: every rank computes the same split).
+
+        split_layers([1.0] * 8, [0.0, 0.0, 0.0, 2.0])  # ((0, 3), (3, 6), (6, 8)... the decoder's rank gets fewer
+    """
+    n, parts = len(costs), len(extra)
+    if not 1 <= parts <= n:
+        raise UserError(f"cannot split {n} layers over {parts} ranks (one layer each at least)")
+    pre = [0.0]
+    for c in costs:
+        pre.append(pre[-1] + c)
+    inf = float("inf")
+    # best[r][i]: the slowest of ranks 0..r-1 holding layers [0, i); cut[r][i]: where rank r-1 starts
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for r in range(1, parts + 1):
+        for i in range(r, n - (parts - r) + 1):
+            for j in range(r - 1, i):
+                v = max(best[r - 1][j], pre[i] - pre[j] + extra[r - 1])
+                if v < best[r][i]:
+                    best[r][i], cut[r][i] = v, j
+    ranges, i = [], n
+    for r in range(parts, 0, -1):
+        j = cut[r][i]
+        ranges.append((j, i))
+        i = j
+    return tuple(reversed(ranges))
+
+
+def layer_roles(world_size: int, ranges: Sequence[tuple[int, int]], num_steps: int = 4) -> tuple[RankRole, ...]:
+    """The roles of a layer split: one DiT rank per range (every step on its layers); with a spare
+    rank (world_size = len(ranges) + 1) it only decodes, otherwise the last DiT rank also decodes."""
+    steps = tuple(range(num_steps))
+    dit = len(ranges)
+    roles = [RankRole(r, steps, decodes=r == world_size - 1, layers=tuple(rg)) for r, rg in enumerate(ranges)]
+    if world_size > dit:
+        roles.append(RankRole(dit, (), decodes=True))
+    return tuple(roles)  # type: ignore[arg-type]
+
+
+def layer_dit_ranks(world_size: int, num_layers: int, num_steps: int = 4) -> int:
+    """DiT ranks of a layer split of `world_size` ranks: all of them up to num_steps; with
+    num_steps + 1 ranks the last one only decodes (as in the step split). UserError otherwise."""
+    if not 1 <= world_size <= num_steps + 1:
+        raise UserError(f"--ranks {world_size}: choose 1 to {num_steps + 1} (at most {num_steps} DiT ranks and a "
+                        "decoding rank)")
+    dit = min(world_size, num_steps)
+    if dit > num_layers:
+        raise UserError(f"--ranks {world_size} --split layers: the model has only {num_layers} layers")
+    return dit
+
+
+def layer_split_roles(inp: PlanInput, profile: DeviceProfile, world_size: int, kv_dtype: str = "bf16"
+                      ) -> tuple[RankRole, ...]:
+    """The layer ranges of a `world_size`-rank layer split, balanced with the plan's per-layer costs:
+    the decoding rank's share includes the VAE decode, so it gets fewer layers (4 ranks), or the
+    decoder gets its own rank (5 ranks). Deterministic for a given input and profile."""
+    from .plan import layer_compute_seconds
+
+    n = len(inp.workload.linear_flops)
+    dit = layer_dit_ranks(world_size, n, inp.workload.steps)
+    items = inp.workload.steps * inp.workload.blocks_per_clip
+    costs = [c * items for c in layer_compute_seconds(inp, kv_dtype, profile)]  # per clip
+    decode = vae_decode_seconds_per_clip(inp, profile)
+    extra = [0.0] * dit
+    if world_size == dit:
+        extra[-1] = decode
+    return layer_roles(world_size, split_layers(costs, extra), inp.workload.steps)
+
+
+def roles_for(split: str, inp: PlanInput, profile: DeviceProfile, world_size: int, kv_dtype: str = "bf16"
+              ) -> tuple[RankRole, ...]:
+    """The roles of `split` ("steps" or "layers") for `world_size` ranks."""
+    if split == "layers":
+        return layer_split_roles(inp, profile, world_size, kv_dtype)
+    return rank_roles(world_size, inp.workload.steps)
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """The split `plan_split` chose, its plans and throughput, and why (one line)."""
+
+    split: str
+    plans: tuple[RankPlan, ...]
+    prediction: PipelinePrediction
+    reason: str
+    other: PipelinePrediction | None  # the split not chosen (None: it does not fit)
+
+
+def plan_split(inp: PlanInput, budget: Budget, profile: DeviceProfile, world_size: int, split: str = "auto"
+               ) -> SplitChoice:
+    """Plan `world_size` ranks with `split`; "auto" plans both and keeps the higher predicted
+    throughput (the step split, today's default, on a tie within 1 %). BudgetError when the asked
+    split (or, for auto, neither) fits."""
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    tried: dict[str, tuple[tuple[RankPlan, ...], PipelinePrediction] | BudgetError] = {}
+    for name in (("steps", "layers") if split == "auto" else (split,)):
+        try:
+            plans = plan_ranks(inp, budget, profile, roles_for(name, inp, profile, world_size, budget.kv_dtype))
+            tried[name] = (plans, predict_pipeline(plans, inp.sample))
+        except BudgetError as e:
+            if split != "auto":
+                raise
+            tried[name] = e
+    ok = {k: v for k, v in tried.items() if not isinstance(v, BudgetError)}
+    if not ok:
+        raise tried["layers"]  # type: ignore[misc]
+    if split != "auto":
+        plans, pred = ok[split]
+        return SplitChoice(split, plans, pred, f"--split {split} as asked", None)
+    if len(ok) == 1:
+        name = next(iter(ok))
+        other = "layers" if name == "steps" else "steps"
+        return SplitChoice(name, *ok[name], f"only the {name} split fits ({other}: {tried[other]})", None)
+    (ps, st), (pl, ly) = ok["steps"], ok["layers"]
+    if ly.fps > st.fps * 1.01:
+        return SplitChoice("layers", pl, ly, _why("layers", pl, ly, "steps", ps, st), st)
+    return SplitChoice("steps", ps, st, _why("steps", ps, st, "layers", pl, ly), ly)
+
+
+def _why(win: str, wp: Sequence[RankPlan], w: PipelinePrediction, lose: str, lp: Sequence[RankPlan],
+         loser: PipelinePrediction) -> str:
+    """One line: both predictions and what makes the loser's slowest rank slower."""
+    head = (f"the {win[:-1]} split predicts {w.realtime_factor:.2f}x real time, the {lose[:-1]} split "
+            f"{loser.realtime_factor:.2f}x")
+    slow = lp[loser.slowest_rank]
+    stall = sum(v for k, v in slow.plan.seconds_breakdown.items() if k.endswith("_stall")) if slow.plan else 0.0
+    causes = []
+    if stall > 0.005:
+        causes.append(f"waits {stall:.2f} s per clip for PCIe copies")
+    if slow.plan is not None and slow.plan.streamed_units:
+        causes.append(f"streams {len(slow.plan.streamed_units)} weight units")
+    host_kv = [k.name for k in slow.plan.kv if k.placement == "host"] if slow.plan else []
+    if host_kv:
+        causes.append(f"keeps {', '.join(host_kv)} on the host")
+    if slow.decode_seconds_per_clip > 0:
+        causes.append(f"also decodes ({slow.decode_seconds_per_clip:.2f} s per clip)")
+    if slow.handoff_seconds_per_clip > 0.01:
+        causes.append(f"spends {slow.handoff_seconds_per_clip:.2f} s per clip on hand-offs")
+    if not causes:
+        causes.append("has more work")
+    return f"{head}: its slowest rank ({slow.role.label}, {slow.seconds_per_clip:.2f} s per clip) " + ", ".join(causes)

@@ -124,3 +124,83 @@ class BlockLink:
         payload = torch.empty(math.prod(self.shape) * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
         _guarded(f"waiting for rank {self.prev}", lambda: dist.recv(payload, self.prev))
         return BlockHeader(clip, block, bool(flag)), payload.view(dtype).view(self.shape)
+
+
+# ------------------------------------------------------------------------------ the layer split's items
+
+HEADER_INTS = 4  # (block, step, checkpoint flag, spare) as int64, ahead of the tensors' bytes
+
+
+def _message_bytes(parts: tuple[tuple[tuple[int, ...], torch.dtype], ...]) -> int:
+    return HEADER_INTS * 8 + sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in parts)
+
+
+class ItemSender:
+    """Messages of one fixed layout (a header of HEADER_INTS int64 + tensors of `parts`' shapes and
+    dtypes, as raw bytes in ONE buffer) to rank `dst`, sent without blocking (isend): in a ring of
+    ranks that all send at the same moment, nobody waits for a receiver that is itself sending.
+    A buffer is kept until its send has completed; `flush()` waits for all of them."""
+
+    def __init__(self, dst: int, parts: tuple[tuple[tuple[int, ...], torch.dtype], ...]) -> None:
+        self.dst, self.parts = dst, parts
+        self.nbytes = _message_bytes(parts)
+        self._pending: list[tuple[Any, Tensor]] = []
+
+    def send(self, header: tuple[int, ...], *tensors: Tensor) -> None:
+        import torch.distributed as dist
+
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        buf[: HEADER_INTS * 8].view(torch.int64).copy_(torch.tensor(list(header) + [0] * (HEADER_INTS - len(header))))
+        off = HEADER_INTS * 8
+        for t, (shape, dt) in zip(tensors, self.parts, strict=True):
+            if tuple(t.shape) != shape or t.dtype != dt:
+                raise ValueError(f"item tensor {list(t.shape)} {t.dtype}; the link carries {list(shape)} {dt}")
+            raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8)  # raw bytes: bit-exact
+            buf[off: off + raw.numel()].copy_(raw)
+            off += raw.numel()
+        self._pending = [(w, b) for w, b in self._pending if not w.is_completed()]
+        work = _guarded(f"sending to rank {self.dst}", lambda: dist.isend(buf, self.dst))
+        self._pending.append((work, buf))
+
+    def flush(self) -> None:
+        """Wait until every message sent has been received (before this rank leaves or blocks on another peer)."""
+        for work, _ in self._pending:
+            _guarded(f"sending to rank {self.dst}", work.wait)
+        self._pending.clear()
+
+
+class ItemReceiver:
+    """The receiving end of an ItemSender: `count` messages from rank `src`. The receive of the next
+    message is posted as soon as the current one is taken (irecv), so its transfer runs while this
+    rank computes."""
+
+    def __init__(self, src: int, parts: tuple[tuple[tuple[int, ...], torch.dtype], ...], count: int) -> None:
+        self.src, self.parts, self.left = src, parts, count
+        self.nbytes = _message_bytes(parts)
+        self._posted: tuple[Any, Tensor] | None = None
+        self._post()
+
+    def _post(self) -> None:
+        import torch.distributed as dist
+
+        if self.left <= 0:
+            return
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        work = _guarded(f"waiting for rank {self.src}", lambda: dist.irecv(buf, self.src))
+        self._posted = (work, buf)
+
+    def recv(self) -> tuple[tuple[int, ...], list[Tensor]]:
+        """(header ints, tensors) of the next message (host tensors, views of a fresh buffer)."""
+        if self._posted is None:
+            raise RuntimeError(f"no more messages expected from rank {self.src}")
+        work, buf = self._posted
+        _guarded(f"waiting for rank {self.src}", work.wait)
+        self._posted, self.left = None, self.left - 1
+        self._post()  # the next message's transfer overlaps this one's compute
+        header = tuple(int(v) for v in buf[: HEADER_INTS * 8].view(torch.int64))
+        out, off = [], HEADER_INTS * 8
+        for shape, dt in self.parts:
+            n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            out.append(buf[off: off + n].view(dt).view(shape))
+            off += n
+        return header, out

@@ -43,8 +43,9 @@ class PipelineGenerator:
     """The coordinator's side of the pipeline, shaped like CausalGenerator for ArtifactRenderer:
     `next_block()` receives the next block (and runs this rank's steps on it, if any)."""
 
-    def __init__(self, ctx: RankContext, own: Any, link: Any, num_clips: int) -> None:
-        self.ctx, self.own, self.link, self.num_clips = ctx, own, link, num_clips
+    def __init__(self, ctx: RankContext, own: Any, link: Any, num_clips: int, own_link: Any = None) -> None:
+        # own_link: the layer split's loop of this rank, which yields finished blocks itself (layers.py)
+        self.ctx, self.own, self.link, self.num_clips, self.own_link = ctx, own, link, num_clips, own_link
         self.clip = self.block = 0
         self.blocks_per_clip = ctx.request.sample.blocks_per_clip
         self._start: StageStart | None = None  # set by load_state_dict on resume
@@ -64,7 +65,7 @@ class PipelineGenerator:
         if (header.clip, header.block) != (self.clip, self.block):
             raise RuntimeError(f"rank {self.ctx.rank - 1} sent clip {header.clip} block {header.block}, "
                                f"expected {self.clip}/{self.block}")
-        if self.own is not None:
+        if self.own is not None and self.link is not self.own_link:  # step split: this rank's own steps
             latents = self.own.next_block(latents).latents
         clip_done = self.block == self.blocks_per_clip - 1
         out = BlockOutput(self.clip, self.block, latents, clip_done)
@@ -92,7 +93,7 @@ class PipelineGenerator:
                     raise RuntimeError(f"rank {role.rank} did not write its checkpoint {path.name}")
                 companions[role.rank] = path.name
         ranks = {"world_size": self.ctx.world_size, "steps": [list(r.steps) for r in self.ctx.roles],
-                 "clip": clip, "companions": companions}
+                 "layers": _layers(self.ctx), "clip": clip, "companions": companions}
         return {"ranks": ranks, "own": self.own.state_dict() if self.own is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -103,6 +104,10 @@ class PipelineGenerator:
         if ranks["world_size"] != self.ctx.world_size or ranks["steps"] != [list(r.steps) for r in self.ctx.roles]:
             raise UserError(f"cannot resume: this render was checkpointed by --ranks {ranks['world_size']}; "
                             "resume it with the same --ranks")
+        if ranks.get("layers") != _layers(self.ctx):
+            split = "layers" if ranks.get("layers") else "steps"
+            raise UserError(f"cannot resume: this render was checkpointed with --split {split} (layers "
+                            f"{ranks.get('layers')}); resume it with the same --ranks, --split and size")
         root = RenderWorkDir.path_for(self.ctx.request.out)
         companions = {int(r): str(root / name) for r, name in ranks["companions"].items()}
         missing = [Path(p).name for p in companions.values() if not Path(p).exists()]
@@ -111,6 +116,13 @@ class PipelineGenerator:
         if self.own is not None:
             restore_generator(self.own, state["own"])
         self._start = StageStart(clip=int(ranks["clip"]) + 1, companions=companions)
+
+
+def _layers(ctx: RankContext) -> list[list[int]] | None:
+    """The layer split's ranges of the ranks (None: the step split), as a checkpoint records them."""
+    if all(r.layers is None for r in ctx.roles):
+        return None
+    return [list(r.layers) if r.layers is not None else [] for r in ctx.roles]
 
 
 class PipelineRenderer(ArtifactRenderer):
@@ -166,11 +178,17 @@ class PipelineBackend(ArtifactBackend):
                            num_clips=inputs.num_clips)
         broadcast(setup, src=ctx.rank)
         self._built = True
-        own, runtime = None, None
+        own, runtime, own_link = None, None, None
         if ctx.role.steps:
             stage = DiTStage(ctx, self, plan)
-            own, runtime = stage.start(setup), stage.runtime
-        link = block_link(ctx, setup)
+            if ctx.role.layers is not None:  # the layer split: this rank holds the last layers and the head
+                from .layers import LayerLoop, LayerStage
+
+                own, runtime = LayerStage(ctx, stage.runtime, setup), stage.runtime
+                own_link = LayerLoop(ctx, own)
+            else:
+                own, runtime = stage.start(setup), stage.runtime
+        link = own_link if own_link is not None else block_link(ctx, setup)
         on_gpu = self.device.type == "cuda"
         # sized by this rank's plan: arena cap and latents per call from the decoder graph's shapes
         decoder = OnnxVAEDecoder(self.directory / self.manifest.paths["vae_onnx"],
@@ -178,7 +196,7 @@ class PipelineBackend(ArtifactBackend):
                                  latents_per_call=plan.decode_latents_per_call or None,
                                  device_id=(self.device.index or 0) if on_gpu else 0)  # this rank's GPU
         decoder.decode(motion_latents[:, :7].float().cpu().numpy())  # warm-up, as render.ArtifactBackend
-        generator = PipelineGenerator(ctx, own, link, inputs.num_clips)
+        generator = PipelineGenerator(ctx, own, link, inputs.num_clips, own_link=own_link)
         return PipelineRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan)
 
     def release(self) -> None:

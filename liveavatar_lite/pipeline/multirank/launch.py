@@ -80,11 +80,12 @@ def contexts(options: PipelineOptions, request: RenderRequest, roles: tuple[Rank
 
 
 def generate_multirank(options: PipelineOptions, request: RenderRequest, world_size: int,
-                       gpus: Sequence[int] | None = None) -> RenderResult | None:
-    """Render `request` with a pipeline of `world_size` ranks; the coordinator's RenderResult
-    (None on the other ranks of a torchrun job)."""
-    roles = rank_roles(world_size, request.sample.num_steps)
+                       gpus: Sequence[int] | None = None, split: str = "auto") -> RenderResult | None:
+    """Render `request` with a pipeline of `world_size` ranks split by `split` (steps, layers, or
+    auto: the planner's choice on GPUs, the step split on CPU processes); the coordinator's
+    RenderResult (None on the other ranks of a torchrun job)."""
     devices = rank_devices(world_size, gpus)
+    roles = resolve_roles(options, request, world_size, split, devices)
     ctxs = contexts(options, request, roles, devices)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: be one rank
         started = int(os.environ["WORLD_SIZE"])
@@ -98,9 +99,51 @@ def generate_multirank(options: PipelineOptions, request: RenderRequest, world_s
     return _spawn_and_watch(ctxs)
 
 
+def resolve_roles(options: PipelineOptions, request: RenderRequest, world_size: int, split: str,
+                  devices: Sequence[torch.device]) -> tuple[RankRole, ...]:
+    """Every rank's role. The layer split's ranges come from the planner's per-layer costs at the
+    render's --size with a profile every rank resolves alike (--device-profile, else the GPU's named
+    profile, else the rtx4090 figures): under torchrun each rank computes them itself. `auto` plans
+    both splits where the ranks have GPUs (each within --vram, default the GPU's memory / ranks on
+    it) and keeps the faster; CPU processes share the same cores, so there it keeps the step split."""
+    from ...runtime.stage_plan import SPLITS
+
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    on_gpu = devices[0].type == "cuda"
+    if split == "steps" or (split == "auto" and not on_gpu):
+        return rank_roles(world_size, request.sample.num_steps)
+    from ...artifact.format import read_manifest
+    from ...runtime.device_profiles import get_profile, known_profile
+    from ...runtime.plan_inputs import Budget, manifest_unit_sizes, parse_size, plan_input
+    from ...runtime.stage_plan import layer_split_roles, plan_split
+    from ..memory import decoder_graph, physical_ram_bytes
+
+    m = read_manifest(options.artifact)
+    inp = plan_input(m.dit, parse_size(request.size), m.quant.format, unit_sizes=manifest_unit_sizes(m),
+                     sample=request.sample, decoder=decoder_graph(options.artifact, m))
+    profile = get_profile(options.device_profile) if options.device_profile else None
+    if profile is None and on_gpu:
+        profile = known_profile(torch.cuda.get_device_name(devices[0]))
+    if profile is None:
+        log.info("the layer split is balanced with the rtx4090 figures (pass --device-profile for this GPU's)")
+        profile = get_profile("rtx4090")
+    if split == "layers":
+        return layer_split_roles(inp, profile, world_size, options.kv_dtype)
+    share = max(devices.count(d) for d in devices)
+    vram = (options.vram_gb * 1e9 if options.vram_gb is not None
+            else torch.cuda.get_device_properties(devices[0]).total_memory / share)
+    ram = options.ram_gb * 1e9 if options.ram_gb else physical_ram_bytes()
+    choice = plan_split(inp, Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=options.kv_dtype), profile,
+                        world_size, "auto")
+    log.info("--split auto: %s, as %s", choice.split, choice.reason)
+    return tuple(p.role for p in choice.plans)
+
+
 def run_rank(ctx: RankContext, timeout_s: float = RANK_TIMEOUT_S) -> RenderResult | None:
     """One rank, start to end: join the group, do its part, meet the others at the end."""
     from .coordinator import run_coordinator
+    from .layers import run_layer_rank
     from .stage import prepare_dit_rank, run_dit_rank
 
     if ctx.device.type == "cuda":
@@ -109,6 +152,9 @@ def run_rank(ctx: RankContext, timeout_s: float = RANK_TIMEOUT_S) -> RenderResul
     try:
         if ctx.role.decodes:
             result = run_coordinator(ctx)
+        elif ctx.role.layers is not None:  # --split layers
+            run_layer_rank(ctx, prepare_dit_rank(ctx))
+            result = None
         else:
             run_dit_rank(ctx, prepare_dit_rank(ctx))
             result = None
