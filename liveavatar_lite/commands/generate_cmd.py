@@ -46,9 +46,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bandwidth/throughput figures the memory plan uses: rtx4090, rtx3090, rtx5090, l40s, "
                              "h100-pcie (default: this GPU's profile if known, else a short probe; as `plan`). "
                              "Without a GPU, --vram GB plans as for a GPU of that size and runs that layout on the CPU")
-    parser.add_argument("--compile", action="store_true",
-                        help="fuse each DiT block's elementwise work with torch.compile (CUDA only; the first "
-                             "clip pays the compilation)")
+    parser.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                        help="run each DiT unit as one fused torch.compile graph: auto = on for CUDA, off on a CPU; "
+                             "--compile alone = on; off = eager. The first clip pays the compilation, no later "
+                             "clip recompiles (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same inputs from its newest checkpoint")
     parser.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",

@@ -17,10 +17,14 @@ The quantized linears (`qlinear.QuantLinear`) and `attend` are ordinary calls in
 
     fused = FusedUnits()
     x = fused.block(block, x, ctx, lkv, text_kv); x = fused.inject(inject, x, ctx)
+    fused.graphs  # {"sink": GraphFigures(kernels=..., bytes_accessed=...), "block": ..., ...}
     fused_stats()  # {"graphs": ..., "compiles": ..., "graph_breaks": ...}: dynamo's own counters
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,12 +61,67 @@ def _inject(inject: tuple[object, CrossAttention], x: Tensor, ctx: DiTContext) -
     return inject_audio(inject, x, ctx)  # type: ignore[arg-type]
 
 
+@dataclass
+class GraphFigures:
+    """What inductor built for one graph, from its own counters (`torch._inductor.metrics`, read
+    around the call that compiled it): IR nodes before fusion, kernels it generated after fusion
+    (elementwise / reductions), extern kernels (GEMMs, attention), bytes per call read and written
+    by the generated kernels and by all kernels, and the compile time. The byte counts need
+    `record_inductor_bytes()` before the compile (else 0)."""
+
+    nodes_pre_fusion: int = 0
+    kernels: int = 0
+    extern_kernels: int = 0
+    elementwise_bytes: int = 0
+    bytes_accessed: int = 0
+    compile_s: float = 0.0
+
+
+def record_inductor_bytes() -> None:
+    """Make inductor count each graph's bytes as it compiles it (it does so only while its
+    `inductor_metrics` log is enabled; the records go nowhere). For benchmarks and tests."""
+    import logging
+
+    log = torch._logging.getArtifactLogger("torch._inductor.compile_fx", "inductor_metrics")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())
+
+
 class FusedUnits:
-    """The compiled unit functions (one compile cache each; see module docstring)."""
+    """The compiled unit functions (one compile cache each; see module docstring). `graphs` records
+    each graph built, by kind: "sink", "block-filling" (ring not full: masked), "block", "inject"."""
 
     def __init__(self) -> None:
-        self.block = torch.compile(_block, dynamic=False, options=_OPTIONS)
-        self.inject = torch.compile(_inject, dynamic=False, options=_OPTIONS)
+        self._block = torch.compile(_block, dynamic=False, options=_OPTIONS)
+        self._inject = torch.compile(_inject, dynamic=False, options=_OPTIONS)
+        self.graphs: dict[str, GraphFigures] = {}
+
+    def block(self, block: DiTBlock, x: Tensor, ctx: DiTContext, kv: LayerKV, text_kv: tuple[Tensor, Tensor]) -> Tensor:
+        kind = "sink" if ctx.is_sink else "block" if kv.ring is None or kv.ring.valid_keys() is None else "block-filling"
+        return self._call(kind, self._block, block, x, ctx, kv, text_kv)
+
+    def inject(self, inject: tuple[object, CrossAttention], x: Tensor, ctx: DiTContext) -> Tensor:
+        return self._call("inject", self._inject, inject, x, ctx)
+
+    def _call(self, kind: str, fn: Callable[..., Tensor], *args: object) -> Tensor:
+        from torch._dynamo.utils import counters
+        from torch._inductor import metrics
+
+        if kind in self.graphs:
+            return fn(*args)
+        frames, pre, seen, t0 = (counters["frames"]["total"], metrics.ir_nodes_pre_fusion,
+                                 len(metrics.nodes_num_elem), time.perf_counter())
+        out = fn(*args)
+        if counters["frames"]["total"] != frames:  # this call compiled the graph of its kind
+            from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+            nodes = metrics.nodes_num_elem[seen:]  # (scheduler node after fusion, bytes // 4)
+            own = [n for node, n in nodes if not isinstance(node, ExternKernelSchedulerNode)]
+            self.graphs[kind] = GraphFigures(metrics.ir_nodes_pre_fusion - pre, len(own), len(nodes) - len(own),
+                                             4 * sum(own), 4 * sum(n for _, n in nodes), time.perf_counter() - t0)
+        return out
 
 
 def fused_stats() -> dict[str, int]:
