@@ -1,0 +1,191 @@
+"""Fused units (runtime/fused_units.py) on the tiny model, CPU: compile forced on.
+
+The compiled render is one slow test (inductor's C++ backend compiles four graphs, ~40-60 s on a
+loaded 2-core VM); everything it relies on that runs eager is tested fast beside it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from bench_kv_accuracy import TIMESTEPS, leanest_plan, synthetic_inputs
+
+from liveavatar_lite.config import PRESETS
+from liveavatar_lite.model.rope import RopeGrid, RopeTable, apply_rope, rope_factors
+from liveavatar_lite.runtime import fused_units
+from liveavatar_lite.runtime.dit_runtime import DiTRuntime
+from liveavatar_lite.runtime.fused_units import compile_wanted, fused_stats, record_inductor_bytes
+
+CFG = PRESETS["tiny"].dit
+SIZE = (64, 64)  # latents 8 x 8: 16 tokens per frame, 48 per block; the ring holds 4 blocks
+CLIP = 4  # blocks per clip at 64*64 would be 4 (48 frames = 12 latent frames = 4 blocks of 3)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    from quantize_fixtures import write_dit_checkpoint
+
+    from liveavatar_lite.artifact.qtypes import QuantType
+    from quantize.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("fused")
+    convert(ConvertOptions(write_dit_checkpoint(root / "ck"), root / "int8", QuantType.INT8, components=("dit",),
+                           progress=False))
+    return root / "int8"
+
+
+def _runtime(art: Path, kv: str, mode: str | object) -> DiTRuntime:
+    plan = leanest_plan(art, CFG, SIZE, kv)  # every unit streamed, every KV cache on the host
+    rt = DiTRuntime.from_artifact(art, plan, device="cpu", compute_dtype=torch.float32,
+                                  compile_units="off" if not isinstance(mode, str) else mode)
+    if not isinstance(mode, str):  # the fused program run eager (static KV views, real RoPE)
+        rt.dit.rope_real = True
+        rt.fused = mode  # type: ignore[assignment]
+    return rt
+
+
+class _EagerProgram:
+    """FusedUnits' interface, the same functions uncompiled."""
+
+    block = staticmethod(fused_units._block)
+    inject = staticmethod(fused_units._inject)
+
+
+def _render(rt: DiTRuntime, inp: dict, blocks: int, after_block=None) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    text = rt.embed_text(inp["text"])
+    rt.prefill_sink(inp["ref"], inp["motion"], text)
+    outs = []
+    for b in range(blocks):
+        x = inp["latents"][b % len(inp["latents"])]
+        for step, t in enumerate(TIMESTEPS):
+            v = rt.denoise(step, x, t, 3 * b, inp["audio"][b % len(inp["audio"])], text, sink_offset=7)
+            outs.append(v.clone())
+            x = (x.float() - 0.2 * v.float()).to(x.dtype)
+        if after_block is not None:
+            after_block(b)
+    return outs
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_real_rope_equals_complex_rope():
+    """RopeTable's real fp32 rotation == the fp64 complex product to fp32 rounding (a few ulp)."""
+    grids = [RopeGrid.video(9, 3, 4, 4), RopeGrid((-3, 0, 0), (-1, 2, 2), (4, 4, 4))]  # past frames: conjugated
+    f = rope_factors(grids, head_dim=128)
+    x = torch.randn(2, f.shape[0], 3, 128, dtype=torch.float32)
+    want = apply_rope(x, f)  # fp64 complex, returned in fp32
+    got = apply_rope(x, RopeTable.of(f))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got - want).abs().max() <= 4 * torch.finfo(torch.float32).eps * x.abs().max()
+
+
+def test_compile_modes():
+    assert compile_wanted("auto", torch.device("cpu")) is False
+    assert compile_wanted("auto", torch.device("cuda")) is True
+    assert compile_wanted("on", torch.device("cpu")) and not compile_wanted("off", torch.device("cuda"))
+    assert compile_wanted(True, torch.device("cpu")) and not compile_wanted(False, torch.device("cuda"))
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compile_wanted("yes", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_static_kv_views_match_eager(artifact, kv):
+    """The program the compiler gets (static KV views: whole ring + fill mask, new rows by index,
+    stored after the unit; real RoPE), run eager, against the plain eager runtime: the first call
+    (the ring filling: masked) to fp32 rounding as the bf16 roundings pass it on, a steady-state call
+    from the same caches bit for bit (bf16 KV; fp8: to 1e-3), and a 6-block render (the ring fills, then wraps) within fp8
+    KV's accepted flow error (0.06, test_kv_offload)."""
+    inp = synthetic_inputs(CFG, SIZE, blocks=6)
+    plain, static = _runtime(artifact, kv, "off"), _runtime(artifact, kv, _EagerProgram())
+    want, got = _render(plain, inp, 6), _render(static, inp, 6)
+    assert _rel(got[0], want[0]) <= 1e-3, _rel(got[0], want[0])
+    assert max(_rel(a, b) for a, b in zip(got, want)) < 0.06
+    static.load_kv_state(plain.kv_state())
+    calls = [rt.denoise(1, inp["latents"][0], TIMESTEPS[1], 18, inp["audio"][0], rt._text, sink_offset=7)
+             for rt in (plain, static)]
+    if kv == "bf16":  # the bf16 store rounds k before any difference of the real RoPE can show
+        assert torch.equal(calls[0], calls[1])
+    else:  # fp8 scales come from the fp32 k: the real RoPE's last-bit differences pass into them
+        assert _rel(calls[1], calls[0]) <= 1e-3
+
+
+def test_text_kv_once_per_prompt(artifact):
+    """Each layer's text K/V are computed on the prompt's first call and reused by every later call
+    (bit-for-bit the same output as recomputing: test_runtime's plain-model comparison); a new prompt
+    embedding replaces them."""
+    rt = _runtime(artifact, "bf16", "off")
+    inp = synthetic_inputs(CFG, SIZE, blocks=2)
+    _render(rt, inp, 1)
+    kept = dict(rt._text_kv)  # references: the tensors' identity says whether they were recomputed
+    assert sorted(kept) == list(range(CFG.num_layers))
+    assert rt.text_kv_bytes() == CFG.num_layers * 2 * CFG.text_len * CFG.dim * 4
+    text = rt._text
+    x, ctx = rt.dit.prepare_block(inp["latents"][1], TIMESTEPS[0], 3, inp["audio"][1], text, 7)
+    rt.denoise_units(0, 3 * 16, x, ctx)
+    assert all(rt._text_kv[i][0] is k and rt._text_kv[i][1] is v for i, (k, v) in kept.items())  # reused
+    other = rt.embed_text(inp["text"] * 2)
+    rt.denoise(1, inp["latents"][1], TIMESTEPS[1], 3, inp["audio"][1], other, sink_offset=7)
+    assert rt._text is other
+    assert all(not torch.equal(rt._text_kv[i][0], k) for i, (k, _) in kept.items())  # recomputed for `other`
+
+
+@pytest.mark.slow
+def test_compiled_render_never_recompiles_after_the_first_clip(artifact):
+    """Compile forced on, fp32, fp8 KV, every unit streamed and every KV cache on the host:
+    a 3-clip render (12 blocks: the rings fill in clip 0, then wrap) compiles its graphs in clip 0
+    and never again, with no graph break; each fused graph is a fraction of the eager ops; a call
+    from the same state is within 1e-3 relative L2 of eager, and every flow of the render within
+    fp8 KV's accepted error (0.06, test_kv_offload) of the eager render; each compiled unit, fed the
+    same input and caches as the eager unit (complex fp64 RoPE), is within 1e-3 relative L2 of it."""
+    import torch._inductor.config as inductor_config
+
+    record_inductor_bytes()
+    inductor_config.fx_graph_cache = False  # compile here: inductor's counters see each graph
+    inp = synthetic_inputs(CFG, SIZE, blocks=CLIP)
+    eager = _runtime(artifact, "fp8", "off")
+    want = _render(eager, inp, 3 * CLIP)
+    fused = _runtime(artifact, "fp8", "on")
+    start = fused_stats()
+    marks = {}
+    got = _render(fused, inp, 3 * CLIP, after_block=lambda b: marks.setdefault(b, fused_stats()))
+    first_clip, end = marks[CLIP - 1], fused_stats()
+    assert first_clip["compiles"] - start["compiles"] <= 4  # sink, block-filling, block, inject
+    assert end == first_clip, (first_clip, end)  # nothing compiled after clip 0
+    assert end["graph_breaks"] == start["graph_breaks"]
+    assert set(fused.fused.graphs) == {"sink", "block-filling", "block", "inject"}
+    for kind, g in fused.fused.graphs.items():  # fusion, from inductor's own counters
+        assert 0 < g.kernels < g.nodes_pre_fusion and g.elementwise_bytes > 0, (kind, g)
+    assert max(_rel(a, b) for a, b in zip(got, want)) < 0.06
+
+    # each unit on the same input and caches, compiled vs eager (a steady-state call of step 2)
+    from liveavatar_lite.model.dit import unit_forward
+
+    torch.set_grad_enabled(False)  # as the runtime runs them (grad mode is part of a graph's guards)
+    b, step, rt = 3 * CLIP, 2, fused
+    lat, audio, text = inp["latents"][0], inp["audio"][0], fused._text
+    x, ctx_f = rt.dit.prepare_block(lat, TIMESTEPS[step], 3 * b, audio, text, 7)  # RoPE as RopeTable
+    rt.dit.rope_real = False
+    _, ctx_e = rt.dit.prepare_block(lat, TIMESTEPS[step], 3 * b, audio, text, 7)  # complex fp64, as eager
+    rt.dit.rope_real = True
+    rt.kv.ring(step).begin(3 * b * 16, x.shape[1])
+    for i in range(CFG.num_layers):
+        rt.weights.open(i)
+        block, inject = rt.dit.unit_modules(i)
+        text_kv = rt._layer_text_kv(i, block, text)
+        lkv = rt.kv.open_layer(step, i, static=True)
+        y_fused = rt.fused.block(block, x, ctx_f, lkv, text_kv)
+        if inject is not None:
+            y_fused = rt.fused.inject(inject, y_fused, ctx_f)
+        lkv.ring.pending = None  # dropped: the eager unit writes the same rows
+        rt.kv.close_layer(step, i)
+        lkv = rt.kv.open_layer(step, i)
+        y_eager = unit_forward(block, inject, x, ctx_e, lkv, text_kv)
+        rt.kv.close_layer(step, i)
+        rt.weights.close(i)
+        assert _rel(y_fused, y_eager) <= 1e-3, (i, _rel(y_fused, y_eager))
+        x = y_fused  # the next unit gets what it gets in a render (the graphs guard on strides)
+    torch.set_grad_enabled(True)
+    assert fused_stats() == end
