@@ -189,3 +189,23 @@ def test_compiled_render_never_recompiles_after_the_first_clip(artifact):
         x = y_fused  # the next unit gets what it gets in a render (the graphs guard on strides)
     torch.set_grad_enabled(True)
     assert fused_stats() == end
+
+
+def test_compile_flag_and_option(tmp_path, capsys):
+    """`generate --compile [auto|on|off]` parses (alone = on) and refuses anything else in one line;
+    a Pipeline option with an unknown mode is a UserError before anything is read."""
+    from liveavatar_lite.cli import build_parser
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.pipeline.render import ArtifactBackend
+    from liveavatar_lite.pipeline.request import PipelineOptions
+
+    base = ["generate", "--artifact", "a", "--image", "i.png", "--audio", "a.wav", "--prompt", "p", "-o", "o.mp4"]
+    parser = build_parser()
+    assert parser.parse_args(base).compile == "auto"
+    assert parser.parse_args([*base, "--compile"]).compile == "on"
+    assert parser.parse_args([*base, "--compile", "off"]).compile == "off"
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*base, "--compile", "yes"])
+    assert e.value.code != 0 and "invalid choice: 'yes'" in capsys.readouterr().err
+    with pytest.raises(UserError, match="unknown compile mode 'yes'"):
+        ArtifactBackend.open(PipelineOptions(tmp_path / "none", compile_units="yes"))
