@@ -238,3 +238,23 @@ def test_compiled_generate_frames_differ_no_more_than_fp8_kv(clean_render: dict,
         diffs[name] = float(np.abs(got - want).mean())
     print("mean |frame difference| vs the eager bf16-KV render, grey levels:", diffs)
     assert diffs["compiled"] <= diffs["fp8"] + 1.0, diffs
+
+
+def test_a_graph_the_compiler_cannot_build_runs_eager(artifact, caplog):
+    """If the compiler fails on a unit's graph (raised before the graph runs), that kind of unit
+    runs eager, the same program, and the render goes on with one warning per kind."""
+    from liveavatar_lite.runtime.fused_units import FusedUnits
+
+    def broken_backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no code for this graph")
+
+    torch._dynamo.reset()  # forget graphs of other tests: this backend must see every kind
+    inp = synthetic_inputs(CFG, SIZE, blocks=4)
+    want = _render(_runtime(artifact, "bf16", _EagerProgram()), inp, 4)
+    rt = _runtime(artifact, "bf16", FusedUnits(backend=broken_backend))
+    with caplog.at_level("WARNING", logger="liveavatar_lite.runtime.fused_units"):
+        got = _render(rt, inp, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert set(rt.fused.failed) == {"sink", "block-filling", "block", "inject"} and not rt.fused.graphs
+    assert sum("running it eager" in r.message for r in caplog.records) == 4
+    torch._dynamo.reset()

@@ -22,6 +22,7 @@ The quantized linears (`qlinear.QuantLinear`) and `attend` are ordinary calls in
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +30,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch._dynamo.exc import TorchDynamoException
+
+from ..errors import first_line
 
 if TYPE_CHECKING:
     from ..model.dit import DiTContext
     from ..model.dit_blocks import CrossAttention, DiTBlock
     from ..model.kv import LayerKV
+
+log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
 # Inductor keeps a cast-down-then-up (x.bfloat16().float()) in fp32 unless told to round: the
@@ -89,14 +95,19 @@ def record_inductor_bytes() -> None:
         log.addHandler(logging.NullHandler())
 
 
+_EAGER = {"sink": _block, "block-filling": _block, "block": _block, "inject": _inject}
+
+
 class FusedUnits:
     """The compiled unit functions (one compile cache each; see module docstring). `graphs` records
     each graph built, by kind: "sink", "block-filling" (ring not full: masked), "block", "inject"."""
 
-    def __init__(self) -> None:
-        self._block = torch.compile(_block, dynamic=False, options=_OPTIONS)
-        self._inject = torch.compile(_inject, dynamic=False, options=_OPTIONS)
+    def __init__(self, backend: str | Callable[..., object] = "inductor") -> None:
+        opts = {"options": _OPTIONS} if backend == "inductor" else {}
+        self._block = torch.compile(_block, dynamic=False, backend=backend, **opts)
+        self._inject = torch.compile(_inject, dynamic=False, backend=backend, **opts)
         self.graphs: dict[str, GraphFigures] = {}
+        self.failed: dict[str, str] = {}  # kind -> why its graph could not be built (that kind runs eager)
 
     def block(self, block: DiTBlock, x: Tensor, ctx: DiTContext, kv: LayerKV, text_kv: tuple[Tensor, Tensor]) -> Tensor:
         kind = "sink" if ctx.is_sink else "block" if kv.ring is None or kv.ring.valid_keys() is None else "block-filling"
@@ -111,9 +122,17 @@ class FusedUnits:
 
         if kind in self.graphs:
             return fn(*args)
+        if kind in self.failed:
+            return _EAGER[kind](*args)
         frames, pre, seen, t0 = (counters["frames"]["total"], metrics.ir_nodes_pre_fusion,
                                  len(metrics.nodes_num_elem), time.perf_counter())
-        out = fn(*args)
+        try:
+            out = fn(*args)
+        except TorchDynamoException as e:  # the compiler failed on this graph (raised before it ran):
+            # this kind runs eager from now on, the same program (the render goes on, loudly)
+            self.failed[kind] = first_line(e)
+            log.warning("could not compile the %s unit (%s); running it eager", kind, self.failed[kind])
+            return _EAGER[kind](*args)
         if counters["frames"]["total"] != frames:  # this call compiled the graph of its kind
             from torch._inductor.scheduler import ExternKernelSchedulerNode
 
