@@ -164,8 +164,8 @@ class DiTBlock(nn.Module):
 
         x [1, F*hw, dim] tokens (F frames sharing one timestep each; F=1 for the sink prefill);
         e0 [F, 6, dim] fp32 time projection per frame; context [1, text_len, dim];
-        freqs [F*hw, 1, head_dim/2] complex RoPE of these tokens (or their `RopeTable`); sink_freqs: RoPE of the cached
-        sink tokens for a denoising call, None for the sink prefill (which fills kv.sink);
+        freqs [F*hw, 1, head_dim/2] complex RoPE of these tokens (or their `RopeTable`); sink_freqs:
+        RoPE of the cached sink tokens for a denoising call, None for the sink prefill (which fills kv.sink);
         text_kv: the cross-attention's `context_kv(context)` when the caller keeps it per prompt.
         """
         frames = e0.shape[0]
