@@ -30,12 +30,12 @@ def test_settings_syntax_maps_each_key_onto_pipeline_options() -> None:
     s = parse_setting("/a:b/la-int8:kv=fp8,compile=on,vram=24,ram=64,profile=rtx4090")
     assert s.artifact == Path("/a:b/la-int8")  # only the last colon followed by key=value splits
     opts = s.options({"vram_gb": None, "ram_gb": None, "device_profile": None})
-    assert opts == {"kv_dtype": "fp8", "compile_units": True, "vram_gb": 24.0, "ram_gb": 64.0,
+    assert opts == {"kv_dtype": "fp8", "compile_units": "on", "vram_gb": 24.0, "ram_gb": 64.0,
                     "device_profile": "rtx4090"}
     assert s.label == "la-int8:kv=fp8,compile=on,vram=24,ram=64,profile=rtx4090"
     plain = parse_setting("dir:with:colons")
     assert plain.artifact == Path("dir:with:colons") and plain.values == () and plain.get("kv") == "bf16"
-    assert parse_setting("art:compile=off").options({})["compile_units"] is False
+    assert parse_setting("art:compile=off").options({})["compile_units"] == "off"
     assert parse_setting("art:attention=math").options({}) == {"attention": "math"}
 
 
@@ -44,7 +44,7 @@ def test_settings_syntax_maps_each_key_onto_pipeline_options() -> None:
     ("art:speed=1", "unknown setting 'speed'"),
     ("art:vram=-3", "a finite number of GB > 0"),
     ("art:kv=fp8,kv=int8", "kv is given twice"),
-    ("art:compile=maybe", "on or off"),
+    ("art:compile=maybe", "compile='maybe' must be one of auto, on, off"),
     ("art:attention=fast", "attention='fast' must be one of auto, sdpa"),
     ("", "empty"),
 ])
@@ -311,8 +311,8 @@ def test_flags_become_each_settings_pipeline_options(tmp_path: Path) -> None:
     job = build_job(args)
     a, b = (_options(job, s) for s in job.candidates)
     ref = _options(job, job.reference)
-    assert (a.vram_gb, a.ram_gb, a.kv_dtype, a.compile_units) == (8.0, 32.0, "int8", False)
-    assert (b.vram_gb, b.kv_dtype, b.compile_units, b.device_profile) == (24.0, "bf16", True, "rtx4090")
+    assert (a.vram_gb, a.ram_gb, a.kv_dtype, a.compile_units) == (8.0, 32.0, "int8", "auto")
+    assert (b.vram_gb, b.kv_dtype, b.compile_units, b.device_profile) == (24.0, "bf16", "on", "rtx4090")
     assert ref.artifact == Path("ref") and ref.cache_dir == tmp_path and ref.progress is False
 
 

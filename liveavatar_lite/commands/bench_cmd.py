@@ -16,6 +16,7 @@ BENCHES = {
     "checksum": "bench_checksum.py",  # xxh3 vs sha256/blake2b/blake3, and what verifying adds to a unit read
     "serve": "bench_serve.py",  # 100 jobs through the service: failures, latency, TTFF, RSS drift of server + worker
     "farm": "bench_farm.py",  # farm run throughput: jobs per minute with 1 vs 2 Ray actors
+    "speed": "bench_speed.py",  # per block-step, eager vs fused units: seconds, launches, attention, elementwise bytes
     "gpu": "gpu_proof.py",  # on a GPU: the 14B DiT under 24/16/12 GB caps (NVML), GEMMs, streamed vs resident
     "qlinear": "bench_qlinear.py",  # W8A8 linear eager vs fused: kernels, bytes, ms (CUDA: W8A16, fp8 too)
 }
@@ -29,6 +30,8 @@ DESCRIPTION = (
     "checksum: hash throughput of the artifact's load-time check vs sha256, and its cost per unit read. "
     "serve: a soak of many jobs through the HTTP service (latency, time to first frame, RSS drift). "
     "farm: jobs per minute of `farm run` with 1 vs 2 Ray actors. "
+    "speed: per DiT block-step, eager vs fused units (torch.compile) side by side: seconds, kernel launches, "
+    "attention backend, elementwise bytes, and inductor's figures per fused graph. "
     "gpu (CUDA): the 14B DiT's runtime at 704*384 placed for 24/16/12 GB, torch capped at each budget and "
     "the whole device sampled with NVML, next to the plan; GEMM kernels; streamed vs resident. "
     "qlinear: the W8A8 linear eager vs fused (torch.compile): kernels, bytes, ms, error; on CUDA also W8A16 and "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .flags import ATTENTION_CHOICES, float_range, int_range, non_negative_float, seed
+from .flags import ATTENTION_CHOICES, COMPILE_CHOICES, float_range, int_range, non_negative_float, seed
 
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
@@ -46,9 +46,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bandwidth/throughput figures the memory plan uses: rtx4090, rtx3090, rtx5090, l40s, "
                              "h100-pcie (default: this GPU's profile if known, else a short probe; as `plan`). "
                              "Without a GPU, --vram GB plans as for a GPU of that size and runs that layout on the CPU")
-    parser.add_argument("--compile", action="store_true",
-                        help="fuse each DiT block's elementwise work with torch.compile (CUDA only; the first "
-                             "clip pays the compilation)")
+    parser.add_argument("--compile", nargs="?", const="on", default="auto", choices=COMPILE_CHOICES,
+                        help="run each DiT unit as one fused torch.compile graph: auto = on for CUDA, off on a CPU; "
+                             "--compile alone = on; off = eager. The first clip pays the compilation, no later "
+                             "clip recompiles (default: %(default)s)")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                         help="attention kernel: auto (per GPU: cuDNN on sm_90, flash on sm_80/sm_89; torch's CPU "
                              "kernel), sdpa (torch picks per call), one SDPA backend, or sage (8-bit, CUDA, the "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..runtime.device_profiles import ATTENTION_CHOICES
+from ..runtime.device_profiles import ATTENTION_CHOICES, COMPILE_CHOICES
 
 
 def _choice(*values: str) -> Callable[[str], str]:
@@ -26,14 +26,6 @@ def _choice(*values: str) -> Callable[[str], str]:
             raise ValueError(f"one of {', '.join(values)}")
         return text
     return parse
-
-
-def _on_off(text: str) -> bool:
-    if text in ("on", "true", "1", "yes"):
-        return True
-    if text in ("off", "false", "0", "no"):
-        return False
-    raise ValueError("on or off")
 
 
 def _gigabytes(text: str) -> float:
@@ -48,7 +40,8 @@ KV_CHOICES = ("bf16", "fp8", "int8")  # as runtime.plan_inputs.KV_DTYPES (Artifa
 # key -> (PipelineOptions field, parser, default, help). A new runtime option is one line here.
 KEYS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
     "kv": ("kv_dtype", _choice(*KV_CHOICES), "bf16", "KV cache storage: bf16, fp8 or int8"),
-    "compile": ("compile_units", _on_off, False, "fuse the DiT's elementwise work (on/off; CUDA only)"),
+    "compile": ("compile_units", _choice(*COMPILE_CHOICES), "auto",
+                "DiT units as fused graphs: auto (on for CUDA), on or off, as generate --compile"),
     "attention": ("attention", _choice(*ATTENTION_CHOICES), "auto", "attention backend, as generate --attention"),
     "vram": ("vram_gb", _gigabytes, None, "GPU memory budget in GB"),
     "ram": ("ram_gb", _gigabytes, None, "host memory budget in GB"),

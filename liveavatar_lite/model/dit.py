@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..config import DiTConfig
 from .audio_modules import AdaLayerNorm, AudioInjector, CausalAudioEncoder
 from .dit_blocks import CrossAttention, DiTBlock, FramePacker, Head
-from .rope import RopeGrid, rope_factors
+from .rope import RopeGrid, RopeTable, rope_factors
 
 if TYPE_CHECKING:  # only for annotations: the model never imports the cache implementations
     from .kv import LayerKV
@@ -59,8 +59,8 @@ class DiTContext:
     e0: Tensor
     e_head: Tensor | None
     text: Tensor
-    freqs: Tensor
-    sink_freqs: Tensor | None
+    freqs: Tensor | RopeTable
+    sink_freqs: Tensor | RopeTable | None
     audio_tokens: Tensor | None
     audio_global: Tensor | None
     grid: tuple[int, int, int]
@@ -100,12 +100,19 @@ def unit_forward(
     x: Tensor,
     ctx: DiTContext,
     kv: LayerKV,
+    text_kv: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One streaming unit: block, then (denoising calls only) its audio injector.
 
-    inject = (adain, cross-attention) of injector j when this is an inject layer, else None.
+    inject = (adain, cross-attention) of injector j when this is an inject layer, else None;
+    text_kv: the block's text K/V (`block.cross_attn.context_kv(ctx.text)`) when the caller keeps it.
     """
-    x = block(x, ctx.e0, ctx.text, ctx.freqs, ctx.sink_freqs, kv, ctx.la_roundings)
+    x = block(x, ctx.e0, ctx.text, ctx.freqs, ctx.sink_freqs, kv, ctx.la_roundings, text_kv)
+    return inject_audio(inject, x, ctx)
+
+
+def inject_audio(inject: tuple[AdaLayerNorm, CrossAttention] | None, x: Tensor, ctx: DiTContext) -> Tensor:
+    """The audio injector after a block (denoising calls of inject layers; else x unchanged)."""
     if inject is not None and not ctx.is_sink:
         adain, attn = inject
         frames = ctx.audio_tokens.shape[0]
@@ -119,11 +126,13 @@ def unit_forward(
 class WanS2VDiT(nn.Module):
     """Wan2.2-S2V DiT with Live Avatar's causal streaming forward. Build on meta, load strictly."""
 
-    def __init__(self, cfg: DiTConfig, la_roundings: bool = True, rope_fp64: bool = True) -> None:
+    def __init__(self, cfg: DiTConfig, la_roundings: bool = True, rope_fp64: bool = True,
+                 rope_real: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.la_roundings = la_roundings
         self.rope_fp64 = rope_fp64
+        self.rope_real = rope_real  # contexts carry RoPE as fp32 cos/sin (`RopeTable`), not complex
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
@@ -196,13 +205,17 @@ class WanS2VDiT(nn.Module):
         e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float())  # [N, 6*dim]
         return e, e0.unflatten(1, (6, self.cfg.dim))  # [N, dim], [N, 6, dim]
 
-    def _factors(self, grids: list[RopeGrid]) -> Tensor:
+    def _factors(self, grids: list[RopeGrid]) -> Tensor | RopeTable:
         """RoPE factors on the compute device (used by every unit; the last few layouts are kept)."""
-        key = (tuple(grids), self.rope_fp64, self.compute_device)
+        key = (tuple(grids), self.rope_fp64, self.rope_real, self.compute_device)
         hit = self._rope_cache.get(key)
         if hit is None:
             f = rope_factors(grids, self.cfg.head_dim, fp16_factors=True)
-            hit = self._rope_cache[key] = (f if self.rope_fp64 else f.to(torch.complex64)).to(self.compute_device)
+            if self.rope_real:
+                hit = RopeTable.of(f.to(self.compute_device))
+            else:
+                hit = (f if self.rope_fp64 else f.to(torch.complex64)).to(self.compute_device)
+            self._rope_cache[key] = hit
             while len(self._rope_cache) > _CACHE_ENTRIES:
                 self._rope_cache.popitem(last=False)
         else:

@@ -43,18 +43,25 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bf16_inputs: bool, kernel: AttnKernel | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, bf16_inputs: bool, kernel: AttnKernel | None = None,
+           valid: Tensor | None = None) -> Tensor:
     """Dense attention. q [B, Lq, n, d], k/v [B, Lk, n, d] -> [B, Lq, n*d] in q's dtype.
 
     `bf16_inputs` rounds q/k/v to bf16 first (what upstream's flash/cuDNN kernels see). `kernel`:
     softmax(q k^T / sqrt(d)) v on [B, n, L, d] (runtime/attention.py picks one); None: torch's SDPA.
+    `valid` (bool [Lk]) masks out the keys where it is False (a fused graph's ring while it fills);
+    None attends to all. A masked call is torch's SDPA with the mask, whatever `kernel` is.
     """
     out_dtype = q.dtype
     if bf16_inputs:
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     sdpa = F.scaled_dot_product_attention if kernel is None else kernel
     # SDPA wants heads before sequence: [B, n, L, d]
-    out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if valid is not None:
+        mask = valid.view(1, 1, 1, -1)  # broadcast over batch, heads, queries
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    else:
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2).to(out_dtype)  # [B, Lq, n*d]
 
 
@@ -102,7 +109,10 @@ class SelfAttention(nn.Module):
         sink_k, sink_v = kv.sink.read()  # un-roped; re-roped at this call's sink offset
         keys = torch.cat([hist_k.type_as(v), apply_rope(sink_k, sink_freqs).type_as(v)], dim=1)
         values = torch.cat([hist_v.type_as(v), sink_v.type_as(v)], dim=1)
-        return self.o(attend(q, keys, values, bf16_attn, self.attn_kernel))
+        valid = kv.ring.valid_keys()  # None, or which history rows are written yet (the sink's all are)
+        if valid is not None:
+            valid = torch.cat([valid, valid.new_ones(sink_k.shape[1])])
+        return self.o(attend(q, keys, values, bf16_attn, self.attn_kernel, valid))
 
 
 class CrossAttention(nn.Module):
@@ -120,12 +130,19 @@ class CrossAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn_kernel: AttnKernel | None = None  # set by runtime.attention.use_attention; None: torch's SDPA
 
-    def forward(self, x: Tensor, context: Tensor, bf16_attn: bool) -> Tensor:
-        """x [B, L, dim], context [B, Lc, dim] -> [B, L, dim]."""
-        b, n, d = x.shape[0], self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, -1, n, d)  # [B, L, n, d]
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V of a context [B, Lc, dim] -> 2 x [B, Lc, n, d] (a fixed context's can be kept)."""
+        b, n, d = context.shape[0], self.num_heads, self.head_dim
         k = self.norm_k(self.k(context)).view(b, -1, n, d)  # [B, Lc, n, d]
         v = self.v(context).view(b, -1, n, d)  # [B, Lc, n, d]
+        return k, v
+
+    def forward(self, x: Tensor, context: Tensor, bf16_attn: bool,
+                context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, L, dim], context [B, Lc, dim] -> [B, L, dim]; context_kv: `context_kv(context)` if known."""
+        b, n, d = x.shape[0], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)  # [B, L, n, d]
+        k, v = self.context_kv(context) if context_kv is None else context_kv
         return self.o(attend(q, k, v, bf16_attn, self.attn_kernel))
 
 
@@ -153,13 +170,15 @@ class DiTBlock(nn.Module):
         sink_freqs: Tensor | None,
         kv: LayerKV,
         la_roundings: bool,
+        text_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """One block.
 
         x [1, F*hw, dim] tokens (F frames sharing one timestep each; F=1 for the sink prefill);
         e0 [F, 6, dim] fp32 time projection per frame; context [1, text_len, dim];
-        freqs [F*hw, 1, head_dim/2] complex RoPE of these tokens; sink_freqs: RoPE of the cached
-        sink tokens for a denoising call, None for the sink prefill (which fills kv.sink).
+        freqs [F*hw, 1, head_dim/2] complex RoPE of these tokens (or their `RopeTable`); sink_freqs:
+        RoPE of the cached sink tokens for a denoising call, None for the sink prefill (which fills kv.sink);
+        text_kv: the cross-attention's `context_kv(context)` when the caller keeps it per prompt.
         """
         frames = e0.shape[0]
         act_dtype = x.dtype
@@ -182,7 +201,7 @@ class DiTBlock(nn.Module):
 
         # LA feeds norm3 a bf16 copy of the residual stream even in fp32 runs
         norm3_in = x.bfloat16() if la_roundings else x.to(act_dtype)
-        x = x + self.cross_attn(self.norm3(norm3_in).to(act_dtype), context, la_roundings).float()
+        x = x + self.cross_attn(self.norm3(norm3_in).to(act_dtype), context, la_roundings, text_kv).float()
 
         h = per_frame(self.norm2(x).float()) * (1 + scale_mlp) + shift_mlp
         y = self.ffn(h.flatten(1, 2).to(act_dtype))  # [1, F, hw, dim] -> [1, F*hw, dim]

@@ -6,6 +6,9 @@ Per layer, a forward gets a `LayerKV`: its ring view (None in the sink prefill) 
                                        #   position the ring's begin(start, n) set
     k_all, v_all = lkv.ring.history()  # [1, active, heads, head_dim], INCLUDING the block just
                                        #   written; any dtype (the model casts to its own)
+    valid = lkv.ring.valid_keys()      # None: every history row is attended to; else bool [rows]
+                                       #   (a static-shape ring returns all its rows and masks the
+                                       #   ones not yet written)
     lkv.sink.write(k, v)               # sink prefill only: un-roped k, v [1, Lc, heads, head_dim]
     k_s, v_s = lkv.sink.read()         # [1, Lc, heads, head_dim]
 
@@ -26,6 +29,8 @@ class RingView(Protocol):
     def write(self, k: Tensor, v: Tensor) -> None: ...
 
     def history(self) -> tuple[Tensor, Tensor]: ...
+
+    def valid_keys(self) -> Tensor | None: ...
 
 
 class SinkView(Protocol):

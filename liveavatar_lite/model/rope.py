@@ -12,6 +12,12 @@ itself is applied in float64 (as upstream) unless the factors are complex64.
     grid = RopeGrid.video(frame0=9, frames=3, h=4, w=4)  # 3 latent frames of 4x4 patches
     freqs = rope_factors([grid], head_dim=128)            # [48, 1, 64] complex128
     q = apply_rope(q, freqs)                              # q [B, 48, n, 128] -> fp32
+    q = apply_rope(q, RopeTable.of(freqs))                # the same rotation in real fp32 arithmetic
+
+`RopeTable` holds the same factors as cos / sin in fp32 and rotates each channel pair
+(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos): the complex product written out, which a compiler
+can fuse (inductor generates no code for complex numbers). The factors are fp16-rounded, so fp32
+holds them exactly; only the rotation's own fp32 rounding differs from the fp64 complex form.
 """
 from __future__ import annotations
 
@@ -119,8 +125,25 @@ def rope_factors(grids: list[RopeGrid], head_dim: int, fp16_factors: bool = True
     return torch.cat(parts, dim=0)
 
 
-def apply_rope(x: Tensor, factors: Tensor) -> Tensor:
-    """Rotate x [B, L, n, d] by factors [L, 1, d/2] (complex128 or complex64) -> fp32 [B, L, n, d]."""
+@dataclass(frozen=True)
+class RopeTable:
+    """RoPE factors in real form: cos and sin [L, 1, d/2] fp32 (the complex factors' real / imag parts)."""
+
+    cos: Tensor
+    sin: Tensor
+
+    @staticmethod
+    def of(factors: Tensor) -> RopeTable:
+        return RopeTable(factors.real.float().contiguous(), factors.imag.float().contiguous())
+
+
+def apply_rope(x: Tensor, factors: Tensor | RopeTable) -> Tensor:
+    """Rotate x [B, L, n, d] by factors [L, 1, d/2] (complex128, complex64 or a RopeTable) -> fp32 [B, L, n, d]."""
+    if isinstance(factors, RopeTable):
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, n, d/2, 2]: (real, imag) channel pairs
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        c, s = factors.cos, factors.sin  # [L, 1, d/2], broadcast over batch and heads
+        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(3)
     real_dtype = torch.float64 if factors.dtype == torch.complex128 else torch.float32
     b, s, n, d = x.shape
     xc = torch.view_as_complex(x.to(real_dtype).reshape(b, s, n, d // 2, 2))  # [B, L, n, d/2] complex

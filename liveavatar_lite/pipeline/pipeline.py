@@ -45,12 +45,12 @@ class Pipeline:
     def from_artifact(cls, artifact: PathLike, *, vram_gb: float | None = None, ram_gb: float | None = None,
                       kv: str = "bf16", cache_dir: PathLike | None = None, size: str = "704*384",
                       progress: bool = True, device_profile: str | None = None,
-                      compile_units: bool = False, attention: str = "auto") -> Pipeline:
+                      compile_units: str = "auto", attention: str = "auto") -> Pipeline:
         """Open `artifact` and load it, planned for photos framed at `size` (a W*H area; see `render`).
         `device_profile` names the GPU figures the plan uses (as `plan --device-profile`; on a machine
         without a GPU, with `vram_gb`, it plans and runs the layout of a GPU of that size);
-        `compile_units` fuses the DiT's elementwise work with torch.compile (CUDA); `attention` picks
-        the attention kernel (auto, sdpa, flash, cudnn, efficient, math, sage; runtime/attention.py).
+        `compile_units` runs each DiT unit as one fused torch.compile graph: "auto" (on for CUDA), "on", "off";
+        `attention` picks the attention kernel (auto, sdpa, flash, cudnn, efficient, math, sage; runtime/attention.py).
 
         Pipeline.from_artifact("la-int8/", vram_gb=24, kv="fp8")  # UserError for a bad artifact or budget
         """

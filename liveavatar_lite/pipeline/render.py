@@ -73,10 +73,13 @@ class ArtifactBackend:
         from ..artifact.format import read_manifest, verify_files
         from ..config import preset_for_dit
         from ..errors import ArtifactError, CheckpointError, UserError
+        from ..runtime.fused_units import COMPILE_MODES
         from ..runtime.plan_inputs import KV_DTYPES
 
         if options.kv_dtype not in KV_DTYPES:
             raise UserError(f"unknown KV dtype {options.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        if not isinstance(options.compile_units, bool) and options.compile_units not in COMPILE_MODES:
+            raise UserError(f"unknown compile mode {options.compile_units!r}; choose one of {', '.join(COMPILE_MODES)}")
         directory = Path(options.artifact)
         manifest = read_manifest(directory)
         missing = [c for c in REQUIRED_COMPONENTS if c not in manifest.components]

@@ -30,7 +30,7 @@ class PipelineOptions:
     ram_gb: float | None = None  # None: this machine's physical RAM
     kv_dtype: str = "bf16"  # KV cache storage: bf16 | fp8 | int8 (8-bit halves the biggest memory user)
     device_profile: str | None = None  # None: the GPU's named profile if known, else a probe (as `plan`)
-    compile_units: bool = False  # fuse each DiT unit's elementwise work with torch.compile (CUDA only)
+    compile_units: str = "auto"  # DiT units as fused torch.compile graphs: auto (CUDA: on) | on | off
     attention: str = "auto"  # auto | sdpa | flash | cudnn | efficient | math | sage (runtime/attention.py)
     overlap_decode: bool = True  # decode block b while the DiT computes block b+1 (same frames; render.py)
     cache_dir: Path | None = None  # prompt and photo latent caches; None: caches.default_cache_dir()

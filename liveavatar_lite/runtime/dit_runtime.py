@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..artifact.format import Manifest, TensorEntry, read_manifest, read_unit
 from ..config import DiTConfig
 from ..errors import ArtifactError
+from .fused_units import FusedUnits, compile_wanted
 from .kv_offload import KVOffload
 from .pinned import host_buffer
 from .plan import Plan
@@ -232,24 +233,27 @@ class DiTRuntime:
     rope_fp64: rotate q/k in float64 as upstream (None: only when computing in fp32, where the CPU
     reference runs match upstream bit for bit; in bf16 on a GPU, complex64 RoPE differs from it far
     below bf16's rounding (tests/test_runtime.py), and fp64 runs at 1/64 rate on consumer GPUs).
-    compile_units: fuse each unit's elementwise work with `torch.compile` (CUDA only; off by default).
+    compile_units: "auto" (compiled on CUDA, eager elsewhere), "on" or "off" (True / False: on / off):
+    run the units as fused graphs (`fused_units.py`: RoPE in real fp32, static-shape KV views).
+    The text K/V of every layer are computed once per prompt and kept (`text_kv_bytes`).
     """
 
     def __init__(self, cfg: DiTConfig, units: Sequence[UnitData], plan: Plan, device: torch.device | str = "cpu",
                  compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", timing: bool = False,
-                 rope_fp64: bool | None = None, compile_units: bool = False) -> None:
-        from ..model.dit import WanS2VDiT, unit_forward
+                 rope_fp64: bool | None = None, compile_units: str | bool = "auto") -> None:
+        from ..model.dit import WanS2VDiT
 
         self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
+        compiled = compile_wanted(compile_units, self.device)
         with torch.device("meta"):
-            self.dit = WanS2VDiT(cfg, rope_fp64=compute_dtype == torch.float32 if rope_fp64 is None else rope_fp64)
-        self._unit_forward = unit_forward
-        if compile_units and self.device.type == "cuda":
-            # One compiled graph serves every unit: the modules are arguments, their (re-bound)
-            # parameters are graph inputs, so streaming a unit never triggers a recompile.
-            self._unit_forward = torch.compile(unit_forward, dynamic=False)
-        elif compile_units:
-            log.info("compile_units is for CUDA; running eager on %s", self.device)
+            self.dit = WanS2VDiT(cfg, rope_fp64=compute_dtype == torch.float32 if rope_fp64 is None else rope_fp64,
+                                 rope_real=compiled)
+        # One set of compiled graphs serves every unit: the modules are arguments, their (re-bound)
+        # parameters are graph inputs, so streaming a unit never triggers a recompile.
+        self.fused = FusedUnits() if compiled else None
+        self._text: Tensor | None = None  # the prompt embedding the kept text K/V belong to
+        self._text_version = -1
+        self._text_kv: dict[int, tuple[Tensor, Tensor]] = {}
         specs = {e.name[: -len(".weight")]: (e.qtype, e.group_size)
                  for u in units for e in u.tensors if e.qtype.is_quantized and e.name.endswith(".weight")}
         swap_linears(self.dit, specs, kernel=kernel, bias_dtype=compute_dtype)
@@ -309,7 +313,7 @@ class DiTRuntime:
     @classmethod
     def from_artifact(cls, directory: str | Path, plan: Plan, device: torch.device | str = "cuda",
                       kernel: str = "auto", timing: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
-                      compile_units: bool = False) -> DiTRuntime:
+                      compile_units: str | bool = "auto") -> DiTRuntime:
         """Load an artifact's DiT per `plan` (from `plan.make_plan` over this artifact's manifest)."""
         m = read_manifest(directory)
         pin = torch.device(device).type == "cuda"
@@ -320,15 +324,38 @@ class DiTRuntime:
 
     def _run_units(self, x: Tensor, ctx: DiTContext, step: int | None) -> Tensor:
         """All units in order: prefetch i+1, compute i, release i (comments mark the sync points)."""
+        from ..model.dit import unit_forward
+
         first = self.layers[0]  # the KV caches index this runtime's layers from 0
         for i in self.layers:
             self.weights.open(i)  # streamed: waits for unit i's copy, starts the next unit's copy, binds
-            lkv = self.kv.open_layer(step, i - first)  # same for layer i's KV when its cache lives on the host
+            lkv = self.kv.open_layer(step, i - first, static=self.fused is not None)  # same for layer i's KV on the host
             block, inject = self.dit.unit_modules(i)
-            x = self._unit_forward(block, inject, x, ctx, lkv)  # == dit.forward_unit(i, ...), maybe compiled
+            text_kv = self._layer_text_kv(i, block, ctx.text)
+            if self.fused is None:
+                x = unit_forward(block, inject, x, ctx, lkv, text_kv)  # == dit.forward_unit(i, ...)
+            else:
+                x = self.fused.block(block, x, ctx, lkv, text_kv)
+                if inject is not None and not ctx.is_sink:
+                    x = self.fused.inject(inject, x, ctx)
             self.kv.close_layer(step, i - first)  # host caches: copy back only this block's new K/V rows
             self.weights.close(i)  # the slot frees once the kernels queued above have finished
         return x
+
+    def _layer_text_kv(self, i: int, block: nn.Module, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer i's text cross-attention K/V, computed on its first call with this prompt embedding
+        (while unit i's weights are bound) and kept: the prompt is fixed for a render. A new `text`
+        tensor (another prompt) drops them all; the kept reference keeps its identity unambiguous."""
+        if text is not self._text or text._version != self._text_version:
+            self._text, self._text_version, self._text_kv = text, text._version, {}
+        kv = self._text_kv.get(i)
+        if kv is None:
+            kv = self._text_kv[i] = block.cross_attn.context_kv(text)  # type: ignore[union-attr, operator]
+        return kv
+
+    def text_kv_bytes(self) -> int:
+        """Device bytes of the kept text K/V (all layers: 2 x text_len x dim each, compute dtype)."""
+        return sum(t.numel() * t.element_size() for kv in self._text_kv.values() for t in kv)
 
     @torch.no_grad()
     def prefill_units(self, x: Tensor, ctx: DiTContext) -> Tensor:

@@ -58,6 +58,9 @@ class RingLayer:
         c = self._cache
         return c.k[self._i][:, : c.active], c.v[self._i][:, : c.active]
 
+    def valid_keys(self) -> None:
+        return None  # history() is cut to the active rows
+
 
 class SinkLayer:
     """Layer view of a SinkKVCache (see module docstring)."""

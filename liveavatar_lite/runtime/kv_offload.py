@@ -13,6 +13,15 @@ respect to `kv_cache.RingKVCache` (both round to bf16).
     kv = KVOffload.build(cfg, ring_tokens, sink_tokens, kv_dtype="fp8", ring_gpu=[False]*4, sink_gpu=True,
                          device="cuda")
     lkv = kv.open_layer(step, i); x = dit.forward_unit(i, x, ctx, lkv); kv.close_layer(step, i)
+
+Static views (`open_layer(..., static=True)`, for the compiled units of `fused_units.py`): no
+Python int of the ring's position reaches the compiled graph, and the graph mutates no cache.
+`write` quantizes the block's K/V and keeps them; `history()` returns ALL the ring's rows, the
+block's new rows taken from the kept values through a tensor of row indices, with `valid_keys()`
+masking the rows not written yet (None once the ring is full); the dequantization is an expression
+that the compiler fuses with that selection and the concatenation feeding attention (no separate
+pass over the ring). After the graph, `close_layer` stores the kept rows into the cache (eager,
+only the block's rows: a compiled graph cannot write into the packed buffer's typed views).
 """
 from __future__ import annotations
 
@@ -154,12 +163,65 @@ class OffloadRingLayer:
             out.append(dequantize_kv(self._views[name][:, :a], None if scale is None else scale[:, :a], self._dtype))
         return out[0], out[1]
 
+    def valid_keys(self) -> None:
+        return None  # history() is cut to the active rows
+
+
+def _dequantize_expr(q: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """`dequantize_kv` as one expression (the same values: fp32 product, rounded once to `dtype`),
+    for compiled graphs, which fuse it into what reads it (no out= buffer: a separate pass)."""
+    if scale is None:
+        return q
+    src = q if q.dtype == torch.int8 else q.to(torch.bfloat16)
+    return (src * scale).to(dtype)
+
+
+class StaticRingLayer:
+    """Ring layer view for compiled units (see module docstring): rows chosen by tensors, the
+    block's new rows kept by `write` and stored by `commit` after the graph."""
+
+    def __init__(self, ring: OffloadRing, views: dict[str, Tensor], dtype: torch.dtype) -> None:
+        self._ring, self._views, self._dtype = ring, views, dtype
+        self._is_new, self._new_row, self._valid = ring.static_positions()
+        self.pending: dict[str, tuple[Tensor, Tensor | None]] | None = None
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        if k.shape[1] != self._ring.write_len:
+            raise ValueError(f"ring.write got {k.shape[1]} tokens, begin() announced {self._ring.write_len}")
+        self.pending = {"k": quantize_kv(k, self._ring.kv_dtype), "v": quantize_kv(v, self._ring.kv_dtype)}
+
+    def history(self) -> tuple[Tensor, Tensor]:
+        assert self.pending is not None, "write() comes first"
+        out = []
+        for name in ("k", "v"):
+            new = _dequantize_expr(*self.pending[name], self._dtype)  # [1, n, heads, d]
+            old = _dequantize_expr(self._views[name], self._views.get(f"{name}_scale"), self._dtype)  # [1, cap, ...]
+            # row r: the block's row r - write_slot where it lands, else the cached row
+            out.append(torch.where(self._is_new, new.index_select(1, self._new_row), old))
+        return out[0], out[1]
+
+    def valid_keys(self) -> Tensor | None:
+        return self._valid
+
+    def commit(self) -> None:
+        """Store the kept rows at the write slot (eager; once the graph has run)."""
+        if self.pending is None:
+            return
+        lo, n = self._ring.write_slot, self._ring.write_len
+        for name, (q, scale) in self.pending.items():
+            self._views[name][:, lo:lo + n] = q
+            if scale is not None:
+                self._views[f"{name}_scale"][:, lo:lo + n] = scale
+        self.pending = None
+
 
 class OffloadSinkLayer:
     """Sink layer view (kv_cache.SinkLayer's interface); `length` rows are valid after the prefill."""
 
-    def __init__(self, sink: OffloadSink, views: dict[str, Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, sink: OffloadSink, views: dict[str, Tensor], dtype: torch.dtype, static: bool = False) -> None:
         self._sink, self._views, self._dtype = sink, views, dtype
+        self._static = static
+        self.pending: dict[str, tuple[Tensor, Tensor | None]] | None = None
         self.written = False
 
     def write(self, k: Tensor, v: Tensor) -> None:
@@ -167,6 +229,10 @@ class OffloadSinkLayer:
         if n > self._views["k"].shape[1]:
             raise ValueError(f"sink prefill has {n} tokens, the sink cache holds {self._views['k'].shape[1]}")
         self._sink.length = n
+        if self._static:  # kept, stored by commit() after the compiled graph
+            self.pending = {"k": quantize_kv(k, self._sink.kv_dtype), "v": quantize_kv(v, self._sink.kv_dtype)}
+            self.written = True
+            return
         for name, x in (("k", k), ("v", v)):
             q, scale = quantize_kv(x, self._sink.kv_dtype)
             self._views[name][:, :n] = q
@@ -178,11 +244,26 @@ class OffloadSinkLayer:
         n = self._sink.length
         if n == 0:
             raise RuntimeError("sink cache is empty: run the sink prefill first")
+        if self.pending is not None:  # the prefill reads what it just wrote (in a compiled graph)
+            k, v = (_dequantize_expr(*self.pending[name], self._dtype) for name in ("k", "v"))
+            return k, v
         out = []
         for name in ("k", "v"):
             scale = self._views.get(f"{name}_scale")
-            out.append(dequantize_kv(self._views[name][:, :n], None if scale is None else scale[:, :n], self._dtype))
+            dequantize = _dequantize_expr if self._static else dequantize_kv
+            out.append(dequantize(self._views[name][:, :n], None if scale is None else scale[:, :n], self._dtype))
         return out[0], out[1]
+
+    def commit(self) -> None:
+        """Store the kept rows (eager; once the compiled graph has run)."""
+        if self.pending is None:
+            return
+        n = self._sink.length
+        for name, (q, scale) in self.pending.items():
+            self._views[name][:, :n] = q
+            if scale is not None:
+                self._views[f"{name}_scale"][:, :n] = scale
+        self.pending = None
 
 
 class OffloadRing(LayerStore):
@@ -192,11 +273,27 @@ class OffloadRing(LayerStore):
         super().__init__(tokens=capacity, **kw)
         self.capacity = capacity
         self.write_slot = self.write_len = self.active = 0
+        self._static: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     def begin(self, start_token: int, num_tokens: int) -> None:
         """Position this forward's writes (block at absolute token `start_token`), as RingKVCache."""
         self.write_slot, self.active = ring_window(start_token, num_tokens, self.capacity)
         self.write_len = num_tokens
+        self._static = None
+
+    def static_positions(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """This forward's positions as tensors, made once per forward on the compute device:
+        is_new bool [1, capacity, 1, 1] (the rows this block writes), new_row [capacity] (which of
+        the block's rows lands in each ring row, clamped where none does) and valid bool [capacity]
+        (the rows written so far, this block's included; None once all are)."""
+        if self._static is None:
+            rows = torch.arange(self.capacity, device=self.device)
+            lo, n = self.write_slot, self.write_len
+            is_new = ((rows >= lo) & (rows < lo + n)).view(1, -1, 1, 1)
+            new_row = (rows - lo).clamp(0, n - 1)
+            valid = None if self.active == self.capacity else rows < self.active
+            self._static = (is_new, new_row, valid)
+        return self._static
 
 
 class OffloadSink(LayerStore):
@@ -212,6 +309,7 @@ class _Open:
     ring: dict[str, Tensor] | None
     sink: dict[str, Tensor]
     sink_layer: OffloadSinkLayer
+    ring_layer: OffloadRingLayer | StaticRingLayer | None
 
 
 class KVOffload:
@@ -282,20 +380,25 @@ class KVOffload:
             return None
         return (ring.first_unit + i + 1) % self._ring_units  # cyclic: the next host ring's layer 0 follows
 
-    def open_layer(self, step: int | None, i: int) -> LayerKV:
-        """LayerKV for layer i of denoising step `step` (None: the sink prefill, no ring)."""
+    def open_layer(self, step: int | None, i: int, static: bool = False) -> LayerKV:
+        """LayerKV for layer i of denoising step `step` (None: the sink prefill, no ring); `static`:
+        the views of compiled units (see module docstring)."""
         ring = None if step is None else self.ring(step)
         ring_views = ring.open(i, self._next_ring_unit(ring, i)) if ring is not None else None
         sink_next = None if self.sink.on_device else (i + 1) % self.num_layers
         sink_views = self.sink.open(i, sink_next)
-        sink_layer = OffloadSinkLayer(self.sink, sink_views, self.compute_dtype)
-        self._open[(step, i)] = _Open(ring_views, sink_views, sink_layer)
-        ring_layer = None if ring is None else OffloadRingLayer(ring, ring_views, self.compute_dtype)
+        sink_layer = OffloadSinkLayer(self.sink, sink_views, self.compute_dtype, static)
+        ring_cls = StaticRingLayer if static else OffloadRingLayer
+        ring_layer = None if ring is None else ring_cls(ring, ring_views, self.compute_dtype)
+        self._open[(step, i)] = _Open(ring_views, sink_views, sink_layer, ring_layer)
         return LayerKV(ring=ring_layer, sink=sink_layer)  # type: ignore[arg-type]
 
     def close_layer(self, step: int | None, i: int) -> None:
         """Release layer i's slots; host caches get back only the rows this forward wrote."""
         o = self._open.pop((step, i))
+        if isinstance(o.ring_layer, StaticRingLayer):
+            o.ring_layer.commit()  # a compiled unit's new rows go into the cache now
+        o.sink_layer.commit()
         if step is not None:
             ring = self.ring(step)
             ring.close(i, o.ring, slice(ring.write_slot, ring.write_slot + ring.write_len))
