@@ -280,7 +280,7 @@ def layer_input(inp: PlanInput, role: RankRole, budget: Budget, profile: DeviceP
     units = tuple(u for u in inp.units if u.layer is None or a <= u.layer < b)
     kv = tuple(replace(k, layers=b - a) for k in inp.kv)
     wl = inp.workload
-    elem = tuple(elementwise_bytes(inp, kv_dtype, kernels, profile))[a:b]  # per global layer (inject layers differ), then sliced
+    elem = tuple(elementwise_bytes(inp, kv_dtype, kernels, profile))[a:b]  # per global layer, then sliced
     workload = replace(wl, linear_flops=wl.linear_flops[a:b], attn_flops=wl.attn_flops[a:b],
                        elementwise_bytes=((kv_dtype, elem),),
                        vae_cache_bytes=wl.vae_cache_bytes if role.decodes else 0)
