@@ -421,3 +421,29 @@ def test_eager_costs_still_match_the_h100_measurements():
     fused = make_plan(_inp14("int8"), Budget(vram_bytes=24 * GB, ram_bytes=128 * GB, kv_dtype="fp8", compile="on"), h100)
     assert fused.predicted_seconds_per_clip / 16 == pytest.approx(0.21, abs=0.01)  # goal: <= 0.25 s per block-step
     assert fused.breakdown["text_kv"] == 40 * 2 * 512 * 5120 * 2
+
+
+def test_generate_plans_under_the_runs_kernels() -> None:
+    """`generate`'s plan (pipeline/memory.plan_render) prices the run's compile mode, attention and
+    decoder overlap, as `plan --compile/--attention` does; compile_units counts only on CUDA."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from liveavatar_lite.pipeline.memory import RenderBudget, plan_compile_mode, plan_render
+    from liveavatar_lite.runtime.plan_inputs import synthesize_unit_sizes
+
+    assert [plan_compile_mode(True, "cuda"), plan_compile_mode(True, "cpu"), plan_compile_mode(False, "cuda")] == [
+        "on", "off", "off"]
+    cfg = PRESETS["14b"].dit
+    units = tuple(SimpleNamespace(name=u.name, data_nbytes=u.nbytes, kind="dit_resident" if u.layer is None
+                                  else "dit_block") for u in synthesize_unit_sizes(cfg, "int8"))
+    manifest = SimpleNamespace(dit=cfg, quant=SimpleNamespace(format="int8"), units=units, paths={})
+    inp = plan_input(cfg, (704, 384), "int8")
+    for kw in ({}, {"compile": "on", "attention": "sage", "overlap_decode": False}):
+        rb = RenderBudget(vram_gb=24, ram_gb=128, kv_dtype="fp8", device_profile="rtx4090", **kw)
+        got = plan_render(Path("."), manifest, (704, 384), rb, "cuda", quiet=True)
+        want = make_plan(inp, Budget(vram_bytes=24e9, ram_bytes=128e9, kv_dtype="fp8", **kw), RTX4090)
+        assert got.plan.kernels == want.kernels and got.budget.overlap_decode == kw.get("overlap_decode", True)
+        assert got.plan.predicted_seconds_per_clip == pytest.approx(want.predicted_seconds_per_clip)
+    assert "eager" in make_plan(inp, Budget(vram_bytes=24e9, kv_dtype="fp8"), RTX4090).kernels
+    assert got.plan.kernels == "fused graphs (compile on), attention sage"

@@ -1,53 +1,72 @@
-"""Predicted throughput of one RTX 4090 and of 4-5 with the step and the layer split, side by side.
+"""Predicted real-time factor of one RTX 4090 and of 4-5 with the step and the layer split, side by side.
 
-    python tools/plan_splits.py [--size 704*384]
+    python tools/plan_splits.py [--size 704*384 --size 384*256] [--markdown]
 
-Three cost models (all predictions, `runtime/stage_plan.py`): the plan's as it is on this branch
-(unfused elementwise traffic counted by runtime/traffic.py, attention at 55 % of bf16 peak), and
-two what-ifs for the fused path with the figures of ../shared/reference/SPEED.md: ~1.9 GB of
-non-matmul traffic per layer, attention at FlashAttention-2's ~163 TFLOP/s or SageAttention2's
-~450 TFLOP/s. tests/test_multirank.py checks the what-ifs' verdicts.
+Every figure is the plan's own prediction (`plan_split`, the cost model of runtime/costs.py), as
+`liveavatar-lite plan 14b --format int8 --vram 24 --ram 128 --device-profile rtx4090 --kv KV
+--compile C --attention A [--ranks N --split S]` prints it, for three ways the units run: eager
+(`--compile off`), fused graphs with the architecture's attention (`--compile on`, flash on the
+4090) and fused with SageAttention (`--attention sage`). VAE decoder included (on the last rank, or
+a rank of its own with 5). tests/test_multirank.py pins the verdicts.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 from liveavatar_lite.config import PRESETS
 from liveavatar_lite.decode.decoder_memory import DecoderGraph
+from liveavatar_lite.errors import BudgetError
 from liveavatar_lite.runtime.device_profiles import get_profile
 from liveavatar_lite.runtime.plan_inputs import Budget, parse_size, plan_input
 from liveavatar_lite.runtime.stage_plan import plan_ranks, plan_split, predict_pipeline, rank_roles
 
-FUSED_ELEMENTWISE_BYTES = 1.9e9  # per layer and block-step, SPEED.md's estimate for a fully fused unit
+KERNELS = (("eager", "off", "auto"), ("fused + flash", "on", "auto"), ("fused + sage", "on", "sage"))
 
 
-def models(inp, kv: str):
-    base = get_profile("rtx4090")
-    fused = replace(inp, workload=replace(inp.workload, elementwise_bytes=((kv, (FUSED_ELEMENTWISE_BYTES,) * 40),)))
-    yield "today's plan (unfused)", inp, base
-    yield "fused, FA2 163 TFLOP/s", fused, replace(base, attn_efficiency=163.0 / base.bf16_tflops)
-    yield "fused, Sage2 450 TFLOP/s", fused, replace(base, attn_efficiency=450.0 / base.bf16_tflops)
+def row(inp, budget: Budget, prof) -> tuple[list[float | None], str]:
+    """Real-time factors (1 GPU, 4 steps, 4 layers, 5 steps, 5 layers; None: does not fit) and
+    what `--split auto` picks for 4 / 5."""
+    cells: list[float | None] = []
+    try:
+        cells.append(predict_pipeline(plan_ranks(inp, budget, prof, rank_roles(1)), inp.sample).realtime_factor)
+    except BudgetError:
+        cells.append(None)
+    auto = []
+    for n in (4, 5):
+        for split in ("steps", "layers"):
+            try:
+                cells.append(plan_split(inp, budget, prof, n, split).prediction.realtime_factor)
+            except BudgetError:
+                cells.append(None)
+        auto.append(plan_split(inp, budget, prof, n).split)
+    return cells, " / ".join(auto)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="704*384")
+    ap.add_argument("--size", action="append", help="width*height (repeatable; default 704*384 and 384*256)")
+    ap.add_argument("--markdown", action="store_true", help="a Markdown table (BENCHMARKS.md)")
     args = ap.parse_args()
-    inp0 = plan_input(PRESETS["14b"].dit, parse_size(args.size), "int8", decoder=DecoderGraph.for_preset("14b"))
-    print(f"RTX 4090 (profile rtx4090), int8 weights, {args.size}, --vram 24 per card, --ram 128: predicted real-time factor")
-    print(f"{'cost model':<26}{'KV':<6}{'1 GPU':>7}{'4 steps':>9}{'4 layers':>10}{'5 steps':>9}{'5 layers':>10}  auto (4 / 5)")
-    for kv in ("bf16", "fp8"):
-        budget = Budget(vram_bytes=24e9, ram_bytes=128e9, kv_dtype=kv)
-        for name, inp, prof in models(inp0, kv):
-            one = predict_pipeline(plan_ranks(inp, budget, prof, rank_roles(1)), inp.sample).realtime_factor
-            cells, auto = [], []
-            for n in (4, 5):
-                for split in ("steps", "layers"):
-                    cells.append(plan_split(inp, budget, prof, n, split).prediction.realtime_factor)
-                auto.append(plan_split(inp, budget, prof, n).split)
-            print(f"{name:<26}{kv:<6}{one:7.2f}{cells[0]:9.2f}{cells[1]:10.2f}{cells[2]:9.2f}{cells[3]:10.2f}"
-                  f"  {auto[0]} / {auto[1]}")
+    prof = get_profile("rtx4090")
+    cols = ("1 GPU", "4 steps", "4 layers", "5 steps", "5 layers")
+    if args.markdown:
+        print("| size | kernels | KV | " + " | ".join(cols) + " | `auto` picks (4 / 5) |")
+        print("|---|---|---|" + "---:|" * len(cols) + "---|")
+    else:
+        print("RTX 4090 (profile rtx4090), int8 weights, --vram 24 per card, --ram 128: predicted real-time factor")
+        print(f"{'size':<9}{'kernels':<15}{'KV':<6}" + "".join(f"{c:>10}" for c in cols) + "  auto (4 / 5)")
+    for size in args.size or ["704*384", "384*256"]:
+        inp = plan_input(PRESETS["14b"].dit, parse_size(size), "int8", decoder=DecoderGraph.for_preset("14b"))
+        for kv in ("bf16", "fp8"):
+            for name, compile_mode, attention in KERNELS:
+                budget = Budget(vram_bytes=24e9, ram_bytes=128e9, kv_dtype=kv, compile=compile_mode,
+                                attention=attention)
+                cells, auto = row(inp, budget, prof)
+                text = ["-" if c is None else f"{c:.2f}" for c in cells]
+                if args.markdown:
+                    print(f"| {size} | {name} | {kv} | " + " | ".join(text) + f" | {auto} |")
+                else:
+                    print(f"{size:<9}{name:<15}{kv:<6}" + "".join(f"{t:>10}" for t in text) + f"  {auto}")
 
 
 if __name__ == "__main__":

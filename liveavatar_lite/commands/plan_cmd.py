@@ -180,7 +180,7 @@ def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:
     w, h = first.size
     split = "layer" if any(p.role.layers is not None for p in plans) else "step"
     title = (f"pipeline plan: {len(plans)} ranks ({split} split), {first.weight_format} weights, {w}*{h}, KV {first.kv[0].dtype}, "
-             f"profile {first.device_profile} (predictions)")
+             f"profile {first.device_profile}, {first.kernels} (predictions)")
     header = (f"{'rank':<5}{'role':<24}{'peak GB':>8}{'budget':>8}  {'resident/streamed':<18}{'KV caches':<30}"
               f"{'host GB':>8}{'s/clip':>8}")
     lines = [title, "", header]

@@ -31,6 +31,18 @@ class RenderBudget:
     ram_gb: float | None = None  # None: this machine's physical RAM
     kv_dtype: str = "bf16"
     device_profile: str | None = None  # None: the GPU's named profile if known, else a probe
+    # How the DiT runs, so that the plan prices the run's kernels (Budget.compile / attention /
+    # overlap_decode): from the options with `plan_compile_mode`
+    compile: str = "off"
+    attention: str = "auto"
+    overlap_decode: bool = True
+
+
+def plan_compile_mode(compile_units: bool, device: str) -> str:
+    """The plan's compile mode ("on" / "off", `Budget.compile`) for the runtime's option: the units
+    are compiled only on CUDA (`DiTRuntime`); elsewhere they run eager. (Once the option itself is
+    auto|on|off, this passes it through.)"""
+    return "on" if compile_units and device == "cuda" else "off"
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,8 @@ def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: R
     else:
         vram = CPU_UNLIMITED_VRAM
     ram = budget.ram_gb * 1e9 if budget.ram_gb else physical_ram_bytes()
-    b = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=budget.kv_dtype)
+    b = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=budget.kv_dtype, compile=budget.compile,
+               attention=budget.attention, overlap_decode=budget.overlap_decode)
     note = ""
     if profile is None:
         profile, note = resolve_profile(budget.device_profile, device)
@@ -83,9 +96,9 @@ def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: R
     plan = make_plan(inp, b, profile)
     if not quiet:
         log.info("plan: peak VRAM %.2f GB, %d streamed units, KV on the host: %s, decoder %d latent(s) per call, "
-                 "predicted %.1f s per clip (profile %s)", plan.peak_vram_bytes / 1e9, len(plan.streamed_units),
+                 "predicted %.1f s per clip (profile %s; %s)", plan.peak_vram_bytes / 1e9, len(plan.streamed_units),
                  ", ".join(k.name for k in plan.kv if k.placement == "host") or "none", plan.decode_latents_per_call,
-                 plan.predicted_seconds_per_clip, profile.name)
+                 plan.clip_seconds, profile.name, plan.kernels)
     return PlannedRender(plan, inp, b, profile, note)
 
 

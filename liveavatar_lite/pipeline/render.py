@@ -353,13 +353,15 @@ class ArtifactBackend:
         """The memory plan for this budget and size (width, height); BudgetError if nothing fits."""
         import torch
 
-        from .memory import RenderBudget, plan_render
+        from .memory import RenderBudget, plan_compile_mode, plan_render
 
         opts = self.options
         # the loaded runtime's own memory is part of the budget when the budget is the GPU's free memory
         loaded = float(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" and self._runtime else 0.0
         planned = plan_render(self.directory, self.manifest, size,
-                              RenderBudget(opts.vram_gb, opts.ram_gb, self.kv_dtype, opts.device_profile),
+                              RenderBudget(opts.vram_gb, opts.ram_gb, self.kv_dtype, opts.device_profile,
+                                           compile=plan_compile_mode(opts.compile_units, self.device.type),
+                                           attention=opts.attention, overlap_decode=opts.overlap_decode),
                               self.device.type, profile=self._profile, loaded_device_bytes=loaded,
                               quiet=self.plan is not None and self.plan.size == size)
         self._profile = planned.profile  # resolved (or probed) once per backend, not per render

@@ -441,20 +441,10 @@ def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:
     return f"{head}; nothing smaller fits either: raise --vram to at least {need_vram_gb.removesuffix(' GB')}"
 
 
-
-
 # ---------------------------------------------------------------- per-layer costs (layer-split pipelines)
 
-def layer_compute_seconds(inp: PlanInput, kv_dtype: str, prof: DeviceProfile) -> tuple[float, ...]:
-    """Seconds of compute of each layer in one denoising call (one block-step), with nothing streamed:
-    the same GEMM + attention + non-matmul terms as `_predict` (keep the two alike; test_multirank
-    checks that they add up to an all-resident plan's compute). `runtime/stage_plan.py` balances a
-    layer-split pipeline's ranks with it."""
-    wl = inp.workload
-    n = len(wl.linear_flops)
-    lin_rate = prof.linear_tops(inp.weight_format) * 1e12
-    attn_rate = prof.attention_tflops() * 1e12
-    mem_rate = prof.memory_gbps() * 1e9
-    elem = _elementwise(inp, kv_dtype)
-    return tuple(wl.linear_flops[i] / lin_rate + wl.attn_flops[i] / attn_rate
-                 + (elem[i] / mem_rate if mem_rate > 0 else 0.0) for i in range(n))
+def layer_compute_seconds(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> tuple[float, ...]:
+    """Seconds of compute of each layer in one denoising call (one block-step) under the budget's
+    kernels (compile mode, attention), nothing streamed: `_predict`'s own terms
+    (`costs.layer_step_costs`). `runtime/stage_plan.py` balances a layer-split pipeline's ranks with it."""
+    return tuple(c.seconds for c in layer_step_costs(inp, prof, _kernels(budget, prof), budget.kv_dtype))

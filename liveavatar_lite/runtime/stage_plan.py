@@ -27,15 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..config import PRESETS, SampleConfig, preset_for_dit
+from ..config import SampleConfig
 from ..errors import BudgetError, UserError
+from .costs import block_handoff_bytes, decode_seconds_per_block, elementwise_bytes, resolve_kernels
 from .device_profiles import DeviceProfile
-from .plan import Plan, decoder_parts, make_plan
+from .plan import Plan, decoder_parts, layer_compute_seconds, make_plan
 from .plan_inputs import Budget, PlanInput
 
-# Streaming VAE decode cost per output pixel: 9.13 TFLOP per latent frame (4 video frames) at
-# 384x704 (LIVEAVATAR.md §3, counted with meta-device hooks; 688*368 gives the same per pixel).
-VAE_DECODE_FLOP_PER_PIXEL = 9.13e12 / 4 / (704 * 384)
 # The block hand-off (0.4 MB of bf16 latents between two processes of one box) is modelled as a
 # loopback copy at this rate plus a fixed latency. Assumptions, not measurements (no GPU was lent).
 HANDOFF_GBPS = 2.0
@@ -144,19 +142,9 @@ class RankPlan:
 
 
 def vae_decode_seconds_per_clip(inp: PlanInput, profile: DeviceProfile) -> float:
-    """Predicted streaming VAE decode time of one clip (infer_frames frames) from its FLOPs
-    (the conv FLOPs scale with the square of the VAE's base width: 96 for Wan2.1's VAE)."""
-    vae = preset_for_dit(inp.dit, default=PRESETS["14b"]).vae if inp.dit is not None else PRESETS["14b"].vae
-    w, h = inp.workload.size
-    flops = VAE_DECODE_FLOP_PER_PIXEL * (vae.dim / 96) ** 2 * w * h * inp.sample.infer_frames
-    rate = profile.bf16_tflops * profile.gemm_efficiency * 1e12
-    return flops / rate if rate > 0 else float("inf")
-
-
-def block_latent_bytes(inp: PlanInput, itemsize: int = 2) -> int:
-    """Bytes of one block's latents as they pass between ranks ([16, 3, H/8, W/8], bf16 on a GPU)."""
-    w, h = inp.workload.size
-    return 16 * inp.sample.frames_per_block * (h // 8) * (w // 8) * itemsize
+    """The streaming VAE decoder's seconds for one clip: the plan's per-block figure
+    (`costs.decode_seconds_per_block`) x blocks per clip."""
+    return decode_seconds_per_block(inp, profile) * inp.workload.blocks_per_clip
 
 
 def plan_rank(inp: PlanInput, budget: Budget, profile: DeviceProfile, role: RankRole, world_size: int) -> RankPlan:
@@ -164,17 +152,22 @@ def plan_rank(inp: PlanInput, budget: Budget, profile: DeviceProfile, role: Rank
     BudgetError names the rank."""
     decode_s = vae_decode_seconds_per_clip(inp, profile) if role.decodes else 0.0
     if role.layers is not None:  # every item (block, step) crosses this rank: hidden state in and out
-        handoff_s = layer_handoff_seconds_per_clip(inp, profile, role, world_size)
+        handoff_s = layer_handoff_seconds_per_clip(inp, profile, role, world_size, budget)
     else:
         hops = (role.rank > 0) + (not role.decodes)  # receives from rank-1 unless the head; sends unless it decodes
-        hop_s = HANDOFF_LATENCY_S + block_latent_bytes(inp) / (HANDOFF_GBPS * 1e9)
+        hop_s = HANDOFF_LATENCY_S + block_handoff_bytes(inp) / (HANDOFF_GBPS * 1e9)
         handoff_s = hops * hop_s * inp.workload.blocks_per_clip if world_size > 1 else 0.0
     if role.steps:
         try:
-            rank_inp = layer_input(inp, role, budget.kv_dtype) if role.layers is not None else stage_input(inp, role)
+            rank_inp = (layer_input(inp, role, budget, profile) if role.layers is not None
+                        else stage_input(inp, role))
             plan = make_plan(rank_inp, stage_budget(budget, role), profile)
         except BudgetError as e:
             raise BudgetError(f"rank {role.rank} ({role.label}): {e}") from None
+        if role.decodes and plan.decode_seconds_per_clip > 0:
+            # the decoder shares this rank's GPU: what the DiT does not hide of it (the plan's rule,
+            # costs.clip_with_decode); a plan input without the decoder's graph: all of it, serial
+            decode_s = plan.decode_exposed_seconds_per_clip
         return RankPlan(role, plan, plan.peak_vram_bytes, int(budget.vram_bytes), plan.host_ram_bytes,
                         plan.predicted_seconds_per_clip, decode_s, handoff_s,
                         plan.decoder_arena_bytes if role.decodes else 0, plan.decode_latents_per_call)
@@ -250,7 +243,8 @@ def hidden_bytes(inp: PlanInput, itemsize: int = 2) -> int:
     return inp.workload.block_tokens * inp.dit.dim * itemsize
 
 
-def layer_handoff_seconds_per_clip(inp: PlanInput, profile: DeviceProfile, role: RankRole, world_size: int) -> float:
+def layer_handoff_seconds_per_clip(inp: PlanInput, profile: DeviceProfile, role: RankRole, world_size: int,
+                                   budget: Budget) -> float:
     """A layer rank's hand-off time per clip: per item, the hidden state in (unless the first rank)
     and out (unless the last DiT rank), and the latents that go round (the last rank sends them back)."""
     if world_size <= 1:
@@ -264,30 +258,29 @@ def layer_handoff_seconds_per_clip(inp: PlanInput, profile: DeviceProfile, role:
         per_item += x / (profile.h2d_gbps * 1e9)
     if not last:  # send: the copy to the host (the transfer itself runs in the background)
         per_item += x / (profile.d2h_gbps * 1e9)
-    latents = HANDOFF_LATENCY_S + block_latent_bytes(inp) / (HANDOFF_GBPS * 1e9)
+    latents = HANDOFF_LATENCY_S + block_handoff_bytes(inp) / (HANDOFF_GBPS * 1e9)
     # the transfer runs while this rank computes the item before: it costs throughput only beyond that
-    exposed = 0.0 if first else max(0.0, transfer - sum(_layer_range_costs(inp, profile, role)))
+    exposed = 0.0 if first else max(0.0, transfer - sum(_layer_range_costs(inp, profile, role, budget)))
     return items * (per_item + latents + exposed)
 
 
-def _layer_range_costs(inp: PlanInput, profile: DeviceProfile, role: RankRole) -> tuple[float, ...]:
-    from .plan import layer_compute_seconds
-
+def _layer_range_costs(inp: PlanInput, profile: DeviceProfile, role: RankRole, budget: Budget) -> tuple[float, ...]:
     a, b = role.layers  # type: ignore[misc]
-    return layer_compute_seconds(inp, "bf16", profile)[a:b]
+    return layer_compute_seconds(inp, budget, profile)[a:b]
 
 
-def layer_input(inp: PlanInput, role: RankRole, kv_dtype: str) -> PlanInput:
+def layer_input(inp: PlanInput, role: RankRole, budget: Budget, profile: DeviceProfile) -> PlanInput:
     """The planner's input for one layer rank: the resident unit and its layers' units, its layers'
-    slice of every ring and of the sink, its layers' work; the VAE decoder only where it decodes."""
-    from .plan import _elementwise
-
+    slice of every ring and of the sink, its layers' work (non-matmul bytes of the budget's kernels,
+    `costs.elementwise_bytes`); the VAE decoder only where it decodes."""
     assert role.layers is not None
+    kv_dtype = budget.kv_dtype
+    kernels = resolve_kernels(budget.compile, budget.attention, profile)
     a, b = role.layers
     units = tuple(u for u in inp.units if u.layer is None or a <= u.layer < b)
     kv = tuple(replace(k, layers=b - a) for k in inp.kv)
     wl = inp.workload
-    elem = tuple(_elementwise(inp, kv_dtype))[a:b]  # per global layer (inject layers differ), then sliced
+    elem = tuple(elementwise_bytes(inp, kv_dtype, kernels, profile))[a:b]  # per global layer, then sliced
     workload = replace(wl, linear_flops=wl.linear_flops[a:b], attn_flops=wl.attn_flops[a:b],
                        elementwise_bytes=((kv_dtype, elem),),
                        vae_cache_bytes=wl.vae_cache_bytes if role.decodes else 0)
@@ -349,17 +342,16 @@ def layer_dit_ranks(world_size: int, num_layers: int, num_steps: int = 4) -> int
     return dit
 
 
-def layer_split_roles(inp: PlanInput, profile: DeviceProfile, world_size: int, kv_dtype: str = "bf16"
+def layer_split_roles(inp: PlanInput, profile: DeviceProfile, world_size: int, budget: Budget
                       ) -> tuple[RankRole, ...]:
-    """The layer ranges of a `world_size`-rank layer split, balanced with the plan's per-layer costs:
-    the decoding rank's share includes the VAE decode, so it gets fewer layers (4 ranks), or the
-    decoder gets its own rank (5 ranks). Deterministic for a given input and profile."""
-    from .plan import layer_compute_seconds
-
+    """The layer ranges of a `world_size`-rank layer split, balanced with the plan's per-layer costs
+    under the budget's kernels (KV dtype, compile mode, attention): the decoding rank's share
+    includes the VAE decode, so it gets fewer layers (4 ranks), or the decoder gets its own rank
+    (5 ranks). Deterministic for a given input, budget and profile."""
     n = len(inp.workload.linear_flops)
     dit = layer_dit_ranks(world_size, n, inp.workload.steps)
     items = inp.workload.steps * inp.workload.blocks_per_clip
-    costs = [c * items for c in layer_compute_seconds(inp, kv_dtype, profile)]  # per clip
+    costs = [c * items for c in layer_compute_seconds(inp, budget, profile)]  # per clip
     decode = vae_decode_seconds_per_clip(inp, profile)
     extra = [0.0] * dit
     if world_size == dit:
@@ -367,11 +359,12 @@ def layer_split_roles(inp: PlanInput, profile: DeviceProfile, world_size: int, k
     return layer_roles(world_size, split_layers(costs, extra), inp.workload.steps)
 
 
-def roles_for(split: str, inp: PlanInput, profile: DeviceProfile, world_size: int, kv_dtype: str = "bf16"
+def roles_for(split: str, inp: PlanInput, profile: DeviceProfile, world_size: int, budget: Budget
               ) -> tuple[RankRole, ...]:
-    """The roles of `split` ("steps" or "layers") for `world_size` ranks."""
+    """The roles of `split` ("steps" or "layers") for `world_size` ranks (`budget`: the run's KV
+    dtype and kernels, which price the layers)."""
     if split == "layers":
-        return layer_split_roles(inp, profile, world_size, kv_dtype)
+        return layer_split_roles(inp, profile, world_size, budget)
     return rank_roles(world_size, inp.workload.steps)
 
 
@@ -396,7 +389,7 @@ def plan_split(inp: PlanInput, budget: Budget, profile: DeviceProfile, world_siz
     tried: dict[str, tuple[tuple[RankPlan, ...], PipelinePrediction] | BudgetError] = {}
     for name in (("steps", "layers") if split == "auto" else (split,)):
         try:
-            plans = plan_ranks(inp, budget, profile, roles_for(name, inp, profile, world_size, budget.kv_dtype))
+            plans = plan_ranks(inp, budget, profile, roles_for(name, inp, profile, world_size, budget))
             tried[name] = (plans, predict_pipeline(plans, inp.sample))
         except BudgetError as e:
             if split != "auto":

@@ -117,7 +117,7 @@ def resolve_roles(options: PipelineOptions, request: RenderRequest, world_size: 
     from ...runtime.device_profiles import get_profile, known_profile
     from ...runtime.plan_inputs import Budget, manifest_unit_sizes, parse_size, plan_input
     from ...runtime.stage_plan import layer_split_roles, plan_split
-    from ..memory import decoder_graph, physical_ram_bytes
+    from ..memory import decoder_graph, physical_ram_bytes, plan_compile_mode
 
     m = read_manifest(options.artifact)
     inp = plan_input(m.dit, parse_size(request.size), m.quant.format, unit_sizes=manifest_unit_sizes(m),
@@ -128,13 +128,16 @@ def resolve_roles(options: PipelineOptions, request: RenderRequest, world_size: 
     if profile is None:
         log.info("the layer split is balanced with the rtx4090 figures (pass --device-profile for this GPU's)")
         profile = get_profile("rtx4090")
+    # the run's KV dtype and kernels price the layers (the VRAM figure does not enter the balance)
+    kernels = dict(kv_dtype=options.kv_dtype, compile=plan_compile_mode(options.compile_units, devices[0].type),
+                   attention=options.attention, overlap_decode=options.overlap_decode)
     if split == "layers":
-        return layer_split_roles(inp, profile, world_size, options.kv_dtype)
+        return layer_split_roles(inp, profile, world_size, Budget(vram_bytes=0.0, **kernels))
     share = max(devices.count(d) for d in devices)
     vram = (options.vram_gb * 1e9 if options.vram_gb is not None
             else torch.cuda.get_device_properties(devices[0]).total_memory / share)
     ram = options.ram_gb * 1e9 if options.ram_gb else physical_ram_bytes()
-    choice = plan_split(inp, Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=options.kv_dtype), profile,
+    choice = plan_split(inp, Budget(vram_bytes=vram, ram_bytes=ram, **kernels), profile,
                         world_size, "auto")
     log.info("--split auto: %s, as %s", choice.split, choice.reason)
     return tuple(p.role for p in choice.plans)
