@@ -93,12 +93,12 @@ def test_interleaved_streaming():
 
 def test_no_fit_names_smallest_change():
     inp = _inp14("int8")
-    # leanest layouts (1-latent decoder calls, a dequantize's scratch counted): int8 bf16 KV 10.00 GB,
-    # int8 fp8 KV 9.68 GB, int4 fp8 KV 9.16 GB
+    # leanest layouts (1-latent decoder calls, a dequantize's scratch and the 0.42 GB of text K/V
+    # counted): int8 bf16 KV 10.42 GB, int8 fp8 KV 10.10 GB, int4 fp8 KV 9.58 GB
     with pytest.raises(BudgetError, match="smallest change that fits: --kv fp8"):
-        make_plan(inp, Budget(vram_bytes=9.8 * GB), RTX4090)
+        make_plan(inp, Budget(vram_bytes=10.3 * GB), RTX4090)
     with pytest.raises(BudgetError, match="--format int4"):
-        make_plan(inp, Budget(vram_bytes=9.4 * GB, kv_dtype="fp8"), RTX4090)
+        make_plan(inp, Budget(vram_bytes=9.9 * GB, kv_dtype="fp8"), RTX4090)
     with pytest.raises(BudgetError, match="--kv fp8"):  # host RAM too small for bf16 KV
         make_plan(inp, Budget(vram_bytes=24 * GB, ram_bytes=32 * GB), RTX4090)
 
@@ -308,9 +308,8 @@ def _costs(inp, prof, fused: bool, kv: str = "fp8", attention: str = "auto"):
 
 
 def test_fused_costs_are_lower_than_eager_by_the_modelled_traffic():
-    """Per layer, fused - eager is exactly: the traced minus the fused kernels' bytes at the memory
-    rate, and the text K/V projections (once per prompt) at the GEMM rate; attention unchanged."""
-    from liveavatar_lite.runtime.costs import text_kv_flops
+    """Per layer, fused - eager is exactly the traced minus the fused kernels' bytes at the memory
+    rate; GEMMs (the text K/V kept per prompt in both modes) and attention unchanged."""
     from liveavatar_lite.runtime.traffic import fused_elementwise_bytes, unit_elementwise_bytes
 
     inp = _inp14("int8")
@@ -321,8 +320,7 @@ def test_fused_costs_are_lower_than_eager_by_the_modelled_traffic():
     for i, (e, f) in enumerate(zip(eager, fused)):
         k = 1 if i in CFG14.audio_inject_layers else 0
         assert e.elementwise - f.elementwise == pytest.approx((traced[k] - table[k]) / mem, rel=1e-9)
-        assert e.gemm - f.gemm == pytest.approx(text_kv_flops(inp) / (RTX4090.linear_tops("int8") * 1e12), rel=1e-9)
-        assert e.attention == f.attention
+        assert e.gemm == f.gemm and e.attention == f.attention
     # SPEED.md: 12.6 GB (bf16 KV) / 15.1 GB (fp8 KV) per plain layer eager; ~1.9 GB if fully fused
     assert 14.5e9 < traced[0] < 15.5e9 and 1.3e9 < table[0] < 1.9e9
 
@@ -432,8 +430,9 @@ def test_generate_plans_under_the_runs_kernels() -> None:
     from liveavatar_lite.pipeline.memory import RenderBudget, plan_compile_mode, plan_render
     from liveavatar_lite.runtime.plan_inputs import synthesize_unit_sizes
 
-    assert [plan_compile_mode(True, "cuda"), plan_compile_mode(True, "cpu"), plan_compile_mode(False, "cuda")] == [
-        "on", "off", "off"]
+    # what DiTRuntime runs: auto = compiled on CUDA only; on / off (or True / False) as given
+    assert [plan_compile_mode(m, d) for m, d in (("auto", "cuda"), ("auto", "cpu"), ("off", "cuda"), ("on", "cpu"),
+                                                 (True, "cuda"), (False, "cuda"))] == ["on", "off", "off", "on", "on", "off"]
     cfg = PRESETS["14b"].dit
     units = tuple(SimpleNamespace(name=u.name, data_nbytes=u.nbytes, kind="dit_resident" if u.layer is None
                                   else "dit_block") for u in synthesize_unit_sizes(cfg, "int8"))

@@ -38,11 +38,14 @@ class RenderBudget:
     overlap_decode: bool = True
 
 
-def plan_compile_mode(compile_units: bool, device: str) -> str:
-    """The plan's compile mode ("on" / "off", `Budget.compile`) for the runtime's option: the units
-    are compiled only on CUDA (`DiTRuntime`); elsewhere they run eager. (Once the option itself is
-    auto|on|off, this passes it through.)"""
-    return "on" if compile_units and device == "cuda" else "off"
+def plan_compile_mode(compile_units: str | bool, device: str) -> str:
+    """The plan's compile mode ("on" / "off", `Budget.compile`) for the runtime's option (auto | on |
+    off, or a bool): what `DiTRuntime` will run on `device` (`fused_units.compile_wanted`)."""
+    import torch
+
+    from ..runtime.fused_units import compile_wanted
+
+    return "on" if compile_wanted(compile_units, torch.device(device)) else "off"
 
 
 @dataclass(frozen=True)

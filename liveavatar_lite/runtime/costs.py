@@ -6,10 +6,13 @@ amount of work is counted from the model's shapes (`plan_inputs.workload`, `traf
 execution modes (the runtime's compile mode):
 
 * eager (`compile off`): each op its own kernel. Non-matmul traffic traced op by op on the meta
-  device (`traffic.unit_elementwise_bytes`), the text K/V projected on every call. These are the
-  costs the H100 measurements of 2026-11-26 were checked against (within 4 %).
+  device (`traffic.unit_elementwise_bytes`). These are the costs the H100 measurements of
+  2026-11-26 were checked against (within 4 %, when the text K/V were still projected on every call).
 * fused (`compile on`): one graph per unit kind. Non-matmul traffic of the fused kernels
-  (`traffic.fused_unit_traffic`), the text K/V once per prompt (no per-call FLOPs).
+  (`traffic.fused_unit_traffic`).
+
+Both modes keep each layer's text K/V once per prompt (`DiTRuntime._layer_text_kv`): no per-call
+FLOPs for them, and their bytes on the device (`plan._text_kv_bytes`).
 
 Attention is priced at the chosen backend's rate in both modes (`DeviceProfile.attention_tflops`).
 
@@ -114,13 +117,13 @@ def gemm_tops(weight_format: str, profile: DeviceProfile, kernels: Kernels) -> f
 
 def layer_step_costs(inp: PlanInput, profile: DeviceProfile, kernels: Kernels, kv_dtype: str) -> list[LayerCost]:
     """Seconds of every layer in one block-step: GEMM FLOPs at the weight format's effective rate
-    (fused: without the text K/V projections, kept per prompt), attention FLOPs at the backend's
+    (without the text K/V projections, kept per prompt in both modes), attention FLOPs at the backend's
     rate, non-matmul bytes at the effective memory bandwidth."""
     wl = inp.workload
     lin_rate = gemm_tops(inp.weight_format, profile, kernels) * 1e12
     attn_rate = profile.attention_tflops(kernels.attention) * 1e12
     mem_rate = profile.memory_gbps() * 1e9
-    text = text_kv_flops(inp) if kernels.fused else 0.0
+    text = text_kv_flops(inp)  # kept per prompt by the runtime, eager and fused alike
     elem = elementwise_bytes(inp, kv_dtype, kernels, profile)
     return [LayerCost(max(0.0, wl.linear_flops[i] - text) / lin_rate, wl.attn_flops[i] / attn_rate,
                       elem[i] / mem_rate if mem_rate > 0 else 0.0) for i in range(len(wl.linear_flops))]

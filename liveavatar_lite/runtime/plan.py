@@ -245,7 +245,7 @@ def _peak(inp: PlanInput, budget: Budget, lay: _Layout) -> tuple[float, dict[str
         "cuda_context": int(budget.cuda_context_bytes),
         **_decoder_parts(inp, budget, lay),
         "activations": inp.workload.activation_bytes,
-        **({"text_kv": _text_kv_bytes(inp)} if budget.compile != "off" else {}),
+        "text_kv": _text_kv_bytes(inp),  # kept per prompt, eager and fused (DiTRuntime._layer_text_kv)
         "resident_weights": sum(u.nbytes for u in resident),
         # two fixed slots, each as large as the largest streamed unit (ping-pong)
         "weight_slots": 2 * max((u.nbytes for u in streamed), default=0),
@@ -281,7 +281,7 @@ def _ram_fits(inp: PlanInput, budget: Budget, lay: _Layout) -> bool:
 
 
 def _text_kv_bytes(inp: PlanInput) -> int:
-    """Device bytes of every layer's text K/V, kept per prompt on the fused path (bf16)."""
+    """Device bytes of every layer's text K/V, kept per prompt (bf16), eager and fused."""
     if inp.dit is None:
         return 0
     return inp.dit.num_layers * 2 * inp.dit.text_len * inp.dit.dim * 2
