@@ -64,16 +64,31 @@ def check_output(out: Path, live: Path | None = None, telemetry: Path | None = N
         check_output_path(telemetry, "--telemetry", suffix=None)
 
 
-def prepare_inputs(request: RenderRequest) -> RenderInputs:
+SEED_MAX = 2**63 - 1  # as the CLI's --seed (commands/flags.py): clip c is seeded seed + c
+MIN_SPEECH_SECONDS = 0.1  # shorter speech gives wav2vec2 too few samples for one feature frame
+
+
+def check_numbers(request: RenderRequest) -> None:
+    """UserError unless seed and num_clip are what the CLI's flags accept (checked before any file)."""
+    seed, num_clip = request.seed, request.num_clip
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed must be an integer from 0 to 2^63-1, got {seed!r}")
+    if num_clip is not None and (not isinstance(num_clip, int) or isinstance(num_clip, bool) or num_clip < 1):
+        raise UserError(f"num_clip must be a positive integer (or None: until the speech ends), got {num_clip!r}")
+
+
+def prepare_inputs(request: RenderRequest, max_audio_seconds: float | None = None) -> RenderInputs:
     """The photo framed for the size, the speech at 16 kHz and the clip count; UserError for bad input.
 
-    Everything is checked before any folder or work dir is made (docs/errors.md).
+    Everything is checked before any folder or work dir is made (docs/errors.md); speech longer
+    than `max_audio_seconds` raises speech.SpeechTooLong, found from its header when it says.
     prepare_inputs(request).num_clips  # 3 for 4.7 s of speech
     """
     from ..conditioning import speech
     from ..conditioning.text_tokenizer import check_prompt
     from ..fileio import require_file
 
+    check_numbers(request)
     if request.out is not None:
         check_output(request.out, request.live, request.telemetry)
     check_prompt(request.prompt)
@@ -81,7 +96,10 @@ def prepare_inputs(request: RenderRequest) -> RenderInputs:
     require_file(request.audio, "--audio")
     reference = load_reference(request.image, request.size)  # float32 [3, H, W]
     height, width = int(reference.shape[1]), int(reference.shape[2])
-    wave = speech.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
+    wave = speech.load_audio(request.audio, max_audio_seconds)  # float32 [n] at 16 kHz; UserError if unusable
+    if len(wave) < MIN_SPEECH_SECONDS * request.sample.audio_rate:
+        raise UserError(f"audio {request.audio} is {len(wave) / request.sample.audio_rate * 1000:.0f} ms long; "
+                        f"at least {MIN_SPEECH_SECONDS * 1000:.0f} ms of speech is needed")
     num_clips = num_clips_for(len(wave), request.num_clip)
     log.info("%dx%d, %.2f s of speech -> %d clips", width, height, len(wave) / request.sample.audio_rate, num_clips)
     return RenderInputs(request, reference, height, width, num_clips, wave)
