@@ -40,6 +40,23 @@ S2V = HubSource("Wan-AI/Wan2.2-S2V-14B", (
 ))
 LORA = HubSource("Quark-Vision/Live-Avatar", (LORA_FILE,))
 
+# No call to the Hub waits forever: connecting may take HUB_CONNECT_S, and a metadata call or a
+# file transfer that receives nothing for HUB_READ_S fails (a re-run resumes what was fetched).
+HUB_CONNECT_S = 10.0
+HUB_READ_S = 60.0
+
+
+def _bound_hub_timeouts() -> None:
+    """Give huggingface_hub's shared HTTP client (and its etag / download calls) finite timeouts;
+    its default client waits forever for an endpoint that accepts and never answers."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    hc.HF_HUB_ETAG_TIMEOUT = min(hc.HF_HUB_ETAG_TIMEOUT or HUB_READ_S, HUB_READ_S)
+    hc.HF_HUB_DOWNLOAD_TIMEOUT = min(hc.HF_HUB_DOWNLOAD_TIMEOUT or HUB_READ_S, HUB_READ_S)
+    client = huggingface_hub.get_session()
+    client.timeout = type(client.timeout)(HUB_READ_S, connect=HUB_CONNECT_S)  # httpx's Timeout class
+
 
 def missing_files(dest: Path, lora: bool = True) -> list[str]:
     """What DEST still lacks to be a complete checkpoint for `quantize` (empty when complete)."""
@@ -73,12 +90,13 @@ def download(dest: Path, revision: str | None = None, lora_revision: str | None 
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     sources = [(S2V, revision)] + ([(LORA, lora_revision)] if lora else [])
+    _bound_hub_timeouts()
     for source, rev in sources:
         log.info("fetching %s (%s) into %s", source.repo_id, ", ".join(source.allow_patterns), dest)
         try:
             snapshot_download(source.repo_id, revision=rev, local_dir=dest,
                               allow_patterns=list(source.allow_patterns), max_workers=max_workers)
-        except (LocalEntryNotFoundError, HfHubHTTPError, ValueError) as e:
+        except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, TimeoutError) as e:
             raise UserError(f"cannot fetch {source.repo_id}: {first_line(e)} (check the network or the "
                             "revision; re-running resumes what was fetched)") from None
         except OSError as e:

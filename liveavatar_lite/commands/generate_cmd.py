@@ -21,7 +21,7 @@ def add_memory_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
                         help="GPU memory budget in GB (default: what the GPU has free)")
     parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
-                        help="host memory budget in GB (default: this machine's physical RAM)")
+                        help="host memory budget in GB (default: this machine's RAM less max(4 GB, 15 %%), left to the OS)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
                         help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
 
@@ -49,6 +49,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="fuse each DiT block's elementwise work with torch.compile (CUDA only; the first "
                              "clip pays the compilation)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (without it, an existing file is refused before any work)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same inputs from its newest checkpoint")
     parser.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         live=args.live,
         checkpoint_interval_s=args.checkpoint_interval,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     if args.ranks > 1:
         from ..pipeline.multirank import generate_multirank

@@ -31,8 +31,8 @@ MIN_AREA = SNAP * SNAP
 MAX_AREA = 1280 * 720  # the largest size upstream offers
 # What a photo may be: the formats cameras and phones write, decoded by Pillow itself. Anything else
 # (EPS/PDF hand the file to Ghostscript, TIFF/ICO/... carry decoders nobody needs here) is refused
-# before a decoder runs. MPO is how Pillow opens a phone's multi-picture JPEG.
-PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP")
+# before a decoder runs (a phone's multi-picture JPEG opens through JPEG as Pillow's MPO).
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 # The largest photo decoded: 40 MP (an 8000x5000 camera frame) is 120 MB as RGB. Checked from the
 # header (Pillow opens lazily), before a pixel is decoded: a 12000x12000 PNG of a few KB is refused
 # in microseconds instead of costing a gigabyte.
@@ -144,7 +144,7 @@ def read_rgb(path: str | Path) -> "PIL.Image.Image":  # noqa: F821
             return im.convert("RGB")  # decodes fully here, so truncated files fail inside the try
     except UnidentifiedImageError:
         raise UserError(f"cannot read image {path}: not a photo in a supported format "
-                        f"({', '.join(f for f in PHOTO_FORMATS if f != 'MPO')})") from None
+                        f"({', '.join(PHOTO_FORMATS)})") from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         msg = first_line(e)
         raise UserError(f"cannot read image {path}: {msg}") from None

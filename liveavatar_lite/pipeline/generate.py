@@ -58,8 +58,8 @@ def check_output(out: Path, live: Path | None = None, telemetry: Path | None = N
     from .workdir import check_output_path
 
     check_output_path(out)
-    if live is not None and live.exists() and not live.is_dir():
-        raise UserError(f"--live {live} is a file; pass a directory for the HLS playlist")
+    if live is not None:
+        check_live(out, live)
     if telemetry is not None:
         check_output_path(telemetry, "--telemetry", suffix=None)
 
@@ -77,6 +77,24 @@ def check_numbers(request: RenderRequest) -> None:
         raise UserError(f"num_clip must be a positive integer (or None: until the speech ends), got {num_clip!r}")
 
 
+def check_live(out: Path, live: Path) -> None:
+    """UserError unless `live` can be the HLS directory of a render to `out` (before any model loads):
+    not `out` itself, not inside its work dir, not under a file, writable, no files of someone else."""
+    from ..decode.hls import check_live_dir
+    from .workdir import RenderWorkDir, check_output_path
+
+    where, work = live.resolve(), RenderWorkDir.path_for(out).resolve()
+    if where == out.resolve():
+        raise UserError(f"--live {live} is the --out file; pass a directory for the HLS playlist")
+    if where == work or work in where.parents:
+        raise UserError(f"--live {live} is inside the render's work dir {work}, which is deleted when it ends")
+    check_output_path(live / PLAYLIST_NAME, "--live", suffix=None)  # a parent that is a file, read-only, ...
+    check_live_dir(live)
+
+
+PLAYLIST_NAME = "index.m3u8"
+
+
 def prepare_inputs(request: RenderRequest, max_audio_seconds: float | None = None) -> RenderInputs:
     """The photo framed for the size, the speech at 16 kHz and the clip count; UserError for bad input.
 
@@ -91,6 +109,8 @@ def prepare_inputs(request: RenderRequest, max_audio_seconds: float | None = Non
     check_numbers(request)
     if request.out is not None:
         check_output(request.out, request.live, request.telemetry)
+        if not request.overwrite and request.out.exists():
+            raise UserError(f"--out {request.out} exists; pass --overwrite to replace it, or choose another --out")
     check_prompt(request.prompt)
     require_file(request.image, "--image")  # a FIFO or device is refused, never opened (it would block)
     require_file(request.audio, "--audio")
@@ -105,17 +125,18 @@ def prepare_inputs(request: RenderRequest, max_audio_seconds: float | None = Non
     return RenderInputs(request, reference, height, width, num_clips, wave)
 
 
-def job_key(request: RenderRequest, identity: str) -> str:
+def job_key(request: RenderRequest, identity: str, digest: Any = file_sha256) -> str:
     """What makes two renders produce the same frames: inputs' bytes, prompt, size, seed, backend identity.
 
     job_key(request, backend.identity())  # sha256 hex; a resume refuses a work dir with another key
+    (`digest(path)` gives a file's sha256 hex; a caller keying many jobs passes a cache)
     """
     h = hashlib.sha256()
     for part in (identity, request.prompt, request.size, str(request.seed)):
         data = part.encode()
         h.update(len(data).to_bytes(8, "little") + data)
     for path in (request.image, request.audio):
-        h.update(bytes.fromhex(file_sha256(path)))
+        h.update(bytes.fromhex(digest(path)))
     return h.hexdigest()
 
 
@@ -236,17 +257,22 @@ def _render(request: RenderRequest, backend: Backend, work: Any, inputs: RenderI
     if request.live is not None:
         done = list(zip(work.segment_paths(), work.segment_frame_counts()))
         live = HlsWriter.open(request.live, spec, request.audio, done)
-    if resumed < inputs.num_clips:  # (a render killed while muxing has every clip already)
-        renderer = backend.build(inputs)
-        if hasattr(renderer, "layout"):  # what this render streams, where its KV lives
-            telemetry.event("layout", **renderer.layout())
-        if work.state_path is not None:
-            work.restore(renderer)  # mmap'ed, weights_only; one line if the state file is damaged
-            telemetry.event("resume", clips_done=resumed, frames_done=work.frames_done)
-        _render_clips(renderer, work, spec, inputs, telemetry, clock, live)
-    frames = mux_segments(work.segment_paths()[: inputs.num_clips], request.audio, request.out, spec)
-    if live is not None:
-        live.finish()
+    try:
+        if resumed < inputs.num_clips:  # (a render killed while muxing has every clip already)
+            renderer = backend.build(inputs)
+            if hasattr(renderer, "layout"):  # what this render streams, where its KV lives
+                telemetry.event("layout", **renderer.layout())
+            if work.state_path is not None:
+                work.restore(renderer)  # mmap'ed, weights_only; one line if the state file is damaged
+                telemetry.event("resume", clips_done=resumed, frames_done=work.frames_done)
+            _render_clips(renderer, work, spec, inputs, telemetry, clock, live)
+        frames = mux_segments(work.segment_paths()[: inputs.num_clips], request.audio, request.out, spec)
+        if live is not None:
+            live.finish()
+    except BaseException:
+        if live is not None:
+            live.close()  # the live dir's lock goes with the failed render (its files stay for a resume)
+        raise
     rendered = frames - frames_before
     rtf = _realtime_factor(rendered, request.sample.fps, clock.seconds)
     telemetry.summary(out=str(request.out), resumed_clips=resumed, height=inputs.height, width=inputs.width,

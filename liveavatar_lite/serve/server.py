@@ -105,9 +105,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this (http_guard.py)
+BODY_SLACK_S = 60.0  # a body may take the upload timeout plus this before the connection is closed
+PENDING_PER_CLIENT = 16  # connections one address may hold while they wait for their headers
+MAX_CONNECTIONS = 256  # open connections in all; past this a request gets 503
+
+
 def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     """Run the service until SIGTERM or Ctrl-C; the worker (or `executor`'s workers) stopped with it."""
     import uvicorn
+
+    from .http_guard import guarded_protocol
 
     steady_malloc()  # a server that runs for days: no RSS step some jobs into the run
     sock = listen(config.host, config.port)
@@ -115,7 +123,8 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     dispatcher.start()
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-        limit_concurrency=256))
+        limit_concurrency=MAX_CONNECTIONS,
+        http=guarded_protocol(HEADER_TIMEOUT_S, config.limits.request_timeout_s + BODY_SLACK_S, PENDING_PER_CLIENT)))
     host, port = sock.getsockname()[:2]
     log.info("serving on http://%s:%d (state: %s%s)", f"[{host}]" if ":" in host else host, port,
              Path(config.state_dir).resolve(), ", bearer token required" if config.token else "")
