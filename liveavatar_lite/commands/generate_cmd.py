@@ -63,7 +63,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--telemetry", type=Path, default=None, metavar="FILE",
                         help="write per-clip JSON lines (seconds, frames, peak VRAM, host RSS, copy-wait for "
                              "weights and KV, the memory ledger: the plan's figures next to the measured ones) and "
-                             "a summary; the ledger is also printed after each clip")
+                             "a summary; with -v the ledger is also printed after each clip")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where prompt embeddings are cached "
                              "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
