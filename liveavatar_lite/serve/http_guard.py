@@ -45,8 +45,9 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
                 self._expect_headers()  # a kept-alive connection waits for the next request's headers
+            # (a client still sending a body nobody reads stays under the body deadline set at its headers)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._forget()

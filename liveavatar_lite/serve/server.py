@@ -106,7 +106,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this (http_guard.py)
-BODY_SLACK_S = 60.0  # a body may take the upload timeout plus this before the connection is closed
+BODY_SLACK_S = 15.0  # a body may take the upload timeout (--request-timeout) plus this; then the connection closes
 PENDING_PER_CLIENT = 16  # connections one address may hold while they wait for their headers
 MAX_CONNECTIONS = 256  # open connections in all; past this a request gets 503
 
