@@ -88,8 +88,8 @@ def check_live(out: Path, live: Path) -> None:
         raise UserError(f"--live {live} is the --out file; pass a directory for the HLS playlist")
     if where == work or work in where.parents:
         raise UserError(f"--live {live} is inside the render's work dir {work}, which is deleted when it ends")
-    check_output_path(live / PLAYLIST_NAME, "--live", suffix=None)  # a parent that is a file, read-only, ...
     check_live_dir(live)
+    check_output_path(live / PLAYLIST_NAME, "--live", suffix=None)  # a parent that is a file, read-only, ...
 
 
 PLAYLIST_NAME = "index.m3u8"
