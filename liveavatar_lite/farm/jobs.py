@@ -76,27 +76,32 @@ def read_jobs(path: Path, defaults: JobDefaults) -> list[FarmJob]:
 
     Fast for big batches (docs/farm.md): each line's structure is checked on its own, but each
     distinct photo (per size) and speech file is decoded once and each output directory checked
-    once (`_Media`), so a million lines over a few inputs validate in seconds, not hours.
+    once (`_Media`), so a million lines over a few inputs validate in seconds, not hours. An out
+    that exists is looked at by `plan_batch` (which stats every out anyway).
     """
     require_file(path, "batch file", missing=f"{path}: no such batch file")  # a FIFO would block: refused
     base = path.resolve().parent
     jobs: list[FarmJob] = []
-    outs: dict[Path, int] = {}
-    media = _Media(base)
+    outs: dict[str, int] = {}
+    media = _Media(base, defaults)
+    number = 0
     try:
         with open(path, encoding="utf-8") as f:
             for number, raw in enumerate(f, start=1):
-                where = f"{path}:{number}"
                 if len(raw) > MAX_LINE_CHARS:
-                    raise UserError(f"{where}: the line is longer than {MAX_LINE_CHARS // 1024} KB")
+                    raise UserError(f"{path}:{number}: the line is longer than {MAX_LINE_CHARS // 1024} KB")
                 stripped = raw.strip()
-                if not stripped or stripped.startswith("#"):
+                if not stripped or stripped[0] == "#":
                     continue
-                job = _parse_line(stripped, number, media, defaults, where)
-                if job.out in outs:
-                    raise UserError(f"{where}: out {job.out} is also the out of line {outs[job.out]}")
-                outs[job.out] = number
+                job, key = _parse_line(stripped, number, media)
+                first = outs.setdefault(key, number)
+                if first != number:
+                    raise UserError(f"{path}:{number}: out {job.out} is also the out of line {first}")
                 jobs.append(job)
+    except UserError as e:
+        if str(e).startswith(f"{path}:"):
+            raise
+        raise UserError(f"{path}:{number}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else first_line(e)}") from None
     if not jobs:
@@ -118,32 +123,39 @@ def _depth(text: str) -> int:
 
 class _Media:
     """What the lines of one batch share, checked once: resolved directories, photos per size,
-    speech lengths, output directories. Files are keyed by path and (size, mtime) as first seen."""
+    speech lengths, output directories, prompts. Files are looked at when first named."""
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.dirs: dict[str, Path] = {}
+    def __init__(self, base: Path, defaults: JobDefaults) -> None:
+        self.base, self.defaults = base, defaults
+        self.dirs: dict[str, tuple[Path, str]] = {}  # the directory part of a name -> (resolved, its text)
+        self.inputs: dict[tuple[str, str], Path] = {}  # (field, name) -> resolved existing file
         self.photos: dict[tuple[Path, str], tuple[int, int]] = {}
         self.speech: dict[Path, int] = {}
         self.out_dirs: set[Path] = set()
-        self.files: dict[Path, bool] = {}
         self.prompts: set[str] = set()
+        self.clips: dict[tuple[Path, int | None], int] = {}
 
-    def resolve(self, name: str) -> Path:
-        """base / name with its directory resolved (once per directory; the file name itself kept)."""
+    def directory(self, name: str) -> tuple[Path, str, str]:
+        """(resolved directory, its text, the file name) of `name` relative to the batch file."""
         head, _, tail = name.rpartition("/")
         if not head and name.startswith("/"):
             head = "/"
         d = self.dirs.get(head)
         if d is None:
-            d = self.dirs[head] = (self.base / head).resolve() if head else self.base
-        return d / tail if tail not in ("", ".", "..") else (d / tail).resolve()
+            resolved = (self.base / head).resolve() if head else self.base
+            d = self.dirs[head] = (resolved, str(resolved).rstrip("/"))
+        return d[0], d[1], tail
 
-    def is_file(self, p: Path) -> bool:
-        ok = self.files.get(p)
-        if ok is None:
-            ok = self.files[p] = p.is_file()
-        return ok
+    def input(self, key: str, name: str) -> Path:
+        """The resolved path of input `name` (UserError unless it is a file), looked at once."""
+        found = self.inputs.get((key, name))
+        if found is None:
+            d, _, tail = self.directory(name)
+            found = (d / tail).resolve()
+            if not found.is_file():
+                raise UserError(f"{key} {found} is not a file")
+            self.inputs[(key, name)] = found
+        return found
 
     def framed(self, image: Path, size: str) -> tuple[int, int]:
         """(width, height) of the photo framed at `size`, decoded once as a render does."""
@@ -158,88 +170,80 @@ class _Media:
     def samples(self, audio: Path) -> int:
         """Samples of the speech at 16 kHz, decoded once as a render does."""
         if audio not in self.speech:
-            from ..conditioning.speech import load_audio
+            from ..conditioning.speech import SAMPLE_RATE, load_audio
             from ..pipeline.generate import MIN_SPEECH_SECONDS
-            from ..pipeline.request import RenderRequest
 
             n = len(load_audio(audio))
-            rate = RenderRequest.__dataclass_fields__["sample"].default_factory().audio_rate  # type: ignore[misc]
-            if n < MIN_SPEECH_SECONDS * rate:
-                raise UserError(f"audio {audio} is {n / rate * 1000:.0f} ms long; at least "
+            if n < MIN_SPEECH_SECONDS * SAMPLE_RATE:
+                raise UserError(f"audio {audio} is {n / SAMPLE_RATE * 1000:.0f} ms long; at least "
                                 f"{MIN_SPEECH_SECONDS * 1000:.0f} ms of speech is needed")
             self.speech[audio] = n
         return self.speech[audio]
 
-    def check_out(self, out: Path) -> None:
-        """The checks `check_output` makes: per file (suffix, what is there), per directory once."""
-        from ..fileio import file_kind
-        from ..pipeline.workdir import check_output_path
+    def out(self, name: str) -> tuple[Path, str]:
+        """The resolved out path and its text; the checks `check_output` makes, per directory once."""
+        d, text, tail = self.directory(name)
+        if tail in ("", ".", "..") or not tail.lower().endswith(".mp4"):
+            raise UserError(f"--out {name} must end in .mp4")
+        out = d / tail
+        if d not in self.out_dirs:
+            from ..pipeline.workdir import check_output_path
 
-        if out.parent not in self.out_dirs:
             check_output_path(out)
-            self.out_dirs.add(out.parent)
-            return
-        if out.suffix.lower() != ".mp4":
-            raise UserError(f"--out {out} must end in .mp4")
-        try:
-            mode = out.stat().st_mode
-        except OSError:
-            return  # absent (or unreachable: the directory check stands)
-        if not stat.S_ISREG(mode):
-            raise UserError(f"--out {out} is {file_kind(mode)}; give a file path")
+            self.out_dirs.add(d)
+        return out, f"{text}/{tail}"
 
 
-def _parse_line(text: str, number: int, media: _Media, defaults: JobDefaults, where: str) -> FarmJob:
-    from ..conditioning.text_tokenizer import check_prompt
-    from ..pipeline.generate import num_clips_for
+_FIELD_SET = frozenset(FIELDS)
+_INT_FIELDS = ("seed", "num_clip")
 
+
+def _parse_line(text: str, number: int, media: _Media) -> tuple[FarmJob, str]:
+    """One job line -> (FarmJob, the out's text); UserError (the caller adds the file and line)."""
+    if text.count("[") + text.count("{") > 2 * MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
+        raise UserError("not JSON (nested too deeply for a job)")
     try:
-        if _depth(text) > MAX_JSON_DEPTH:
-            raise ValueError("nested too deeply for a job")
         doc = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise UserError(f"{where}: not JSON ({first_line(e)})") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{where}: expected a JSON object with image, audio, prompt, out")
-    unknown = sorted(set(doc) - set(FIELDS))
-    if unknown:
-        raise UserError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
-    missing = [k for k in REQUIRED if k not in doc]
-    if missing:
-        raise UserError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
+        raise UserError(f"not JSON ({first_line(e)})") from None
+    if type(doc) is not dict:
+        raise UserError("expected a JSON object with image, audio, prompt, out")
+    if not _FIELD_SET.issuperset(doc):
+        raise UserError(f"unknown field {sorted(set(doc) - _FIELD_SET)[0]!r} (fields: {', '.join(FIELDS)})")
+    if "image" not in doc or "audio" not in doc or "prompt" not in doc or "out" not in doc:
+        raise UserError(f"missing {', '.join(repr(k) for k in REQUIRED if k not in doc)}")
     for key, value in doc.items():
         kind = FIELDS[key]
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-        if key == "num_clip" and value is None:
-            ok = True
-        if not ok:
-            raise UserError(f"{where}: {key!r} must be {'a string' if kind is str else 'an integer'}, got {value!r}")
-    if "seed" in doc and not 0 <= doc["seed"] <= MAX_SEED:
-        raise UserError(f"{where}: 'seed' must be from 0 to 2^63-1, got {doc['seed']}")
-    if doc.get("num_clip") is not None and doc["num_clip"] < 1:
-        raise UserError(f"{where}: 'num_clip' must be a positive integer, got {doc['num_clip']}")
+        if type(value) is not kind and not (key == "num_clip" and value is None):
+            raise UserError(f"{key!r} must be {'a string' if kind is str else 'an integer'}, got {value!r}")
+    seed, num_clip = doc.get("seed", media.defaults.seed), doc.get("num_clip")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"'seed' must be from 0 to 2^63-1, got {seed}")
+    if num_clip is not None and num_clip < 1:
+        raise UserError(f"'num_clip' must be a positive integer, got {num_clip}")
     prompt = doc["prompt"]
-    if not prompt.strip():
-        raise UserError(f"{where}: 'prompt' is empty")
+    if prompt not in media.prompts:
+        from ..conditioning.text_tokenizer import check_prompt
+
+        if not prompt.strip():
+            raise UserError("'prompt' is empty")
+        check_prompt(prompt)
+        if len(media.prompts) < 10_000:
+            media.prompts.add(prompt)
     for key in ("image", "audio", "out"):
         if not doc[key] or "\0" in doc[key]:
-            raise UserError(f"{where}: {key!r} is not a path")
-    image, audio, out = (media.resolve(doc[k]) for k in ("image", "audio", "out"))
-    for key, p in (("image", image), ("audio", audio)):
-        if not media.is_file(p):
-            raise UserError(f"{where}: {key} {p} is not a file")
-    size, seed, num_clip = doc.get("size", defaults.size), doc.get("seed", defaults.seed), doc.get("num_clip")
-    try:  # the checks prepare_inputs makes, with what the lines share checked once
-        media.check_out(out)
-        if prompt not in media.prompts:
-            check_prompt(prompt)
-            if len(media.prompts) < 10_000:
-                media.prompts.add(prompt)
-        width, height = media.framed(image, size)
-        clips = num_clips_for(media.samples(audio), num_clip)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    return FarmJob(number, image, audio, prompt, out, size, seed, num_clip, clips, width, height)
+            raise UserError(f"{key!r} is not a path")
+    image = media.inputs.get(("image", doc["image"])) or media.input("image", doc["image"])
+    audio = media.inputs.get(("audio", doc["audio"])) or media.input("audio", doc["audio"])
+    out, key = media.out(doc["out"])
+    size = doc.get("size", media.defaults.size)
+    width, height = media.photos.get((image, size)) or media.framed(image, size)
+    clips = media.clips.get((audio, num_clip))
+    if clips is None:
+        from ..pipeline.generate import num_clips_for
+
+        clips = media.clips[(audio, num_clip)] = num_clips_for(media.samples(audio), num_clip)
+    return FarmJob(number, image, audio, prompt, out, size, seed, num_clip, clips, width, height), key
 
 
 # ------------------------------------------------------------------------------------------ ownership
