@@ -211,6 +211,7 @@ def test_class5_bad_numbers_fail_before_any_file(tmp_path: Path, media: Path, fi
     _untouched(tmp_path)
 
 
+@pytest.mark.slow
 def test_trap_pipeline_remembers_its_size(tiny_artifact: Path, media: Path, tmp_path: Path) -> None:
     pipe = Pipeline.from_artifact(tiny_artifact, cache_dir=tmp_path / "cache", size="64*64", progress=False)
     block = next(iter(pipe.stream(media / "photo.png", media / "speech.wav", "a person talking", num_clip=1)))

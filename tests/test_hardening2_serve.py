@@ -307,6 +307,7 @@ def _start_refused(tiny_artifact: Path, state: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_class1_damaged_queue_database_never_deletes_finished_work(tiny_artifact: Path, media: Path,
                                                                    tmp_path: Path) -> None:
     state = tmp_path / "state"
@@ -369,6 +370,7 @@ def _other_schema(db: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ class 9: full disk
 
+@pytest.mark.slow
 def test_class9_full_state_dir_is_507_then_renders(tiny_artifact: Path, media: Path, tmp_path: Path) -> None:
     from hostile_fixtures import fill_disk, small_tmpfs
 
