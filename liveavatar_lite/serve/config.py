@@ -74,7 +74,7 @@ def read_token(path: Path) -> str:
     (a FIFO would block the start)."""
     from ..fileio import require_file
 
-    require_file(path, "--token-file")
+    require_file(path, "--token-file", missing=f"cannot read --token-file {path}: no such file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
