@@ -24,6 +24,10 @@ from .errors import UserError, first_line
 from .fileio import require_file
 
 SUPPORTED = "wav, flac, ogg, mp3, aiff, m4a/aac, opus, webm"
+# What a speech file's header may claim, checked before any sample is decoded: an absurd rate or
+# channel count in a 100 KB file must not become gigabytes of decoded or resampled samples.
+MIN_RATE, MAX_RATE = 4000, 192_000
+MAX_CHANNELS = 8
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,12 @@ class AudioSource:
     rate: int
     channels: int
     backend: str  # "soundfile" | "pyav"
+    frames: int | None = None  # samples per channel as the header states (None: not stated)
+
+    @property
+    def seconds(self) -> float | None:
+        """The duration the header states (None when it states none)."""
+        return None if self.frames is None else self.frames / self.rate
 
     def blocks(self, block: int = 1 << 16, start_s: float = 0.0) -> Iterator[np.ndarray]:
         """float32 [n, channels] blocks from sample floor(start_s * rate) on (n <= block for soundfile;
@@ -63,7 +73,9 @@ def open_audio(path: str | Path, what: str = "audio file") -> AudioSource:
         import soundfile as sf
 
         info = sf.info(str(path))
-        return AudioSource(path, int(info.samplerate), int(info.channels), "soundfile")
+        return _checked(AudioSource(path, int(info.samplerate), int(info.channels), "soundfile", int(info.frames)))
+    except UserError:
+        raise
     except Exception as sf_error:  # noqa: BLE001 - libsndfile: LibsndfileError/RuntimeError/TypeError
         reason = first_line(sf_error)
     try:
@@ -75,13 +87,28 @@ def open_audio(path: str | Path, what: str = "audio file") -> AudioSource:
             stream = container.streams.audio[0]
             rate = int(stream.codec_context.sample_rate or 0)
             channels = int(stream.codec_context.channels or 0)
+            frames = None
+            if stream.duration is not None and stream.time_base is not None:
+                frames = math.ceil(float(stream.duration * stream.time_base) * rate)
+            elif container.duration is not None:
+                frames = math.ceil(container.duration / 1e6 * rate)  # (av.time_base: microseconds)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - PyAV raises InvalidDataError etc.; report libsndfile's reason
         raise UserError(f"cannot read audio {path}: {reason} (supported: {SUPPORTED})") from None
     if rate <= 0 or channels <= 0:
         raise UserError(f"cannot read audio {path}: no sample rate or channel count in its audio stream")
-    return AudioSource(path, rate, channels, "pyav")
+    return _checked(AudioSource(path, rate, channels, "pyav", frames))
+
+
+def _checked(src: AudioSource) -> AudioSource:
+    """`src` if its header's rate and channel count are ones a speech file has; else UserError."""
+    if not MIN_RATE <= src.rate <= MAX_RATE:
+        raise UserError(f"audio {src.path} has a sample rate of {src.rate} Hz; speech from {MIN_RATE} to "
+                        f"{MAX_RATE} Hz is accepted (convert it: ffmpeg -i IN -ar 16000 OUT.wav)")
+    if src.channels > MAX_CHANNELS:
+        raise UserError(f"audio {src.path} has {src.channels} channels; at most {MAX_CHANNELS} are accepted")
+    return src
 
 
 def read_audio(path: str | Path, what: str = "audio file") -> DecodedAudio:

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Python warnings (torchvision's, ...) go through logging as `py.warnings`: shown with -v only.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -102,7 +102,7 @@ def budget_renders(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.Te
     for name, gb in (("lean", lean), ("mid", mid)):
         mp4, tel = root / f"{name}.mp4", root / f"{name}.jsonl"
         args = generate_args(tiny_artifact, media, mp4, "--num-clip", "2", "--vram", str(gb),
-                              "--device-profile", "rtx4090", "--telemetry", str(tel))
+                              "--device-profile", "rtx4090", "--telemetry", str(tel), "-v")
         proc = subprocess.run(cli_command(*args), env=render_env(), capture_output=True, text=True, timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = {"out": mp4, "vram": gb, "stderr": proc.stderr,
@@ -150,7 +150,7 @@ def test_memory_ledger_on_cpu(budget_renders: dict) -> None:
         assert ledger["copy_wait_kv_s"]["measured"] == r["copy_wait_kv_s"]
     h2d = clips[1]["ledger"]["h2d_bytes"]  # clip 1: no sink prefill, the steady state the plan predicts
     assert h2d["measured"] == h2d["predicted"]
-    assert "memory ledger, clip 1 (plan vs measured)" in run["stderr"]  # printed per clip with --telemetry
+    assert "memory ledger, clip 1 (plan vs measured)" in run["stderr"]  # printed per clip with --telemetry -v
 
 
 def test_artifact_decoder_graph_is_the_stored_tiny_graph(tiny_artifact: Path) -> None:

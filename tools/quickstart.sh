@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # The README quick start: tiny random checkpoint -> quantize -> plan -> generate 3 clips (CPU, ~1 min).
 # Usage: bash tools/quickstart.sh [WORKDIR]   (default /tmp/la-tiny; uses .venv from tools/setup.sh)
+# WORKDIR must be new, empty, or one this script made before (it holds .la-quickstart): only then is
+# it emptied; any other directory is refused, never deleted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/la-tiny}
 BIN=.venv/bin
 [ -x "$BIN/liveavatar-lite" ] || BIN=$(dirname "$(command -v liveavatar-lite)")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-rm -rf "$W" && mkdir -p "$W"
+if [ -e "$W" ] && { [ ! -d "$W" ] || [ -L "$W" ]; }; then
+    echo "quickstart: $W exists and is not a directory; pass a new directory" >&2; exit 2
+fi
+if [ -d "$W" ] && [ -n "$(ls -A "$W")" ] && [ ! -f "$W/.la-quickstart" ]; then
+    echo "quickstart: $W is not empty and was not made by this script; pass a new or empty directory" >&2; exit 2
+fi
+if [ -f "$W/.la-quickstart" ]; then  # our own earlier run: only the names this script writes go
+    rm -rf -- "$W/ckpt" "$W/art" "$W/speech.wav" "$W/photo.jpg" "$W/out.mp4" "$W/telemetry.jsonl" "$W/.out.mp4.work"
+fi
+mkdir -p "$W" && touch "$W/.la-quickstart"
 "$BIN/python" tools/make_checkpoint.py --preset tiny --out "$W/ckpt"
 "$BIN/liveavatar-lite" quantize "$W/ckpt" "$W/art" --format int8 --no-progress  # merges $W/ckpt/liveavatar.safetensors
 "$BIN/liveavatar-lite" inspect "$W/art"

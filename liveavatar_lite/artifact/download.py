@@ -40,6 +40,41 @@ S2V = HubSource("Wan-AI/Wan2.2-S2V-14B", (
 ))
 LORA = HubSource("Quark-Vision/Live-Avatar", (LORA_FILE,))
 
+# No call to the Hub waits forever: connecting may take HUB_CONNECT_S, and a metadata call or a
+# file transfer that receives nothing for HUB_READ_S fails (a re-run resumes what was fetched).
+HUB_CONNECT_S = 10.0
+HUB_READ_S = 60.0
+
+
+def _bound_hub_timeouts() -> None:
+    """Make every huggingface_hub HTTP call time out: its default client has no timeout, and its
+    metadata calls (repo_info) pass `timeout=None`, so an endpoint that accepts and never answers
+    hangs `download` forever. A transport that fills in the missing timeouts is installed through
+    huggingface_hub's client factory (`set_client_factory`, its documented way to configure HTTP)."""
+    import importlib
+
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    hc.HF_HUB_ETAG_TIMEOUT = min(hc.HF_HUB_ETAG_TIMEOUT or HUB_READ_S, HUB_READ_S)
+    hc.HF_HUB_DOWNLOAD_TIMEOUT = min(hc.HF_HUB_DOWNLOAD_TIMEOUT or HUB_READ_S, HUB_READ_S)
+    httpx = importlib.import_module(type(huggingface_hub.get_session()).__module__.split(".")[0])  # httpx (or its fork)
+    limits = {"connect": HUB_CONNECT_S, "read": HUB_READ_S, "write": HUB_READ_S, "pool": HUB_READ_S}
+
+    class BoundedTransport(httpx.HTTPTransport):  # type: ignore[name-defined, misc]
+        def handle_request(self, request):  # type: ignore[no-untyped-def]
+            given = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {k: given.get(k) or v for k, v in limits.items()}
+            return super().handle_request(request)
+
+    try:  # the hub's own request hook (request ids, debug logging), where this version has it
+        from huggingface_hub.utils._http import hf_request_event_hook
+        hooks = {"request": [hf_request_event_hook]}
+    except ImportError:
+        hooks = {}
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=BoundedTransport(), event_hooks=hooks,
+                                                            follow_redirects=True, timeout=httpx.Timeout(**limits)))
+
 
 def missing_files(dest: Path, lora: bool = True) -> list[str]:
     """What DEST still lacks to be a complete checkpoint for `quantize` (empty when complete)."""
@@ -73,16 +108,22 @@ def download(dest: Path, revision: str | None = None, lora_revision: str | None 
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     sources = [(S2V, revision)] + ([(LORA, lora_revision)] if lora else [])
+    _bound_hub_timeouts()
     for source, rev in sources:
         log.info("fetching %s (%s) into %s", source.repo_id, ", ".join(source.allow_patterns), dest)
         try:
             snapshot_download(source.repo_id, revision=rev, local_dir=dest,
                               allow_patterns=list(source.allow_patterns), max_workers=max_workers)
-        except (LocalEntryNotFoundError, HfHubHTTPError, ValueError) as e:
+        except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, TimeoutError) as e:
             raise UserError(f"cannot fetch {source.repo_id}: {first_line(e)} (check the network or the "
                             "revision; re-running resumes what was fetched)") from None
         except OSError as e:
             if type(e) is OSError or e.errno is not None:
                 raise  # a local file problem (disk full, permission): the CLI names it
             raise UserError(f"cannot fetch {source.repo_id}: {first_line(e)}") from None
+        except Exception as e:
+            if not type(e).__name__.endswith(("Timeout", "ConnectError")):  # httpx's transport errors
+                raise
+            raise UserError(f"cannot fetch {source.repo_id}: the Hub did not answer ({type(e).__name__} after "
+                            f"{HUB_READ_S:g} s); check the network or HF_ENDPOINT, then run it again") from None
     return missing_files(dest, lora)

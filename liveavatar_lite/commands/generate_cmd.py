@@ -21,7 +21,7 @@ def add_memory_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
                         help="GPU memory budget in GB (default: what the GPU has free)")
     parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), default=None, metavar="GB",
-                        help="host memory budget in GB (default: this machine's physical RAM)")
+                        help="host memory budget in GB (default: this machine's RAM less max(4 GB, 15 %%), left to the OS)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"),
                         help="KV cache storage dtype; fp8/int8 halve the largest memory user (default: %(default)s)")
 
@@ -54,6 +54,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="attention kernel: auto (per GPU: cuDNN on sm_90, flash on sm_80/sm_89; torch's CPU "
                              "kernel), sdpa (torch picks per call), one SDPA backend, or sage (8-bit, CUDA, the "
                              "[attention] extra); recorded in --telemetry (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (without it, an existing file is refused before any work)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same inputs from its newest checkpoint")
     parser.add_argument("--checkpoint-interval", type=non_negative_float, default=600.0, metavar="SECONDS",
@@ -66,7 +68,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--telemetry", type=Path, default=None, metavar="FILE",
                         help="write per-clip JSON lines (seconds, frames, peak VRAM, host RSS, copy-wait for "
                              "weights and KV, the memory ledger: the plan's figures next to the measured ones) and "
-                             "a summary; the ledger is also printed after each clip")
+                             "a summary; with -v the ledger is also printed after each clip")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where prompt embeddings are cached "
                              "(default: $LIVEAVATAR_LITE_CACHE or ~/.cache/liveavatar-lite)")
@@ -122,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         live=args.live,
         checkpoint_interval_s=args.checkpoint_interval,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     if args.ranks > 1:
         from ..pipeline.multirank import generate_multirank

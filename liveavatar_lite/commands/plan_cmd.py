@@ -27,7 +27,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram", type=float_range(0.0, 1e6, lo_open=True), required=True, metavar="GB",
                         help="VRAM budget in GB (the one knob)")
     parser.add_argument("--ram", type=float_range(0.0, 1e6, lo_open=True), metavar="GB",
-                        help="host RAM budget in GB (default: this machine's RAM)")
+                        help="host RAM budget in GB (default: this machine's RAM less max(4 GB, 15 %%), left to the OS)")
     parser.add_argument("--size", default="704*384", metavar="W*H", help="video size (default 704*384)")
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"), help="KV cache storage dtype")
     parser.add_argument("--format", choices=("bf16", "int8", "fp8", "int4", "nf4"),
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import PRESETS
     from ..decode.decoder_memory import DecoderGraph
     from ..errors import UserError
-    from ..pipeline.memory import decoder_graph, physical_ram_bytes
+    from ..pipeline.memory import decoder_graph, host_budget_bytes
     from ..runtime.device_profiles import resolve_profile
     from ..runtime.plan import GB, Budget, make_plan
     from ..runtime.plan_inputs import manifest_unit_sizes, parse_size, plan_input
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         m = read_manifest(Path(args.artifact))
         inp = plan_input(m.dit, size, m.quant.format, unit_sizes=manifest_unit_sizes(m),
                          decoder=decoder_graph(Path(args.artifact), m))
-    ram = args.ram * GB if args.ram is not None else physical_ram_bytes()
+    ram = host_budget_bytes(args.ram * GB / 1e9 if args.ram is not None else None)  # the OS keeps its share
     profile, note = resolve_profile(args.device_profile)
     budget = Budget(vram_bytes=args.vram * GB, ram_bytes=ram, kv_dtype=args.kv, compile=args.compile,
                     attention=args.attention)

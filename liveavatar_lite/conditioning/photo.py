@@ -29,6 +29,14 @@ SIZE_KEYS = (
 SNAP = 64  # both output dims are multiples of 64 (FramePack's 4x level floors anything else)
 MIN_AREA = SNAP * SNAP
 MAX_AREA = 1280 * 720  # the largest size upstream offers
+# What a photo may be: the formats cameras and phones write, decoded by Pillow itself. Anything else
+# (EPS/PDF hand the file to Ghostscript, TIFF/ICO/... carry decoders nobody needs here) is refused
+# before a decoder runs (a phone's multi-picture JPEG opens through JPEG as Pillow's MPO).
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# The largest photo decoded: 40 MP (an 8000x5000 camera frame) is 120 MB as RGB. Checked from the
+# header (Pillow opens lazily), before a pixel is decoded: a 12000x12000 PNG of a few KB is refused
+# in microseconds instead of costing a gigabyte.
+MAX_PHOTO_PIXELS = 40_000_000
 
 
 def parse_size(text: str) -> int:
@@ -128,9 +136,16 @@ def read_rgb(path: str | Path) -> "PIL.Image.Image":  # noqa: F821
 
     path = require_file(path, "image file")  # a FIFO or device is refused, not opened (it would block)
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=PHOTO_FORMATS) as im:  # header only: nothing is decoded yet
+            w, h = im.size
+            if w * h > MAX_PHOTO_PIXELS:
+                raise UserError(f"image {path} is {w}x{h} pixels; photos up to {MAX_PHOTO_PIXELS / 1e6:g} "
+                                "megapixels are accepted (scale it down)")
             return im.convert("RGB")  # decodes fully here, so truncated files fail inside the try
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise UserError(f"cannot read image {path}: not a photo in a supported format "
+                        f"({', '.join(PHOTO_FORMATS)})") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         msg = first_line(e)
         raise UserError(f"cannot read image {path}: {msg}") from None
 

@@ -22,6 +22,27 @@ from ..errors import UserError
 
 SAMPLE_RATE = 16000
 _SILENCE_PEAK = 1e-5  # -100 dBFS: a file whose every sample is below this carries no speech
+MAX_SPEECH_SECONDS = 4 * 3600.0  # the longest speech decoded at all (a service passes its own, smaller limit)
+# The resampler's kernel has (up * taps) entries for a rate ratio up/down in lowest terms: 0.13 M for
+# 44.1 kHz, but 0.7 G (5.6 GB) for a 44101 Hz file. Rates whose kernel would pass this are refused.
+MAX_KERNEL = 4_000_000
+
+
+class SpeechTooLong(UserError):
+    """The speech is longer than the caller accepts (found from the header, or while decoding)."""
+
+
+def kernel_size(sr_in: int, sr_out: int = SAMPLE_RATE, zero_crossings: int = 64, rolloff: float = 0.96) -> int:
+    """Entries of `resample`'s kernel from sr_in to sr_out (0 when the rates are equal).
+
+    kernel_size(44100)  # 129440
+    """
+    if sr_in == sr_out:
+        return 0
+    g = math.gcd(sr_in, sr_out)
+    down, up = sr_in // g, sr_out // g
+    cutoff = 0.5 * rolloff * min(1.0, up / down)
+    return up * (down + 2 * math.ceil(zero_crossings / (2 * cutoff)))
 
 
 def resample(wave: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE, *, zero_crossings: int = 64,
@@ -65,23 +86,39 @@ def resample(wave: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE, *, zero_cr
     return y.numpy().astype(np.float32, copy=False)
 
 
-def load_audio(path: str | Path) -> np.ndarray:
+def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
     """Read an audio file as float32 mono at 16 kHz: np.ndarray [N].
 
     Decoded by libsndfile, or by PyAV for what it cannot read (m4a/aac, opus, ...): see
     `liveavatar_lite.audiofile`; either way resampled here, by `resample` only.
-    Raises UserError (one line) for a missing, unreadable, empty, non-finite or silent file.
+    Raises UserError (one line) for a missing, unreadable, empty, non-finite or silent file, and
+    SpeechTooLong past `max_seconds` (default MAX_SPEECH_SECONDS). The rate, channel count and
+    stated duration are checked from the header before decoding; the decode itself stops at the
+    limit (a header may lie), mixing each block to mono as it comes: memory is bounded by the limit.
 
         wave = load_audio("speech.wav")
     """
-    from ..audiofile import read_audio
+    from ..audiofile import open_audio
 
     path = Path(path)
-    audio = read_audio(path, "audio file")
-    data, sr = audio.data, audio.rate  # [N, channels]
-    if data.shape[0] == 0 or data.shape[1] == 0:
+    limit = MAX_SPEECH_SECONDS if max_seconds is None else min(max_seconds, MAX_SPEECH_SECONDS)
+    src = open_audio(path, "audio file")  # UserError for an unreadable file or an absurd rate / channels
+    sr = src.rate
+    if kernel_size(sr) > MAX_KERNEL:
+        raise UserError(f"audio {path} has an unusual sample rate ({sr} Hz); convert it to a common one "
+                        "(e.g. ffmpeg -i IN -ar 16000 OUT.wav)")
+    if src.seconds is not None and src.seconds > limit:
+        raise SpeechTooLong(f"the audio {path} is {src.seconds:.1f} s long; at most {limit:g} s are accepted")
+    max_samples = math.floor(limit * sr) + sr  # a second of slack over what the header may have rounded
+    parts, n = [], 0
+    for block in src.blocks():  # float32 [n, channels]
+        parts.append(block.mean(axis=1))  # channels averaged, as librosa.load(mono=True)
+        n += len(parts[-1])
+        if n > max_samples:
+            raise SpeechTooLong(f"the audio {path} is longer than {limit:g} s, the most accepted")
+    if n == 0:
         raise UserError(f"audio {path} is empty (0 samples)")
-    wave = data.mean(axis=1)  # [N]: channels averaged, as librosa.load(mono=True)
+    wave = np.concatenate(parts).astype(np.float32, copy=False)  # [N]
     if not np.isfinite(wave).all():
         raise UserError(f"audio {path} contains NaN or infinite samples")
     if float(np.abs(wave).max()) < _SILENCE_PEAK:

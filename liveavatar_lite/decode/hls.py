@@ -13,8 +13,11 @@ see one timeline. Segments and the playlist are written temp + rename: a reader 
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,44 @@ log = logging.getLogger(__name__)
 
 PLAYLIST = "index.m3u8"
 _SEGMENT = "seg_{:05d}.ts"
+OWNED = ".liveavatar-live.json"  # the names this tool wrote in a live dir: the only ones it replaces or deletes
+
+
+def check_live_dir(directory: Path) -> None:
+    """UserError unless `directory` can be a render's live output: a directory (or nothing yet) whose
+    playlist and segments, if any, this tool wrote (a user's own `seg_*.ts` is never replaced)."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"--live {directory} is a file; pass a directory for the HLS playlist")
+    if not directory.is_dir():
+        return
+    owned = _owned(directory)
+    foreign = sorted(p.name for p in [*directory.glob("seg_*.ts"), directory / PLAYLIST]
+                     if p.exists() and p.name not in owned)
+    if foreign:
+        raise UserError(f"--live {directory} already holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                        "which this tool did not write; pass an empty or new directory")
+
+
+def _owned(directory: Path) -> set[str]:
+    """The names an earlier render recorded writing in `directory` (empty without a readable record)."""
+    try:
+        names = json.loads((directory / OWNED).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and (n == PLAYLIST or (n.startswith("seg_") and n.endswith(".ts")))
+            and "/" not in n}
+
+
+def _lock_live_dir(directory: Path) -> int:
+    """An exclusive flock on the live dir (UserError if another render holds it); the descriptor."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another render is writing its live output to {directory}; give each render its own "
+                        "--live directory") from None
+    return fd
 
 
 @dataclass(frozen=True)
@@ -45,6 +86,7 @@ class HlsWriter:
         self.directory, self.spec, self.audio, self.layout = directory, spec, audio, layout
         self.segments: list[LiveSegment] = []
         self.finished = False
+        self._lock_fd: int | None = None
 
     @classmethod
     def open(cls, directory: Path, spec: VideoSpec, audio: Path, done: Sequence[tuple[Path, int]]) -> HlsWriter:
@@ -53,20 +95,45 @@ class HlsWriter:
         Files the directory holds from another render are replaced; finished clips get their live
         segment again (a stream copy, cheap), so a resumed render's playlist starts complete.
         """
-        if directory.exists() and not directory.is_dir():
-            raise UserError(f"--live {directory} is a file; pass a directory for the HLS playlist")
+        check_live_dir(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --live directory {directory}: {first_line(e)}") from None
-        for old in [*directory.glob("seg_*.ts"), directory / PLAYLIST]:
-            old.unlink(missing_ok=True)  # only what this writer itself names: nothing else is touched
-        live = cls(directory, spec, audio, audio_layout(audio))
-        first = 0
-        for index, (segment, frames) in enumerate(done):
-            live.add_clip(index, segment, first, frames)
-            first += frames
+        fd = _lock_live_dir(directory)  # held until finish() or close(): one render per live dir
+        try:
+            check_live_dir(directory)  # again, under the lock
+            for name in _owned(directory):
+                (directory / name).unlink(missing_ok=True)  # only what an earlier render recorded writing
+            live = cls(directory, spec, audio, audio_layout(audio))
+            live._lock_fd = fd
+            live._record()
+            first = 0
+            for index, (segment, frames) in enumerate(done):
+                live.add_clip(index, segment, first, frames)
+                first += frames
+        except BaseException:
+            os.close(fd)
+            raise
         return live
+
+    def close(self) -> None:
+        """Release the live dir's lock (idempotent; finish() does it too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: the process's end releases it anyway
+            pass
+
+    def _record(self, extra: str | None = None) -> None:
+        """Rewrite the record of what this writer has written (before it writes `extra`)."""
+        names = [PLAYLIST, *(s.name for s in self.segments), *([extra] if extra else [])]
+        write_bytes_atomic(self.directory / OWNED, json.dumps({"files": names}).encode(),
+                           tmp=self.directory / f"{OWNED}.tmp")
 
     @property
     def playlist(self) -> Path:
@@ -83,6 +150,7 @@ class HlsWriter:
             raise ValueError(f"live clip {index} at frame {first_frame}, expected {len(self.segments)} at {self.frames}")
         name = _SEGMENT.format(index)
         tmp = self.directory / f".{name}.tmp"
+        self._record(name)
         try:
             self._write_segment(segment, tmp, first_frame, frames)
             durable_replace(tmp, self.directory / name)
@@ -96,6 +164,7 @@ class HlsWriter:
         """Mark the playlist complete (`#EXT-X-ENDLIST`): players stop polling for more."""
         self.finished = True
         self._write_playlist()
+        self.close()
 
     # ---- files ------------------------------------------------------------------------------------
 

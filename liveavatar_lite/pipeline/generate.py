@@ -58,46 +58,85 @@ def check_output(out: Path, live: Path | None = None, telemetry: Path | None = N
     from .workdir import check_output_path
 
     check_output_path(out)
-    if live is not None and live.exists() and not live.is_dir():
-        raise UserError(f"--live {live} is a file; pass a directory for the HLS playlist")
+    if live is not None:
+        check_live(out, live)
     if telemetry is not None:
         check_output_path(telemetry, "--telemetry", suffix=None)
 
 
-def prepare_inputs(request: RenderRequest) -> RenderInputs:
+SEED_MAX = 2**63 - 1  # as the CLI's --seed (commands/flags.py): clip c is seeded seed + c
+MIN_SPEECH_SECONDS = 0.1  # shorter speech gives wav2vec2 too few samples for one feature frame
+
+
+def check_numbers(request: RenderRequest) -> None:
+    """UserError unless seed and num_clip are what the CLI's flags accept (checked before any file)."""
+    seed, num_clip = request.seed, request.num_clip
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed must be an integer from 0 to 2^63-1, got {seed!r}")
+    if num_clip is not None and (not isinstance(num_clip, int) or isinstance(num_clip, bool) or num_clip < 1):
+        raise UserError(f"num_clip must be a positive integer (or None: until the speech ends), got {num_clip!r}")
+
+
+def check_live(out: Path, live: Path) -> None:
+    """UserError unless `live` can be the HLS directory of a render to `out` (before any model loads):
+    not `out` itself, not inside its work dir, not under a file, writable, no files of someone else."""
+    from ..decode.hls import check_live_dir
+    from .workdir import RenderWorkDir, check_output_path
+
+    where, work = live.resolve(), RenderWorkDir.path_for(out).resolve()
+    if where == out.resolve():
+        raise UserError(f"--live {live} is the --out file; pass a directory for the HLS playlist")
+    if where == work or work in where.parents:
+        raise UserError(f"--live {live} is inside the render's work dir {work}, which is deleted when it ends")
+    check_live_dir(live)
+    check_output_path(live / PLAYLIST_NAME, "--live", suffix=None)  # a parent that is a file, read-only, ...
+
+
+PLAYLIST_NAME = "index.m3u8"
+
+
+def prepare_inputs(request: RenderRequest, max_audio_seconds: float | None = None) -> RenderInputs:
     """The photo framed for the size, the speech at 16 kHz and the clip count; UserError for bad input.
 
-    Everything is checked before any folder or work dir is made (docs/errors.md).
+    Everything is checked before any folder or work dir is made (docs/errors.md); speech longer
+    than `max_audio_seconds` raises speech.SpeechTooLong, found from its header when it says.
     prepare_inputs(request).num_clips  # 3 for 4.7 s of speech
     """
     from ..conditioning import speech
     from ..conditioning.text_tokenizer import check_prompt
     from ..fileio import require_file
 
+    check_numbers(request)
     if request.out is not None:
         check_output(request.out, request.live, request.telemetry)
+        if not request.overwrite and request.out.exists():
+            raise UserError(f"--out {request.out} exists; pass --overwrite to replace it, or choose another --out")
     check_prompt(request.prompt)
     require_file(request.image, "--image")  # a FIFO or device is refused, never opened (it would block)
     require_file(request.audio, "--audio")
     reference = load_reference(request.image, request.size)  # float32 [3, H, W]
     height, width = int(reference.shape[1]), int(reference.shape[2])
-    wave = speech.load_audio(request.audio)  # float32 [n] at 16 kHz; UserError if unusable
+    wave = speech.load_audio(request.audio, max_audio_seconds)  # float32 [n] at 16 kHz; UserError if unusable
+    if len(wave) < MIN_SPEECH_SECONDS * request.sample.audio_rate:
+        raise UserError(f"audio {request.audio} is {len(wave) / request.sample.audio_rate * 1000:.0f} ms long; "
+                        f"at least {MIN_SPEECH_SECONDS * 1000:.0f} ms of speech is needed")
     num_clips = num_clips_for(len(wave), request.num_clip)
     log.info("%dx%d, %.2f s of speech -> %d clips", width, height, len(wave) / request.sample.audio_rate, num_clips)
     return RenderInputs(request, reference, height, width, num_clips, wave)
 
 
-def job_key(request: RenderRequest, identity: str) -> str:
+def job_key(request: RenderRequest, identity: str, digest: Any = file_sha256) -> str:
     """What makes two renders produce the same frames: inputs' bytes, prompt, size, seed, backend identity.
 
     job_key(request, backend.identity())  # sha256 hex; a resume refuses a work dir with another key
+    (`digest(path)` gives a file's sha256 hex; a caller keying many jobs passes a cache)
     """
     h = hashlib.sha256()
     for part in (identity, request.prompt, request.size, str(request.seed)):
         data = part.encode()
         h.update(len(data).to_bytes(8, "little") + data)
     for path in (request.image, request.audio):
-        h.update(bytes.fromhex(file_sha256(path)))
+        h.update(bytes.fromhex(digest(path)))
     return h.hexdigest()
 
 
@@ -218,17 +257,22 @@ def _render(request: RenderRequest, backend: Backend, work: Any, inputs: RenderI
     if request.live is not None:
         done = list(zip(work.segment_paths(), work.segment_frame_counts()))
         live = HlsWriter.open(request.live, spec, request.audio, done)
-    if resumed < inputs.num_clips:  # (a render killed while muxing has every clip already)
-        renderer = backend.build(inputs)
-        if hasattr(renderer, "layout"):  # what this render streams, where its KV lives
-            telemetry.event("layout", **renderer.layout())
-        if work.state_path is not None:
-            work.restore(renderer)  # mmap'ed, weights_only; one line if the state file is damaged
-            telemetry.event("resume", clips_done=resumed, frames_done=work.frames_done)
-        _render_clips(renderer, work, spec, inputs, telemetry, clock, live)
-    frames = mux_segments(work.segment_paths()[: inputs.num_clips], request.audio, request.out, spec)
-    if live is not None:
-        live.finish()
+    try:
+        if resumed < inputs.num_clips:  # (a render killed while muxing has every clip already)
+            renderer = backend.build(inputs)
+            if hasattr(renderer, "layout"):  # what this render streams, where its KV lives
+                telemetry.event("layout", **renderer.layout())
+            if work.state_path is not None:
+                work.restore(renderer)  # mmap'ed, weights_only; one line if the state file is damaged
+                telemetry.event("resume", clips_done=resumed, frames_done=work.frames_done)
+            _render_clips(renderer, work, spec, inputs, telemetry, clock, live)
+        frames = mux_segments(work.segment_paths()[: inputs.num_clips], request.audio, request.out, spec)
+        if live is not None:
+            live.finish()
+    except BaseException:
+        if live is not None:
+            live.close()  # the live dir's lock goes with the failed render (its files stay for a resume)
+        raise
     rendered = frames - frames_before
     rtf = _realtime_factor(rendered, request.sample.fps, clock.seconds)
     telemetry.summary(out=str(request.out), resumed_clips=resumed, height=inputs.height, width=inputs.width,

@@ -88,7 +88,7 @@ def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: R
         vram = float(torch.cuda.mem_get_info()[0]) + loaded_device_bytes
     else:
         vram = CPU_UNLIMITED_VRAM
-    ram = budget.ram_gb * 1e9 if budget.ram_gb else physical_ram_bytes()
+    ram = host_budget_bytes(budget.ram_gb, quiet)
     b = Budget(vram_bytes=vram, ram_bytes=ram, kv_dtype=budget.kv_dtype, compile=budget.compile,
                attention=budget.attention, overlap_decode=budget.overlap_decode)
     note = ""
@@ -103,6 +103,35 @@ def plan_render(directory: Path, manifest: Any, size: tuple[int, int], budget: R
                  ", ".join(k.name for k in plan.kv if k.placement == "host") or "none", plan.decode_latents_per_call,
                  plan.clip_seconds, profile.name, plan.kernels)
     return PlannedRender(plan, inp, b, profile, note)
+
+
+OS_RESERVE_BYTES = 4e9  # at least this much RAM stays with the OS: pinned memory cannot be swapped
+OS_RESERVE_FRAC = 0.15  # ... or this share of it, whichever is more
+
+
+def host_budget_bytes(ram_gb: float | None, quiet: bool = False) -> float | None:
+    """The host RAM a plan may pin: `ram_gb`, or without it the physical RAM less max(4 GB, 15 %).
+
+    Logs what that leaves for the OS, and warns when it is under 4 GB (pinned pages cannot be
+    swapped out: the OS, the page cache and everything else run in what is left).
+    """
+    physical = physical_ram_bytes()
+    if ram_gb is not None:
+        ram = ram_gb * 1e9
+    elif physical is None:
+        return None
+    else:
+        ram = max(0.0, physical - max(OS_RESERVE_BYTES, OS_RESERVE_FRAC * physical))
+    if physical is not None and not quiet:
+        left = physical - ram
+        if left < OS_RESERVE_BYTES:
+            log.warning("--ram %.1f GB leaves %.1f GB of this machine's %.1f GB for the OS (pinned memory cannot "
+                        "be swapped); keep at least %.0f GB free", ram / 1e9, max(0.0, left) / 1e9, physical / 1e9,
+                        OS_RESERVE_BYTES / 1e9)
+        else:
+            log.info("host budget %.1f GB of %.1f GB RAM; %.1f GB left for the OS%s", ram / 1e9, physical / 1e9,
+                     left / 1e9, "" if ram_gb is not None else " (--ram sets it)")
+    return ram
 
 
 def physical_ram_bytes() -> float | None:

@@ -15,6 +15,7 @@ the inputs, load a Pipeline planned for their size, render once.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,10 +37,27 @@ PathLike = str | Path
 
 
 class Pipeline:
-    """A loaded artifact (or any `Backend`) plus the clip loop; render() and stream() reuse what is loaded."""
+    """A loaded artifact (or any `Backend`) plus the clip loop; render() and stream() reuse what is loaded.
 
-    def __init__(self, backend: Backend, progress: bool = True) -> None:
+    One render at a time: the loaded models hold one render's state (KV caches, decoder cache), so
+    a render or a stream's next block started while another thread renders is refused with one line
+    (UserError) instead of mixing the two; and a `stream()` left unfinished is stale once another
+    render or stream starts: its next block raises instead of yielding wrong frames.
+    """
+
+    def __init__(self, backend: Backend, progress: bool = True, size: str = "704*384") -> None:
         self.backend, self.progress = backend, progress
+        self.size = size  # the default size of render() and stream(): what the Pipeline was planned for
+        self._busy = threading.Lock()  # held while a render runs, or while a stream computes one block
+        self._generation = 0  # which render or stream last used the models (a stream checks it is still its own)
+
+    def _claim(self) -> int:
+        """Take the models for a new render or stream (UserError while another thread renders)."""
+        if not self._busy.acquire(blocking=False):
+            raise UserError("this Pipeline is rendering in another thread; render one video at a time per "
+                            "Pipeline (wait for it, or load a second Pipeline)")
+        self._generation += 1
+        return self._generation
 
     @classmethod
     def from_artifact(cls, artifact: PathLike, *, vram_gb: float | None = None, ram_gb: float | None = None,
@@ -57,7 +75,9 @@ class Pipeline:
         options = PipelineOptions(Path(artifact), vram_gb=vram_gb, ram_gb=ram_gb, kv_dtype=kv,
                                   device_profile=device_profile, compile_units=compile_units, attention=attention,
                                   cache_dir=None if cache_dir is None else Path(cache_dir), progress=progress)
-        return cls.from_options(options, _size_dims(size))
+        pipe = cls.from_options(options, _size_dims(size))
+        pipe.size = size  # render() and stream() default to the size the models were planned for
+        return pipe
 
     @classmethod
     def from_options(cls, options: PipelineOptions, size: tuple[int, int] | None = None) -> Pipeline:
@@ -73,33 +93,64 @@ class Pipeline:
         """How many times each model was loaded (dit, decoder, audio_encoder, vae_encoder, t5)."""
         return dict(getattr(self.backend, "loads", {}))
 
-    def render(self, image: PathLike, audio: PathLike, prompt: str, out: PathLike, *, size: str = "704*384",
+    def render(self, image: PathLike, audio: PathLike, prompt: str, out: PathLike, *, size: str | None = None,
                seed: int = 42, num_clip: int | None = None, resume: bool = False, live: PathLike | None = None,
                telemetry: PathLike | None = None, checkpoint_interval_s: float = 600.0) -> RenderResult:
         """Render to `out` (.mp4, written atomically; resumable with `resume=True` after a crash).
 
-        `size` is a pixel area (an upstream key such as "704*384" or a custom "W*H"); the photo keeps
-        its aspect with sides snapped to 64. `live`: a directory that gets `index.m3u8` + one segment
+        `size` is a pixel area (an upstream key such as "704*384" or a custom "W*H"; default: the
+        Pipeline's own, as given to `from_artifact`); the photo keeps its aspect with sides snapped to 64. `live`: a directory that gets `index.m3u8` + one segment
         per finished clip while rendering. Returns the mp4's clips, frames, size and timings.
         """
         return self.run(RenderRequest(
-            image=Path(image), audio=Path(audio), prompt=prompt, out=Path(out), size=size, num_clip=num_clip,
+            image=Path(image), audio=Path(audio), prompt=prompt, out=Path(out), size=size or self.size,
+            num_clip=num_clip,
             seed=seed, resume=resume, telemetry=None if telemetry is None else Path(telemetry),
             live=None if live is None else Path(live), checkpoint_interval_s=checkpoint_interval_s,
             progress=self.progress))
 
     def run(self, request: RenderRequest, inputs: RenderInputs | None = None) -> RenderResult:
         """`render` for a typed request (what the CLI and the service build); `inputs` if already validated."""
-        return render_to_file(self.backend, request, inputs)
+        self._claim()
+        try:
+            return render_to_file(self.backend, request, inputs)
+        finally:
+            self._busy.release()
 
-    def stream(self, image: PathLike, audio: PathLike, prompt: str, *, size: str = "704*384", seed: int = 42,
+    def stream(self, image: PathLike, audio: PathLike, prompt: str, *, size: str | None = None, seed: int = 42,
                num_clip: int | None = None) -> Iterator[StreamBlock]:
         """Yield the video block by block as it is decoded (no file): `StreamBlock.frames` uint8
         [n, H, W, 3] and the span of speech it plays over. Same frames as `render` with the same inputs.
         """
-        request = RenderRequest(image=Path(image), audio=Path(audio), prompt=prompt, size=size, seed=seed,
-                                num_clip=num_clip, progress=self.progress)
-        return iter_blocks(self.backend, prepare_inputs(request))
+        request = RenderRequest(image=Path(image), audio=Path(audio), prompt=prompt, size=size or self.size,
+                                seed=seed, num_clip=num_clip, progress=self.progress)
+        inputs = prepare_inputs(request)  # bad input fails here, at the call, not at the first next()
+        return self._stream(inputs)
+
+    def _stream(self, inputs: RenderInputs) -> Iterator[StreamBlock]:
+        """The blocks of `inputs`, each computed under the lock, while no other render has intervened."""
+        mine = self._claim()
+        blocks = None
+        try:
+            blocks = iter_blocks(self.backend, inputs)
+            while True:
+                try:
+                    block = next(blocks)
+                except StopIteration:
+                    return
+                finally:
+                    self._busy.release()
+                yield block  # (the models are free while the caller looks at the block)
+                if not self._busy.acquire(blocking=False):
+                    raise UserError("this Pipeline is rendering in another thread; finish this stream "
+                                    "before starting another render")
+                if self._generation != mine:
+                    self._busy.release()
+                    raise UserError("this stream is stale: another render or stream used the Pipeline "
+                                    "since its last block; start a new stream()")
+        finally:
+            if blocks is not None:
+                blocks.close()
 
     def close(self) -> None:
         """Drop the loaded models (their memory returns when nothing else refers to them)."""

@@ -60,6 +60,7 @@ class RenderRequest:
     checkpoint_interval_s: float = 600.0
     progress: bool = True
     sample: SampleConfig = field(default_factory=SampleConfig)
+    overwrite: bool = True  # False: an existing `out` is refused before any work (`generate` without --overwrite)
 
 
 @dataclass(frozen=True)

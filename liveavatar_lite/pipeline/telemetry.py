@@ -111,7 +111,7 @@ class Telemetry:
         self.records.append(record)
         self._write(record)
         if self.stream is not None and record.get("ledger"):
-            log.info("%s", format_ledger(record["ledger"], f"memory ledger, clip {index} (plan vs measured):"))
+            log.debug("%s", format_ledger(record["ledger"], f"memory ledger, clip {index} (plan vs measured):"))  # -v
         return record
 
     def summary(self, **extra: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -142,6 +143,7 @@ class RenderWorkDir:
             except BaseException:
                 work._lock_fd = None  # open() closes the descriptor: never twice (the number may be reused)
                 raise
+            work._drop_damaged()
             log.info("resuming after %d finished clips (%d frames)", work.clips_done, work.frames_done)
             return work
         if resume:
@@ -209,7 +211,8 @@ class RenderWorkDir:
         segment.close()
         durable_replace(segment.path, segment.final_path)
         previous = self.state_path
-        segments = [*self._journal["segments"], {"name": segment.final_path.name, "frames": segment.frames}]
+        segments = [*self._journal["segments"], {"name": segment.final_path.name, "frames": segment.frames,
+                                                 "sha256": _sha256(segment.final_path)}]
         journal = {**self._journal, "segments": segments}
         if write_state is not None:
             state_name = self.state_name(segment.index)
@@ -283,6 +286,28 @@ class RenderWorkDir:
             self.unlock()  # a dropped work dir lets go of its lock (as the process's end would)
         except Exception:  # noqa: BLE001, S110 - interpreter shutdown: the process's end releases it anyway
             pass
+
+    def _drop_damaged(self) -> None:
+        """Verify every finished segment against its journal checksum; from the first that differs
+        on, the clips are rendered again (from the newest state if it precedes that clip, else from
+        the first clip: the output is the same either way, a render being deterministic)."""
+        segments = self._journal["segments"]
+        bad = next((i for i, s in enumerate(segments) if "sha256" in s and _sha256(self.root / s["name"]) != s["sha256"]),
+                   None)
+        if bad is None:
+            return
+        journal = {**self._journal, "segments": segments[:bad]}
+        dropped = [s["name"] for s in segments[bad:]]
+        if self.state_clips > bad:  # the state is past the damaged clip: it cannot be continued from
+            dropped += [self._journal["state"], *(p.name for p in self._companions(self._journal["state"]))]
+            journal.update(segments=[], state=None, state_clips=0)
+            dropped += [s["name"] for s in segments[:bad]]
+        write_json_atomic(self.root / "journal.json", journal)
+        self._journal = journal
+        for name in dropped:
+            (self.root / name).unlink(missing_ok=True)
+        log.warning("%s: finished clip %d does not match its checksum; rendering %s again", self.root, bad,
+                    "from the first clip" if not journal["segments"] else f"from clip {bad}")
 
     def _drop_uncommitted(self) -> None:
         """Delete files a killed run left behind that the journal does not name."""
@@ -360,6 +385,18 @@ def _lock_work_dir(root: Path, out: Path) -> int:
     raise UserError(f"could not lock the work dir {root}; is another render starting and finishing there?")
 
 
+def _sha256(path: Path) -> str:
+    """sha256 hex of a file ("" if it cannot be read: then it matches no checksum)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
 def _clear(root: Path, keep: frozenset[str] | set[str] = frozenset()) -> None:
     """Delete everything inside `root` except the names in `keep` (symlinks removed, never followed)."""
     for p in root.iterdir():
@@ -401,6 +438,9 @@ def _read_journal(path: Path, root: Path, job_key: str) -> dict:
         frames = seg.get("frames")
         if not isinstance(frames, int) or isinstance(frames, bool) or not 0 < frames <= 10_000:
             raise damaged(f"segment {i} has {frames!r} frames")
+        digest = seg.get("sha256", "0" * 64)  # (journals written before checksums have none)
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise damaged(f"segment {i} has a malformed checksum")
     state, clips = journal.get("state"), journal.get("state_clips")
     if not isinstance(clips, int) or isinstance(clips, bool) or not 0 <= clips <= len(segments):
         raise damaged(f"state_clips {clips!r} with {len(segments)} segments")

@@ -428,7 +428,9 @@ def _no_fit_message(inp: PlanInput, budget: Budget, prof: DeviceProfile) -> str:
     need_ram_gb, have_ram_gb = gb_pair(need_ram or 0, budget.ram_bytes or 0, decimals=1)
     if need_ram is None:
         have_ram_gb = gb_pair(0, budget.ram_bytes or 0, decimals=1)[1]
-    have = f"{have_vram_gb} VRAM" + (f" + {have_ram_gb} RAM" if budget.ram_bytes is not None else "")
+    cpu = budget.vram_bytes >= 1e14  # a CPU run without --vram: no device budget to speak of
+    have = ("" if cpu else f"{have_vram_gb} VRAM") + (
+        f"{'' if cpu else ' + '}{have_ram_gb} RAM" if budget.ram_bytes is not None else "")
     why = (f"the host copies need {need_ram_gb} RAM" if need_ram is not None
            else f"the leanest layout needs {need_vram_gb} VRAM")
     head = (f"{inp.weight_format} weights at {inp.workload.size[0]}*{inp.workload.size[1]} with {budget.kv_dtype} KV "

@@ -98,6 +98,15 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": line}, status_code=status, headers=headers)
 
 
+def _disk_full(e: BaseException) -> bool:
+    import errno
+    import sqlite3
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+
+
 def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, executor_status: Any,
                token: str | None) -> FastAPI:
     """The FastAPI app over a running service (server.py wires the parts)."""
@@ -139,6 +148,9 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
+        if _disk_full(e):  # an upload, a blob or the queue database on a full state dir: not our bug
+            log.warning("the state dir is full: %s", e)
+            return _error(507, "the server's disk is full; try again later")
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, f"internal error: {type(e).__name__}")
 

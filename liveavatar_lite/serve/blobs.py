@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..fileio import durable_replace
@@ -29,10 +29,16 @@ def file_digest(path: Path) -> str:
 
 
 class BlobStore:
-    """Content-addressed files under one directory."""
+    """Content-addressed files under one directory.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    With `known` (the queue database's record of the blobs it put) and `on_put` (which records one),
+    clean-up deletes only blobs the database knows: a database restored from an older copy, emptied
+    or replaced never makes the service delete uploads it does not list.
+    """
+
+    def __init__(self, root: Path, known: Callable[[], set[str]] | None = None,
+                 on_put: Callable[[str], None] | None = None, forget: Callable[[set[str]], None] | None = None) -> None:
+        self.root, self.known, self.on_put, self.forget = root, known, on_put, forget
 
     def path(self, digest: str) -> Path:
         if not DIGEST.match(digest):
@@ -46,6 +52,8 @@ class BlobStore:
         if final.exists():
             src.unlink()
             return digest
+        if self.on_put is not None:
+            self.on_put(digest)  # recorded first: a crash after the rename leaves a blob the database knows
         final.parent.mkdir(parents=True, exist_ok=True)
         durable_replace(src, final)  # same file system (state/tmp -> state/blobs): a rename
         return digest
@@ -56,10 +64,14 @@ class BlobStore:
     def remove_except(self, keep: Iterable[str]) -> int:
         """Delete every blob not in `keep` (and empty fan-out dirs); returns how many were deleted."""
         keep = set(keep)
-        removed = 0
-        for digest in self.digests() - keep:
+        doomed = self.digests() - keep
+        if self.known is not None:
+            doomed &= self.known()  # never a blob the database does not list
+        for digest in doomed:
             self.path(digest).unlink(missing_ok=True)
-            removed += 1
+        removed = len(doomed)
+        if self.forget is not None and doomed:
+            self.forget(doomed)
         for d in self.root.glob("??"):
             if d.is_dir() and not any(d.iterdir()):
                 os.rmdir(d)

@@ -69,7 +69,12 @@ def is_loopback(host: str) -> bool:
 
 
 def read_token(path: Path) -> str:
-    """The bearer token in `path` (its first line, stripped); UserError if missing, empty or short."""
+    """The bearer token in `path` (its first line, stripped); UserError if missing, empty, short, not
+    printable ASCII (an HTTP header carries bytes a client could never match), or not a regular file
+    (a FIFO would block the start)."""
+    from ..fileio import require_file
+
+    require_file(path, "--token-file", missing=f"cannot read --token-file {path}: no such file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -79,6 +84,9 @@ def read_token(path: Path) -> str:
     if len(token) < MIN_TOKEN_CHARS:
         raise UserError(f"--token-file {path}: the token must be at least {MIN_TOKEN_CHARS} characters "
                         "(e.g. `openssl rand -hex 32 > FILE`)")
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise UserError(f"--token-file {path}: the token must be printable ASCII without spaces (clients send it "
+                        "in an HTTP header); e.g. `openssl rand -hex 32 > FILE`")
     return token
 
 

@@ -3,8 +3,12 @@
     serve(ServeConfig(pipeline=PipelineOptions(Path("art")), state_dir=Path("state")))  # until SIGTERM / Ctrl-C
 
 Start-up after any stop (clean or kill -9): temp uploads are deleted; jobs that were running go
-back to the head of the queue and resume from their checkpoints; directories of jobs that are not
-`done` or in progress are removed, as are blobs no job or avatar refers to.
+back to the head of the queue and resume from their checkpoints; directories of jobs the database
+lists as failed or cancelled are removed, as are blobs it put that no job or avatar refers to.
+Nothing the database does not list is ever deleted: a queue.sqlite3 that is missing, empty, or
+restored without its WAL starts with the jobs it holds and leaves the other job folders and blobs
+alone (one warning line names them); one that is unreadable or of another schema stops the start
+with one line naming the file.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from .layout import StateDir, is_job_id
 from .malloc_policy import steady_malloc
 from .metrics import ServeMetrics
 from .service import JobService
-from .store import DONE, QUEUED, RUNNING, JobStore
+from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
 from .supervisor import LocalWorkerExecutor
 
 log = logging.getLogger(__name__)
@@ -55,12 +59,18 @@ def recover(layout: StateDir, store: JobStore, blobs: BlobStore) -> None:
     requeued = store.recover()
     if requeued:
         log.info("resuming %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
-    keep = {j.id for j in store.list(DONE, limit=10**9)} | {j.id for j in store.list(QUEUED, limit=10**9)}
-    keep |= {j.id for j in store.list(RUNNING, limit=10**9)}
+    ended = store.jobs_in(FAILED, CANCELLED)  # their folders are the database's to delete
+    listed = ended | store.jobs_in(DONE, QUEUED, RUNNING)
+    unlisted = 0
     for d in layout.jobs.iterdir():
-        if not (is_job_id(d.name) and d.name in keep):
-            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
-    blobs.remove_except(store.blob_refs())
+        if d.name in ended and is_job_id(d.name):
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() and not d.is_symlink() else d.unlink(missing_ok=True)
+        elif d.name not in listed:
+            unlisted += 1  # not ours to delete: a database restored from an older copy does not list it
+    if unlisted:
+        log.warning("%s lists no job for %d folder(s) in %s; they are kept (move them away if unwanted)",
+                    layout.database, unlisted, layout.jobs)
+    blobs.remove_except(store.blob_refs())  # only blobs the database put (BlobStore.known)
 
 
 def build(config: ServeConfig, executor: Executor | None = None) -> tuple[object, Dispatcher, IO[str]]:
@@ -70,7 +80,7 @@ def build(config: ServeConfig, executor: Executor | None = None) -> tuple[object
     layout.create()
     lock = lock_state_dir(layout)
     store = JobStore(layout.database)
-    blobs = BlobStore(layout.blobs)
+    blobs = BlobStore(layout.blobs, known=store.known_blobs, on_put=store.know_blob, forget=store.forget_blobs)
     recover(layout, store, blobs)
     executor = executor or LocalWorkerExecutor(config, layout.worker_log)
     metrics = ServeMetrics(lambda: store.count(QUEUED), executor.status)
@@ -95,9 +105,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this (http_guard.py)
+BODY_SLACK_S = 15.0  # a body may take the upload timeout (--request-timeout) plus this; then the connection closes
+PENDING_PER_CLIENT = 16  # connections one address may hold while they wait for their headers
+MAX_CONNECTIONS = 256  # open connections in all; past this a request gets 503
+
+
 def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     """Run the service until SIGTERM or Ctrl-C; the worker (or `executor`'s workers) stopped with it."""
     import uvicorn
+
+    from .http_guard import guarded_protocol
 
     steady_malloc()  # a server that runs for days: no RSS step some jobs into the run
     sock = listen(config.host, config.port)
@@ -105,7 +123,8 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     dispatcher.start()
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-        limit_concurrency=256))
+        limit_concurrency=MAX_CONNECTIONS,
+        http=guarded_protocol(HEADER_TIMEOUT_S, config.limits.request_timeout_s + BODY_SLACK_S, PENDING_PER_CLIENT)))
     host, port = sock.getsockname()[:2]
     log.info("serving on http://%s:%d (state: %s%s)", f"[{host}]" if ":" in host else host, port,
              Path(config.state_dir).resolve(), ", bearer token required" if config.token else "")

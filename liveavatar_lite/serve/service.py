@@ -236,13 +236,22 @@ class JobService:
 
         request = RenderRequest(image=image, audio=audio, prompt=prompt, size=size, seed=seed, num_clip=num_clip,
                                 progress=False)
-        return _user_errors(lambda: prepare_inputs(request), {image: "the uploaded image", audio: "the uploaded audio"})
+        from ..conditioning.speech import SpeechTooLong
+
+        limit = self.config.limits.max_audio_seconds
+        try:  # the speech's length is checked from its header first, its decode bounded by the limit
+            return _user_errors(lambda: prepare_inputs(request, limit),
+                                {image: "the uploaded image", audio: "the uploaded audio"}, SpeechTooLong)
+        except SpeechTooLong:
+            raise ApiError(413, f"the audio is longer than this server takes (at most {limit:g} s)") from None
 
 
-def _user_errors(call: Any, names: dict[Path, str]) -> Any:
-    """call(); a UserError becomes a 400 whose message names the upload, not its temp path."""
+def _user_errors(call: Any, names: dict[Path, str], passed: type[Exception] | tuple = ()) -> Any:
+    """call(); a UserError (other than `passed` ones) becomes a 400 whose message names the upload, not its temp path."""
     try:
         return call()
+    except passed:
+        raise
     except UserError as e:
         message = str(e)
         for path, name in names.items():
@@ -256,6 +265,12 @@ def _prompt(text: str | None, max_chars: int) -> str:
         raise ApiError(400, "missing field 'prompt' (what the video shows, e.g. 'a person talking to the camera')")
     if len(prompt) > max_chars:
         raise ApiError(400, f"the prompt has {len(prompt)} characters; at most {max_chars} are allowed")
+    from ..conditioning.text_tokenizer import check_prompt
+
+    try:  # the rules a render applies (no NUL, ...), for every endpoint that takes a prompt
+        check_prompt(prompt)
+    except UserError as e:
+        raise ApiError(400, str(e).replace("--prompt", "prompt")) from None
     return prompt
 
 

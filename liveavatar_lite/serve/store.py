@@ -12,13 +12,17 @@ pre-encoded before they are used) are `pending` -> `ready` | `failed`.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+from ..errors import UserError
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
@@ -59,6 +63,9 @@ CREATE TABLE IF NOT EXISTS avatars (
     size TEXT NOT NULL,
     prompt TEXT,
     error TEXT
+);
+CREATE TABLE IF NOT EXISTS known_blobs (   -- every blob this database put in blobs/: the only ones it may delete
+    digest TEXT PRIMARY KEY
 );
 """
 
@@ -134,8 +141,40 @@ class JobStore:
         self.path = path
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            raise UserError(f"the queue database {path} is not a regular file; move it away and restart")
         with self._lock:
-            self._connect().executescript(_SCHEMA)  # (executescript commits by itself)
+            try:
+                db = self._connect()
+                had_known = self._check_schema(db)
+                db.executescript(_SCHEMA)  # (executescript commits by itself)
+                if not had_known:  # a database from before the table: the blobs its rows name are its own
+                    with self._tx() as tx:
+                        tx.execute("INSERT OR IGNORE INTO known_blobs SELECT image FROM jobs UNION "
+                                   "SELECT audio FROM jobs UNION SELECT image FROM avatars")
+            except sqlite3.DatabaseError as e:
+                self.close()
+                raise UserError(f"the queue database {path} is unreadable ({e}); move it (with its -wal and -shm "
+                                "files) away to start with an empty queue (finished job folders are kept), "
+                                "or restore it from a backup") from None
+
+    @staticmethod
+    def _check_schema(db: sqlite3.Connection) -> bool:
+        """DatabaseError unless every table of ours that exists has the columns we read; whether
+        the known_blobs table exists."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, columns in (("jobs", _JOB_COLUMNS), ("avatars", _AVATAR_COLUMNS)):
+            if table not in tables:
+                continue
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in columns if c not in have]
+            if missing:
+                raise sqlite3.DatabaseError(f"its {table} table lacks {', '.join(missing[:3])}: another schema")
+        return "known_blobs" in tables
 
     def _connect(self) -> sqlite3.Connection:
         """The connection (opened on first use); callers hold `self._lock`."""
@@ -176,6 +215,7 @@ class JobStore:
             cols = [c for c in _JOB_COLUMNS]
             db.execute(f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                        tuple(getattr(job, c) for c in cols))
+            db.executemany("INSERT OR IGNORE INTO known_blobs VALUES (?)", [(job.image,), (job.audio,)])
 
     def get(self, job_id: str) -> JobRow | None:
         rows = self._read(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
@@ -288,6 +328,25 @@ class JobStore:
         clips = sum(r[1] for r in rows)
         return sum(r[0] for r in rows) / clips if clips else None
 
+    def know_blob(self, digest: str) -> None:
+        """Record that the service put blob `digest` (before it is renamed into place)."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO known_blobs VALUES (?)", (digest,))
+
+    def known_blobs(self) -> set[str]:
+        """The blobs this database put: the only ones clean-up may delete (an older or emptied
+        database never makes the service delete blobs it does not know)."""
+        return {r[0] for r in self._read("SELECT digest FROM known_blobs")}
+
+    def forget_blobs(self, digests: set[str]) -> None:
+        with self._tx() as db:
+            db.executemany("DELETE FROM known_blobs WHERE digest = ?", [(d,) for d in digests])
+
+    def jobs_in(self, *states: str) -> set[str]:
+        """The ids of every job in one of `states`."""
+        marks = ", ".join("?" * len(states))
+        return {r[0] for r in self._read(f"SELECT id FROM jobs WHERE state IN ({marks})", states)}
+
     def blob_refs(self) -> set[str]:
         rows = self._read("SELECT image, audio FROM jobs")
         refs = {d for r in rows for d in r}
@@ -305,6 +364,7 @@ class JobStore:
                 if existing.state != FAILED:
                     return existing
                 db.execute("DELETE FROM avatars WHERE id = ?", (avatar.id,))  # a failed one is tried again
+            db.execute("INSERT OR IGNORE INTO known_blobs VALUES (?)", (avatar.image,))
             db.execute(f"INSERT INTO avatars ({', '.join(_AVATAR_COLUMNS)}) VALUES "
                        f"({', '.join('?' * len(_AVATAR_COLUMNS))})", tuple(getattr(avatar, c) for c in _AVATAR_COLUMNS))
         return avatar

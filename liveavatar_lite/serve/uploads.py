@@ -10,6 +10,7 @@ or raises `ApiError` with a one-line reason. The temp files are the caller's to 
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -81,9 +82,14 @@ async def receive_form(request: Request, allowed: dict[str, str], tmp_dir: Path,
     kind = request.headers.get("content-type", "")
     if not kind.lower().startswith("multipart/form-data"):
         raise ApiError(415, f"send the fields as multipart/form-data (got {kind[:60] or 'no content type'!r})")
+    boundary = _boundary(kind)
     received = ReceivedForm()
+    tail = _Tail(request.receive)
+    request = Request(request.scope, tail)  # the same body, its last bytes kept to check the closing delimiter
     try:
         await asyncio.wait_for(_receive(request, allowed, tmp_dir, limits, received), limits.request_timeout_s)
+        if not tail.ends_with(b"--" + boundary + b"--"):
+            raise ApiError(400, "the multipart body ends without its closing boundary (truncated upload?)")
     except asyncio.TimeoutError:
         received.cleanup()
         await drain(request.receive)
@@ -92,6 +98,35 @@ async def receive_form(request: Request, allowed: dict[str, str], tmp_dir: Path,
         received.cleanup()
         raise
     return received
+
+
+def _boundary(content_type: str) -> bytes:
+    """The multipart boundary of a Content-Type header (400 without one)."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1", "replace")
+    raise ApiError(400, "the multipart/form-data content type has no boundary")
+
+
+class _Tail:
+    """An ASGI `receive` that passes messages through and keeps the last bytes of the body."""
+
+    KEEP = 2048
+
+    def __init__(self, receive: Any) -> None:
+        self.receive, self.tail = receive, b""
+
+    async def __call__(self) -> dict:
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.tail = (self.tail + message.get("body", b""))[-self.KEEP:]
+        return message
+
+    def ends_with(self, delimiter: bytes) -> bool:
+        """Whether the closing `delimiter` is among the body's last bytes (a short epilogue may follow it;
+        the boundary never occurs inside a part, so a body cut short cannot hold it)."""
+        return delimiter in self.tail
 
 
 async def _receive(request: Request, allowed: dict[str, str], tmp_dir: Path, limits: Limits,
@@ -119,8 +154,15 @@ async def _receive(request: Request, allowed: dict[str, str], tmp_dir: Path, lim
 
 
 def _spool(upload: UploadFile, path: Path) -> int:
-    """Copy one uploaded file to `path`, a fresh temp name (the client's file name is never used); its size."""
+    """Copy one uploaded file to `path`, a fresh temp name (the client's file name is never used); its size.
+
+    A full state dir is a 507 with one line (the caller deletes the partial file), not a 500."""
     upload.file.seek(0)
-    with open(path, "wb") as out:
-        shutil.copyfileobj(upload.file, out, _CHUNK)
-        return out.tell()
+    try:
+        with open(path, "wb") as out:
+            shutil.copyfileobj(upload.file, out, _CHUNK)
+            return out.tell()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, "the server's disk is full; try again later") from None
+        raise

@@ -1,0 +1,92 @@
+"""The HTTP connection guard: slow clients cannot hold the server's connections (slowloris).
+
+uvicorn's h11 protocol waits as long as a client likes for a request's headers (its keep-alive
+timeout runs only between two requests), and its concurrency limit counts open connections: a few
+hundred connections that never finish their headers make every request, /healthz included, get
+503 - without a token. `guarded_protocol` is uvicorn's h11 protocol with three limits more:
+
+- a request's headers must arrive within `header_timeout_s` of the connection (or of the previous
+  response on a kept-alive one); else the connection is closed;
+- its body must arrive within `body_timeout_s` of its headers (uploads have their own, shorter
+  limit in the API: `--request-timeout`);
+- one client address holds at most `per_client` connections still waiting for headers: a new
+  connection past that closes that client's oldest waiting one, so the dawdler pays, not the
+  newcomer (a kiosk's page or a health check from the same address still gets through).
+
+    server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(10.0, 120.0, 16), ...))
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, defaultdict
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client: int) -> type[H11Protocol]:
+    """A subclass of uvicorn's h11 protocol with the limits above (its own registry of waiting connections)."""
+    waiting: dict[str, OrderedDict[int, GuardedH11Protocol]] = defaultdict(OrderedDict)
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._guard_timer: asyncio.TimerHandle | None = None
+            self._address = self.client[0] if self.client else "?"
+            self._expect_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and id(self) in waiting.get(self._address, {}):
+                # the headers are in: the body (if any) gets its own deadline
+                self._forget()
+                self._arm(body_timeout_s, h11.SEND_BODY)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._expect_headers()  # a kept-alive connection waits for the next request's headers
+            # (a client still sending a body nobody reads stays under the body deadline set at its headers)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._forget()
+            super().connection_lost(exc)
+
+        # ---- the guard ------------------------------------------------------------------------
+
+        def _expect_headers(self) -> None:
+            clients = waiting[self._address]
+            while len(clients) >= per_client:  # the oldest dawdler of this address makes room
+                _, oldest = clients.popitem(last=False)
+                oldest._close()
+            clients[id(self)] = self
+            self._arm(header_timeout_s, h11.IDLE)
+
+        def _arm(self, seconds: float, state: Any) -> None:
+            if self._guard_timer is not None:
+                self._guard_timer.cancel()
+            self._guard_timer = self.loop.call_later(seconds, self._expire, state)
+
+        def _expire(self, state: Any) -> None:
+            """Close the connection if the client is still where it was `seconds` ago (headers or body)."""
+            self._guard_timer = None
+            if self.conn.their_state is state:
+                self._close()
+
+        def _forget(self) -> None:
+            if self._guard_timer is not None:
+                self._guard_timer.cancel()
+                self._guard_timer = None
+            clients = waiting.get(self._address)
+            if clients is not None:
+                clients.pop(id(self), None)
+                if not clients:
+                    waiting.pop(self._address, None)
+
+        def _close(self) -> None:
+            self._forget()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
