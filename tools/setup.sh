@@ -3,13 +3,14 @@
 #   bash tools/setup.sh               # torch + liveavatar-lite[dev]: the suite runs; Ray/NF4/browser tests skip
 #   bash tools/setup.sh --all         # + the farm (Ray) and NF4 (bitsandbytes) extras
 #   bash tools/setup.sh --browser     # + chromium and chromium-driver via apt (root, Debian/Ubuntu): the page test
-#   bash tools/setup.sh --ci          # what CI runs the whole suite with: --all --browser
+#   bash tools/setup.sh --ci          # what CI runs the whole suite with: --all --browser (also when CI=true)
 # torch is installed only if the venv has none, so a CUDA build you installed first is kept.
 # `torch==2.13.0` is the CUDA build from PyPI on a GPU machine, and a local CPU wheel on our CI machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=dev
 BROWSER=0
+if [ "${CI:-}" = true ]; then EXTRAS=dev,bnb,farm; BROWSER=1; echo "setup: CI=true: as --ci (every extra and the browser)"; fi
 for arg in "$@"; do
     case "$arg" in
         --all) EXTRAS=dev,bnb,farm ;;
