@@ -23,6 +23,8 @@ import signal
 import socket
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,16 @@ from liveavatar_lite.serve.supervisor import rotate_log
 
 CLIP0 = 45  # frames of clip 0 at 64*64 (the 3-clip reference's first clip)
 CLIP01 = 93  # frames of clips 0 and 1
+READY_S = 900  # the worker's start: torch's import and the model load (minutes on a loaded 2-core VM)
+
+
+@contextmanager
+def _serving(server: ServeProcess) -> Iterator[ServeProcess]:
+    server.start(READY_S)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _until(condition, timeout: float, what: str):
@@ -97,8 +109,8 @@ def test_stopped_worker_is_caught_restarted_and_the_job_finishes_identically(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # ping every 0.5 s
     stall_s = 8
-    with ServeProcess(tiny_artifact, tmp_path / "state", "--stall-timeout", str(stall_s),
-                      cache_dir=media / "cache") as server:
+    with _serving(ServeProcess(tiny_artifact, tmp_path / "state", "--stall-timeout", str(stall_s),
+                               cache_dir=media / "cache")) as server:
         messages = {notify.recv(256).decode() for _ in range(3)}
         assert "READY=1" in messages and "WATCHDOG=1" in messages, messages
         job_id = _submit(server, media, seed=7, num_clip=2)
@@ -143,7 +155,7 @@ def test_full_disk_keeps_every_job_and_resumes_them_all(
     free_file = tmp_path / "free_bytes"  # while it exists, the server believes this many bytes are free
     monkeypatch.setenv(FREE_BYTES_HOOK, str(free_file))
     state = tmp_path / "state"
-    with ServeProcess(tiny_artifact, state, "--min-free-mb", "100", "--max-state-gb", "0.000001") as server:
+    with _serving(ServeProcess(tiny_artifact, state, "--min-free-mb", "100", "--max-state-gb", "0.000001")) as server:
         c = server.client
         first = _submit(server, media, seed=7)  # 3 clips
         waiting = [_submit(server, media, seed=7, num_clip=1) for _ in range(2)]
@@ -282,7 +294,7 @@ def _db_state(state: Path, job_id: str) -> str:
 def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: Path, clean_render: dict,
                                                      tmp_path: Path) -> None:
     state = tmp_path / "state"
-    server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start()
+    server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start(READY_S)
     try:
         running = _submit(server, media, seed=7, num_clip=2)
         later = _submit(server, media, seed=7, num_clip=1)
@@ -303,7 +315,7 @@ def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: 
     assert "drained" in server.log.read_text()
 
     # the next start runs the queued job; SIGUSR1 drains too
-    server.start()
+    server.start(READY_S)
     try:
         server.wait_for(later, "running", "done")
         assert server.proc is not None
@@ -322,7 +334,7 @@ def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: 
 def test_checkpoint_of_another_artifact_restarts_the_job_from_scratch(tiny_artifact: Path, media: Path,
                                                                       tmp_path: Path) -> None:
     state = tmp_path / "state"
-    server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start()
+    server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start(READY_S)
     try:
         job_id = _submit(server, media, seed=7, num_clip=2)
         server.wait_for(job_id, "running", clips_done=1)
@@ -333,7 +345,7 @@ def test_checkpoint_of_another_artifact_restarts_the_job_from_scratch(tiny_artif
         server.stop()
     # the same artifact with another KV storage: a different identity, so the checkpoint cannot be used
     upgraded = ServeProcess(tiny_artifact, state, "--kv", "int8", cache_dir=media / "cache")
-    with upgraded:
+    with _serving(upgraded):
         job = upgraded.wait_for(job_id, "done", timeout=600)
         assert job["error"] is None and job["clips_done"] == 2
     text = server.log.read_text()

@@ -203,6 +203,8 @@ class Dispatcher:
             self.metrics.worker_event(event)
             return
         task = self._running.get(event.task_id)
+        if task is None:
+            return  # a task already handled (e.g. a result after its full disk): the store keeps its state
         if isinstance(task, AvatarTask):
             self._apply_avatar(task, event)
             return

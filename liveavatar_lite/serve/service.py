@@ -50,7 +50,8 @@ MAX_CLIPS = 100_000
 
 class JobService:
     def __init__(self, config: ServeConfig, layout: StateDir, store: JobStore, blobs: BlobStore,
-                 blob_lock: threading.Lock, wake: threading.Event, *, refusal: Callable[[], ApiError | None] = lambda: None,
+                 blob_lock: threading.Lock, wake: threading.Event, *,
+                 refusal: Callable[[], ApiError | None] = lambda: None,
                  progress: dict[str, float] | None = None,
                  predicted_clip_s: Callable[[], float | None] = lambda: None) -> None:
         """`refusal`: why new work is refused now (draining: 503, disk short: 507), or None;
@@ -174,7 +175,8 @@ class JobService:
             "id": job.id, "state": job.state, "created": job.created, "started": job.started,
             "finished": job.finished, "prompt": job.prompt, "size": job.size, "seed": job.seed,
             "num_clip": job.num_clip, "avatar": job.avatar, "clips_total": job.clips_total,
-            "clips_done": job.clips_done, "progress": self._progress(job), "eta_s": etas.get(job.id), "first_frame_s": job.first_frame_s,
+            "clips_done": job.clips_done, "progress": self._progress(job), "eta_s": etas.get(job.id),
+            "first_frame_s": job.first_frame_s,
             "render_s": job.render_s, "cancel_requested": job.cancel_requested, "error": job.error,
             "error_kind": job.error_kind, "resumed": job.resume, "worker_deaths": job.worker_deaths,
             "video": f"{base}/video" if job.state == DONE else None,

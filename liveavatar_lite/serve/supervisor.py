@@ -175,7 +175,8 @@ class LocalWorkerExecutor:
         busy = self._task is not None
         return {"ready": self._ready and self._kill_reason is None, "pid": self.pid, "rss_bytes": self.rss,
                 "device_bytes": self.device_bytes, "restarts": dict(self.restarts), "last_error": self.last_error,
-                "busy": busy, "stall": self.stall, "seconds_per_clip": self.seconds_per_clip, "stall_deadline_s": round(self.stall_deadline(), 1),
+                "busy": busy, "stall": self.stall, "seconds_per_clip": self.seconds_per_clip,
+                "stall_deadline_s": round(self.stall_deadline(), 1),
                 "seconds_since_progress": round(time.monotonic() - self._progress_at, 1) if busy else None}
 
     def stall_deadline(self) -> float:

@@ -176,7 +176,8 @@ Event = (WorkerReady | WorkerFailed | Started | Resumed | BlockDone | NoSpace | 
 
 _TYPES: dict[str, type] = {t.__name__: t for t in (
     RenderTask, AvatarTask, Cancel, Stop,
-    WorkerReady, WorkerFailed, Started, Resumed, BlockDone, NoSpace, Restarted, FirstFrame, ClipDone, Finished, Failed, Cancelled, Lost, Memory)}
+    WorkerReady, WorkerFailed, Started, Resumed, BlockDone, NoSpace, Restarted, FirstFrame, ClipDone, Finished, Failed,
+    Cancelled, Lost, Memory)}
 
 
 def to_wire(message: Any) -> bytes:
