@@ -90,13 +90,13 @@ def _states_logged(server: ServeProcess, job_id: str) -> list[str]:
     return re.findall(rf"job {job_id} (\w+)", server.log.read_text())
 
 
-def _watch(server: ServeProcess, job_id: str, until: tuple[str, ...], seen: list[dict], timeout: float = 600) -> dict:
-    """Poll the job until it is in one of `until`, keeping every view seen."""
+def _watch(server: ServeProcess, job_id: str, done, seen: list[dict], timeout: float = 600) -> dict:
+    """Poll the job until `done(job)`, keeping every view seen."""
     def look():
         job = server.job(job_id)
         seen.append(job)
-        return job if job["state"] in until else None
-    return _until(look, timeout, f"job {job_id} to be {until}")
+        return job if done(job) else None
+    return _until(look, timeout, f"job {job_id} to progress")
 
 
 # ---- the stall watchdog ---------------------------------------------------------------------------
@@ -108,15 +108,14 @@ def test_stopped_worker_is_caught_restarted_and_the_job_finishes_identically(
     notify.settimeout(60)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # ping every 0.5 s
-    stall_s = 8
+    stall_s = 20  # (its first block gets 3 times that: encoding, checkpoint restore)
     with _serving(ServeProcess(tiny_artifact, tmp_path / "state", "--stall-timeout", str(stall_s),
                                cache_dir=media / "cache")) as server:
         messages = {notify.recv(256).decode() for _ in range(3)}
         assert "READY=1" in messages and "WATCHDOG=1" in messages, messages
         job_id = _submit(server, media, seed=7, num_clip=2)
         seen: list[dict] = []
-        _until(lambda: _watch(server, job_id, ("running", "done"), seen, 1) and seen[-1]["progress"] > 0, 300,
-               "the first block")
+        _watch(server, job_id, lambda j: j["state"] == "running" and j["progress"] > 0, seen, 300)  # a block
         assert seen[-1]["eta_s"] is not None  # from the plan's seconds per clip: no job has finished yet
         worker = server.worker_pid()
         os.kill(worker, signal.SIGSTOP)
@@ -130,7 +129,7 @@ def test_stopped_worker_is_caught_restarted_and_the_job_finishes_identically(
         assert stall["deadline_s"] == stall_s and stall_s <= stall["seconds_since_progress"], ready
         assert "no progress" in ready["reason"]
         assert wait_gone(worker, 30)  # killed by the supervisor, not by us
-        job = _watch(server, job_id, ("done",), seen)
+        job = _watch(server, job_id, lambda j: j["state"] == "done", seen)
         assert job["worker_deaths"] == 1 and job["resumed"], job
         assert np.array_equal(_video(server, job_id), decoded_frames(clean_render["out"])[:CLIP01])
         assert server.wait_ready()["worker"]["restarts"] == {"stalled": 1}

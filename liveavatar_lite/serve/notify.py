@@ -23,6 +23,7 @@ class SystemdNotifier:
         self.interval = watchdog_s / 2 if watchdog_s else None  # ping twice per watchdog period
         self._last_ping = 0.0
         self._sock: socket.socket | None = None
+        self._warned = False  # one warning, not one per ping
 
     @classmethod
     def from_env(cls) -> SystemdNotifier:
@@ -40,9 +41,12 @@ class SystemdNotifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.setblocking(False)  # never wait on a reader: the caller is the dispatcher's loop
             self._sock.sendto(message.encode(), target)
         except OSError as e:
-            log.warning("cannot notify systemd at %s: %s", self.address, e)
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot notify systemd at %s: %s", self.address, e)
 
     def ping(self) -> None:
         """WATCHDOG=1 if the watchdog is on and half its period has passed since the last ping."""

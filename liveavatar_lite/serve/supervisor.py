@@ -10,7 +10,8 @@ on every `events()` call does its housekeeping:
 - a worker that dies before it is ready (bad artifact, budget) is restarted with a growing delay
   (1, 2, 4 ... 60 s), and /readyz shows why;
 - the stall watchdog: a task that makes no progress (no rendered block, no clip) for its deadline
-  (`stall_timeout_s`, or `stall_blocks` of the plan's predicted block times if longer) has its worker
+  (`stall_timeout_s`, or `stall_blocks` of the plan's predicted block times if longer; until its
+  first block, which also encodes inputs and restores a checkpoint, 3 times that) has its worker
   killed (SIGKILL works on a stopped or wedged process too) and restarted; the task comes back as
   `Lost` ("stalled"), resumable, and counts toward the job's death limit;
 - worker.log is kept under WORKER_LOG_MAX_BYTES (copied to worker.log.1, then truncated: the worker
@@ -66,6 +67,7 @@ _EXITED = object()  # the reader's end-of-file marker
 MAX_BACKOFF_S = 60.0
 WORKER_LOG_MAX_BYTES = 20_000_000  # worker.log beyond this is moved to worker.log.1 (one old copy kept)
 LOG_CHECK_S = 5.0
+FIRST_PROGRESS_FACTOR = 3  # a task's first block also encodes its inputs and loads its checkpoint: 3 deadlines
 _PROGRESS = (Started, Resumed, Restarted, BlockDone, FirstFrame, ClipDone)
 
 
@@ -125,6 +127,7 @@ class LocalWorkerExecutor:
         self.device_bytes: int | None = None
         self.pid: int | None = None
         self._progress_at = 0.0  # monotonic time of the current task's latest progress
+        self._task_progressed = False  # the current task has rendered a block (else: a longer first deadline)
         self._block_s: float | None = None  # the plan's predicted seconds per block
         self.stall: dict[str, float] | None = None  # the latest stall, until a fresh worker is ready
         self._log_checked = 0.0
@@ -143,7 +146,7 @@ class LocalWorkerExecutor:
         if self.free_slots() < 1:
             raise RuntimeError("the worker is not free")
         self._task = task
-        self._progress_at = time.monotonic()
+        self._progress_at, self._task_progressed = time.monotonic(), False
         self._send(task)
 
     def cancel(self, task_id: str) -> None:
@@ -251,8 +254,10 @@ class LocalWorkerExecutor:
             self.device_bytes = message.device_bytes
         elif isinstance(message, _PROGRESS) and self._task is not None and self._task.id == message.task_id:
             self._progress_at = time.monotonic()
-            if isinstance(message, BlockDone) and message.predicted_block_s:
-                self._block_s = message.predicted_block_s
+            if isinstance(message, BlockDone):
+                self._task_progressed = True
+                if message.predicted_block_s:
+                    self._block_s = message.predicted_block_s
         elif (isinstance(message, Finished | Failed | Cancelled) and self._task is not None
               and self._task.id == message.task_id):
             self._task = None
@@ -298,7 +303,7 @@ class LocalWorkerExecutor:
         if now - self._log_checked > LOG_CHECK_S:
             self._log_checked = now
             rotate_log(self.log_path, WORKER_LOG_MAX_BYTES)
-        deadline = self.stall_deadline()
+        deadline = self.stall_deadline() * (1 if self._task_progressed else FIRST_PROGRESS_FACTOR)
         if self._task is not None and now - self._progress_at > deadline:
             age = now - self._progress_at
             self.stall = {"seconds_since_progress": round(age, 1), "deadline_s": round(deadline, 1)}
