@@ -22,6 +22,7 @@ import re
 import signal
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,10 @@ from liveavatar_lite.serve.disk import FREE_BYTES_HOOK, prune_to, tree_bytes
 from liveavatar_lite.serve.layout import StateDir
 from liveavatar_lite.serve.notify import SystemdNotifier
 from liveavatar_lite.serve.store import DONE, QUEUED, JobRow, JobStore
-from liveavatar_lite.serve.supervisor import rotate_log
+from liveavatar_lite.pipeline.request import PipelineOptions
+from liveavatar_lite.serve.config import ServeConfig, WorkerPolicy
+from liveavatar_lite.serve.supervisor import LocalWorkerExecutor, rotate_log
+from liveavatar_lite.serve.tasks import BlockDone, Finished, Lost, RenderTask, WorkerReady
 
 CLIP0 = 45  # frames of clip 0 at 64*64 (the 3-clip reference's first clip)
 CLIP01 = 93  # frames of clips 0 and 1
@@ -145,6 +149,69 @@ def test_stopped_worker_is_caught_restarted_and_the_job_finishes_identically(
         notify.settimeout(5)
         assert notify.recv(256) == b"WATCHDOG=1"  # still pinging
     notify.close()
+
+
+_HANGING_WORKER = r'''
+import argparse, json, os, socket, time
+ap = argparse.ArgumentParser()
+ap.add_argument("--fd", type=int); ap.add_argument("--parent-pid", type=int); ap.add_argument("--options")
+a = ap.parse_args()
+s = socket.socket(fileno=a.fd)
+send = lambda **m: s.sendall((json.dumps(m) + "\n").encode())
+send(type="WorkerReady", pid=os.getpid(), loads={}, seconds_per_clip=0.01)
+for line in s.makefile("rb"):
+    m = json.loads(line)
+    if m["type"] == "RenderTask":
+        send(type="BlockDone", task_id=m["id"], clip=0, block=0, blocks_per_clip=2, predicted_block_s=0.005)
+        if m["seed"] == 1:
+            time.sleep(3600)  # wedged after its first block
+        send(type="Finished", task_id=m["id"], seconds=0.1)
+'''
+
+
+def test_watchdog_kills_a_wedged_worker_and_reports_the_task_lost(tmp_path: Path) -> None:
+    """The supervisor alone, with a fake worker that stops reporting after one block: `Lost`
+    ("stalled") after the deadline, a fresh worker, which then serves; a task that reports is untouched."""
+    script = tmp_path / "hanging_worker.py"
+    script.write_text(_HANGING_WORKER)
+    config = ServeConfig(pipeline=PipelineOptions(artifact=tmp_path), state_dir=tmp_path, size="64*64",
+                         worker=WorkerPolicy(stall_timeout_s=1.0))
+    executor = LocalWorkerExecutor(config, tmp_path / "worker.log", [sys.executable, str(script)])
+
+    def task(seed: int) -> RenderTask:
+        return RenderTask(id=f"{seed:032x}", image="i", audio="a", prompt="p", size="64*64", seed=seed, num_clip=1,
+                          out="o.mp4", live="l", telemetry="t", checkpoint_interval_s=0.0)
+
+    def pump(until, timeout: float = 60) -> list:
+        seen: list = []
+        deadline = time.monotonic() + timeout
+        while not until(seen):
+            assert time.monotonic() < deadline, seen
+            seen += executor.events(timeout=0.1)
+        return seen
+
+    executor.start()
+    try:
+        pump(lambda seen: executor.free_slots() == 1)
+        executor.submit(task(0))
+        seen = pump(lambda seen: any(isinstance(e, Finished) for e in seen))
+        assert not any(isinstance(e, Lost) for e in seen) and executor.restarts == {}
+        first = executor.pid
+        executor.submit(task(1))
+        seen = pump(lambda seen: any(isinstance(e, Lost) for e in seen))
+        lost = next(e for e in seen if isinstance(e, Lost))
+        assert any(isinstance(e, BlockDone) for e in seen)
+        assert lost.kind == "stalled" and "no progress" in lost.reason, lost
+        status = executor.status()
+        # the plan's 0.005 s blocks * 10 are under the floor: the floor (1 s) is the deadline
+        assert status["stall"]["deadline_s"] == 1.0 and status["stall"]["seconds_since_progress"] >= 1.0
+        assert not status["ready"] and executor.restarts == {"stalled": 1}
+        pump(lambda seen: any(isinstance(e, WorkerReady) for e in seen))
+        assert executor.pid != first and executor.status()["stall"] is None
+        executor.submit(task(2))
+        pump(lambda seen: any(isinstance(e, Finished) for e in seen))
+    finally:
+        executor.stop()
 
 
 # ---- a disk that fills ----------------------------------------------------------------------------
