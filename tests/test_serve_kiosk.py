@@ -46,7 +46,7 @@ from liveavatar_lite.serve.store import DONE, QUEUED, JobRow, JobStore
 from liveavatar_lite.pipeline.request import PipelineOptions
 from liveavatar_lite.serve.config import ServeConfig, WorkerPolicy
 from liveavatar_lite.serve.supervisor import LocalWorkerExecutor, rotate_log
-from liveavatar_lite.serve.tasks import BlockDone, Finished, Lost, RenderTask, WorkerReady
+from liveavatar_lite.serve.tasks import BlockDone, Finished, Lost, NoSpace, RenderTask, WorkerReady
 
 CLIP0 = 45  # frames of clip 0 at 64*64 (the 3-clip reference's first clip)
 CLIP01 = 93  # frames of clips 0 and 1
@@ -165,6 +165,9 @@ for line in s.makefile("rb"):
         send(type="BlockDone", task_id=m["id"], clip=0, block=0, blocks_per_clip=2, predicted_block_s=0.005)
         if m["seed"] == 1:
             time.sleep(3600)  # wedged after its first block
+        if m["seed"] == 3:
+            send(type="NoSpace", task_id=m["id"], message="the disk is full")
+            continue
         send(type="Finished", task_id=m["id"], seconds=0.1)
 '''
 
@@ -210,6 +213,9 @@ def test_watchdog_kills_a_wedged_worker_and_reports_the_task_lost(tmp_path: Path
         assert executor.pid != first and executor.status()["stall"] is None
         executor.submit(task(2))
         pump(lambda seen: any(isinstance(e, Finished) for e in seen))
+        executor.submit(task(3))  # a full disk ends the task on the worker: the slot is free again
+        pump(lambda seen: any(isinstance(e, NoSpace) for e in seen))
+        assert executor.free_slots() == 1
     finally:
         executor.stop()
 

@@ -259,7 +259,7 @@ class Dispatcher:
 
     def _no_space(self, event: NoSpace) -> None:
         """The disk filled under a running job: it waits, its work kept, and nothing starts for a while."""
-        self._forget(event.task_id)
+        self._forget(event.task_id, ended=False)
         self.store.wait_for_disk(event.task_id, event.message)
         job = self.store.get(event.task_id)
         job_state(event.task_id, WAITING_FOR_DISK, job.created if job else None, event.message)
@@ -268,11 +268,13 @@ class Dispatcher:
         self._disk_retry_at = now + self._disk_retry_s
         self._disk_retry_s = min(DISK_RETRY_MAX_S, self._disk_retry_s * 2)
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, ended: bool = True) -> None:
+        """Drop what the loop holds for a task; a job that will resume keeps its progress (never going back)."""
         self._running.pop(job_id, None)
         self._cancel_sent.discard(job_id)
-        self.progress.pop(job_id, None)
-        self._clips_total.pop(job_id, None)
+        if ended:
+            self.progress.pop(job_id, None)
+            self._clips_total.pop(job_id, None)
 
     def _lost(self, event: Lost) -> None:
         job = self.store.get(event.task_id)
@@ -289,7 +291,7 @@ class Dispatcher:
             self.store.finish(job.id, FAILED, error=error, error_kind=event.kind)
             self._ended(job.id, FAILED, event.kind, error)
         else:
-            self._forget(job.id)
+            self._forget(job.id, ended=False)
             job_state(job.id, QUEUED, job.created, f"{event.reason}; it resumes from its checkpoint")
             self.metrics.failure(event.kind)  # counted, though it is retried
 

@@ -50,6 +50,7 @@ from .tasks import (
     ClipDone,
     Lost,
     Memory,
+    NoSpace,
     Restarted,
     Resumed,
     Started,
@@ -258,7 +259,7 @@ class LocalWorkerExecutor:
                 self._task_progressed = True
                 if message.predicted_block_s:
                     self._block_s = message.predicted_block_s
-        elif (isinstance(message, Finished | Failed | Cancelled) and self._task is not None
+        elif (isinstance(message, Finished | Failed | Cancelled | NoSpace) and self._task is not None
               and self._task.id == message.task_id):
             self._task = None
             self._tasks_since_start += 1
