@@ -100,12 +100,12 @@ def prune_to(layout: StateDir, store: JobStore, cache_dir: Path | None, limit_by
                 continue
             removed += size
     if used - removed > limit_bytes:
-        log.warning("the state dir holds %.1f MB after pruning, over --max-state-gb %.3f: what is left are "
+        log.warning("pruned %.1f MB; the state dir still holds %.1f MB, over --max-state-gb %g: what is left are "
                     "results, queued inputs and the queue (--keep-jobs bounds the results)",
-                    (used - removed) / 1e6, limit_bytes / 1e9)
+                    removed / 1e6, (used - removed) / 1e6, limit_bytes / 1e9)
     elif removed:
         log.info("pruned %.1f MB (live segments of finished jobs, least recently used caches) to stay under "
-                 "--max-state-gb %.3f", removed / 1e6, limit_bytes / 1e9)
+                 "--max-state-gb %g", removed / 1e6, limit_bytes / 1e9)
     return removed
 
 

@@ -10,8 +10,8 @@ checkpoint); the `max_deaths_per_job`-th time it is failed with the reason inste
 
 Disk: no job starts while the state dir's filesystem has less than `min_free_bytes` free; a job
 that hits a full disk (ENOSPC) waits as `waiting_for_disk` with its work kept, and goes back to the
-head of the queue once space returns (checked every second, at the earliest DISK_RETRY_S after
-the latest full disk). With `max_state_bytes`, finished jobs' live segments and least recently used
+head of the queue once space returns (checked every second; nothing starts until DISK_RETRY_S after
+the latest full disk, doubling while the disk keeps filling, so the waiting jobs go first). With `max_state_bytes`, finished jobs' live segments and least recently used
 caches are pruned after each job (disk.py).
 
 Drain (`drain()`: SIGUSR1 or POST /v1/admin/drain): nothing new starts; once the running task is
@@ -135,7 +135,7 @@ class Dispatcher:
         self._send_cancels()
         self._check_disk()
         while (self.executor.free_slots() > 0 and not self._stop.is_set() and not self.draining.is_set()
-               and not self.disk_short()):
+               and not self.disk_short() and time.monotonic() >= self._disk_retry_at):  # (waiting jobs first)
             task = self._next_task()
             if task is None:
                 break
@@ -305,6 +305,8 @@ class Dispatcher:
         self.metrics.job_ended(job, kind)
         if state != DONE:
             shutil.rmtree(self.layout.job_dir(job_id), ignore_errors=True)
+        else:
+            self._disk_retry_s = DISK_RETRY_S  # a job got through: the next full disk starts the backoff over
         self._prune()
 
     def _prune(self) -> None:
