@@ -105,6 +105,7 @@ def _watch(server: ServeProcess, job_id: str, done, seen: list[dict], timeout: f
 
 # ---- the stall watchdog ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stopped_worker_is_caught_restarted_and_the_job_finishes_identically(
         tiny_artifact: Path, media: Path, clean_render: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -222,6 +223,7 @@ def test_watchdog_kills_a_wedged_worker_and_reports_the_task_lost(tmp_path: Path
 
 # ---- a disk that fills ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_full_disk_keeps_every_job_and_resumes_them_all(
         tiny_artifact: Path, media: Path, clean_render: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     free_file = tmp_path / "free_bytes"  # while it exists, the server believes this many bytes are free
@@ -363,6 +365,7 @@ def _db_state(state: Path, job_id: str) -> str:
         return db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
 
+@pytest.mark.slow
 def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: Path, clean_render: dict,
                                                      tmp_path: Path) -> None:
     state = tmp_path / "state"
@@ -403,6 +406,7 @@ def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: 
 
 # ---- an upgrade: the artifact identity changes under an interrupted job ---------------------------
 
+@pytest.mark.slow
 def test_checkpoint_of_another_artifact_restarts_the_job_from_scratch(tiny_artifact: Path, media: Path,
                                                                       tmp_path: Path) -> None:
     state = tmp_path / "state"
