@@ -35,7 +35,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("av")
 
-from media_fixtures import decoded_frames, write_photo
+from media_fixtures import decoded_frames
 from render_helpers import SIZE
 from serve_helpers import ServeProcess, job_data, job_files, process_alive, wait_gone
 
