@@ -243,7 +243,8 @@ def test_full_disk_keeps_every_job_and_resumes_them_all(
             assert len(planted) >= 2, "the job finished two clips before it could be stopped"
             for p in planted:
                 p.symlink_to("/dev/full")  # its next live segment is written to /dev/full: ENOSPC from the kernel
-            free_file.write_text("0")
+            (tmp_path / "free_bytes.tmp").write_text("0")
+            os.replace(tmp_path / "free_bytes.tmp", free_file)  # atomic: the server never reads it half-written
             ready = _until(lambda: (r := c.get("/readyz")).status_code == 503 and r.json(), 60, "the disk check")
             assert "disk" in ready["reason"] and "--min-free-mb" in ready["reason"], ready
         finally:

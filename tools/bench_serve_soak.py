@@ -182,7 +182,8 @@ def _fill(client, state: Path, job_id: str, free_file: Path) -> None:
         for i in range(4):
             if not (live / f"seg_{i:05d}.ts").exists():
                 (live / f".seg_{i:05d}.ts.tmp").symlink_to("/dev/full")
-        free_file.write_text("0")
+        free_file.with_name("free.tmp").write_text("0")
+        os.replace(free_file.with_name("free.tmp"), free_file)  # atomic: never read half-written
         while client.get("/readyz").status_code == 200:
             time.sleep(0.2)
     finally:

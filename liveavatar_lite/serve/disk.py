@@ -10,7 +10,8 @@ is `done` (its mp4 holds the same frames), and photo or prompt cache entries (na
 Nothing else is ever removed here: not unknown files, not the jobs of other states.
 
 Test hook: if the environment names a file in LIVEAVATAR_SERVE_FREE_BYTES_FILE and that file
-exists, its integer content is the free space reported (how the tests fill a disk without root).
+exists, its integer content is the free space reported (how the tests fill a disk without root;
+they replace it atomically).
 """
 from __future__ import annotations
 

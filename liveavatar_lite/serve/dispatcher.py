@@ -11,8 +11,9 @@ checkpoint); the `max_deaths_per_job`-th time it is failed with the reason inste
 Disk: no job starts while the state dir's filesystem has less than `min_free_bytes` free; a job
 that hits a full disk (ENOSPC) waits as `waiting_for_disk` with its work kept, and goes back to the
 head of the queue once space returns (checked every second; nothing starts until DISK_RETRY_S after
-the latest full disk, doubling while the disk keeps filling, so the waiting jobs go first). With `max_state_bytes`, finished jobs' live segments and least recently used
-caches are pruned after each job (disk.py).
+the latest full disk, doubling while the disk keeps filling, so the waiting jobs go first). With
+`max_state_bytes`, finished jobs' live segments and least recently used caches are pruned after
+each job (disk.py).
 
 Drain (`drain()`: SIGUSR1 or POST /v1/admin/drain): nothing new starts; once the running task is
 done, `on_drained` is called (the server then exits 0). Queued jobs stay queued for the next start.
