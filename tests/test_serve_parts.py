@@ -32,6 +32,7 @@ from liveavatar_lite.serve.store import (
 )
 from liveavatar_lite.serve.supervisor import LocalWorkerExecutor, rss_bytes
 from liveavatar_lite.serve.tasks import (
+    BlockDone,
     ClipDone,
     Finished,
     FirstFrame,
@@ -143,6 +144,9 @@ def test_observed_renderer_reports_and_cancels_between_blocks() -> None:
     renderer.block_frames(1, 0)  # a resumed render starts at clip 1
     renderer.block_frames(1, 1)
     renderer.block_frames(2, 0)
+    blocks = [(e.clip, e.block) for e in events if isinstance(e, BlockDone)]  # per-block progress
+    events = [e for e in events if not isinstance(e, BlockDone)]
+    assert blocks == [(1, 0), (1, 1), (2, 0)]
     assert [type(e) for e in events] == [Resumed, FirstFrame, ClipDone]
     assert events[0].clips_done == 1 and events[2].clip == 1 and events[2].clips_done == 2
     cancel.set()

@@ -15,6 +15,7 @@ BENCHES = {
     "pipeline": "bench_pipeline.py",  # time to first frame: cold generate vs a warm Pipeline; RSS over renders
     "checksum": "bench_checksum.py",  # xxh3 vs sha256/blake2b/blake3, and what verifying adds to a unit read
     "serve": "bench_serve.py",  # 100 jobs through the service: failures, latency, TTFF, RSS drift of server + worker
+    "serve-soak": "bench_serve_soak.py",  # a compressed week: many faces, a full disk, stalls; 0 lost, state dir, RSS
     "farm": "bench_farm.py",  # farm run throughput: jobs per minute with 1 vs 2 Ray actors
     "speed": "bench_speed.py",  # per block-step, eager vs fused units: seconds, launches, attention, elementwise bytes
     "gpu": "gpu_proof.py",  # on a GPU: the 14B DiT under 24/16/12 GB caps (NVML), GEMMs, streamed vs resident
@@ -29,6 +30,8 @@ DESCRIPTION = (
     "pipeline: time to first frame of a cold generate vs a warm Pipeline, RSS over many renders. "
     "checksum: hash throughput of the artifact's load-time check vs sha256, and its cost per unit read. "
     "serve: a soak of many jobs through the HTTP service (latency, time to first frame, RSS drift). "
+    "serve-soak: a compressed week of the service (many faces, a full disk, stalled workers): jobs lost, "
+    "the state dir against --max-state-gb, RSS drift. "
     "farm: jobs per minute of `farm run` with 1 vs 2 Ray actors. "
     "speed: per DiT block-step, eager vs fused units (torch.compile) side by side: seconds, kernel launches, "
     "attention backend, elementwise bytes, and inductor's figures per fused graph. "

@@ -60,6 +60,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_ray_flags(parser, " (with --backend ray)")
     parser.add_argument("--keep-jobs", type=positive_int, default=1000,
                         help="finished jobs kept with their videos; older ones are deleted (default: %(default)s)")
+    parser.add_argument("--max-state-gb", type=positive_float, default=None, metavar="GB",
+                        help="keep the state dir under this: the live segments of finished jobs and the least "
+                             "recently used photo and prompt caches are deleted first (default: no limit)")
+    parser.add_argument("--min-free-mb", type=non_negative_float, default=1000.0, metavar="MB",
+                        help="free disk the state dir keeps: below it (plus what a job writes) jobs wait and "
+                             "uploads get 507 (default: %(default)s)")
+    parser.add_argument("--stall-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                        help="a task without progress (a rendered block) for this long, or 10 of the plan's "
+                             "block times if longer, has its worker restarted (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
         limits=Limits(max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1e6),
                       max_audio_seconds=args.max_audio_seconds, request_timeout_s=args.request_timeout),
         worker=WorkerPolicy(memory_ceiling_bytes=int(args.worker_memory_gb * 1e9) if args.worker_memory_gb else None,
-                            recycle_after_jobs=args.recycle_after, checkpoint_interval_s=args.checkpoint_interval),
-        keep_jobs=args.keep_jobs)
+                            recycle_after_jobs=args.recycle_after, checkpoint_interval_s=args.checkpoint_interval,
+                            stall_timeout_s=args.stall_timeout),
+        keep_jobs=args.keep_jobs, max_state_bytes=int(args.max_state_gb * 1e9) if args.max_state_gb else None,
+        min_free_bytes=int(args.min_free_mb * 1e6))
     serve(config, _ray_executor(args, config) if args.backend == "ray" else None)
     return 0
 

@@ -25,6 +25,7 @@ from ..serve.tasks import (
     Failed,
     Finished,
     Lost,
+    NoSpace,
     RenderTask,
     WorkerFailed,
 )
@@ -105,10 +106,10 @@ def run_batch(plan: BatchPlan, executor: Any, checkpoint_interval_s: float = 600
                     outcome.resumed_clips = max(outcome.resumed_clips, event.resumed_clips)
                     _report(report, outcomes, total, outcome, f"done in {event.seconds:.1f} s" + (
                         f", resumed after {outcome.resumed_clips} clip(s)" if outcome.resumed_clips else ""))
-                elif isinstance(event, Failed | Cancelled):
+                elif isinstance(event, Failed | Cancelled | NoSpace):  # a full disk: its checkpoint stays
                     running.discard(event.task_id)
                     outcome.state = "failed"
-                    outcome.error = event.message if isinstance(event, Failed) else "cancelled"
+                    outcome.error = event.message if isinstance(event, Failed | NoSpace) else "cancelled"
                     drop_claim(outcome.job)
                     _report(report, outcomes, total, outcome, f"FAILED: {outcome.error}")
                 elif isinstance(event, Lost):

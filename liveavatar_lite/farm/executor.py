@@ -28,6 +28,7 @@ from ..serve.tasks import (
     Finished,
     Lost,
     Memory,
+    NoSpace,
     RenderTask,
     Task,
     WorkerFailed,
@@ -223,7 +224,7 @@ class RayExecutor:
             return [] if self._stopping else [Lost(task.id, "worker_died", reason)]
         except Exception as e:  # noqa: BLE001 - run() never raises for a task's own failure: a bug
             return [Failed(task.id, "internal", _reason(e))]
-        ended = any(isinstance(e, Finished | Failed | Cancelled) and e.task_id == task.id for e in events)
+        ended = any(isinstance(e, Finished | Failed | Cancelled | NoSpace) and e.task_id == task.id for e in events)
         events = events[slot.seen:]  # run() returns them all; the first `seen` came through _progress
         for event in events:
             if isinstance(event, Memory):

@@ -10,7 +10,8 @@
     GET    /v1/jobs/{id}/events           progress as server-sent events, until the job ends
     POST   /v1/avatars                    multipart image [, size, prompt] -> {"id"}: pre-encode a photo
     GET    /v1/avatars/{id}
-    GET    /healthz  /readyz  /metrics    liveness, model warm, Prometheus
+    POST   /v1/admin/drain                finish the running job, start nothing more, then exit 0
+    GET    /healthz  /readyz  /metrics    liveness, ready for work (else why not), Prometheus
 
 Every error is `{"error": "one line"}` with a 4xx (5xx only for our own bugs).
 """
@@ -108,7 +109,7 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, executor_status: Any,
-               token: str | None) -> FastAPI:
+               token: str | None, drain: Any = None) -> FastAPI:
     """The FastAPI app over a running service (server.py wires the parts)."""
     app = FastAPI(title="liveavatar-lite", docs_url=None, redoc_url=None, openapi_url=None)
     config = service.config
@@ -170,6 +171,7 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
 
     @v1.post("/jobs", status_code=201)
     async def create_job(request: Request) -> JSONResponse:
+        service.check_accepting()  # draining (503) or a short disk (507): before the body is read
         form = await receive_form(request, JOB_FIELDS, layout.tmp, config.limits)
         try:
             job = await validated(service.submit, form)
@@ -233,6 +235,7 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
 
     @v1.post("/avatars", status_code=201)
     async def create_avatar(request: Request) -> JSONResponse:
+        service.check_accepting()
         form = await receive_form(request, AVATAR_FIELDS, layout.tmp, config.limits)
         try:
             row, created = await validated(service.create_avatar, form)
@@ -245,6 +248,13 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
     def get_avatar(avatar_id: str) -> dict:
         return service.avatar_view(service.avatar(avatar_id))
 
+    @v1.post("/admin/drain", status_code=202)
+    def drain_now() -> JSONResponse:
+        if drain is None:
+            raise ApiError(404, "this server cannot drain")
+        drain()
+        return JSONResponse({"draining": True}, status_code=202)
+
     app.include_router(v1)
 
     # ---- health, metrics, the page ----------------------------------------------------------------
@@ -256,7 +266,7 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
     @app.get("/readyz")
     def readyz() -> JSONResponse:
         status = executor_status()
-        return JSONResponse({"ready": bool(status.get("ready")), "worker": status},
+        return JSONResponse({"ready": bool(status.get("ready")), "reason": status.get("reason"), "worker": status},
                             status_code=200 if status.get("ready") else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorize)])

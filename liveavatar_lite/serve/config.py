@@ -36,6 +36,8 @@ class WorkerPolicy:
     recycle_after_jobs: int = 0  # restart the worker (between jobs) after this many tasks; 0: never
     max_deaths_per_job: int = 2  # a job whose worker died this many times is failed, not retried again
     checkpoint_interval_s: float = 600.0  # resume checkpoints of service jobs (0: after every clip)
+    stall_timeout_s: float = 600.0  # the least time a task may go without progress before its worker is killed
+    stall_blocks: float = 10.0  # ... or this many of the plan's predicted block times, if that is longer
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     worker: WorkerPolicy = field(default_factory=WorkerPolicy)
     keep_jobs: int = 1000  # finished jobs (and their videos) kept; older ones are deleted
+    max_state_bytes: int | None = None  # prune live segments of done jobs and caches (LRU) to stay under this
+    min_free_bytes: int = 1_000_000_000  # free disk below this (plus a job's own need) -> jobs wait, uploads 507
 
     def __post_init__(self) -> None:
         if self.token is None and not is_loopback(self.host):

@@ -12,6 +12,7 @@
     liveavatar_worker_restarts_total{reason}       by reason (gauge mirrored from the supervisor)
     liveavatar_host_memory_bytes{process}          RSS of the server and the worker
     liveavatar_device_memory_bytes                 accelerator memory the worker's torch holds
+    liveavatar_state_free_bytes                    free disk under the state dir (measured each second)
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class ServeMetrics:
         self.host_memory = Gauge("liveavatar_host_memory_bytes", "resident memory", ["process"], registry=r)
         self.device_memory = Gauge("liveavatar_device_memory_bytes", "accelerator memory held by the worker",
                                    registry=r)
+        self.free_bytes = Gauge("liveavatar_state_free_bytes", "free disk under the state dir", registry=r)
 
     # ---- updates from the dispatcher --------------------------------------------------------------
 

@@ -10,6 +10,7 @@ change to the Pipeline is needed for that: the backend is the Pipeline's own ext
 """
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import threading
@@ -23,6 +24,7 @@ from ..pipeline.pipeline import Pipeline
 from ..pipeline.request import PipelineOptions, RenderInputs, RenderRequest
 from .tasks import (
     AvatarTask,
+    BlockDone,
     Cancelled,
     ClipDone,
     Event,
@@ -30,7 +32,9 @@ from .tasks import (
     Finished,
     FirstFrame,
     Memory,
+    NoSpace,
     RenderTask,
+    Restarted,
     Resumed,
     Started,
 )
@@ -52,7 +56,10 @@ class _Hooks:
         self.started = time.perf_counter()
         self.first_frame_s: float | None = None
         self.clip: int | None = None  # the clip being rendered
+        self.block = 0
         self.clip_started = self.started
+        self.blocks_per_clip = 1
+        self.predicted_block_s: float | None = None
 
     def before_block(self, clip: int, block: int) -> None:
         if self.cancel.is_set():
@@ -62,13 +69,16 @@ class _Hooks:
         if block == 0 and self.clip is not None and clip == self.clip + 1:
             # block 0 of clip c+1 starts only after clip c's segment and live entry were committed
             self.clip_done(self.clip)
-        if block == 0:
+        if block == 0 or self.clip is None:
             self.clip, self.clip_started = clip, time.perf_counter()
+        self.block = block
 
     def after_block(self) -> None:
         if self.first_frame_s is None:
             self.first_frame_s = time.perf_counter() - self.started
             self.emit(FirstFrame(self.task_id, round(self.first_frame_s, 4)))
+        assert self.clip is not None
+        self.emit(BlockDone(self.task_id, self.clip, self.block, self.blocks_per_clip, self.predicted_block_s))
 
     def clip_done(self, clip: int) -> None:
         self.emit(ClipDone(self.task_id, clip, clip + 1, round(time.perf_counter() - self.clip_started, 4)))
@@ -80,6 +90,10 @@ class _ObservedRenderer:
     def __init__(self, inner: Any, hooks: _Hooks) -> None:
         self.inner, self.hooks = inner, hooks
         self.blocks_per_clip = inner.blocks_per_clip
+        hooks.blocks_per_clip = max(1, int(inner.blocks_per_clip))
+        plan = getattr(inner, "plan", None)
+        if plan is not None:  # the plan's seconds per clip, spread over its blocks
+            hooks.predicted_block_s = round(plan.predicted_seconds_per_clip / hooks.blocks_per_clip, 4)
 
     def block_frames(self, clip: int, block: int) -> Any:
         self.hooks.before_block(clip, block)
@@ -157,19 +171,26 @@ class TaskRunner:
         except TaskCancelled:
             self.remove_outputs(task)
             emit(Cancelled(task.id))
-        except BudgetError as e:
-            self.remove_outputs(task)
-            emit(Failed(task.id, "out_of_memory", str(e)))
-        except UserError as e:
-            self.remove_outputs(task)
-            emit(Failed(task.id, "bad_input", str(e)))
-        except Exception as e:  # a bug or a library failure: reported, and the worker keeps serving
-            log.exception("task %s failed", task.id)
-            self.remove_outputs(task)
-            emit(Failed(task.id, "internal", f"{type(e).__name__}: {first_line(e)}"))
+        except Exception as e:  # noqa: BLE001 - sorted below: a full disk keeps the work, the rest fails
+            if no_space(e):
+                log.warning("task %s: the disk is full (%s); its work is kept", task.id, first_line(e))
+                emit(NoSpace(task.id, f"the disk is full: {first_line(e)}"))
+            else:
+                self._failed(task, e, emit)
         finally:
             self.backend.hooks = None
             emit(Memory(*memory_now()))
+
+    def _failed(self, task: RenderTask | AvatarTask, e: Exception, emit: Emit) -> None:
+        """A task's own failure: its outputs removed, the reason emitted."""
+        self.remove_outputs(task)
+        if isinstance(e, BudgetError):
+            emit(Failed(task.id, "out_of_memory", str(e)))
+        elif isinstance(e, UserError):
+            emit(Failed(task.id, "bad_input", str(e)))
+        else:  # a bug or a library failure: reported, and the worker keeps serving
+            log.error("task %s failed", task.id, exc_info=e)
+            emit(Failed(task.id, "internal", f"{type(e).__name__}: {first_line(e)}"))
 
     def _render(self, task: RenderTask, cancel: threading.Event, emit: Emit) -> None:
         hooks = _Hooks(task.id, cancel, emit)
@@ -182,7 +203,17 @@ class TaskRunner:
             telemetry=Path(task.telemetry) if task.telemetry else None, live=Path(task.live) if task.live else None,
             checkpoint_interval_s=task.checkpoint_interval_s, progress=False)
         emit(Started(task.id))
-        result = self.pipeline.run(request)
+        try:
+            result = self.pipeline.run(request)
+        except UserError as e:
+            if not (task.resume and str(e).startswith("cannot resume")) or no_space(e):
+                raise
+            # the checkpoint is unusable (another artifact or version, damaged): start over, said so
+            log.warning("task %s: %s; rendering it from scratch", task.id, first_line(e))
+            self.remove_outputs(task)
+            emit(Restarted(task.id, first_line(e)))
+            hooks.clip = None
+            result = self.pipeline.run(request)
         if hooks.clip is not None:
             hooks.clip_done(hooks.clip)  # the last clip (its segment is in the mp4 now)
         emit(Finished(task.id, round(result.seconds, 4), result.frames, result.clips, result.resumed_clips,
@@ -199,6 +230,18 @@ def _remove_outputs(task: RenderTask | AvatarTask) -> None:
     """A failed or cancelled render leaves nothing: its job directory (mp4, work dir, live) goes."""
     if isinstance(task, RenderTask):
         shutil.rmtree(Path(task.out).parent, ignore_errors=True)
+
+
+def no_space(e: BaseException) -> bool:
+    """True when `e` (or what caused it) is the disk being full (ENOSPC, or a quota: EDQUOT)."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def memory_now() -> tuple[int | None, int | None]:

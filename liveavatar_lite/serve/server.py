@@ -2,6 +2,10 @@
 
     serve(ServeConfig(pipeline=PipelineOptions(Path("art")), state_dir=Path("state")))  # until SIGTERM / Ctrl-C
 
+SIGUSR1 (or POST /v1/admin/drain) drains: the running job finishes, nothing new is accepted, then
+the server exits 0. Under systemd it speaks the notify protocol (notify.py): READY=1 once
+listening, WATCHDOG=1 from the dispatcher's loop, STOPPING=1.
+
 Start-up after any stop (clean or kill -9): temp uploads are deleted; jobs that were running go
 back to the head of the queue and resume from their checkpoints; directories of jobs the database
 lists as failed or cancelled are removed, as are blobs it put that no job or avatar refers to.
@@ -16,6 +20,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -27,12 +32,15 @@ from .blobs import BlobStore
 from .config import ServeConfig
 from .dispatcher import Dispatcher
 from .executor import Executor
+from .joblog import job_state
 from .layout import StateDir, is_job_id
 from .malloc_policy import steady_malloc
 from .metrics import ServeMetrics
+from .notify import SystemdNotifier
 from .service import JobService
-from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobStore
+from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, WAITING_FOR_DISK, JobStore
 from .supervisor import LocalWorkerExecutor
+from .uploads import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +67,11 @@ def recover(layout: StateDir, store: JobStore, blobs: BlobStore) -> None:
     requeued = store.recover()
     if requeued:
         log.info("resuming %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
+    for job_id in requeued:
+        job = store.get(job_id)
+        job_state(job_id, QUEUED, job.created if job else None, "interrupted by a server stop; it resumes")
     ended = store.jobs_in(FAILED, CANCELLED)  # their folders are the database's to delete
-    listed = ended | store.jobs_in(DONE, QUEUED, RUNNING)
+    listed = ended | store.jobs_in(DONE, QUEUED, RUNNING, WAITING_FOR_DISK)
     unlisted = 0
     for d in layout.jobs.iterdir():
         if d.name in ended and is_job_id(d.name):
@@ -86,9 +97,44 @@ def build(config: ServeConfig, executor: Executor | None = None) -> tuple[object
     metrics = ServeMetrics(lambda: store.count(QUEUED), executor.status)
     blob_lock = threading.Lock()
     dispatcher = Dispatcher(store, executor, layout, blobs, config, metrics, blob_lock)
-    service = JobService(config, layout, store, blobs, blob_lock, dispatcher.wake)
-    app = create_app(service, layout, metrics, executor.status, config.token)
+
+    def refusal() -> ApiError | None:
+        if dispatcher.draining.is_set():
+            return ApiError(503, "the server is draining (finishing its running job before it stops); "
+                                 "try again after its restart", {"Retry-After": "60"})
+        if dispatcher.disk_short():
+            return ApiError(507, _disk_reason(dispatcher))
+        return None
+
+    def status() -> dict:
+        """The executor's status, plus what else makes the service not ready, and why (for the page)."""
+        out = {**executor.status(), "draining": dispatcher.draining.is_set(), "disk": dispatcher.disk_status()}
+        reason = None
+        if out["draining"]:
+            reason = "draining: the running job finishes, then the server stops"
+        elif out.get("stall") and not out.get("ready"):
+            reason = (f"the worker made no progress for {out['stall']['seconds_since_progress']:.0f} s "
+                      f"(deadline {out['stall']['deadline_s']:.0f} s); it is being restarted")
+        elif dispatcher.disk_short():
+            reason = _disk_reason(dispatcher)
+        elif not out.get("ready"):
+            reason = (f"the worker cannot load: {out['last_error']}" if out.get("last_error")
+                      else "loading the model")
+        out["reason"] = reason
+        out["ready"] = bool(out.get("ready")) and reason is None
+        return out
+
+    service = JobService(config, layout, store, blobs, blob_lock, dispatcher.wake, refusal=refusal,
+                         progress=dispatcher.progress,
+                         predicted_clip_s=lambda: executor.status().get("seconds_per_clip"))
+    app = create_app(service, layout, metrics, status, config.token, drain=dispatcher.drain)
     return BodyLimit(app, config.limits.max_upload_bytes), dispatcher, lock
+
+
+def _disk_reason(dispatcher: Dispatcher) -> str:
+    free = dispatcher.free_bytes or 0
+    return (f"the disk is nearly full: {free / 1e6:.0f} MB free under the state dir, the server keeps "
+            f"{dispatcher.config.min_free_bytes / 1e6:.0f} MB (--min-free-mb); jobs wait until space is freed")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -120,17 +166,28 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     steady_malloc()  # a server that runs for days: no RSS step some jobs into the run
     sock = listen(config.host, config.port)
     app, dispatcher, lock = build(config, executor)
-    dispatcher.start()
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
         limit_concurrency=MAX_CONNECTIONS,
         http=guarded_protocol(HEADER_TIMEOUT_S, config.limits.request_timeout_s + BODY_SLACK_S, PENDING_PER_CLIENT)))
+    notifier = SystemdNotifier.from_env()
+    dispatcher.on_step = notifier.ping  # the watchdog ping comes from the loop that does the work
+
+    def drained() -> None:
+        log.info("drained: stopping the server")
+        server.should_exit = True  # uvicorn's loop polls it; serve() then returns and the command exits 0
+
+    dispatcher.on_drained = drained
+    signal.signal(signal.SIGUSR1, lambda *_: dispatcher.drain())
+    dispatcher.start()
     host, port = sock.getsockname()[:2]
     log.info("serving on http://%s:%d (state: %s%s)", f"[{host}]" if ":" in host else host, port,
              Path(config.state_dir).resolve(), ", bearer token required" if config.token else "")
+    notifier.send("READY=1")
     try:
         server.run(sockets=[sock])
     finally:
+        notifier.send("STOPPING=1")
         dispatcher.stop()
         lock.close()
         sock.close()

@@ -15,8 +15,10 @@ file names from clients become paths only after they match the layout's patterns
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,17 @@ from ..errors import UserError
 from ..pipeline.request import RenderRequest
 from .blobs import BlobStore
 from .config import ServeConfig
+from .joblog import job_state
 from .layout import LIVE_FILE, StateDir, is_avatar_id, is_job_id, new_job_id
 from .store import (
+    CANCELLED,
     DONE,
     FAILED,
     PENDING,
     QUEUED,
     RUNNING,
     STATES,
+    WAITING_FOR_DISK,
     AvatarRow,
     JobRow,
     JobStore,
@@ -45,13 +50,28 @@ MAX_CLIPS = 100_000
 
 class JobService:
     def __init__(self, config: ServeConfig, layout: StateDir, store: JobStore, blobs: BlobStore,
-                 blob_lock: threading.Lock, wake: threading.Event) -> None:
+                 blob_lock: threading.Lock, wake: threading.Event, *,
+                 refusal: Callable[[], ApiError | None] = lambda: None,
+                 progress: dict[str, float] | None = None,
+                 predicted_clip_s: Callable[[], float | None] = lambda: None) -> None:
+        """`refusal`: why new work is refused now (draining: 503, disk short: 507), or None;
+        `progress`: running job id -> fraction of blocks done; `predicted_clip_s`: the plan's seconds per
+        clip (the ETA before any clip has been timed)."""
         self.config, self.layout, self.store, self.blobs = config, layout, store, blobs
         self.blob_lock, self.wake = blob_lock, wake
+        self.refusal, self.progress, self.predicted_clip_s = refusal, progress if progress is not None else {}, \
+            predicted_clip_s
 
     # ---- jobs -------------------------------------------------------------------------------------
 
+    def check_accepting(self) -> None:
+        """ApiError 503 (draining) or 507 (the disk is short) before an upload is even read."""
+        error = self.refusal()
+        if error is not None:
+            raise error
+
     def submit(self, form: ReceivedForm) -> JobRow:
+        self.check_accepting()
         limits = self.config.limits
         if self.store.count(QUEUED) >= limits.max_queue:  # cheap check before any decoding
             raise self._queue_full()
@@ -79,6 +99,7 @@ class JobService:
             except QueueFull:
                 self.blobs.remove_except(self.store.blob_refs())  # the two blobs, unless another job holds them
                 raise self._queue_full() from None
+        job_state(job.id, QUEUED, job.created)
         self.wake.set()
         return job
 
@@ -90,6 +111,9 @@ class JobService:
             raise ApiError(404, f"no job {job_id}") from None
         except ValueError as e:
             raise ApiError(409, str(e)) from None
+        if job.state == CANCELLED:  # it was queued or waiting for disk: what it had rendered goes
+            shutil.rmtree(self.layout.job_dir(job_id), ignore_errors=True)
+            job_state(job_id, CANCELLED, job.created, "cancelled while waiting")
         self.wake.set()
         return job
 
@@ -151,7 +175,8 @@ class JobService:
             "id": job.id, "state": job.state, "created": job.created, "started": job.started,
             "finished": job.finished, "prompt": job.prompt, "size": job.size, "seed": job.seed,
             "num_clip": job.num_clip, "avatar": job.avatar, "clips_total": job.clips_total,
-            "clips_done": job.clips_done, "eta_s": etas.get(job.id), "first_frame_s": job.first_frame_s,
+            "clips_done": job.clips_done, "progress": self._progress(job), "eta_s": etas.get(job.id),
+            "first_frame_s": job.first_frame_s,
             "render_s": job.render_s, "cancel_requested": job.cancel_requested, "error": job.error,
             "error_kind": job.error_kind, "resumed": job.resume, "worker_deaths": job.worker_deaths,
             "video": f"{base}/video" if job.state == DONE else None,
@@ -159,18 +184,27 @@ class JobService:
             "events": f"{base}/events",
         }
 
+    def _progress(self, job: JobRow) -> float:
+        """Fraction of the job's blocks rendered (per block while it runs; never less than its clips)."""
+        if job.state == DONE:
+            return 1.0
+        by_clips = job.clips_done / job.clips_total if job.clips_total else 0.0
+        return round(max(by_clips, self.progress.get(job.id, 0.0)), 4)
+
     def etas(self) -> dict[str, float | None]:
-        """Seconds until each unfinished job is done, from the mean seconds per clip of recent jobs."""
-        per_clip = self.store.mean_clip_seconds()
+        """Seconds until each unfinished job is done, from the mean seconds per clip of recent jobs
+        (before any job has finished: the plan's predicted seconds per clip)."""
+        per_clip = self.store.mean_clip_seconds() or self.predicted_clip_s()
         running = self.store.list(RUNNING, limit=100)
         queued = list(reversed(self.store.list(QUEUED, limit=self.config.limits.max_queue + 100)))
+        queued += list(reversed(self.store.list(WAITING_FOR_DISK, limit=100)))
         queued.sort(key=lambda j: not j.resume)  # claim order: interrupted first, then oldest (stable)
         if per_clip is None:
             return {j.id: None for j in running + queued}
         etas: dict[str, float | None] = {}
         ahead = 0.0
         for j in running:
-            etas[j.id] = (j.clips_total - j.clips_done) * per_clip
+            etas[j.id] = (1.0 - self._progress(j)) * j.clips_total * per_clip
             ahead = max(ahead, etas[j.id] or 0.0)
         for j in queued:
             ahead += j.clips_total * per_clip

@@ -25,7 +25,8 @@ from pathlib import Path
 from ..errors import UserError
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+WAITING_FOR_DISK = "waiting_for_disk"  # the disk filled while it ran: its work is kept, it resumes with space
+STATES = (QUEUED, RUNNING, WAITING_FOR_DISK, DONE, FAILED, CANCELLED)
 TERMINAL = (DONE, FAILED, CANCELLED)
 PENDING, READY = "pending", "ready"  # avatar states (plus FAILED)
 
@@ -278,6 +279,20 @@ class JobStore:
             row = db.execute("SELECT worker_deaths FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return int(row[0]) if row else 0
 
+    def wait_for_disk(self, job_id: str, reason: str) -> None:
+        """A running job that hit a full disk: waiting (not claimed), resumable, its reason kept in `error`."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = ?, resume = 1, error = ? WHERE id = ? AND state = ?",
+                       (WAITING_FOR_DISK, reason, job_id, RUNNING))
+
+    def release_waiting(self) -> list[str]:
+        """The jobs waiting for disk go back to the head of the queue (resumable); returns their ids."""
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY seq",
+                                            (WAITING_FOR_DISK,)).fetchall()]
+            db.execute("UPDATE jobs SET state = ?, error = NULL WHERE state = ?", (QUEUED, WAITING_FOR_DISK))
+        return ids
+
     def request_cancel(self, job_id: str) -> JobRow:
         """Cancel: a queued job at once, a running one by flagging it (the dispatcher stops it).
 
@@ -293,7 +308,7 @@ class JobStore:
                 raise ValueError(f"job {job_id} is already {job.state}; there is nothing to cancel")
             if job.cancel_requested:
                 raise ValueError(f"job {job_id} is already being cancelled")
-            if job.state == QUEUED:
+            if job.state in (QUEUED, WAITING_FOR_DISK):
                 db.execute("UPDATE jobs SET state = ?, finished = ?, cancel_requested = 1 WHERE id = ?",
                            (CANCELLED, time.time(), job_id))
                 return replace(job, state=CANCELLED, cancel_requested=True)
@@ -301,8 +316,8 @@ class JobStore:
             return replace(job, cancel_requested=True)
 
     def recover(self) -> list[str]:
-        """At server start: running jobs go back to the queue head (resume), or to cancelled if a
-        cancel was asked; pending avatars stay pending. Returns the ids requeued."""
+        """At server start: running (and waiting-for-disk) jobs go back to the queue head (resume), or to
+        cancelled if a cancel was asked; pending avatars stay pending. Returns the ids requeued."""
         with self._tx() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ? AND cancel_requested = 0",
                                             (RUNNING,)).fetchall()]
@@ -310,6 +325,10 @@ class JobStore:
                        (QUEUED, RUNNING))
             db.execute("UPDATE jobs SET state = ?, finished = ? WHERE state = ? AND cancel_requested = 1",
                        (CANCELLED, time.time(), RUNNING))
+            # jobs that waited for disk: queued again (the start check holds them while space is short)
+            ids += [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ?", (WAITING_FOR_DISK,)).fetchall()]
+            db.execute("UPDATE jobs SET state = ?, resume = 1, error = NULL WHERE state = ?",
+                       (QUEUED, WAITING_FOR_DISK))
         return ids
 
     def prune(self, keep: int) -> list[str]:

@@ -8,7 +8,14 @@ on every `events()` call does its housekeeping:
 - a worker whose RSS passes the memory ceiling is killed and restarted (its task is `Lost` too);
 - after `recycle_after_jobs` tasks an idle worker is stopped and started fresh;
 - a worker that dies before it is ready (bad artifact, budget) is restarted with a growing delay
-  (1, 2, 4 ... 60 s), and /readyz shows why.
+  (1, 2, 4 ... 60 s), and /readyz shows why;
+- the stall watchdog: a task that makes no progress (no rendered block, no clip) for its deadline
+  (`stall_timeout_s`, or `stall_blocks` of the plan's predicted block times if longer; until its
+  first block, which also encodes inputs and restores a checkpoint, 3 times that) has its worker
+  killed (SIGKILL works on a stopped or wedged process too) and restarted; the task comes back as
+  `Lost` ("stalled"), resumable, and counts toward the job's death limit;
+- worker.log is kept under WORKER_LOG_MAX_BYTES (copied to worker.log.1, then truncated: the worker
+  writes with O_APPEND, so it carries on at the new end).
 
 Linux's PR_SET_PDEATHSIG is per *thread*: the worker gets SIGKILL when the thread that started it
 ends. So `start()` and `events()` must be called from one thread that lives as long as the server
@@ -20,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,13 +40,20 @@ from typing import Any
 
 from .config import ServeConfig
 from .tasks import (
+    BlockDone,
     Cancel,
     Cancelled,
     Event,
     Failed,
     Finished,
+    FirstFrame,
+    ClipDone,
     Lost,
     Memory,
+    NoSpace,
+    Restarted,
+    Resumed,
+    Started,
     Stop,
     Task,
     WorkerFailed,
@@ -51,6 +66,24 @@ log = logging.getLogger(__name__)
 
 _EXITED = object()  # the reader's end-of-file marker
 MAX_BACKOFF_S = 60.0
+WORKER_LOG_MAX_BYTES = 20_000_000  # worker.log beyond this is moved to worker.log.1 (one old copy kept)
+LOG_CHECK_S = 5.0
+FIRST_PROGRESS_FACTOR = 3  # a task's first block also encodes its inputs and loads its checkpoint: 3 deadlines
+_PROGRESS = (Started, Resumed, Restarted, BlockDone, FirstFrame, ClipDone)
+
+
+def rotate_log(path: Path, max_bytes: int) -> bool:
+    """Copy `path` to `path`.1 and truncate it once it passes `max_bytes` (copytruncate); True if it did."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+        shutil.copyfile(path, path.with_name(path.name + ".1"))
+        with open(path, "r+b") as f:
+            f.truncate(0)
+    except OSError as e:  # a full disk included: the log is not worth failing for
+        log.warning("could not rotate %s: %s", path, e)
+        return False
+    return True
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -94,6 +127,12 @@ class LocalWorkerExecutor:
         self.rss: int | None = None
         self.device_bytes: int | None = None
         self.pid: int | None = None
+        self._progress_at = 0.0  # monotonic time of the current task's latest progress
+        self._task_progressed = False  # the current task has rendered a block (else: a longer first deadline)
+        self._block_s: float | None = None  # the plan's predicted seconds per block
+        self.stall: dict[str, float] | None = None  # the latest stall, until a fresh worker is ready
+        self._log_checked = 0.0
+        self.seconds_per_clip: float | None = None  # the plan's prediction, from the ready worker
 
     # ---- Executor ---------------------------------------------------------------------------------
 
@@ -108,6 +147,7 @@ class LocalWorkerExecutor:
         if self.free_slots() < 1:
             raise RuntimeError("the worker is not free")
         self._task = task
+        self._progress_at, self._task_progressed = time.monotonic(), False
         self._send(task)
 
     def cancel(self, task_id: str) -> None:
@@ -136,9 +176,17 @@ class LocalWorkerExecutor:
         return out
 
     def status(self) -> dict[str, Any]:
+        busy = self._task is not None
         return {"ready": self._ready and self._kill_reason is None, "pid": self.pid, "rss_bytes": self.rss,
                 "device_bytes": self.device_bytes, "restarts": dict(self.restarts), "last_error": self.last_error,
-                "busy": self._task is not None}
+                "busy": busy, "stall": self.stall, "seconds_per_clip": self.seconds_per_clip,
+                "stall_deadline_s": round(self.stall_deadline(), 1),
+                "seconds_since_progress": round(time.monotonic() - self._progress_at, 1) if busy else None}
+
+    def stall_deadline(self) -> float:
+        """Seconds a task may go without progress: the floor, or that many predicted blocks if longer."""
+        predicted = self.policy.stall_blocks * self._block_s if self._block_s else 0.0
+        return max(self.policy.stall_timeout_s, predicted)
 
     def stop(self) -> None:
         """Stop the worker: at once if it renders (the job resumes from its checkpoint next start)."""
@@ -196,7 +244,8 @@ class LocalWorkerExecutor:
 
     def _on_message(self, message: Event) -> list[Event]:
         if isinstance(message, WorkerReady):
-            self._ready, self._failed_starts, self.last_error = True, 0, None
+            self._ready, self._failed_starts, self.last_error, self.stall = True, 0, None, None
+            self.seconds_per_clip = message.seconds_per_clip
             log.info("worker ready (pid %d), loads %s", message.pid, message.loads)
         elif isinstance(message, WorkerFailed):
             self.last_error = message.message
@@ -204,7 +253,13 @@ class LocalWorkerExecutor:
         elif isinstance(message, Memory):
             self.rss = message.rss_bytes if message.rss_bytes is not None else self.rss
             self.device_bytes = message.device_bytes
-        elif (isinstance(message, Finished | Failed | Cancelled) and self._task is not None
+        elif isinstance(message, _PROGRESS) and self._task is not None and self._task.id == message.task_id:
+            self._progress_at = time.monotonic()
+            if isinstance(message, BlockDone):
+                self._task_progressed = True
+                if message.predicted_block_s:
+                    self._block_s = message.predicted_block_s
+        elif (isinstance(message, Finished | Failed | Cancelled | NoSpace) and self._task is not None
               and self._task.id == message.task_id):
             self._task = None
             self._tasks_since_start += 1
@@ -245,6 +300,19 @@ class LocalWorkerExecutor:
             return
         if self._kill_reason is not None:
             return  # already on its way out
+        now = time.monotonic()
+        if now - self._log_checked > LOG_CHECK_S:
+            self._log_checked = now
+            rotate_log(self.log_path, WORKER_LOG_MAX_BYTES)
+        deadline = self.stall_deadline() * (1 if self._task_progressed else FIRST_PROGRESS_FACTOR)
+        if self._task is not None and now - self._progress_at > deadline:
+            age = now - self._progress_at
+            self.stall = {"seconds_since_progress": round(age, 1), "deadline_s": round(deadline, 1)}
+            self._kill_reason = ("stalled", f"the worker made no progress for {age:.0f} s (its deadline is "
+                                            f"{deadline:.0f} s); it was killed")
+            log.error("%s; restarting it", self._kill_reason[1])
+            self._proc.kill()
+            return
         self.rss = rss_bytes(self._proc.pid) or self.rss
         ceiling = self.policy.memory_ceiling_bytes
         if ceiling and self.rss and self.rss > ceiling:

@@ -62,6 +62,7 @@ class WorkerReady:
 
     pid: int
     loads: dict[str, int]
+    seconds_per_clip: float | None = None  # the plan's prediction at the planning size (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,33 @@ class Resumed:
 
     task_id: str
     clips_done: int
+
+
+@dataclass(frozen=True)
+class BlockDone:
+    """One block of clip `clip` is rendered: the unit of progress the stall watchdog counts."""
+
+    task_id: str
+    clip: int
+    block: int
+    blocks_per_clip: int
+    predicted_block_s: float | None = None  # the plan's seconds per block (None: no plan)
+
+
+@dataclass(frozen=True)
+class NoSpace:
+    """The disk filled during the task (ENOSPC); its work is kept and it waits for space."""
+
+    task_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Restarted:
+    """The task's checkpoint could not be resumed (e.g. another artifact); it renders from scratch."""
+
+    task_id: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -130,7 +158,7 @@ class Lost:
     """The worker died (or was stopped) with the task in flight; the task may be retried."""
 
     task_id: str
-    kind: str  # worker_died | memory_ceiling
+    kind: str  # worker_died | memory_ceiling | stalled
     reason: str
 
 
@@ -143,11 +171,13 @@ class Memory:
 
 
 Task = RenderTask | AvatarTask
-Event = WorkerReady | WorkerFailed | Started | Resumed | FirstFrame | ClipDone | Finished | Failed | Cancelled | Lost | Memory
+Event = (WorkerReady | WorkerFailed | Started | Resumed | BlockDone | NoSpace | Restarted | FirstFrame | ClipDone
+         | Finished | Failed | Cancelled | Lost | Memory)
 
 _TYPES: dict[str, type] = {t.__name__: t for t in (
     RenderTask, AvatarTask, Cancel, Stop,
-    WorkerReady, WorkerFailed, Started, Resumed, FirstFrame, ClipDone, Finished, Failed, Cancelled, Lost, Memory)}
+    WorkerReady, WorkerFailed, Started, Resumed, BlockDone, NoSpace, Restarted, FirstFrame, ClipDone, Finished, Failed,
+    Cancelled, Lost, Memory)}
 
 
 def to_wire(message: Any) -> bytes:

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         channel.send(WorkerFailed(str(e)))
         return 3
-    channel.send(WorkerReady(os.getpid(), runner.loads))
+    plan = getattr(runner.backend.inner, "plan", None)
+    channel.send(WorkerReady(os.getpid(), runner.loads, plan.predicted_seconds_per_clip if plan is not None else None))
     channel.send(Memory(*memory_now()))
     serve_tasks(channel, runner)
     return 0

@@ -34,8 +34,10 @@ function seconds(s) {
 async function refreshReady() {
   try {
     const r = await fetch("/readyz");
-    $("ready").textContent = r.ok ? "model warm" : "loading the model…";
-    $("ready").className = "badge " + (r.ok ? "ok" : "");
+    let reason = "loading the model…";
+    try { reason = (await r.json()).reason || reason; } catch (e) { /* not JSON */ }
+    $("ready").textContent = r.ok ? "model warm" : reason;  // why not ready: loading, cannot load, stalled, disk, draining
+    $("ready").className = "badge " + (r.ok ? "ok" : "bad");
   } catch (e) {
     $("ready").textContent = "server unreachable";
     $("ready").className = "badge bad";
@@ -49,7 +51,8 @@ async function refreshQueue() {
   body.replaceChildren();
   for (const job of jobs) {
     const row = document.createElement("tr");
-    const cells = [job.id.slice(0, 8), job.state, job.clips_done + "/" + job.clips_total, seconds(job.eta_s)];
+    const state = job.error ? job.state + ": " + job.error : job.state;  // a failure shows its reason
+    const cells = [job.id.slice(0, 8), state, job.clips_done + "/" + job.clips_total, seconds(job.eta_s)];
     for (const text of cells) {
       const td = document.createElement("td");
       td.textContent = text;
@@ -105,10 +108,10 @@ async function show(job) {
   window.__events.push({ state: job.state, clips_done: job.clips_done, clips_total: job.clips_total });
   $("state").textContent = job.state + (job.cancel_requested && job.state === "running" ? " (cancelling)" : "");
   $("clips").textContent = job.clips_done + "/" + job.clips_total;
-  $("progress").value = job.clips_total ? job.clips_done / job.clips_total : 0;
+  $("progress").value = job.progress !== undefined ? job.progress : (job.clips_total ? job.clips_done / job.clips_total : 0);
   $("eta").textContent = job.eta_s !== null && job.state !== "done" ? "about " + seconds(job.eta_s) + " left" : "";
   $("ttff").textContent = job.first_frame_s !== null ? "· first frame after " + job.first_frame_s.toFixed(1) + " s" : "";
-  if (job.error) $("job-error").textContent = job.error;
+  $("job-error").textContent = job.error ? (job.error_kind ? job.error_kind + ": " : "") + job.error : "";
   if (job.state === "running") await loadClips(job);
   if (job.state === "done") await showResult(job);
   refreshQueue();

@@ -1,0 +1,432 @@
+"""`serve` left alone for weeks: stalls, full disks, growing state, drains, upgrades (issue 24).
+
+Against a real server process (serve_helpers.ServeProcess), tiny model, 64*64:
+- a SIGSTOPped worker is caught by the stall watchdog, /readyz says so (503, the age of the last
+  progress), the worker is restarted and the job finishes with the frames of an uninterrupted run;
+  systemd's notify socket got READY=1 and WATCHDOG=1; progress came per block and never went back;
+- a disk that fills (a real ENOSPC from the kernel: the job's next live segment file is a symlink
+  to /dev/full; the server's free-space probe reads a test hook file instead of statvfs): the job
+  waits as `waiting_for_disk` with its work, the queued ones do not start, uploads get 507, /readyz
+  says why; once space returns every job finishes with identical frames; with --max-state-gb the
+  live segments of finished jobs and the caches are pruned;
+- a drain (POST /v1/admin/drain, then SIGUSR1) finishes the running job and exits 0, the queued job
+  kept for the next start;
+- a checkpoint from another artifact identity (here: another --kv) restarts the job from scratch, logged;
+- every job state change is one log line.
+Plus unit tests of pruning (only what the database vouches for), log rotation and the notify protocol.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("av")
+
+from media_fixtures import decoded_frames
+from render_helpers import SIZE
+from serve_helpers import ServeProcess, job_data, job_files, process_alive, wait_gone
+
+from liveavatar_lite.serve.disk import FREE_BYTES_HOOK, prune_to, tree_bytes
+from liveavatar_lite.serve.layout import StateDir
+from liveavatar_lite.serve.notify import SystemdNotifier
+from liveavatar_lite.serve.store import DONE, QUEUED, JobRow, JobStore
+from liveavatar_lite.pipeline.request import PipelineOptions
+from liveavatar_lite.serve.config import ServeConfig, WorkerPolicy
+from liveavatar_lite.serve.supervisor import LocalWorkerExecutor, rotate_log
+from liveavatar_lite.serve.tasks import BlockDone, Finished, Lost, NoSpace, RenderTask, WorkerReady
+
+CLIP0 = 45  # frames of clip 0 at 64*64 (the 3-clip reference's first clip)
+CLIP01 = 93  # frames of clips 0 and 1
+READY_S = 900  # the worker's start: torch's import and the model load (minutes on a loaded 2-core VM)
+
+
+@contextmanager
+def _serving(server: ServeProcess) -> Iterator[ServeProcess]:
+    server.start(READY_S)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _submit(server: ServeProcess, media: Path, **extra) -> str:
+    r = server.client.post("/v1/jobs", files=job_files(media), data=job_data(**extra))
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _one_line_error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert list(body) == ["error"] and "\n" not in body["error"] and body["error"], body
+    return body["error"]
+
+
+def _video(server: ServeProcess, job_id: str) -> np.ndarray:
+    return decoded_frames(server.state_dir / "jobs" / job_id / "video.mp4")
+
+
+def _states_logged(server: ServeProcess, job_id: str) -> list[str]:
+    """The states of `job_id`'s log lines, in order (joblog.py: `job ID STATE seconds=... reason=...`)."""
+    return re.findall(rf"job {job_id} (\w+)", server.log.read_text())
+
+
+def _watch(server: ServeProcess, job_id: str, done, seen: list[dict], timeout: float = 600) -> dict:
+    """Poll the job until `done(job)`, keeping every view seen."""
+    def look():
+        job = server.job(job_id)
+        seen.append(job)
+        return job if done(job) else None
+    return _until(look, timeout, f"job {job_id} to progress")
+
+
+# ---- the stall watchdog ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_stopped_worker_is_caught_restarted_and_the_job_finishes_identically(
+        tiny_artifact: Path, media: Path, clean_render: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # ping every 0.5 s
+    stall_s = 20  # (its first block gets 3 times that: encoding, checkpoint restore)
+    with _serving(ServeProcess(tiny_artifact, tmp_path / "state", "--stall-timeout", str(stall_s),
+                               cache_dir=media / "cache")) as server:
+        messages = {notify.recv(256).decode() for _ in range(3)}
+        assert "READY=1" in messages and "WATCHDOG=1" in messages, messages
+        job_id = _submit(server, media, seed=7, num_clip=2)
+        seen: list[dict] = []
+        _watch(server, job_id, lambda j: j["state"] == "running" and j["progress"] > 0, seen, 300)  # a block
+        assert seen[-1]["eta_s"] is not None  # from the plan's seconds per clip: no job has finished yet
+        worker = server.worker_pid()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            ready = _until(lambda: (r := server.client.get("/readyz")).status_code == 503 and r.json(), 120,
+                           "/readyz to report the stall")
+        finally:
+            if process_alive(worker):
+                os.kill(worker, signal.SIGCONT)
+        stall = ready["worker"]["stall"]
+        assert stall["deadline_s"] == stall_s and stall_s <= stall["seconds_since_progress"], ready
+        assert "no progress" in ready["reason"]
+        assert wait_gone(worker, 30)  # killed by the supervisor, not by us
+        job = _watch(server, job_id, lambda j: j["state"] == "done", seen)
+        assert job["worker_deaths"] == 1 and job["resumed"], job
+        assert np.array_equal(_video(server, job_id), decoded_frames(clean_render["out"])[:CLIP01])
+        assert server.wait_ready()["worker"]["restarts"] == {"stalled": 1}
+        assert server.worker_pid() != worker
+        running = [j for j in seen if j["state"] == "running"]
+        progress = [j["progress"] for j in running]
+        assert progress == sorted(progress), progress  # per block, never backwards (not even after the resume)
+        clips = [j["clips_done"] for j in seen]
+        assert clips == sorted(clips), clips
+        assert len({p for p in progress if 0 < p < 1}) >= 2  # more than one step per clip: blocks, not clips
+        assert _states_logged(server, job_id) == ["queued", "running", "queued", "running", "done"]
+        assert "no progress for" in server.log.read_text()
+        notify.settimeout(5)
+        assert notify.recv(256) == b"WATCHDOG=1"  # still pinging
+    notify.close()
+
+
+_HANGING_WORKER = r'''
+import argparse, json, os, socket, time
+ap = argparse.ArgumentParser()
+ap.add_argument("--fd", type=int); ap.add_argument("--parent-pid", type=int); ap.add_argument("--options")
+a = ap.parse_args()
+s = socket.socket(fileno=a.fd)
+send = lambda **m: s.sendall((json.dumps(m) + "\n").encode())
+send(type="WorkerReady", pid=os.getpid(), loads={}, seconds_per_clip=0.01)
+for line in s.makefile("rb"):
+    m = json.loads(line)
+    if m["type"] == "RenderTask":
+        send(type="BlockDone", task_id=m["id"], clip=0, block=0, blocks_per_clip=2, predicted_block_s=0.005)
+        if m["seed"] == 1:
+            time.sleep(3600)  # wedged after its first block
+        if m["seed"] == 3:
+            send(type="NoSpace", task_id=m["id"], message="the disk is full")
+            continue
+        send(type="Finished", task_id=m["id"], seconds=0.1)
+'''
+
+
+def test_watchdog_kills_a_wedged_worker_and_reports_the_task_lost(tmp_path: Path) -> None:
+    """The supervisor alone, with a fake worker that stops reporting after one block: `Lost`
+    ("stalled") after the deadline, a fresh worker, which then serves; a task that reports is untouched."""
+    script = tmp_path / "hanging_worker.py"
+    script.write_text(_HANGING_WORKER)
+    config = ServeConfig(pipeline=PipelineOptions(artifact=tmp_path), state_dir=tmp_path, size="64*64",
+                         worker=WorkerPolicy(stall_timeout_s=1.0))
+    executor = LocalWorkerExecutor(config, tmp_path / "worker.log", [sys.executable, str(script)])
+
+    def task(seed: int) -> RenderTask:
+        return RenderTask(id=f"{seed:032x}", image="i", audio="a", prompt="p", size="64*64", seed=seed, num_clip=1,
+                          out="o.mp4", live="l", telemetry="t", checkpoint_interval_s=0.0)
+
+    def pump(until, timeout: float = 60) -> list:
+        seen: list = []
+        deadline = time.monotonic() + timeout
+        while not until(seen):
+            assert time.monotonic() < deadline, seen
+            seen += executor.events(timeout=0.1)
+        return seen
+
+    executor.start()
+    try:
+        pump(lambda seen: executor.free_slots() == 1)
+        executor.submit(task(0))
+        seen = pump(lambda seen: any(isinstance(e, Finished) for e in seen))
+        assert not any(isinstance(e, Lost) for e in seen) and executor.restarts == {}
+        first = executor.pid
+        executor.submit(task(1))
+        seen = pump(lambda seen: any(isinstance(e, Lost) for e in seen))
+        lost = next(e for e in seen if isinstance(e, Lost))
+        assert any(isinstance(e, BlockDone) for e in seen)
+        assert lost.kind == "stalled" and "no progress" in lost.reason, lost
+        status = executor.status()
+        # the plan's 0.005 s blocks * 10 are under the floor: the floor (1 s) is the deadline
+        assert status["stall"]["deadline_s"] == 1.0 and status["stall"]["seconds_since_progress"] >= 1.0
+        assert not status["ready"] and executor.restarts == {"stalled": 1}
+        pump(lambda seen: any(isinstance(e, WorkerReady) for e in seen))
+        assert executor.pid != first and executor.status()["stall"] is None
+        executor.submit(task(2))
+        pump(lambda seen: any(isinstance(e, Finished) for e in seen))
+        executor.submit(task(3))  # a full disk ends the task on the worker: the slot is free again
+        pump(lambda seen: any(isinstance(e, NoSpace) for e in seen))
+        assert executor.free_slots() == 1
+    finally:
+        executor.stop()
+
+
+# ---- a disk that fills ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_full_disk_keeps_every_job_and_resumes_them_all(
+        tiny_artifact: Path, media: Path, clean_render: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    free_file = tmp_path / "free_bytes"  # while it exists, the server believes this many bytes are free
+    monkeypatch.setenv(FREE_BYTES_HOOK, str(free_file))
+    state = tmp_path / "state"
+    with _serving(ServeProcess(tiny_artifact, state, "--min-free-mb", "100", "--max-state-gb", "0.000001")) as server:
+        c = server.client
+        first = _submit(server, media, seed=7)  # 3 clips
+        waiting = [_submit(server, media, seed=7, num_clip=1) for _ in range(2)]
+        server.wait_for(first, "running")
+        worker = server.worker_pid()
+        os.kill(worker, signal.SIGSTOP)  # hold the render still while the disk "fills"
+        try:
+            live = state / "jobs" / first / "live"
+            live.mkdir(parents=True, exist_ok=True)
+            planted = [live / f".seg_{i:05d}.ts.tmp" for i in range(3) if not (live / f"seg_{i:05d}.ts").exists()]
+            assert len(planted) >= 2, "the job finished two clips before it could be stopped"
+            for p in planted:
+                p.symlink_to("/dev/full")  # its next live segment is written to /dev/full: ENOSPC from the kernel
+            (tmp_path / "free_bytes.tmp").write_text("0")
+            os.replace(tmp_path / "free_bytes.tmp", free_file)  # atomic: the server never reads it half-written
+            ready = _until(lambda: (r := c.get("/readyz")).status_code == 503 and r.json(), 60, "the disk check")
+            assert "disk" in ready["reason"] and "--min-free-mb" in ready["reason"], ready
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        job = server.wait_for(first, "waiting_for_disk", timeout=300)
+        assert "No space left on device" in job["error"], job
+        assert (state / "jobs" / first).is_dir()  # its work is kept
+        assert [server.job(w)["state"] for w in waiting] == ["queued", "queued"]  # nothing starts on a full disk
+        for path in ("/v1/jobs", "/v1/avatars"):
+            error = _one_line_error(c.post(path, files=job_files(media), data=job_data()), 507)
+            assert "free" in error
+        assert "liveavatar_state_free_bytes 0.0" in c.get("/metrics").text
+        assert server.worker_pid() == worker  # a full disk is not the worker's fault
+
+        for p in planted:
+            p.unlink(missing_ok=True)
+        free_file.unlink()  # space returns: every job resumes by itself
+        for job_id in (first, *waiting):
+            server.wait_for(job_id, "done", timeout=600)
+        job = server.job(first)
+        assert job["resumed"] and job["worker_deaths"] == 0 and job["error"] is None
+        clean = decoded_frames(clean_render["out"])
+        assert np.array_equal(_video(server, first), clean)
+        for job_id in waiting:
+            assert np.array_equal(_video(server, job_id), clean[:CLIP0])
+        assert _states_logged(server, first) == ["queued", "running", "waiting_for_disk", "queued", "running", "done"]
+        for job_id in waiting:
+            assert _states_logged(server, job_id) == ["queued", "running", "done"]
+        # --max-state-gb (1 kB here): every finished job's live segments and every cache entry pruned,
+        # the results and the queue kept
+        assert not list((state / "jobs").glob("*/live")) and (state / "jobs" / first / "video.mp4").is_file()
+        assert not list((state / "cache").rglob("*.safetensors"))
+        assert "pruned" in server.log.read_text()
+        assert c.post("/v1/jobs", files=job_files(media), data=job_data(num_clip=1)).status_code == 201
+
+
+def _store_with(root: Path) -> tuple[StateDir, JobStore]:
+    layout = StateDir(root)
+    layout.create()
+    return layout, JobStore(layout.database)
+
+
+def _row(job_id: str, state: str, finished: float | None = None) -> JobRow:
+    return JobRow(id=job_id, state=state, created=1.0, image="a" * 64, audio="b" * 64, prompt="p", size=SIZE,
+                  seed=1, clips_total=1, finished=finished)
+
+
+def test_pruning_removes_least_recently_used_and_only_what_the_database_vouches_for(tmp_path: Path) -> None:
+    layout, store = _store_with(tmp_path / "state")
+    old, new, queued = "1" * 32, "2" * 32, "3" * 32
+    for job_id, state, finished in ((old, DONE, 10.0), (new, DONE, 20.0), (queued, QUEUED, None)):
+        store.add(_row(job_id, state, finished), max_queued=10)
+        (layout.live(job_id)).mkdir(parents=True)
+        (layout.live(job_id) / "seg_00000.ts").write_bytes(bytes(1000))
+        (layout.video(job_id)).write_bytes(bytes(100))
+    stranger = layout.jobs / ("4" * 32) / "live"  # a job the database does not know
+    stranger.mkdir(parents=True)
+    (stranger / "seg_00000.ts").write_bytes(bytes(1000))
+    cache = layout.cache
+    entries = []
+    for i, kind in enumerate(("photos", "prompts", "photos")):
+        (cache / kind).mkdir(parents=True, exist_ok=True)
+        entry = cache / kind / f"{i:064x}.safetensors"
+        entry.write_bytes(bytes(2000))
+        os.utime(entry, (100.0 + i, 100.0 + i))  # entry 0 is the least recently used
+        entries.append(entry)
+    (cache / "photos" / "notes.txt").write_bytes(bytes(2000))  # not a cache entry: never touched
+    base = tree_bytes(layout.root)
+
+    # live segments of finished jobs go first (they duplicate the mp4), oldest finished first
+    assert prune_to(layout, store, cache, base - 500) == 1000
+    assert not layout.live(old).exists() and layout.live(new).is_dir() and layout.video(old).is_file()
+    # then the least recently used cache entries
+    assert prune_to(layout, store, cache, base - 2500) == 3000
+    assert not layout.live(new).exists()
+    assert not entries[0].exists() and entries[1].exists() and entries[2].exists()
+    assert prune_to(layout, store, cache, base) == 0  # under the limit: nothing
+
+    prune_to(layout, store, cache, 0)  # as far as it goes
+    assert not any(e.exists() for e in entries)
+    assert layout.live(queued).is_dir() and stranger.is_dir() and (cache / "photos" / "notes.txt").exists()
+    assert all(layout.video(j).is_file() for j in (old, new, queued))
+    store.close()
+
+
+def test_worker_log_is_rotated(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    log.write_bytes(b"x" * 100)
+    assert not rotate_log(log, 100)
+    with open(log, "ab", buffering=0) as f:  # the worker's O_APPEND descriptor carries on after the truncation
+        f.write(b"y")
+        assert rotate_log(log, 100)
+        f.write(b"z")
+    assert (tmp_path / "worker.log.1").read_bytes() == b"x" * 100 + b"y" and log.read_bytes() == b"z"
+
+
+def test_notify_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "n"))
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "n"))
+    monkeypatch.setenv("WATCHDOG_USEC", "60000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    notifier = SystemdNotifier.from_env()
+    notifier.send("READY=1")
+    notifier.ping()
+    notifier.ping()  # within half the period: not sent again
+    notifier.send("STOPPING=1")
+    assert [sock.recv(64) for _ in range(3)] == [b"READY=1", b"WATCHDOG=1", b"STOPPING=1"]
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    SystemdNotifier.from_env().send("READY=1")  # outside systemd: nothing, no error
+    sock.close()
+
+
+# ---- drain ----------------------------------------------------------------------------------------
+
+def _db_state(state: Path, job_id: str) -> str:
+    with sqlite3.connect(state / "queue.sqlite3") as db:
+        return db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+@pytest.mark.slow
+def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: Path, clean_render: dict,
+                                                     tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start(READY_S)
+    try:
+        running = _submit(server, media, seed=7, num_clip=2)
+        later = _submit(server, media, seed=7, num_clip=1)
+        server.wait_for(running, "running")
+        worker = server.worker_pid()
+        r = server.client.post("/v1/admin/drain")
+        assert r.status_code == 202 and r.json() == {"draining": True}
+        _one_line_error(server.client.post("/v1/jobs", files=job_files(media), data=job_data()), 503)
+        ready = server.client.get("/readyz")
+        assert ready.status_code == 503 and "draining" in ready.json()["reason"]
+        assert server.proc is not None and server.proc.wait(timeout=600) == 0
+        assert wait_gone(worker, 30)
+    finally:
+        server.stop()
+    assert _db_state(state, running) == "done" and _db_state(state, later) == "queued"
+    assert np.array_equal(decoded_frames(state / "jobs" / running / "video.mp4"),
+                          decoded_frames(clean_render["out"])[:CLIP01])
+    assert "drained" in server.log.read_text()
+
+    # the next start runs the queued job; SIGUSR1 drains too
+    server.start(READY_S)
+    try:
+        server.wait_for(later, "running", "done")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGUSR1)
+        assert server.proc.wait(timeout=600) == 0
+    finally:
+        server.stop()
+    assert _db_state(state, later) == "done"
+    assert np.array_equal(decoded_frames(state / "jobs" / later / "video.mp4"),
+                          decoded_frames(clean_render["out"])[:CLIP0])
+    assert _states_logged(server, later) == ["queued", "running", "done"]
+
+
+# ---- an upgrade: the artifact identity changes under an interrupted job ---------------------------
+
+@pytest.mark.slow
+def test_checkpoint_of_another_artifact_restarts_the_job_from_scratch(tiny_artifact: Path, media: Path,
+                                                                      tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start(READY_S)
+    try:
+        job_id = _submit(server, media, seed=7, num_clip=2)
+        server.wait_for(job_id, "running", clips_done=1)
+        worker = server.worker_pid()
+        server.kill()
+        wait_gone(worker, 10)
+    finally:
+        server.stop()
+    # the same artifact with another KV storage: a different identity, so the checkpoint cannot be used
+    upgraded = ServeProcess(tiny_artifact, state, "--kv", "int8", cache_dir=media / "cache")
+    with _serving(upgraded):
+        job = upgraded.wait_for(job_id, "done", timeout=600)
+        assert job["error"] is None and job["clips_done"] == 2
+    text = server.log.read_text()
+    assert "restarted from scratch: cannot resume" in text
+    assert _states_logged(server, job_id) == ["queued", "running", "queued", "running", "running", "done"]
+    telemetry = (state / "jobs" / job_id / "telemetry.jsonl").read_text()
+    assert '"event": "resume"' not in telemetry
