@@ -13,6 +13,13 @@ sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts are importable helpers
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Each test, and every fixture first set up for it, starts from the same torch RNG state whatever
+    ran before: the suite runs in random order (pytest-randomly reseeds `random` and numpy alike)."""
+    torch.manual_seed(0)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
