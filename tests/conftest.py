@@ -13,6 +13,21 @@ sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts are importable helpers
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Each test, and every fixture first set up for it, starts from the same torch RNG state whatever
+    ran before: the suite runs in random order (pytest-randomly reseeds `random` and numpy alike)."""
+    torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # noqa: ANN001
+    """The random order's seed, printed even with -q (which hides pytest-randomly's header line)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and getattr(config.option, "randomly_reorganize", True):
+        terminalreporter.write_line(f"test order: pytest-randomly seed {seed} (rerun it with -p randomly "
+                                    f"--randomly-seed={seed}; file order with -p no:randomly)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device (none here)")

@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,21 @@ class ServeProcess:
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} not {states} within {timeout} s: {job}")
 
+    def drain(self, timeout: float = 600) -> dict:
+        """A queue the next test knows: cancel what is queued or running (left by a failed test; a
+        passing test waits for its own jobs), wait until each has ended and the worker is free."""
+        for state in ("queued", "running"):
+            for job in self.client.get("/v1/jobs", params={"state": state, "limit": 500}).json()["jobs"]:
+                self.client.delete(f"/v1/jobs/{job['id']}")
+                self.wait_for(job["id"], "done", "failed", "cancelled", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            worker = self.wait_ready(max(1.0, deadline - time.monotonic()))["worker"]
+            if not worker.get("busy"):  # an avatar task may still hold it
+                return worker
+            assert time.monotonic() < deadline, f"the worker stayed busy for {timeout} s: {worker}"
+            time.sleep(0.2)
+
     def kill(self) -> None:
         """kill -9 the server (its worker dies with it: PR_SET_PDEATHSIG / the socket's end)."""
         assert self.proc is not None
@@ -158,3 +175,21 @@ def wait_gone(pid: int, timeout: float) -> bool:
     except ProcessLookupError:
         pass
     return False
+
+
+@contextmanager
+def paused(pid: int) -> Iterator[int]:
+    """SIGSTOP `pid` (a worker) for the block, SIGCONT after it even if it fails: a worker that holds
+    its task without finishing it, so a test fills the queue behind it deterministically."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while "\nState:\tT" not in Path(f"/proc/{pid}/status").read_text():  # T: stopped
+            assert time.monotonic() < deadline, f"process {pid} did not stop on SIGSTOP"
+            time.sleep(0.01)
+        yield pid
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass

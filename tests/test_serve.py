@@ -1,15 +1,20 @@
 """`liveavatar-lite serve` as a client sees it: a real server process (token required) over HTTP.
 
-One server for the module (its worker loads the tiny artifact once). In order:
+One server for the module (its worker loads the tiny artifact once). Each test starts from a drained
+queue (`ServeProcess.drain`, autouse) and waits for states, never for durations, so the tests pass in
+any order and at any machine speed; a test that needs a full queue pauses the worker (SIGSTOP) with
+its job mid-render instead of racing the render. The tests:
 - a job's mp4 equals the CLI's `generate` output for the same inputs and seed, while >= 30 hostile
-  or malformed requests hit the server during the render: each gets a 4xx with a one-line JSON
-  error, leaves nothing behind, and the running job's frames stay identical;
+  or malformed requests hit the server with the job mid-render: each gets a 4xx with a one-line JSON
+  error, leaves nothing behind, a full queue answers 429, and the job's frames stay identical;
 - a running job cancelled mid-render stops between blocks, leaves nothing, keeps the worker;
 - kill -9 of the server mid-render, restart: the job resumes from its checkpoint with identical
   frames, the queued job (from a pre-encoded avatar, which renders like its photo) is not lost,
   finished results stay downloadable, the worker died with the server;
-- a job that kills its worker twice fails with the reason; the worker serves again;
-- /metrics; the page in a real headless Chromium (skipped without one).
+- a job that kills its worker twice fails with the reason; the worker serves again; /readyz and
+  /metrics count both deaths;
+- /healthz, /readyz and every metric series from the start;
+- the page in a real headless Chromium (skipped without one).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ pytest.importorskip("av")
 
 from media_fixtures import decoded_frames, write_speech
 from render_helpers import PROMPT, SIZE
-from serve_helpers import ServeProcess, job_data, job_files, process_alive, wait_gone
+from serve_helpers import ServeProcess, job_data, job_files, paused, process_alive, wait_gone
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 MAX_UPLOAD = 1_000_000  # bytes (--max-upload-mb 1)
@@ -47,6 +52,12 @@ def server(tiny_artifact: Path, media: Path, clean_render: dict, tmp_path_factor
                         cache_dir=media / "cache")
     with proc:
         yield proc
+
+
+@pytest.fixture(autouse=True)
+def drained(server: ServeProcess) -> None:
+    """Every test starts with nothing queued or running and the worker free (see ServeProcess.drain)."""
+    server.drain()
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +144,7 @@ def _frames(server: ServeProcess, job_id: str, tmp: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def short_job(server: ServeProcess, media: Path) -> dict:
     """A finished 1-clip job (seed 8): the target of 'cancel a finished job' and the avatar comparison."""
+    server.drain()  # module scope: set up before the autouse `drained`
     job_id = _submit(server, media, seed=8, num_clip=1)
     return server.wait_for(job_id, "done", timeout=600)
 
@@ -145,6 +157,32 @@ def test_job_equals_generate_while_hostile_requests_hit_the_server(
     events: list[dict] = []
     reader = _events(server, job_id, events)
     server.wait_for(job_id, "running")
+    with paused(server.worker_pid()):  # the job stays mid-render until the queue checks are done
+        _hostile_requests_and_a_full_queue(server, media, extra_media, short_job, job_id)
+
+    job = server.wait_for(job_id, "done", timeout=600)
+    assert job["clips_done"] == job["clips_total"] == 3 and job["worker_deaths"] == 0
+    assert np.array_equal(_frames(server, job_id, tmp_path), decoded_frames(clean_render["out"]))
+    reader.join(timeout=30)
+    states = [e["state"] for e in events]
+    assert states[-1] == "done" and "running" in states
+    assert [e["clips_done"] for e in events if e["state"] == "running"][-1] >= 2  # progress came clip by clip
+    assert all(e["first_frame_s"] > 0 for e in events if e["clips_done"] > 0)
+
+    # live output: the HLS playlist is complete, and each clip plays as mp4
+    playlist = c.get(f"/v1/jobs/{job_id}/live/index.m3u8")
+    assert playlist.status_code == 200 and playlist.text.count("seg_") == 3 and "#EXT-X-ENDLIST" in playlist.text
+    assert c.get(f"/v1/jobs/{job_id}/live/seg_00002.ts").status_code == 200
+    clip = c.get(f"/v1/jobs/{job_id}/clips/1")
+    assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
+    (tmp_path / "clip1.mp4").write_bytes(clip.content)
+    assert np.array_equal(decoded_frames(tmp_path / "clip1.mp4"), decoded_frames(clean_render["out"])[45:93])
+
+
+def _hostile_requests_and_a_full_queue(server: ServeProcess, media: Path, extra_media: Path, short_job: dict,
+                                       job_id: str) -> None:
+    """>= 30 hostile requests, then a full queue and racing cancels, while `job_id` is mid-render."""
+    c = server.client
     before = _snapshot(server)
     wrong = {"Authorization": "Bearer " + "f" * 32}
     files, data = job_files(media), job_data(num_clip=1)
@@ -223,11 +261,10 @@ def test_job_equals_generate_while_hostile_requests_hit_the_server(
         assert _snapshot(server) == before, f"hostile request {i} left something behind"
     assert not (server.state_dir.parent / "evil.png").exists() and not Path("/evil.png").exists()
 
-    # a full queue: two jobs wait, the third gets 429 with Retry-After
+    # a full queue: two jobs wait behind the paused one, the third gets 429 with Retry-After
     queued = [_submit(server, media, seed=20 + i, num_clip=1) for i in range(2)]
-    # the video of a job that has not finished (the last one queued: the running job may already be
-    # done by now, after the slow hostile requests above, but this one waits behind another)
-    _one_line_error(c.get(f"/v1/jobs/{queued[-1]}/video"), 409)
+    for unfinished in (job_id, queued[-1]):  # no video before a job is done
+        _one_line_error(c.get(f"/v1/jobs/{unfinished}/video"), 409)
     before = _snapshot(server)
     r = post()
     _one_line_error(r, 429)
@@ -243,25 +280,6 @@ def test_job_equals_generate_while_hostile_requests_hit_the_server(
             _one_line_error(r, 409)
     assert c.delete(f"/v1/jobs/{queued[1]}").status_code == 200
     assert server.job(queued[0])["state"] == server.job(queued[1])["state"] == "cancelled"
-
-    job = server.wait_for(job_id, "done", timeout=600)
-    assert job["clips_done"] == job["clips_total"] == 3 and job["worker_deaths"] == 0
-    assert np.array_equal(_frames(server, job_id, tmp_path), decoded_frames(clean_render["out"]))
-    reader.join(timeout=30)
-    states = [e["state"] for e in events]
-    assert states[-1] == "done" and "running" in states
-    assert [e["clips_done"] for e in events if e["state"] == "running"][-1] >= 2  # progress came clip by clip
-    assert all(e["first_frame_s"] > 0 for e in events if e["clips_done"] > 0)
-
-    # live output: the HLS playlist is complete, and each clip plays as mp4
-    playlist = c.get(f"/v1/jobs/{job_id}/live/index.m3u8")
-    assert playlist.status_code == 200 and playlist.text.count("seg_") == 3 and "#EXT-X-ENDLIST" in playlist.text
-    assert c.get(f"/v1/jobs/{job_id}/live/seg_00002.ts").status_code == 200
-    clip = c.get(f"/v1/jobs/{job_id}/clips/1")
-    assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
-    (tmp_path / "clip1.mp4").write_bytes(clip.content)
-    assert np.array_equal(decoded_frames(tmp_path / "clip1.mp4"), decoded_frames(clean_render["out"])[45:93])
-
 
 def test_cancel_a_running_job(server: ServeProcess, media: Path) -> None:
     worker = server.worker_pid()
@@ -322,7 +340,23 @@ def _running_after(server: ServeProcess, job_id: str, deaths: int) -> bool:
     return job["state"] == "running" and job["worker_deaths"] == deaths
 
 
+def _metric(server: ServeProcess, series: str) -> float:
+    """The value of one series (name and labels as printed) in a scrape of /metrics."""
+    for line in server.client.get("/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} is not in /metrics")
+
+
+WORKER_DEATH_SERIES = ('liveavatar_worker_restarts{reason="worker_died"}',
+                       'liveavatar_failures_total{kind="worker_died"}', 'liveavatar_jobs_total{state="failed"}')
+
+
 def test_job_that_kills_its_worker_twice_fails(server: ServeProcess, media: Path) -> None:
+    """Counts are compared with the test's start: a kill -9 test before it restarts the server (and
+    its counters); another test may have killed workers too."""
+    restarts = server.wait_ready()["worker"]["restarts"].get("worker_died", 0)
+    counts = [_metric(server, s) for s in WORKER_DEATH_SERIES]
     job_id = _submit(server, media, seed=10)
     for deaths in range(2):
         _until(lambda d=deaths: _running_after(server, job_id, d), 300, f"the job to run after {deaths} worker deaths")
@@ -332,20 +366,23 @@ def test_job_that_kills_its_worker_twice_fails(server: ServeProcess, media: Path
     job = server.wait_for(job_id, "failed", timeout=120)
     assert job["error_kind"] == "worker_died" and "SIGKILL" in job["error"] and "2 times" in job["error"]
     assert not (server.state_dir / "jobs" / job_id).exists()
-    assert server.wait_ready(300)["worker"]["pid"] != pid  # the supervisor started a fresh worker
+    worker = server.wait_ready(300)["worker"]
+    assert worker["pid"] != pid and worker["restarts"]["worker_died"] == restarts + 2  # a fresh worker
+    # two restarts, two failures of kind worker_died (the retried one counted too), one failed job
+    assert [_metric(server, s) - n for s, n in zip(WORKER_DEATH_SERIES, counts)] == [2, 2, 1]
 
 
 def test_health_and_metrics(server: ServeProcess) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"ok": True}  # no token needed to probe liveness
     ready = httpx.get(f"{server.url}/readyz")
-    assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["worker"]["restarts"]["worker_died"] == 2
-    text = server.client.get("/metrics").text
+    assert ready.status_code == 200 and ready.json()["ready"] and isinstance(ready.json()["worker"]["restarts"], dict)
+    text = server.client.get("/metrics").text  # every series exists from the start, whatever ran before
     for name in ("liveavatar_queue_depth", "liveavatar_job_seconds_count", "liveavatar_clip_seconds_count",
                  "liveavatar_time_to_first_frame_seconds_count", "liveavatar_job_latency_seconds_count",
                  'liveavatar_host_memory_bytes{process="server"}', 'liveavatar_host_memory_bytes{process="worker"}',
                  'liveavatar_failures_total{kind="worker_died"}', 'liveavatar_jobs_total{state="done"}',
-                 'liveavatar_jobs_total{state="failed"}', "liveavatar_worker_ready 1.0",
-                 'liveavatar_worker_restarts{reason="worker_died"} 2.0'):
+                 'liveavatar_jobs_total{state="failed"}', 'liveavatar_jobs_total{state="cancelled"}',
+                 "liveavatar_worker_ready 1.0", 'liveavatar_worker_restarts{reason="worker_died"}'):
         assert name in text, name
 
 

@@ -231,3 +231,22 @@ def test_supervisor_memory_ceiling_and_recycling(tmp_path: Path) -> None:
     finally:
         recycled.stop()
     assert rss_bytes(10**9) is None
+
+
+def test_metrics_show_every_label_at_zero_before_any_event() -> None:
+    """A scrape of a fresh service has every state, failure kind and restart reason at 0 (a dashboard
+    or a test reading `worker_died` finds it before the first death)."""
+    from liveavatar_lite.serve.metrics import FAILURE_KINDS, RESTART_REASONS, ServeMetrics
+    from liveavatar_lite.serve.store import TERMINAL
+
+    text = ServeMetrics(lambda: 0, lambda: {"ready": True, "restarts": {}}).render().decode()
+    want = [f'liveavatar_jobs_total{{state="{s}"}} 0.0' for s in TERMINAL]
+    want += [f'liveavatar_failures_total{{kind="{k}"}} 0.0' for k in FAILURE_KINDS]
+    want += [f'liveavatar_worker_restarts{{reason="{r}"}} 0.0' for r in RESTART_REASONS]
+    want += ["liveavatar_queue_depth 0.0", "liveavatar_worker_ready 1.0", "liveavatar_job_seconds_count 0.0"]
+    assert [w for w in want if w not in text.splitlines()] == []
+    metrics = ServeMetrics(lambda: 0, lambda: {"restarts": {"worker_died": 2}})
+    metrics.failure("worker_died")
+    lines = metrics.render().decode().splitlines()
+    assert 'liveavatar_failures_total{kind="worker_died"} 1.0' in lines
+    assert 'liveavatar_worker_restarts{reason="worker_died"} 2.0' in lines

@@ -28,11 +28,15 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .store import JobRow
+from .store import TERMINAL, JobRow
 from .supervisor import rss_bytes
 from .tasks import Memory, WorkerFailed, WorkerReady
 
 _SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
+# The labels every scrape shows from the start (at 0), so a dashboard or a rate() sees a series
+# before its first event: failure kinds (tasks.Failed, tasks.Lost) and worker restart reasons.
+FAILURE_KINDS = ("bad_input", "out_of_memory", "internal", "worker_died", "memory_ceiling", "stalled")
+RESTART_REASONS = ("worker_died", "memory_ceiling", "recycle", "stalled")
 
 
 class ServeMetrics:
@@ -55,6 +59,12 @@ class ServeMetrics:
         self.device_memory = Gauge("liveavatar_device_memory_bytes", "accelerator memory held by the worker",
                                    registry=r)
         self.free_bytes = Gauge("liveavatar_state_free_bytes", "free disk under the state dir", registry=r)
+        for state in TERMINAL:
+            self.jobs.labels(state=state)
+        for kind in FAILURE_KINDS:
+            self.failures.labels(kind=kind)
+        for reason in RESTART_REASONS:
+            self.restarts.labels(reason=reason).set(0)
 
     # ---- updates from the dispatcher --------------------------------------------------------------
 
