@@ -58,11 +58,26 @@ class ArtifactBackend:
         self._vae: Any = None
         # the manifest's exact bytes name the artifact (read once: a warm pipeline keeps its identity)
         self._artifact_id = hashlib.sha256((self.directory / MANIFEST_FILE).read_bytes()).hexdigest()
-        # the attention kernel, resolved (and refused in one line) before anything heavy loads;
-        # q/k/v enter attention in bf16 (la_roundings) or the compute dtype
-        from ..runtime.attention import resolve_attention
+        # the attention choice refused in one line before anything heavy loads, by checks that touch
+        # no device: serve's and farm's parents open a backend only to validate, and must not hold
+        # a CUDA context; the probes run in `attention`, just before the DiT runtime is built
+        from ..runtime.attention import check_attention
 
-        self.attention = resolve_attention(options.attention, self.device, torch.bfloat16, manifest.dit.head_dim)
+        check_attention(options.attention, self.device, manifest.dit.head_dim)
+        self._attention: Any = None
+
+    @property
+    def attention(self) -> Any:
+        """The attention kernel (runtime/attention.py), resolved on first use: probes the device.
+        q/k/v enter attention in bf16 (la_roundings) or the compute dtype."""
+        if self._attention is None:
+            import torch
+
+            from ..runtime.attention import resolve_attention
+
+            self._attention = resolve_attention(self.options.attention, self.device, torch.bfloat16,
+                                                self.manifest.dit.head_dim)
+        return self._attention
 
     @classmethod
     def open(cls, options: PipelineOptions) -> ArtifactBackend:
@@ -122,6 +137,7 @@ class ArtifactBackend:
         from ..runtime.attention import use_attention
         from ..runtime.dit_runtime import DiTRuntime
 
+        kernel = self.attention  # probed here, before the weights load (an unusable backend: one line)
         if self._runtime is not None and self._runtime.same_weight_layout(plan):
             self._runtime.place_kv(plan)
             return self._runtime
@@ -133,7 +149,7 @@ class ArtifactBackend:
             self._runtime = DiTRuntime.from_artifact(self.directory, plan, device=self.device,
                                                      timing=self.device.type == "cuda",
                                                      compile_units=self.options.compile_units)
-            use_attention(self._runtime.dit, self.attention)
+            use_attention(self._runtime.dit, kernel)
         self.loads["dit"] += 1
         return self._runtime
 
@@ -189,6 +205,7 @@ class ArtifactBackend:
 
         req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
+        self.attention  # then the attention probe (one line if it cannot run), before any model loads
         text, audio, ref_latents, motion_latents = self.conditioning(inputs)
         runtime = self._runtime_for(plan)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
@@ -469,13 +486,23 @@ class _AheadJob:
         self._thread = threading.Thread(target=self._run, args=(generator,), name="dit-ahead", daemon=True)
 
     def start(self) -> None:
+        import torch
+
+        # per-thread state the DiT must see as on the caller's thread: the current CUDA device (a
+        # rank of a pipeline set its own); grad mode is off in the worker (inference only)
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
         self._thread.start()
 
     def _run(self, generator: Any) -> None:
         import time
 
+        import torch
+
         try:
-            self.out = generator.next_block()  # no_grad inside (grad mode is per thread)
+            if self._cuda_device is not None:
+                torch.cuda.set_device(self._cuda_device)
+            with torch.no_grad():
+                self.out = generator.next_block()
         except BaseException as e:  # handed to the caller's thread by result()
             self.error = e
         self.ended_at = time.perf_counter()
