@@ -228,7 +228,7 @@ def test_opening_a_backend_probes_no_device(tiny_artifact, monkeypatch):
     with pytest.raises(UserError, match="--attention cudnn needs a CUDA GPU"):  # cheap checks still refuse
         ArtifactBackend.open(PipelineOptions(tiny_artifact, attention="cudnn", progress=False))
     with pytest.raises(AssertionError, match="probed the device"):
-        backend.attention  # resolved on first use (just before the runtime is built)
+        _ = backend.attention  # resolved on first use (just before the runtime is built)
 
 
 @pytest.mark.gpu

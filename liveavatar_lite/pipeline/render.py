@@ -205,7 +205,7 @@ class ArtifactBackend:
 
         req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
-        self.attention  # then the attention probe (one line if it cannot run), before any model loads
+        _ = self.attention  # then the attention probe (one line if it cannot run), before any model loads
         text, audio, ref_latents, motion_latents = self.conditioning(inputs)
         runtime = self._runtime_for(plan)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
