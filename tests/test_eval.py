@@ -38,6 +38,15 @@ def test_settings_syntax_maps_each_key_onto_pipeline_options() -> None:
     assert parse_setting("art:attention=math").options({}) == {"attention": "math"}
 
 
+def test_eval_help_names_every_setting_key() -> None:
+    from liveavatar_lite.commands.eval_cmd import DESCRIPTION
+    from liveavatar_lite.evaluate.settings import ATTENTION_CHOICES, KEYS
+
+    for key in KEYS:
+        assert any(f" {key}{end}" in DESCRIPTION for end in (" (", ",", ".")), key
+    assert "|".join(ATTENTION_CHOICES) in DESCRIPTION
+
+
 @pytest.mark.parametrize("text, match", [
     ("art:kv=fp16", "kv='fp16' must be one of bf16, fp8, int8"),
     ("art:speed=1", "unknown setting 'speed'"),
