@@ -241,3 +241,19 @@ def test_block_output_gives_the_latents_with_the_frames() -> None:
     r = ArtifactRenderer(_Generator(), _Decoder(), None, 4, overlap_decode=False)
     latents, frames = r.block_output(0, 0)
     assert latents.dtype == np.float32 and np.array_equal(latents, frames)
+
+
+def test_the_ledger_predicts_the_clip_with_its_decoder() -> None:
+    """The measured clip seconds include decoding: the ledger's prediction is the plan's clip_seconds
+    (the DiT + the decoder time it does not hide), not the DiT alone."""
+    from types import SimpleNamespace
+
+    from liveavatar_lite.pipeline.ledger import memory_ledger
+    from liveavatar_lite.runtime.plan import Plan
+
+    plan = Plan(weight_format="int8", size=(64, 64), units=(), kv=(), peak_vram_bytes=0, host_ram_bytes=0,
+                h2d_bytes_per_clip=0, predicted_seconds_per_clip=10.0, vram_budget_bytes=0,
+                decode_seconds_per_clip=3.0, decode_exposed_seconds_per_clip=1.5)
+    runtime = SimpleNamespace(device=SimpleNamespace(type="cpu"), device_bytes=dict, host_bytes=dict)
+    rows = memory_ledger(plan, runtime, None, 11.0, {})
+    assert rows["seconds"] == {"predicted": 11.5, "measured": 11.0}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .flags import ATTENTION_CHOICES, float_range, int_range, non_negative_float, seed
+from .flags import ATTENTION_CHOICES, PROFILE_NAMES, float_range, int_range, non_negative_float, seed
 
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
@@ -43,8 +43,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=42, help="noise seed, 0 to 2^63-1 (default: %(default)s)")
     add_memory_flags(parser)
     parser.add_argument("--device-profile", metavar="NAME", default=None,
-                        help="bandwidth/throughput figures the memory plan uses: rtx4090, rtx3090, rtx5090, l40s, "
-                             "h100-pcie (default: this GPU's profile if known, else a short probe; as `plan`). "
+                        help=f"bandwidth/throughput figures the memory plan uses: {', '.join(PROFILE_NAMES)} "
+                             "(default: this GPU's profile if known, else a short probe; as `plan`). "
                              "Without a GPU, --vram GB plans as for a GPU of that size and runs that layout on the CPU")
     parser.add_argument("--compile", action="store_true",
                         help="fuse each DiT block's elementwise work with torch.compile (CUDA only; the first "
