@@ -150,6 +150,17 @@ def test_renderer_layout_line_records_the_attention():
     r = ArtifactRenderer(None, None, runtime, 4, plan=SimpleNamespace(decode_latents_per_call=3))
     assert r.layout() == {"streamed_units": 0, "decode_latents_per_call": 3,
                           "attention": "math", "attention_requested": "math", "linear_kernels": {}}
+    # a rank of `--ranks N` that decodes reports the same layout fields, and the decoder's counters
+    from liveavatar_lite.pipeline.multirank.coordinator import PipelineRenderer
+
+    runtime.copy_counters = lambda: {"copy_wait_weights_s": 0.0}
+    ranked = PipelineRenderer(None, None, runtime, 4, plan=SimpleNamespace(decode_latents_per_call=3))
+    assert ranked.layout() == r.layout()
+    assert ranked.counters() == {"copy_wait_weights_s": 0.0, "decode_s": 0.0, "decode_exposed_s": 0.0,
+                                 "decode_hidden_s": 0.0}
+    decode_only = PipelineRenderer(None, None, None, 4, plan=SimpleNamespace(decode_latents_per_call=3))
+    assert decode_only.layout() == {"decode_latents_per_call": 3}
+    assert decode_only.counters() == {"decode_s": 0.0, "decode_exposed_s": 0.0, "decode_hidden_s": 0.0}
 
 
 def test_cross_attention_with_a_chosen_kernel_traces_without_graph_breaks():
