@@ -175,7 +175,7 @@ def test_a_blocks_frames_return_before_the_next_blocks_dit_finishes() -> None:
     r = ArtifactRenderer(gen, _Decoder(), None, 4, overlap_decode=True)
     frames = r.block_frames(0, 0)
     assert float(frames.flat[0]) == 0.0
-    assert gen.started.is_set() and not gen.ended.is_set()  # returned while the DiT of block 1 runs
+    assert gen.started.wait(timeout=60) and not gen.ended.is_set()  # returned while the DiT of block 1 runs
     with pytest.raises(RuntimeError, match="computed ahead"):
         r.state()  # no checkpoint mid-clip
     gen.release.set()
