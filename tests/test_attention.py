@@ -150,6 +150,17 @@ def test_renderer_layout_line_records_the_attention():
     r = ArtifactRenderer(None, None, runtime, 4, plan=SimpleNamespace(decode_latents_per_call=3))
     assert r.layout() == {"streamed_units": 0, "decode_latents_per_call": 3,
                           "attention": "math", "attention_requested": "math", "linear_kernels": {}}
+    # a rank of `--ranks N` that decodes reports the same layout fields, and the decoder's counters
+    from liveavatar_lite.pipeline.multirank.coordinator import PipelineRenderer
+
+    runtime.copy_counters = lambda: {"copy_wait_weights_s": 0.0}
+    ranked = PipelineRenderer(None, None, runtime, 4, plan=SimpleNamespace(decode_latents_per_call=3))
+    assert ranked.layout() == r.layout()
+    assert ranked.counters() == {"copy_wait_weights_s": 0.0, "decode_s": 0.0, "decode_exposed_s": 0.0,
+                                 "decode_hidden_s": 0.0}
+    decode_only = PipelineRenderer(None, None, None, 4, plan=SimpleNamespace(decode_latents_per_call=3))
+    assert decode_only.layout() == {"decode_latents_per_call": 3}
+    assert decode_only.counters() == {"decode_s": 0.0, "decode_exposed_s": 0.0, "decode_hidden_s": 0.0}
 
 
 def test_cross_attention_with_a_chosen_kernel_traces_without_graph_breaks():
@@ -201,12 +212,42 @@ def test_pipeline_takes_the_attention(tiny_artifact, monkeypatch):
     assert p.backend.attention.record() == {"attention": "math", "attention_requested": "math"}
 
 
+@pytest.mark.parametrize("capability,order", [
+    ((7, 5), ("efficient", "math")),  # Turing: no flash kernel
+    ((8, 0), ("flash", "efficient", "math")), ((8, 9), ("flash", "efficient", "math")),
+    ((9, 0), ("cudnn", "flash", "efficient", "math")),  # Hopper: cuDNN first
+    ((10, 0), ("flash", "efficient", "math")), ((12, 0), ("flash", "efficient", "math")),  # Blackwell, RTX 5090
+])
+def test_auto_order_per_capability(capability, order):
+    assert auto_order(torch.device("cuda"), capability) == order  # no GPU needed: the capability is passed in
+
+
+def test_opening_a_backend_probes_no_device(tiny_artifact, monkeypatch):
+    """serve's and farm's parents open the backend only to validate: no probe (no CUDA context)
+    there; the probe runs when the backend's runtime is built (its `attention`, in `_runtime_for`)."""
+    from liveavatar_lite.pipeline.render import ArtifactBackend
+    from liveavatar_lite.pipeline.request import PipelineOptions
+    from liveavatar_lite.runtime import attention
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed the device while opening the backend")
+
+    monkeypatch.setattr(attention, "_probe", no_probe)
+    monkeypatch.setattr(attention, "_torch_pick", no_probe)
+    for choice in ("auto", "sdpa", "math", "flash"):
+        backend = ArtifactBackend.open(PipelineOptions(tiny_artifact, attention=choice, progress=False))
+    with pytest.raises(UserError, match="--attention cudnn needs a CUDA GPU"):  # cheap checks still refuse
+        ArtifactBackend.open(PipelineOptions(tiny_artifact, attention="cudnn", progress=False))
+    with pytest.raises(AssertionError, match="probed the device"):
+        _ = backend.attention  # resolved on first use (just before the runtime is built)
+
+
 @pytest.mark.gpu
 def test_cuda_auto_follows_the_architecture():
     dev = torch.device("cuda")
     k = resolve_attention("auto", dev, torch.bfloat16, head_dim=128)
     major = torch.cuda.get_device_capability()[0]
-    assert k.name == auto_order(dev)[0] == {9: "cudnn", 8: "flash"}.get(major, "efficient")
+    assert k.name == auto_order(dev)[0] == ("efficient" if major < 8 else "cudnn" if major == 9 else "flash")
     q, kk, v = (t.to(dev, torch.bfloat16) for t in _qkv(lq=256, lk=512))
     got = k(q, kk, v).double().cpu()
     want_t = _naive(*(t.float().cpu() for t in (q, kk, v)))

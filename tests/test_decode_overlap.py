@@ -1,8 +1,9 @@
 """The VAE decode of block b overlapped with the DiT of block b+1 (render.ArtifactRenderer, issue 21).
 
-The frames must be the serial ones byte for byte (the decoder sees the same latents in the same
-order), a resumed render must continue them, and no decode thread may outlive a `block_frames`
-call, whatever fails: the DiT, the decoder, or a Ctrl-C.
+The DiT of block b+1 runs on a worker thread while block b decodes on the caller's; block b's
+frames come back as soon as they are decoded. The frames must be the serial ones byte for byte, a
+resumed render must continue them, and the worker is always joined: by the next block, on an error
+of the DiT or the decoder, on a Ctrl-C, and by `close()` (a cancelled render).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from liveavatar_lite.pipeline.render import ArtifactBackend, ArtifactRenderer  #
 from liveavatar_lite.pipeline.request import PipelineOptions, RenderRequest  # noqa: E402
 
 
-def _decode_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "vae-decode"]
+def _ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "dit-ahead"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_overlapped_frames_are_the_serial_frames(renders: dict[str, Any]) -> Non
     assert len(serial) == len(overlapped) == 8
     for a, b in zip(serial, overlapped):
         assert a.dtype == np.uint8 and np.array_equal(a, b)
-    assert not _decode_threads()
+    assert not _ahead_threads()
     # telemetry: the decoder's time split into hidden (behind the DiT) and exposed; serial hides none
     c = renders["counters_True"]
     assert c["decode_s"] > 0 and c["decode_exposed_s"] <= c["decode_s"]
@@ -113,29 +114,49 @@ class _Generator:
 class _Decoder:
     """Frames = the latents; waits on `gate` (if set) so that the DiT side runs while it decodes."""
 
-    def __init__(self, gate: threading.Event | None = None, fail_on: float | None = None) -> None:
-        self.gate, self.fail_on, self.seen = gate, fail_on, []
+    def __init__(self, gate: threading.Event | None = None, fail_on: float | None = None,
+                 interrupt_on: float | None = None) -> None:
+        self.gate, self.fail_on, self.interrupt_on, self.seen = gate, fail_on, interrupt_on, []
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         if self.gate is not None:
             assert self.gate.wait(timeout=60)
         if self.fail_on is not None and latents.flat[0] == self.fail_on:
             raise RuntimeError("decoder failed")
+        if self.interrupt_on is not None and latents.flat[0] == self.interrupt_on:
+            raise KeyboardInterrupt
         self.seen.append(float(latents.flat[0]))
         return latents.copy()
 
 
 class _GatedGenerator(_Generator):
-    """Opens the decoder's gate only once the DiT of the next block has started: the two overlap."""
+    """Opens the decoder's gate only from the DiT of block 1 (on the worker): the two overlap."""
 
     def __init__(self, gate: threading.Event) -> None:
         super().__init__()
         self.gate = gate
 
     def next_block(self) -> _Block:
-        if self.n == 1:  # block 0 decodes (held at the gate) while block 1 is asked for
-            assert _decode_threads(), "the previous block's decode should be running now"
+        if self.n == 1:  # block 0 decodes (held at the gate) while block 1 is computed
+            assert threading.current_thread().name == "dit-ahead"
             self.gate.set()
+        return super().next_block()
+
+
+class _HeldGenerator(_Generator):
+    """The DiT of block 1 runs until `release` is set (and says when it started and ended)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.release, self.ended = threading.Event(), threading.Event(), threading.Event()
+
+    def next_block(self) -> _Block:
+        if self.n == 1:
+            self.started.set()
+            assert self.release.wait(timeout=60)
+            out = super().next_block()
+            self.ended.set()
+            return out
         return super().next_block()
 
 
@@ -144,27 +165,67 @@ def test_decode_runs_while_the_next_block_computes() -> None:
     r = ArtifactRenderer(_GatedGenerator(gate), _Decoder(gate), None, 4, overlap_decode=True)
     frames = [r.block_frames(0, b) for b in range(4)]
     assert [float(f.flat[0]) for f in frames] == [0.0, 1.0, 2.0, 3.0]
-    assert not _decode_threads()
+    assert not _ahead_threads()
+
+
+def test_a_blocks_frames_return_before_the_next_blocks_dit_finishes() -> None:
+    """Block 0's frames come back while the DiT of block 1 still runs (time to first frame is one
+    block's DiT + decode, not two DiTs); block 1's call then waits for it."""
+    gen = _HeldGenerator()
+    r = ArtifactRenderer(gen, _Decoder(), None, 4, overlap_decode=True)
+    frames = r.block_frames(0, 0)
+    assert float(frames.flat[0]) == 0.0
+    assert gen.started.wait(timeout=60) and not gen.ended.is_set()  # returned while the DiT of block 1 runs
+    with pytest.raises(RuntimeError, match="computed ahead"):
+        r.state()  # no checkpoint mid-clip
+    gen.release.set()
+    assert float(r.block_frames(0, 1).flat[0]) == 1.0 and gen.ended.is_set()
+    r.close()
+    assert not _ahead_threads()
+
+
+def test_close_joins_the_dit_running_ahead() -> None:
+    """A cancelled render (serve stops between blocks) calls close(): the worker is joined."""
+    gen = _HeldGenerator()
+    r = ArtifactRenderer(gen, _Decoder(), None, 4, overlap_decode=True)
+    r.block_frames(0, 0)
+    assert _ahead_threads()
+    threading.Timer(0.05, gen.release.set).start()  # released while close() waits
+    r.close()
+    assert gen.ended.is_set() and not _ahead_threads() and r._ahead is None
+    r.close()  # idempotent
+
+
+def test_a_cancelled_serve_render_closes_the_renderer() -> None:
+    from liveavatar_lite.serve.runner import _ObservedRenderer
+
+    closed = []
+    inner = type("R", (), {"blocks_per_clip": 4, "close": lambda self: closed.append(True)})()
+    _ObservedRenderer(inner, None).close()
+    assert closed == [True]
 
 
 @pytest.mark.parametrize("fail", [RuntimeError("DiT out of memory"), KeyboardInterrupt()])
-def test_a_failing_dit_leaves_no_decode_thread_behind(fail: BaseException) -> None:
-    """The DiT fails (or Ctrl-C lands) while the previous block decodes: the decode finishes, its
-    thread is joined, and the failure reaches the caller."""
+def test_a_failing_dit_leaves_no_thread_behind(fail: BaseException) -> None:
+    """The DiT of block 2 fails (or Ctrl-C lands in it) on the worker while block 1 decodes: the
+    worker ends, and the failure reaches the caller when block 2 is asked for."""
     dec = _Decoder()
     r = ArtifactRenderer(_Generator(fail, at=2), dec, None, 4, overlap_decode=True)
     r.block_frames(0, 0)
+    r.block_frames(0, 1)  # decodes block 1 while computing block 2, which fails
     with pytest.raises(type(fail)):
-        r.block_frames(0, 1)  # decodes block 1 while computing block 2, which fails
-    assert dec.seen == [0.0, 1.0] and not _decode_threads()
+        r.block_frames(0, 2)
+    assert dec.seen == [0.0, 1.0] and not _ahead_threads() and r._ahead is None
 
 
-def test_a_failing_decoder_reaches_the_caller() -> None:
-    r = ArtifactRenderer(_Generator(), _Decoder(fail_on=1.0), None, 4, overlap_decode=True)
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_failing_decoder_joins_the_dit_and_reaches_the_caller(interrupt: bool) -> None:
+    dec = _Decoder(interrupt_on=1.0) if interrupt else _Decoder(fail_on=1.0)
+    r = ArtifactRenderer(_Generator(), dec, None, 4, overlap_decode=True)
     r.block_frames(0, 0)
-    with pytest.raises(RuntimeError, match="decoder failed"):
+    with pytest.raises(KeyboardInterrupt if interrupt else RuntimeError):
         r.block_frames(0, 1)
-    assert not _decode_threads()
+    assert not _ahead_threads() and r._ahead is None
 
 
 def test_the_last_block_of_a_clip_is_not_computed_ahead() -> None:
@@ -173,4 +234,26 @@ def test_the_last_block_of_a_clip_is_not_computed_ahead() -> None:
     r = ArtifactRenderer(gen, _Decoder(), None, 4, overlap_decode=True)
     for b in range(4):
         r.block_frames(0, b)
-    assert gen.n == 4 and r._ahead is None
+    assert gen.n == 4 and r._ahead is None and not _ahead_threads()
+
+
+def test_block_output_gives_the_latents_with_the_frames() -> None:
+    r = ArtifactRenderer(_Generator(), _Decoder(), None, 4, overlap_decode=False)
+    latents, frames = r.block_output(0, 0)
+    assert latents.dtype == np.float32 and np.array_equal(latents, frames)
+
+
+def test_the_ledger_predicts_the_clip_with_its_decoder() -> None:
+    """The measured clip seconds include decoding: the ledger's prediction is the plan's clip_seconds
+    (the DiT + the decoder time it does not hide), not the DiT alone."""
+    from types import SimpleNamespace
+
+    from liveavatar_lite.pipeline.ledger import memory_ledger
+    from liveavatar_lite.runtime.plan import Plan
+
+    plan = Plan(weight_format="int8", size=(64, 64), units=(), kv=(), peak_vram_bytes=0, host_ram_bytes=0,
+                h2d_bytes_per_clip=0, predicted_seconds_per_clip=10.0, vram_budget_bytes=0,
+                decode_seconds_per_clip=3.0, decode_exposed_seconds_per_clip=1.5)
+    runtime = SimpleNamespace(device=SimpleNamespace(type="cpu"), device_bytes=dict, host_bytes=dict)
+    rows = memory_ledger(plan, runtime, None, 11.0, {})
+    assert rows["seconds"] == {"predicted": 11.5, "measured": 11.0}

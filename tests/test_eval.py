@@ -11,7 +11,6 @@ import math
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,15 @@ def test_settings_syntax_maps_each_key_onto_pipeline_options() -> None:
     assert plain.artifact == Path("dir:with:colons") and plain.values == () and plain.get("kv") == "bf16"
     assert parse_setting("art:compile=off").options({})["compile_units"] == "off"
     assert parse_setting("art:attention=math").options({}) == {"attention": "math"}
+
+
+def test_eval_help_names_every_setting_key() -> None:
+    from liveavatar_lite.commands.eval_cmd import DESCRIPTION
+    from liveavatar_lite.evaluate.settings import ATTENTION_CHOICES, KEYS
+
+    for key in KEYS:
+        assert any(f" {key}{end}" in DESCRIPTION for end in (" (", ",", ".")), key
+    assert "|".join(ATTENTION_CHOICES) in DESCRIPTION
 
 
 @pytest.mark.parametrize("text, match", [
@@ -230,9 +238,9 @@ class _NoisyBackend:
         self.inner.load(size)
 
     def build(self, inputs: Any) -> Any:
-        r = self.inner.build(inputs)
-        return SimpleNamespace(blocks_per_clip=r.blocks_per_clip, decoder=r.decoder,
-                               generator=_NoisyGenerator(r.generator, self.sigma))
+        r = self.inner.build(inputs)  # the real renderer (its block loop and decode overlap), noisier blocks
+        r.generator = _NoisyGenerator(r.generator, self.sigma)
+        return r
 
 
 @pytest.mark.slow
@@ -321,3 +329,53 @@ def test_face_and_mouth_boxes_follow_the_framing() -> None:
     assert M.mouth_box(64, 64) == M.Box(32, 42, 23, 41)
     f, m = M.face_box(704, 384), M.mouth_box(704, 384)  # portrait: the same rule on the short side
     assert f.x0 <= m.x0 < m.x1 <= f.x1 and f.y0 <= m.y0 < m.y1 <= f.y1
+
+
+# ------------------------------------------------------------------------------------------ out of memory
+
+class _FakeRenderer:
+    """Constant frames and latents per block; raises `oom` at block 1 (when set)."""
+
+    blocks_per_clip = 4
+
+    def __init__(self, height: int, width: int, oom: BaseException | None) -> None:
+        self.height, self.width, self.oom = height, width, oom
+
+    def block_output(self, clip: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.oom is not None and block == 1:
+            raise self.oom
+        return (np.full((16, 3, self.height // 8, self.width // 8), 0.5, np.float32),
+                np.full((12, self.height, self.width, 3), 100 + 10 * block, np.uint8))
+
+
+class _FakeBackend:
+    def __init__(self, oom: BaseException | None) -> None:
+        self.oom = oom
+
+    def load(self, size: tuple[int, int]) -> None:
+        pass
+
+    def build(self, inputs: Any) -> _FakeRenderer:
+        return _FakeRenderer(inputs.height, inputs.width, self.oom)
+
+
+@pytest.mark.parametrize("oom", ["torch", "onnxruntime"])
+def test_a_candidate_out_of_memory_is_exit_3_and_keeps_the_finished_ones(
+        tiny_artifact: Path, eval_media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, oom: str) -> None:
+    """As generate: running out of memory (torch's CUDA OOM, ONNX Runtime's allocation failure) is the
+    budget's fault, one line and exit 3, not an internal error (70); report.json keeps candidate 1."""
+    import torch
+
+    from liveavatar_lite.evaluate import run
+
+    error = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if oom == "torch" else
+             RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer"))
+    monkeypatch.setattr(run, "_open_artifact", lambda i, s, opts: _FakeBackend(error if i == 2 else None))
+    out = tmp_path / "ev"
+    code, err = run_cli(capsys, *eval_args(tiny_artifact, eval_media, "--candidate", str(tiny_artifact),
+                                           "--candidate", f"{tiny_artifact}:kv=int8", "--out", str(out)))
+    assert_one_line(code, err, "art:kv=int8: out of memory; give it a smaller budget", exit_code=3)
+    report = json.loads((out / "report.json").read_text())
+    assert [c["label"] for c in report["candidates"]] == ["art"]
+    assert report["candidates"][0]["overall"]["psnr_db"] == "inf"

@@ -37,6 +37,7 @@ def test_plan_prices_the_chosen_kernels(capsys):
 
     assert plan_cmd.COMPILE_CHOICES == device_profiles.COMPILE_CHOICES
     assert plan_cmd.ATTENTION_CHOICES == device_profiles.ATTENTION_CHOICES
+    assert plan_cmd.PROFILE_NAMES == tuple(device_profiles.PROFILES)  # --device-profile's help lists them all
     base = ["plan", "14b", "--format", "int8", "--kv", "fp8", "--vram", "24", "--ram", "64",
             "--device-profile", "rtx4090", "--json"]
     seconds = {}

@@ -13,9 +13,11 @@ import math
 from collections.abc import Callable
 
 # Runtime choices the CLI offers, spelled here because commands import only argparse at module level;
-# they equal runtime.device_profiles.ATTENTION_CHOICES / COMPILE_CHOICES (tests/test_plan_cli.py checks it).
+# they equal runtime.device_profiles.ATTENTION_CHOICES / COMPILE_CHOICES / tuple(PROFILES)
+# (tests/test_plan_cli.py checks it).
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "sage")
 COMPILE_CHOICES = ("auto", "on", "off")
+PROFILE_NAMES = ("rtx4090", "rtx3090", "rtx5090", "l40s", "h100-pcie", "h100")  # --device-profile's names
 
 SEED_MAX = 2**63 - 1  # the noise of clip c is seeded `seed + c`: this leaves room below torch's 64-bit limit
 

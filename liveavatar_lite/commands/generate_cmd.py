@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .flags import ATTENTION_CHOICES, COMPILE_CHOICES, float_range, int_range, non_negative_float, seed
+from .flags import ATTENTION_CHOICES, COMPILE_CHOICES, PROFILE_NAMES, float_range, int_range, non_negative_float, seed
 
 DESCRIPTION = (
     "Render a talking-avatar video from a photo, a speech recording and a prompt. Frames are "
@@ -43,15 +43,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=42, help="noise seed, 0 to 2^63-1 (default: %(default)s)")
     add_memory_flags(parser)
     parser.add_argument("--device-profile", metavar="NAME", default=None,
-                        help="bandwidth/throughput figures the memory plan uses: rtx4090, rtx3090, rtx5090, l40s, "
-                             "h100-pcie (default: this GPU's profile if known, else a short probe; as `plan`). "
+                        help=f"bandwidth/throughput figures the memory plan uses: {', '.join(PROFILE_NAMES)} "
+                             "(default: this GPU's profile if known, else a short probe; as `plan`). "
                              "Without a GPU, --vram GB plans as for a GPU of that size and runs that layout on the CPU")
     parser.add_argument("--compile", nargs="?", const="on", default="auto", choices=COMPILE_CHOICES,
                         help="run each DiT unit as one fused torch.compile graph: auto = on for CUDA, off on a CPU; "
                              "--compile alone = on; off = eager. The first clip pays the compilation, no later "
                              "clip recompiles (default: %(default)s)")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                        help="attention kernel: auto (per GPU: cuDNN on sm_90, flash on sm_80/sm_89; torch's CPU "
+                        help="attention kernel: auto (per GPU: cuDNN on sm_90, flash on sm_8x and sm_100+; torch's CPU "
                              "kernel), sdpa (torch picks per call), one SDPA backend, or sage (8-bit, CUDA, the "
                              "[attention] extra); recorded in --telemetry (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .flags import ATTENTION_CHOICES, COMPILE_CHOICES, float_range, int_range
+from .flags import ATTENTION_CHOICES, COMPILE_CHOICES, PROFILE_NAMES, float_range, int_range
 
 DESCRIPTION = (
     "Place the DiT's weight units and the five KV caches (4 per-step rings + the sink) on GPU, "
@@ -33,7 +33,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("bf16", "int8", "fp8", "int4", "nf4"),
                         help="weight format when ARTIFACT is a preset name")
     parser.add_argument("--device-profile", metavar="NAME",
-                        help="bandwidth/throughput figures: rtx4090, rtx3090, rtx5090, l40s, h100-pcie "
+                        help=f"bandwidth/throughput figures: {', '.join(PROFILE_NAMES)} "
                              "(default: this GPU's profile if known, else a short probe)")
     parser.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                         help="price the units as fused graphs (on) or eager ops (off); auto: fused on a GPU "

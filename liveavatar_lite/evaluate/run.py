@@ -144,27 +144,30 @@ def _read_peaks(stats: RenderStats) -> None:
 def _render_clips(backend: Any, inputs: Any, stats: RenderStats) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(clip, frames uint8 [n, H, W, 3], latents float32 [16, 3 * blocks, h, w]) in order; times
     the model calls only (what the caller does with a clip is not counted)."""
+    from ..pipeline.generate import close_renderer
+
     sample = inputs.request.sample
     t0 = time.perf_counter()
     renderer = backend.build(inputs)  # conditioning, KV placement, decoder warm-up
     stats.render_s += time.perf_counter() - t0
-    for clip in range(inputs.num_clips):
-        frames, latents = [], []
-        for block in range(renderer.blocks_per_clip):
-            t0 = time.perf_counter()
-            out = renderer.generator.next_block()
-            if (out.clip, out.block) != (clip, block):
-                raise RuntimeError(f"generator produced clip {out.clip} block {out.block}, expected {clip}/{block}")
-            lat = out.latents.float().cpu().numpy()  # [16, 3, h, w]
-            f = renderer.decoder.decode(lat)  # uint8 [12, H, W, 3]
-            stats.render_s += time.perf_counter() - t0
-            if stats.first_frame_s is None:
-                stats.first_frame_s = stats.render_s
-            if clip == 0 and block == 0:
-                f = f[sample.first_clip_drop:]  # as the video: the first 3 frames are dropped
-            frames.append(f)
-            latents.append(lat)
-        yield clip, np.concatenate(frames), np.concatenate(latents, axis=1)
+    try:
+        for clip in range(inputs.num_clips):
+            frames, latents = [], []
+            for block in range(renderer.blocks_per_clip):
+                t0 = time.perf_counter()
+                # generate's block loop (render.ArtifactRenderer): the decode overlapped as there; the
+                # last block of a clip runs nothing ahead, so the caller's work below is never timed
+                lat, f = renderer.block_output(clip, block)  # float32 [16, 3, h, w], uint8 [12, H, W, 3]
+                stats.render_s += time.perf_counter() - t0
+                if stats.first_frame_s is None:
+                    stats.first_frame_s = stats.render_s
+                if clip == 0 and block == 0:
+                    f = f[sample.first_clip_drop:]  # as the video: the first 3 frames are dropped
+                frames.append(f)
+                latents.append(lat)
+            yield clip, np.concatenate(frames), np.concatenate(latents, axis=1)
+    finally:
+        close_renderer(renderer)  # an error or a consumer that stopped: the DiT running ahead is joined
 
 
 # ------------------------------------------------------------------------------------ per render
@@ -418,19 +421,29 @@ def evaluate(job: EvalJob, backends: BackendFactory | None = None,
 def _render_setting(index: int, setting: EvalSetting, job: EvalJob, inputs: Any, backends: BackendFactory,
                     stats: RenderStats) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Load one setting (after dropping the previous one), render its clips, read its peak memory.
+    Running out of memory is a BudgetError (one line, exit 3), as in generate.
 
     The prompt and photo are encoded into their caches first, untimed and before the peak counters
     reset: a cache miss (umT5 loads) would otherwise count against whichever setting met it first.
     """
+    from ..errors import BudgetError
+    from ..pipeline.generate import is_out_of_memory
+
     backend = backends(index, setting, _options(job, setting))
     if hasattr(backend, "precompute"):
         backend.precompute(inputs.reference, job.prompt, inputs.request.sample.motion_frames)
     _reset_peaks()
-    t0 = time.perf_counter()
-    backend.load((inputs.width, inputs.height))
-    stats.load_s = time.perf_counter() - t0
     try:
-        yield from _render_clips(backend, inputs, stats)
+        try:
+            t0 = time.perf_counter()
+            backend.load((inputs.width, inputs.height))
+            stats.load_s = time.perf_counter() - t0
+            yield from _render_clips(backend, inputs, stats)
+        except Exception as e:  # as generate: running out of memory is the budget's fault (exit 3)
+            if not is_out_of_memory(e):
+                raise
+            raise BudgetError(f"{setting.label}: out of memory; give it a smaller budget ({setting.spec}:vram=GB, "
+                              "the rest then streams) or a smaller --size") from None
         _read_peaks(stats)
     finally:
         del backend  # one loaded at a time: the next setting loads after this one is gone

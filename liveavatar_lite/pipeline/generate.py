@@ -140,8 +140,9 @@ def job_key(request: RenderRequest, identity: str, digest: Any = file_sha256) ->
     return h.hexdigest()
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    """torch's CUDA OOM, or ONNX Runtime's allocation failure (a plain RuntimeException there)."""
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA OOM, or ONNX Runtime's allocation failure (a plain RuntimeException there):
+    what generate and eval turn into a BudgetError (exit 3) with advice."""
     import sys
 
     torch = sys.modules.get("torch")
@@ -149,6 +150,14 @@ def _is_out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e)
     return "out of memory" in text.lower() or "Failed to allocate memory" in text
+
+
+def close_renderer(renderer: Any) -> None:
+    """Join what a renderer runs ahead (render.ArtifactRenderer's overlapped DiT) when its caller
+    stops before a clip's end: an error, a cancel, a consumer that stops early."""
+    close = getattr(renderer, "close", None)
+    if close is not None:
+        close()
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -159,18 +168,22 @@ def iter_blocks(backend: Backend, inputs: RenderInputs) -> Iterator[StreamBlock]
     renderer = backend.build(inputs)
     first = 0
     spf = sample.audio_rate / sample.fps  # speech samples per video frame (640)
-    for clip in range(inputs.num_clips):
-        for block in range(renderer.blocks_per_clip):
-            frames = renderer.block_frames(clip, block)  # uint8 [12, H, W, 3]
-            if clip == 0 and block == 0:
-                frames = frames[sample.first_clip_drop:]  # upstream drops the very first 3 frames
-            n = int(frames.shape[0])
-            a0, a1 = round(first * spf), round((first + n) * spf)
-            audio = np.zeros(a1 - a0, np.float32)
-            have = inputs.wave[a0:a1]
-            audio[: len(have)] = have
-            yield StreamBlock(clip, block, frames, first, sample.fps, audio, first / sample.fps, (first + n) / sample.fps)
-            first += n
+    try:
+        for clip in range(inputs.num_clips):
+            for block in range(renderer.blocks_per_clip):
+                frames = renderer.block_frames(clip, block)  # uint8 [12, H, W, 3]
+                if clip == 0 and block == 0:
+                    frames = frames[sample.first_clip_drop:]  # upstream drops the very first 3 frames
+                n = int(frames.shape[0])
+                a0, a1 = round(first * spf), round((first + n) * spf)
+                audio = np.zeros(a1 - a0, np.float32)
+                have = inputs.wave[a0:a1]
+                audio[: len(have)] = have
+                yield StreamBlock(clip, block, frames, first, sample.fps, audio, first / sample.fps,
+                                  (first + n) / sample.fps)
+                first += n
+    finally:
+        close_renderer(renderer)  # a consumer that stops early: the DiT computed ahead is joined
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -222,7 +235,7 @@ def render_to_file(backend: Backend, request: RenderRequest, inputs: RenderInput
         try:
             frames, rendered, live = _render(request, backend, work, inputs, telemetry, clock)
         except Exception as e:
-            if not _is_out_of_memory(e):
+            if not is_out_of_memory(e):
                 raise
             advice = backend.oom_advice() if hasattr(backend, "oom_advice") else "pass a smaller --vram or --size"
             raise BudgetError(f"out of memory after {work.clips_done} finished clips; {advice}") from None
@@ -329,4 +342,5 @@ def _render_clips(renderer: ClipRenderer, work: Any, spec: Any, inputs: RenderIn
                                 checkpoint_seconds=checkpoint_s, **clip_fields(renderer, mark, seconds))
             clips.update(1)
     finally:
+        close_renderer(renderer)  # stopped mid-clip (error, cancel): the DiT computed ahead is joined
         clips.close()

@@ -58,11 +58,26 @@ class ArtifactBackend:
         self._vae: Any = None
         # the manifest's exact bytes name the artifact (read once: a warm pipeline keeps its identity)
         self._artifact_id = hashlib.sha256((self.directory / MANIFEST_FILE).read_bytes()).hexdigest()
-        # the attention kernel, resolved (and refused in one line) before anything heavy loads;
-        # q/k/v enter attention in bf16 (la_roundings) or the compute dtype
-        from ..runtime.attention import resolve_attention
+        # the attention choice refused in one line before anything heavy loads, by checks that touch
+        # no device: serve's and farm's parents open a backend only to validate, and must not hold
+        # a CUDA context; the probes run in `attention`, just before the DiT runtime is built
+        from ..runtime.attention import check_attention
 
-        self.attention = resolve_attention(options.attention, self.device, torch.bfloat16, manifest.dit.head_dim)
+        check_attention(options.attention, self.device, manifest.dit.head_dim)
+        self._attention: Any = None
+
+    @property
+    def attention(self) -> Any:
+        """The attention kernel (runtime/attention.py), resolved on first use: probes the device.
+        q/k/v enter attention in bf16 (la_roundings) or the compute dtype."""
+        if self._attention is None:
+            import torch
+
+            from ..runtime.attention import resolve_attention
+
+            self._attention = resolve_attention(self.options.attention, self.device, torch.bfloat16,
+                                                self.manifest.dit.head_dim)
+        return self._attention
 
     @classmethod
     def open(cls, options: PipelineOptions) -> ArtifactBackend:
@@ -125,6 +140,7 @@ class ArtifactBackend:
         from ..runtime.attention import use_attention
         from ..runtime.dit_runtime import DiTRuntime
 
+        kernel = self.attention  # probed here, before the weights load (an unusable backend: one line)
         if self._runtime is not None and self._runtime.same_weight_layout(plan):
             self._runtime.place_kv(plan)
             return self._runtime
@@ -136,7 +152,7 @@ class ArtifactBackend:
             self._runtime = DiTRuntime.from_artifact(self.directory, plan, device=self.device,
                                                      timing=self.device.type == "cuda",
                                                      compile_units=self.options.compile_units)
-            use_attention(self._runtime.dit, self.attention)
+            use_attention(self._runtime.dit, kernel)
         self.loads["dit"] += 1
         return self._runtime
 
@@ -192,6 +208,7 @@ class ArtifactBackend:
 
         req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
+        _ = self.attention  # then the attention probe (one line if it cannot run), before any model loads
         text, audio, ref_latents, motion_latents = self.conditioning(inputs)
         runtime = self._runtime_for(plan)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
@@ -459,32 +476,47 @@ class _RuntimeRunner:
         self.runtime.load_kv_state(state)
 
 
-class _DecodeJob:
-    """One block's decode on a worker thread (ONNX Runtime releases the GIL while it runs). Owned by
-    one `block_frames` call, which always joins it: no thread outlives the call."""
+class _AheadJob:
+    """The DiT of the next block on a worker thread, while the caller's thread decodes this block
+    (ONNX Runtime and torch's kernels release the GIL). Built unstarted, so that its owner starts it
+    inside the `try:` that joins it; joined by the next `block_frames`, on every error path of the
+    call that started it, and by `ArtifactRenderer.close()`: no thread outlives the renderer's use."""
 
-    def __init__(self, decoder: Any, latents: np.ndarray) -> None:
+    def __init__(self, generator: Any) -> None:
         import threading
 
-        self.frames: np.ndarray | None = None
+        self.out: Any = None
         self.error: BaseException | None = None
-        self.seconds = 0.0
-        self._thread = threading.Thread(target=self._run, args=(decoder, latents), name="vae-decode", daemon=True)
+        self.ended_at: float | None = None  # perf_counter when the DiT finished
+        self._thread = threading.Thread(target=self._run, args=(generator,), name="dit-ahead", daemon=True)
+
+    def start(self) -> None:
+        import torch
+
+        # per-thread state the DiT must see as on the caller's thread: the current CUDA device (a
+        # rank of a pipeline set its own); grad mode is off in the worker (inference only)
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
         self._thread.start()
 
-    def _run(self, decoder: Any, latents: np.ndarray) -> None:
+    def _run(self, generator: Any) -> None:
         import time
 
-        t0 = time.perf_counter()
+        import torch
+
         try:
-            self.frames = decoder.decode(latents)
+            if self._cuda_device is not None:
+                torch.cuda.set_device(self._cuda_device)
+            with torch.no_grad():
+                self.out = generator.next_block()
         except BaseException as e:  # handed to the caller's thread by result()
             self.error = e
-        self.seconds = time.perf_counter() - t0
+        self.ended_at = time.perf_counter()
 
     def join(self) -> None:
-        """Wait for the decode to end (bounded: one block). A Ctrl-C meanwhile is held until then, so
-        the decoder is never left running on its own; it is raised after."""
+        """Wait for the DiT to end (bounded: one block). A Ctrl-C meanwhile is held until then, so the
+        DiT is never left running on its own; it is raised after."""
+        if not self._thread.is_alive() and self._thread.ident is None:
+            return  # never started
         interrupted = False
         while True:
             try:
@@ -495,11 +527,10 @@ class _DecodeJob:
         if interrupted:
             raise KeyboardInterrupt
 
-    def result(self) -> np.ndarray:
+    def result(self) -> Any:
         if self.error is not None:
             raise self.error
-        assert self.frames is not None
-        return self.frames
+        return self.out
 
 
 class ArtifactRenderer:
@@ -507,11 +538,14 @@ class ArtifactRenderer:
 
     frames = renderer.block_frames(clip, block)  # in order: clip 0 blocks 0..3, clip 1 block 0, ...
 
-    With `overlap_decode`, a block's decode runs on a worker thread while the DiT computes the next
-    block of the same clip; the frames are the same bytes as serial (the decoder sees the same
-    latents in the same order). The last block of a clip decodes alone, so the renderer's state at
-    a clip's end (what a checkpoint saves) is the serial one. `counters()` reports the decoder's
-    time and the part of it the loop waited for (exposed; the rest was hidden behind the DiT).
+    With `overlap_decode`, the DiT of block b+1 starts on a worker thread before block b decodes on
+    the caller's thread, and block b's frames are returned as soon as they are decoded (the DiT of
+    b+1 may still run then); `block_frames(b+1)` joins it. The frames are the same bytes as serial
+    (the decoder sees the same latents in the same order, the DiT the same inputs). The last block
+    of a clip starts nothing ahead, so the renderer's state at a clip's end (what a checkpoint
+    saves) is the serial one. A caller that stops before a clip's end calls `close()` (joins the
+    DiT running ahead). `counters()` reports the decoder's time and the part of it not hidden
+    behind the DiT (exposed).
     """
 
     def __init__(self, generator: Any, decoder: Any, runtime: Any, blocks_per_clip: int, plan: Any = None,
@@ -519,39 +553,61 @@ class ArtifactRenderer:
         self.generator, self.decoder, self.runtime = generator, decoder, runtime
         self.blocks_per_clip, self.plan = blocks_per_clip, plan
         self.overlap_decode = overlap_decode
-        self._ahead: Any = None  # the next block's DiT output, computed while this block decoded
+        self._ahead: _AheadJob | None = None  # the next block's DiT, running while this block decoded
+        self._decode_span: tuple[float, float] = (0.0, 0.0)  # (start, seconds) of the decode it overlapped
         self.decode_seconds = 0.0  # the decoder's own time, all blocks
-        self.decode_exposed_seconds = 0.0  # of it, the time the loop waited for the decoder
+        self.decode_exposed_seconds = 0.0  # of it, the time not hidden behind the DiT
 
     def block_frames(self, clip: int, block: int) -> np.ndarray:
         """The next block's 12 frames, uint8 [12, H, W, 3]; (clip, block) must be the next in order."""
+        return self.block_output(clip, block)[1]
+
+    def block_output(self, clip: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(latents float32 [16, 3, h, w], frames uint8 [12, H, W, 3]) of the next block; (clip, block)
+        must be the next in order. What `block_frames` returns the frames of (eval keeps both)."""
         import time
 
-        out = self._ahead if self._ahead is not None else self.generator.next_block()
-        self._ahead = None
+        out = self._join_ahead() if self._ahead is not None else self.generator.next_block()
         if (out.clip, out.block) != (clip, block):
             raise RuntimeError(f"generator produced clip {out.clip} block {out.block}, expected {clip}/{block}")
         # sync point: the block's latents on the host (waits for this block's DiT work)
         latents = out.latents.float().cpu().numpy()
-        if not self.overlap_decode or block == self.blocks_per_clip - 1:
-            t0 = time.perf_counter()
-            frames = self.decoder.decode(latents)  # [12, H, W, 3] uint8, alone: all of it exposed
-            spent = time.perf_counter() - t0
-            self._count(spent, spent)
-            return frames
-        job = _DecodeJob(self.decoder, latents)  # this block decodes on the worker ...
+        ahead = None
+        if self.overlap_decode and block < self.blocks_per_clip - 1:
+            ahead = _AheadJob(self.generator)  # not started: a Ctrl-C before the try leaves no thread
         try:
-            self._ahead = self.generator.next_block()  # ... while the DiT computes the next one
-        finally:
-            # sync point: the decoder has finished this block, on every path (error, Ctrl-C included)
+            if ahead is not None:
+                self._ahead = ahead
+                ahead.start()  # the DiT of the next block runs on the worker ...
             t0 = time.perf_counter()
-            job.join()
-            self._count(job.seconds, time.perf_counter() - t0)
-        return job.result()  # the decoder's error, if any, raised here
+            frames = self.decoder.decode(latents)  # ... while this block decodes here; [12, H, W, 3] uint8
+            spent = time.perf_counter() - t0
+        except BaseException:
+            self.close()  # sync point: the worker's DiT has finished before the error leaves
+            raise
+        self.decode_seconds += spent
+        if ahead is None:
+            self.decode_exposed_seconds += spent  # alone: all of it exposed
+        else:
+            self._decode_span = (t0, spent)  # how much the DiT hid is known once it ends
+        return latents, frames
 
-    def _count(self, seconds: float, waited: float) -> None:
-        self.decode_seconds += seconds
-        self.decode_exposed_seconds += min(seconds, waited)
+    def _join_ahead(self) -> Any:
+        """The block the worker computed (its error raised here), after the thread ended."""
+        job, self._ahead = self._ahead, None
+        assert job is not None
+        job.join()  # sync point: the next block's DiT has finished on the worker
+        if job.ended_at is not None:  # the decode ran from t0 for `spent`; the DiT hid up to its end
+            t0, spent = self._decode_span
+            hidden = min(spent, max(0.0, job.ended_at - t0))
+            self.decode_exposed_seconds += spent - hidden
+        return job.result()
+
+    def close(self) -> None:
+        """Join the DiT running ahead, if any (a caller that stops mid-clip: cancel, error). Idempotent."""
+        job, self._ahead = self._ahead, None
+        if job is not None:
+            job.join()
 
     def state(self) -> dict[str, Any]:
         """Everything the next block depends on, as tensors (torch.save-able). At a clip's end only

@@ -7,15 +7,16 @@ returns [B, heads, L, head_dim] (SDPA's layout), no mask, softmax scale 1/sqrt(h
 
 | request   | what runs                                                                           |
 |-----------|-------------------------------------------------------------------------------------|
-| auto      | the first that runs here: sm_90 cuDNN, flash, efficient, math; sm_80/sm_89 flash,   |
-|           | efficient, math; other GPUs efficient, math; CPU flash (torch's CPU kernel), math;  |
+| auto      | the first that runs here: sm_90 cuDNN, flash, efficient, math; sm_8x and sm_100+    |
+|           | flash, efficient, math; sm_7x efficient, math; CPU flash (torch's CPU kernel), math;|
 |           | the later ones stay allowed, in that order, for a shape the first refuses           |
 | sdpa      | whatever torch picks per call (unpinned); the record names its pick at load time    |
 | flash, cudnn, efficient, math | that SDPA backend only (`torch.nn.attention.sdpa_kernel`)       |
 | sage      | SageAttention 1 (int8 Q.K^T, fp16 P.V; Triton, CUDA): `pip install liveavatar-lite[attention]` |
 
 A pinned backend is probed once with the DiT's head dim and dtype; one that cannot run here is a
-one-line `UserError` before anything loads. On CPU, "auto" keeps the backend torch itself picks
+one-line `UserError` before any weights load. `check_attention` makes the checks that touch no
+device (choice, device type, sage's package and head dims): what a validating parent process runs. On CPU, "auto" keeps the backend torch itself picks
 (its flash kernel), so CPU renders keep their numerics; "math" is selectable.
 
     kernel = resolve_attention("auto", torch.device("cuda"), torch.bfloat16, head_dim=128)
@@ -78,16 +79,17 @@ def _sage(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return sageattn(q, k, v, tensor_layout="HND", is_causal=False, smooth_k=False)
 
 
-def auto_order(device: torch.device) -> tuple[str, ...]:
-    """The SDPA backends "auto" tries, best first, on `device`."""
+def auto_order(device: torch.device, capability: tuple[int, int] | None = None) -> tuple[str, ...]:
+    """The SDPA backends "auto" tries, best first, on `device` (CUDA: its compute `capability`,
+    read from the device when not given, so the order is testable without a GPU)."""
     if device.type != "cuda":
         return ("flash", "math")  # torch's own CPU pick first (its flash kernel): CPU numerics unchanged
-    major = torch.cuda.get_device_capability(device)[0]
+    major = (capability or torch.cuda.get_device_capability(device))[0]
     if major == 9:  # Hopper: cuDNN's SDPA (FA3-class) beats FA2
         return ("cudnn", "flash", "efficient", "math")
-    if major == 8:  # Ampere / Ada: FA2
+    if major == 8 or major >= 10:  # Ampere / Ada: FA2; Blackwell and newer (sm_100, sm_120): flash as torch
         return ("flash", "efficient", "math")
-    return ("efficient", "math")
+    return ("efficient", "math")  # Volta / Turing: no flash kernel
 
 
 def _probe(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -110,10 +112,10 @@ def _torch_pick(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     return _NAMES.get(SDPBackend(torch._fused_sdp_choice(q, q, q)), "math")
 
 
-def resolve_attention(requested: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-                      head_dim: int = 128) -> AttentionKernel:
-    """The kernel for `requested` on `device` (attention inputs in `dtype`); UserError, one line, if
-    it cannot run here. Probes run one tiny attention call per candidate, once per load."""
+def check_attention(requested: str, device: torch.device | str, head_dim: int = 128) -> None:
+    """The checks of `resolve_attention` that touch no device (the choice, the device type, sage's
+    package and head dims): UserError, one line. A process that only validates (serve's and farm's
+    parents) calls this; the probes run where the model loads."""
     device = torch.device(device)
     if requested not in CHOICES:
         raise UserError(f"unknown attention {requested!r}; choose one of {', '.join(CHOICES)}")
@@ -127,6 +129,18 @@ def resolve_attention(requested: str, device: torch.device | str, dtype: torch.d
             raise UserError(f"--attention sage needs the sageattention package: {SAGE_INSTALL}") from None
         if head_dim not in SAGE_HEAD_DIMS:
             raise UserError(f"--attention sage supports head dims {SAGE_HEAD_DIMS}; this model's is {head_dim}")
+    if device.type != "cuda" and requested in ("cudnn", "efficient"):
+        raise UserError(f"--attention {requested} needs a CUDA GPU; this run is on {device.type} "
+                        "(choose auto, sdpa, flash or math)")
+
+
+def resolve_attention(requested: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                      head_dim: int = 128) -> AttentionKernel:
+    """The kernel for `requested` on `device` (attention inputs in `dtype`); UserError, one line, if
+    it cannot run here. Probes run one tiny attention call per candidate, once per load."""
+    device = torch.device(device)
+    check_attention(requested, device, head_dim)
+    if requested == "sage":
         return AttentionKernel("sage", requested)
     if requested == "sdpa":
         return AttentionKernel(_torch_pick(device, dtype, head_dim), requested, pinned=False)
@@ -136,9 +150,6 @@ def resolve_attention(requested: str, device: torch.device | str, dtype: torch.d
             if _probe(name, device, dtype, head_dim) is None:
                 return AttentionKernel(name, requested, fallbacks=order[i + 1:])
         return AttentionKernel(_torch_pick(device, dtype, head_dim), requested, pinned=False)
-    if device.type != "cuda" and requested in ("cudnn", "efficient"):
-        raise UserError(f"--attention {requested} needs a CUDA GPU; this run is on {device.type} "
-                        "(choose auto, sdpa, flash or math)")
     why = _probe(requested, device, dtype, head_dim)
     if why is not None:
         raise UserError(f"--attention {requested} cannot run on {device.type} ({str(dtype).removeprefix('torch.')}, "

@@ -104,6 +104,11 @@ class _ObservedRenderer:
     def state(self) -> dict[str, Any]:
         return self.inner.state()
 
+    def close(self) -> None:  # a cancel between blocks: the inner renderer joins what it ran ahead
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
     def load_state(self, state: dict[str, Any]) -> None:
         self.inner.load_state(state)
 

@@ -134,13 +134,17 @@ class PipelineRenderer(ArtifactRenderer):
     def copy_wait_seconds(self) -> float:
         return self.runtime.copy_wait_seconds() if self.runtime is not None else 0.0
 
-    # A rank that runs no steps (the decoder alone) has no DiT runtime: no layout, copies or ledger rows.
+    # A rank that runs no steps (the decoder alone) has no DiT runtime: no kernels, copies or ledger
+    # rows; the decoder's fields (and the overlap of its decode with the blocks received) it has.
     def layout(self) -> dict[str, Any]:
-        own = self.runtime.layout() if self.runtime is not None else {}
-        return {**own, "decode_latents_per_call": self.plan.decode_latents_per_call if self.plan is not None else None}
+        if self.runtime is not None:
+            return super().layout()  # this rank's DiT: its layout, attention and linear kernels
+        return {"decode_latents_per_call": self.plan.decode_latents_per_call if self.plan is not None else None}
 
     def counters(self) -> dict[str, float]:
-        return self.runtime.copy_counters() if self.runtime is not None else {}
+        decode = {"decode_s": self.decode_seconds, "decode_exposed_s": self.decode_exposed_seconds,
+                  "decode_hidden_s": self.decode_seconds - self.decode_exposed_seconds}
+        return {**(self.runtime.copy_counters() if self.runtime is not None else {}), **decode}
 
     def ledger(self, seconds: float | None, clip: dict[str, float]) -> dict[str, Any]:
         """The ledger of this rank's own DiT plan (`RankPlan.plan`); none on a decode-only rank."""
@@ -197,7 +201,10 @@ class PipelineBackend(ArtifactBackend):
                                  device_id=(self.device.index or 0) if on_gpu else 0)  # this rank's GPU
         decoder.decode(motion_latents[:, :7].float().cpu().numpy())  # warm-up, as render.ArtifactBackend
         generator = PipelineGenerator(ctx, own, link, inputs.num_clips, own_link=own_link)
-        return PipelineRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan)
+        # overlap_decode as in one process: with it on, the next block is received (and this
+        # rank's steps run) on the renderer's worker thread while this block decodes
+        return PipelineRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan,
+                                overlap_decode=self.options.overlap_decode)
 
     def release(self) -> None:
         """After the clip loop: if it never built (every clip was already done), free the ranks
