@@ -82,6 +82,20 @@ def read_json(path: str | os.PathLike[str], error: type[UserError], missing: str
         raise error(f"{path}: cannot be read ({e.strerror})") from None
 
 
+def lock_dir(directory: Path, busy: str, nofollow: bool = False) -> int:
+    """An exclusive flock on `directory`, not waiting: the open descriptor (the caller closes it, which
+    releases the lock). UserError(`busy`) if another process holds it; `nofollow` refuses a symlink."""
+    import fcntl  # POSIX only: imported here so that the rest of this module imports anywhere
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(busy) from None
+    return fd
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (POSIX; a no-op elsewhere)."""
     if os.name != "posix":

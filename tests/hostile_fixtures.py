@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from media_fixtures import write_photo, write_speech
 
 from liveavatar_lite.cli import main
 
@@ -35,6 +36,13 @@ Pipeline.from_options = classmethod(lambda cls, o, size=None: cls(FakeBackend(de
 from liveavatar_lite.cli import main
 sys.exit(main({argv!r}))
 """  # a `liveavatar-lite ARGV` process whose renders use test_generate's FakeBackend
+
+
+def write_media(root: Path) -> Path:
+    """The good inputs the hostile suites start from, in `root`: photo.png and a 2-clip speech.wav; `root`."""
+    write_photo(root / "photo.png")
+    write_speech(root / "speech.wav", 2.0)  # 2 clips
+    return root
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

@@ -14,13 +14,18 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from render_helpers import PROMPT, SIZE, cli_command, render_env
+
+from liveavatar_lite.serve.tasks import RenderTask
+
+if TYPE_CHECKING:
+    from liveavatar_lite.serve.supervisor import LocalWorkerExecutor
 
 
 def free_port() -> int:
@@ -36,6 +41,40 @@ def job_files(media: Path, image: str = "photo.png", audio: str = "speech.wav") 
 
 def job_data(**extra: Any) -> dict[str, str]:
     return {"prompt": PROMPT, "size": SIZE, **{k: str(v) for k, v in extra.items()}}
+
+
+def submit(server: ServeProcess, media: Path, **extra: Any) -> str:
+    """POST one job (the photo and speech in `media`, `job_data(**extra)`); its id (201 expected)."""
+    r = server.client.post("/v1/jobs", files=job_files(media), data=job_data(**extra))
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `condition()` until it returns something truthy (returned); AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def pump(executor: LocalWorkerExecutor, done: Callable[[list], bool], timeout: float = 30) -> list:
+    """Collect the supervisor's events until `done(events so far)`; AssertionError (with them) after `timeout` s."""
+    seen: list = []
+    deadline = time.monotonic() + timeout
+    while not done(seen):
+        assert time.monotonic() < deadline, seen
+        seen += executor.events(timeout=0.1)
+    return seen
+
+
+def render_task(i: int) -> RenderTask:
+    """A task for a fake worker: id and seed `i`, one clip, placeholder paths."""
+    return RenderTask(id=f"{i:032x}", image="i", audio="a", prompt="p", size="64*64", seed=i, num_clip=1,
+                      out="o.mp4", live="l", telemetry="t", checkpoint_interval_s=0.0)
 
 
 def process_alive(pid: int) -> bool:

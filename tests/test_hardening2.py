@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hostile_fixtures import assert_one_line, run_cli, use_backend
-from media_fixtures import write_photo, write_speech
+from hostile_fixtures import assert_one_line, run_cli, use_backend, write_media
+from media_fixtures import write_speech
 from test_generate import FakeBackend, FakeRenderer
 
 from liveavatar_lite.errors import UserError
@@ -32,9 +32,7 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("media2")
-    write_photo(root / "photo.png")
-    write_speech(root / "speech.wav", 2.0)  # 2 clips
+    root = write_media(tmp_path_factory.mktemp("media2"))
     write_speech(root / "tiny.wav", 0.01, rate=16000, channels=1)  # 10 ms
     return root
 

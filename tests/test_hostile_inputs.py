@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hostile_fixtures import assert_one_line, run_cli, small_tmpfs, use_backend, write_pth
-from media_fixtures import write_photo, write_speech
+from hostile_fixtures import assert_one_line, run_cli, small_tmpfs, use_backend, write_media, write_pth
+from media_fixtures import write_speech
 from safetensors.torch import load_file, save_file
 
 from liveavatar_lite.artifact.checkpoint import DIT_CONFIG, DIT_INDEX, LORA_FILE
@@ -34,10 +34,7 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("media")
-    write_photo(root / "photo.png")
-    write_speech(root / "speech.wav", 2.0)  # 2 clips
-    return root
+    return write_media(tmp_path_factory.mktemp("media"))
 
 
 @pytest.fixture

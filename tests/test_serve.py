@@ -36,7 +36,7 @@ pytest.importorskip("av")
 
 from media_fixtures import decoded_frames, write_speech
 from render_helpers import PROMPT, SIZE
-from serve_helpers import ServeProcess, job_data, job_files, paused, process_alive, wait_gone
+from serve_helpers import ServeProcess, job_data, job_files, paused, process_alive, submit, until, wait_gone
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 MAX_UPLOAD = 1_000_000  # bytes (--max-upload-mb 1)
@@ -104,16 +104,6 @@ def _events(server: ServeProcess, job_id: str, into: list[dict]) -> threading.Th
     return t
 
 
-def _until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _oversize_chunked_body():  # a well-formed upload of 1.2 MB, sent without a length
     yield b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
     for _ in range(12):
@@ -125,12 +115,6 @@ def _stalled_body():  # a client that starts an upload and stops sending
     yield b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhello'
     time.sleep(UPLOAD_TIMEOUT_S + 2)
     yield b"\r\n--xyz--\r\n"
-
-
-def _submit(server: ServeProcess, media: Path, **extra) -> str:
-    r = server.client.post("/v1/jobs", files=job_files(media), data=job_data(**extra))
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
 
 
 def _frames(server: ServeProcess, job_id: str, tmp: Path) -> np.ndarray:
@@ -145,7 +129,7 @@ def _frames(server: ServeProcess, job_id: str, tmp: Path) -> np.ndarray:
 def short_job(server: ServeProcess, media: Path) -> dict:
     """A finished 1-clip job (seed 8): the target of 'cancel a finished job' and the avatar comparison."""
     server.drain()  # module scope: set up before the autouse `drained`
-    job_id = _submit(server, media, seed=8, num_clip=1)
+    job_id = submit(server, media, seed=8, num_clip=1)
     return server.wait_for(job_id, "done", timeout=600)
 
 
@@ -153,7 +137,7 @@ def test_job_equals_generate_while_hostile_requests_hit_the_server(
         server: ServeProcess, media: Path, extra_media: Path, clean_render: dict, short_job: dict,
         tmp_path: Path) -> None:
     c = server.client
-    job_id = _submit(server, media, seed=7)
+    job_id = submit(server, media, seed=7)
     events: list[dict] = []
     reader = _events(server, job_id, events)
     server.wait_for(job_id, "running")
@@ -262,7 +246,7 @@ def _hostile_requests_and_a_full_queue(server: ServeProcess, media: Path, extra_
     assert not (server.state_dir.parent / "evil.png").exists() and not Path("/evil.png").exists()
 
     # a full queue: two jobs wait behind the paused one, the third gets 429 with Retry-After
-    queued = [_submit(server, media, seed=20 + i, num_clip=1) for i in range(2)]
+    queued = [submit(server, media, seed=20 + i, num_clip=1) for i in range(2)]
     for unfinished in (job_id, queued[-1]):  # no video before a job is done
         _one_line_error(c.get(f"/v1/jobs/{unfinished}/video"), 409)
     before = _snapshot(server)
@@ -283,8 +267,8 @@ def _hostile_requests_and_a_full_queue(server: ServeProcess, media: Path, extra_
 
 def test_cancel_a_running_job(server: ServeProcess, media: Path) -> None:
     worker = server.worker_pid()
-    job_id = _submit(server, media, seed=9)
-    _until(lambda: server.job(job_id)["first_frame_s"] is not None, 300, "the first block")
+    job_id = submit(server, media, seed=9)
+    until(lambda: server.job(job_id)["first_frame_s"] is not None, 300, "the first block")
     r = server.client.delete(f"/v1/jobs/{job_id}")
     assert r.status_code == 202 and r.json()["cancel_requested"]
     _one_line_error(server.client.delete(f"/v1/jobs/{job_id}"), 409)  # already being cancelled
@@ -304,7 +288,7 @@ def test_kill_9_mid_render_then_restart(server: ServeProcess, media: Path, clean
     r = c.post("/v1/avatars", files={"image": job_files(media)["image"]}, data={"size": SIZE, "prompt": PROMPT})
     assert r.status_code in (200, 201), r.text
     avatar = r.json()["id"]
-    interrupted = _submit(server, media, seed=7, num_clip=2)
+    interrupted = submit(server, media, seed=7, num_clip=2)
     r = c.post("/v1/jobs", files={"audio": job_files(media)["audio"]},
                data={"avatar": avatar, "prompt": PROMPT, "seed": "8", "num_clip": "1"})
     assert r.status_code == 201, r.text
@@ -313,7 +297,7 @@ def test_kill_9_mid_render_then_restart(server: ServeProcess, media: Path, clean
     server.wait_for(interrupted, "running", clips_done=1)
     worker = server.worker_pid()
     server.kill()
-    _until(lambda: not process_alive(worker), 10, "the worker to die with its server (PR_SET_PDEATHSIG)")
+    until(lambda: not process_alive(worker), 10, "the worker to die with its server (PR_SET_PDEATHSIG)")
 
     server.start()
     c = server.client
@@ -357,9 +341,9 @@ def test_job_that_kills_its_worker_twice_fails(server: ServeProcess, media: Path
     its counters); another test may have killed workers too."""
     restarts = server.wait_ready()["worker"]["restarts"].get("worker_died", 0)
     counts = [_metric(server, s) for s in WORKER_DEATH_SERIES]
-    job_id = _submit(server, media, seed=10)
+    job_id = submit(server, media, seed=10)
     for deaths in range(2):
-        _until(lambda d=deaths: _running_after(server, job_id, d), 300, f"the job to run after {deaths} worker deaths")
+        until(lambda d=deaths: _running_after(server, job_id, d), 300, f"the job to run after {deaths} worker deaths")
         pid = server.worker_pid()
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid, 10)
@@ -412,7 +396,7 @@ def test_page_in_chromium_uploads_shows_progress_and_plays(server: ServeProcess,
     try:
         driver.get(server.url + "/")
         by_id = driver.find_element
-        _until(lambda: by_id("id", "auth").is_displayed(), 30, "the token prompt")  # the API said 401
+        until(lambda: by_id("id", "auth").is_displayed(), 30, "the token prompt")  # the API said 401
         by_id("id", "token").send_keys(TOKEN)
         by_id("id", "save-token").click()
         by_id("id", "image").send_keys(str(media / "photo.png"))
@@ -422,17 +406,17 @@ def test_page_in_chromium_uploads_shows_progress_and_plays(server: ServeProcess,
         by_id("id", "seed").send_keys("11")
         by_id("id", "num_clip").send_keys("2")
         by_id("id", "submit").click()
-        _until(lambda: by_id("id", "state").text == "done", 600, "the job to finish in the page")
+        until(lambda: by_id("id", "state").text == "done", 600, "the job to finish in the page")
         events = driver.execute_script("return window.__events")
         assert [e["state"] for e in events][-1] == "done" and "running" in [e["state"] for e in events]
         assert by_id("id", "clips").text == "2/2"
         assert float(by_id("id", "progress").get_attribute("value")) == 1.0
         # clip 0 played live while clip 1 rendered
         assert driver.execute_script("return document.getElementById('live').src").startswith("blob:")
-        _until(lambda: driver.execute_script("return document.getElementById('result').readyState >= 2"), 60,
+        until(lambda: driver.execute_script("return document.getElementById('result').readyState >= 2"), 60,
                "the result video to load")
         driver.execute_script("const v = document.getElementById('result'); v.muted = true; v.play();")
-        _until(lambda: driver.execute_script("return document.getElementById('result').currentTime > 0.3"), 60,
+        until(lambda: driver.execute_script("return document.getElementById('result').currentTime > 0.3"), 60,
                "the result video to play")
         video = driver.execute_script("const v = document.getElementById('result'); "
                                       "return [v.videoWidth, v.videoHeight, v.duration, v.error === null]")

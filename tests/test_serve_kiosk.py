@@ -23,7 +23,6 @@ import signal
 import socket
 import sqlite3
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +36,7 @@ pytest.importorskip("av")
 
 from media_fixtures import decoded_frames
 from render_helpers import SIZE
-from serve_helpers import ServeProcess, job_data, job_files, process_alive, wait_gone
+from serve_helpers import ServeProcess, job_data, job_files, process_alive, pump, render_task, submit, until, wait_gone
 
 from liveavatar_lite.serve.disk import FREE_BYTES_HOOK, prune_to, tree_bytes
 from liveavatar_lite.serve.layout import StateDir
@@ -46,7 +45,7 @@ from liveavatar_lite.serve.store import DONE, QUEUED, JobRow, JobStore
 from liveavatar_lite.pipeline.request import PipelineOptions
 from liveavatar_lite.serve.config import ServeConfig, WorkerPolicy
 from liveavatar_lite.serve.supervisor import LocalWorkerExecutor, rotate_log
-from liveavatar_lite.serve.tasks import BlockDone, Finished, Lost, NoSpace, RenderTask, WorkerReady
+from liveavatar_lite.serve.tasks import BlockDone, Finished, Lost, NoSpace, WorkerReady
 
 CLIP0 = 45  # frames of clip 0 at 64*64 (the 3-clip reference's first clip)
 CLIP01 = 93  # frames of clips 0 and 1
@@ -60,22 +59,6 @@ def _serving(server: ServeProcess) -> Iterator[ServeProcess]:
         yield server
     finally:
         server.stop()
-
-
-def _until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _submit(server: ServeProcess, media: Path, **extra) -> str:
-    r = server.client.post("/v1/jobs", files=job_files(media), data=job_data(**extra))
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
 
 
 def _one_line_error(r: httpx.Response, status: int) -> str:
@@ -100,7 +83,7 @@ def _watch(server: ServeProcess, job_id: str, done, seen: list[dict], timeout: f
         job = server.job(job_id)
         seen.append(job)
         return job if done(job) else None
-    return _until(look, timeout, f"job {job_id} to progress")
+    return until(look, timeout, f"job {job_id} to progress")
 
 
 # ---- the stall watchdog ---------------------------------------------------------------------------
@@ -118,14 +101,14 @@ def test_stopped_worker_is_caught_restarted_and_the_job_finishes_identically(
                                cache_dir=media / "cache")) as server:
         messages = {notify.recv(256).decode() for _ in range(3)}
         assert "READY=1" in messages and "WATCHDOG=1" in messages, messages
-        job_id = _submit(server, media, seed=7, num_clip=2)
+        job_id = submit(server, media, seed=7, num_clip=2)
         seen: list[dict] = []
         _watch(server, job_id, lambda j: j["state"] == "running" and j["progress"] > 0, seen, 300)  # a block
         assert seen[-1]["eta_s"] is not None  # from the plan's seconds per clip: no job has finished yet
         worker = server.worker_pid()
         os.kill(worker, signal.SIGSTOP)
         try:
-            ready = _until(lambda: (r := server.client.get("/readyz")).status_code == 503 and r.json(), 120,
+            ready = until(lambda: (r := server.client.get("/readyz")).status_code == 503 and r.json(), 120,
                            "/readyz to report the stall")
         finally:
             if process_alive(worker):
@@ -182,27 +165,18 @@ def test_watchdog_kills_a_wedged_worker_and_reports_the_task_lost(tmp_path: Path
                          worker=WorkerPolicy(stall_timeout_s=1.0))
     executor = LocalWorkerExecutor(config, tmp_path / "worker.log", [sys.executable, str(script)])
 
-    def task(seed: int) -> RenderTask:
-        return RenderTask(id=f"{seed:032x}", image="i", audio="a", prompt="p", size="64*64", seed=seed, num_clip=1,
-                          out="o.mp4", live="l", telemetry="t", checkpoint_interval_s=0.0)
-
-    def pump(until, timeout: float = 60) -> list:
-        seen: list = []
-        deadline = time.monotonic() + timeout
-        while not until(seen):
-            assert time.monotonic() < deadline, seen
-            seen += executor.events(timeout=0.1)
-        return seen
+    def events(done) -> list:  # the supervisor's events until `done(events)`
+        return pump(executor, done, timeout=60)
 
     executor.start()
     try:
-        pump(lambda seen: executor.free_slots() == 1)
-        executor.submit(task(0))
-        seen = pump(lambda seen: any(isinstance(e, Finished) for e in seen))
+        events(lambda seen: executor.free_slots() == 1)
+        executor.submit(render_task(0))
+        seen = events(lambda seen: any(isinstance(e, Finished) for e in seen))
         assert not any(isinstance(e, Lost) for e in seen) and executor.restarts == {}
         first = executor.pid
-        executor.submit(task(1))
-        seen = pump(lambda seen: any(isinstance(e, Lost) for e in seen))
+        executor.submit(render_task(1))
+        seen = events(lambda seen: any(isinstance(e, Lost) for e in seen))
         lost = next(e for e in seen if isinstance(e, Lost))
         assert any(isinstance(e, BlockDone) for e in seen)
         assert lost.kind == "stalled" and "no progress" in lost.reason, lost
@@ -210,12 +184,12 @@ def test_watchdog_kills_a_wedged_worker_and_reports_the_task_lost(tmp_path: Path
         # the plan's 0.005 s blocks * 10 are under the floor: the floor (1 s) is the deadline
         assert status["stall"]["deadline_s"] == 1.0 and status["stall"]["seconds_since_progress"] >= 1.0
         assert not status["ready"] and executor.restarts == {"stalled": 1}
-        pump(lambda seen: any(isinstance(e, WorkerReady) for e in seen))
+        events(lambda seen: any(isinstance(e, WorkerReady) for e in seen))
         assert executor.pid != first and executor.status()["stall"] is None
-        executor.submit(task(2))
-        pump(lambda seen: any(isinstance(e, Finished) for e in seen))
-        executor.submit(task(3))  # a full disk ends the task on the worker: the slot is free again
-        pump(lambda seen: any(isinstance(e, NoSpace) for e in seen))
+        executor.submit(render_task(2))
+        events(lambda seen: any(isinstance(e, Finished) for e in seen))
+        executor.submit(render_task(3))  # a full disk ends the task on the worker: the slot is free again
+        events(lambda seen: any(isinstance(e, NoSpace) for e in seen))
         assert executor.free_slots() == 1
     finally:
         executor.stop()
@@ -231,8 +205,8 @@ def test_full_disk_keeps_every_job_and_resumes_them_all(
     state = tmp_path / "state"
     with _serving(ServeProcess(tiny_artifact, state, "--min-free-mb", "100", "--max-state-gb", "0.000001")) as server:
         c = server.client
-        first = _submit(server, media, seed=7)  # 3 clips
-        waiting = [_submit(server, media, seed=7, num_clip=1) for _ in range(2)]
+        first = submit(server, media, seed=7)  # 3 clips
+        waiting = [submit(server, media, seed=7, num_clip=1) for _ in range(2)]
         server.wait_for(first, "running")
         worker = server.worker_pid()
         os.kill(worker, signal.SIGSTOP)  # hold the render still while the disk "fills"
@@ -245,7 +219,7 @@ def test_full_disk_keeps_every_job_and_resumes_them_all(
                 p.symlink_to("/dev/full")  # its next live segment is written to /dev/full: ENOSPC from the kernel
             (tmp_path / "free_bytes.tmp").write_text("0")
             os.replace(tmp_path / "free_bytes.tmp", free_file)  # atomic: the server never reads it half-written
-            ready = _until(lambda: (r := c.get("/readyz")).status_code == 503 and r.json(), 60, "the disk check")
+            ready = until(lambda: (r := c.get("/readyz")).status_code == 503 and r.json(), 60, "the disk check")
             assert "disk" in ready["reason"] and "--min-free-mb" in ready["reason"], ready
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -372,8 +346,8 @@ def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: 
     state = tmp_path / "state"
     server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start(READY_S)
     try:
-        running = _submit(server, media, seed=7, num_clip=2)
-        later = _submit(server, media, seed=7, num_clip=1)
+        running = submit(server, media, seed=7, num_clip=2)
+        later = submit(server, media, seed=7, num_clip=1)
         server.wait_for(running, "running")
         worker = server.worker_pid()
         r = server.client.post("/v1/admin/drain")
@@ -413,7 +387,7 @@ def test_checkpoint_of_another_artifact_restarts_the_job_from_scratch(tiny_artif
     state = tmp_path / "state"
     server = ServeProcess(tiny_artifact, state, cache_dir=media / "cache").start(READY_S)
     try:
-        job_id = _submit(server, media, seed=7, num_clip=2)
+        job_id = submit(server, media, seed=7, num_clip=2)
         server.wait_for(job_id, "running", clips_done=1)
         worker = server.worker_pid()
         server.kill()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
+
+from serve_helpers import pump, render_task
 
 from liveavatar_lite.errors import UserError
 from liveavatar_lite.pipeline.request import PipelineOptions
@@ -181,31 +182,17 @@ def _executor(tmp_path: Path, policy: WorkerPolicy, on_task: str = "finish") -> 
     return LocalWorkerExecutor(config, tmp_path / "worker.log", [sys.executable, str(script), "--on-task", on_task])
 
 
-def _pump(executor: LocalWorkerExecutor, until, timeout: float = 30) -> list:
-    seen: list = []
-    deadline = time.monotonic() + timeout
-    while not until(seen):
-        assert time.monotonic() < deadline, seen
-        seen += executor.events(timeout=0.1)
-    return seen
-
-
-def _task(i: int) -> RenderTask:
-    return RenderTask(id=f"{i:032x}", image="i", audio="a", prompt="p", size="64*64", seed=i, num_clip=1,
-                      out="o.mp4", live="l", telemetry="t", checkpoint_interval_s=0.0)
-
-
-def test_supervisor_restarts_dead_worker_and_reports_the_lost_task(tmp_path: Path) -> None:
+def test_supervisor_restarts_dead_worker_and_reports_the_lostrender_task(tmp_path: Path) -> None:
     executor = _executor(tmp_path, WorkerPolicy(), on_task="die")
     executor.start()
     try:
-        _pump(executor, lambda seen: any(isinstance(e, WorkerReady) for e in seen))
+        pump(executor, lambda seen: any(isinstance(e, WorkerReady) for e in seen))
         first = executor.pid
-        executor.submit(_task(1))
-        seen = _pump(executor, lambda seen: any(isinstance(e, Lost) for e in seen))
+        executor.submit(render_task(1))
+        seen = pump(executor, lambda seen: any(isinstance(e, Lost) for e in seen))
         lost = next(e for e in seen if isinstance(e, Lost))
-        assert lost.task_id == _task(1).id and lost.kind == "worker_died" and "code 7" in lost.reason
-        _pump(executor, lambda seen: executor.free_slots() == 1)
+        assert lost.task_id == render_task(1).id and lost.kind == "worker_died" and "code 7" in lost.reason
+        pump(executor, lambda seen: executor.free_slots() == 1)
         assert executor.pid != first and executor.restarts["worker_died"] == 1
     finally:
         executor.stop()
@@ -216,17 +203,17 @@ def test_supervisor_memory_ceiling_and_recycling(tmp_path: Path) -> None:
     executor = _executor(tmp_path, WorkerPolicy(memory_ceiling_bytes=1))
     executor.start()
     try:
-        _pump(executor, lambda seen: executor.restarts["memory_ceiling"] >= 1)
+        pump(executor, lambda seen: executor.restarts["memory_ceiling"] >= 1)
     finally:
         executor.stop()
     recycled = _executor(tmp_path, WorkerPolicy(recycle_after_jobs=1))
     recycled.start()
     try:
-        _pump(recycled, lambda seen: recycled.free_slots() == 1)
+        pump(recycled, lambda seen: recycled.free_slots() == 1)
         first = recycled.pid
-        recycled.submit(_task(2))
-        _pump(recycled, lambda seen: any(isinstance(e, Finished) for e in seen))
-        _pump(recycled, lambda seen: recycled.restarts["recycle"] == 1 and recycled.free_slots() == 1)
+        recycled.submit(render_task(2))
+        pump(recycled, lambda seen: any(isinstance(e, Finished) for e in seen))
+        pump(recycled, lambda seen: recycled.restarts["recycle"] == 1 and recycled.free_slots() == 1)
         assert recycled.pid != first
     finally:
         recycled.stop()

@@ -20,13 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
-
-SIZE = "64*64"
-PROMPT = "a person talking to the camera"
+# beside this script (its sys.path[0]); importing it also puts tests/ and the repo on sys.path
+from bench_pipeline import PROMPT, SIZE, _prepare
 
 
 def _batch(root: Path, media: Path, jobs: int, first_seed: int) -> Path:
@@ -68,7 +63,6 @@ def main() -> None:
     import logging
 
     import ray
-    from bench_pipeline import _prepare
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-farm-") as tmp:

@@ -23,13 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+# beside this script (its sys.path[0]); importing it also puts tests/ and the repo on sys.path
+from bench_pipeline import PROMPT, SIZE, _prepare
 
-SIZE = "64*64"
-PROMPT = "a person talking to the camera"
+REPO = Path(__file__).resolve().parents[1]  # PYTHONPATH of the server it starts
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -68,7 +65,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import httpx
-    from bench_pipeline import _prepare
     from serve_helpers import free_port
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

@@ -27,13 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+# beside this script (its sys.path[0]); importing it also puts tests/ and the repo on sys.path
+from bench_pipeline import PROMPT, SIZE, _prepare
 
-SIZE = "64*64"
-PROMPT = "a person talking to the camera"
+REPO = Path(__file__).resolve().parents[1]  # PYTHONPATH of the server it starts
 
 
 def main() -> None:
@@ -51,7 +48,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import httpx
-    from bench_pipeline import _prepare
     from bench_serve import _settled_rss
     from media_fixtures import write_photo
     from serve_helpers import free_port

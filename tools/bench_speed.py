@@ -23,22 +23,23 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from liveavatar_lite.config import PRESETS, DiTConfig
+from liveavatar_lite.config import DiTConfig
 from liveavatar_lite.runtime.device_profiles import get_profile
 from liveavatar_lite.runtime.dit_runtime import DiTRuntime
 from liveavatar_lite.runtime import fused_units
 from liveavatar_lite.runtime.fused_units import fused_stats, record_inductor_bytes
 from liveavatar_lite.runtime.plan import GB, Budget, make_plan
-from liveavatar_lite.runtime.plan_inputs import parse_size, plan_input
+from liveavatar_lite.runtime.plan_inputs import plan_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import add_model_args, model_config  # noqa: E402
 from bench_stream import TIMESTEPS, synthetic_units  # noqa: E402
 
 EXTERN = ("mm", "addmm", "bmm", "_int_mm", "_scaled_mm", "convolution", "linear")  # GEMMs: not elementwise
@@ -166,23 +167,14 @@ def _profile_step(run: Run) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, help="keep only the first N blocks (14B-shaped blocks on one GPU)")
-    ap.add_argument("--size", default=None, help="W*H (default 704*384 for 14b, 64*64 for tiny)")
-    ap.add_argument("--format", default="int8", choices=("int8", "fp8", "int4", "nf4", "bf16"))
-    ap.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"))
-    ap.add_argument("--vram", type=float, help="plan for this many GB (default: everything resident)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(ap, layers_help="keep only the first N blocks (14B-shaped blocks on one GPU)",
+                   vram_help="plan for this many GB (default: everything resident)")
     ap.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--blocks", type=int, default=2, help="timed blocks of 4 steps each, after the warm-up blocks")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    cfg = PRESETS[args.preset].dit
-    if args.layers:
-        cfg = replace(cfg, num_layers=args.layers,
-                      audio_inject_layers=tuple(i for i in cfg.audio_inject_layers if i < args.layers))
-    size = parse_size(args.size or ("704*384" if args.preset == "14b" else "64*64"))
+    cfg, size = model_config(args)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     record_inductor_bytes()
     import torch._inductor.config as inductor_config

@@ -27,12 +27,14 @@ import torch
 
 from liveavatar_lite.artifact.format import TensorSpec, block_unit_name, layout_file
 from liveavatar_lite.artifact.qtypes import QuantType
-from liveavatar_lite.config import PRESETS, DiTConfig
+from liveavatar_lite.config import DiTConfig
 from liveavatar_lite.runtime.device_profiles import get_profile, probe_profile
 from liveavatar_lite.runtime.dit_runtime import DiTRuntime, UnitData
 from liveavatar_lite.runtime.pinned import host_buffer
 from liveavatar_lite.runtime.plan import GB, Budget, Plan, make_plan, min_vram_bytes
-from liveavatar_lite.runtime.plan_inputs import parse_size, plan_input
+from liveavatar_lite.runtime.plan_inputs import plan_input
+
+from bench_args import add_model_args, model_config  # tools/: beside this script
 
 TIMESTEPS = (1000.0, 857.69, 602.15, 8.93)
 
@@ -150,13 +152,8 @@ def measure(cfg: DiTConfig, units: list[UnitData], plan: Plan, size, blocks: int
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, help="keep only the first N blocks (quick runs)")
-    ap.add_argument("--size", default=None, help="W*H (default 704*384 for 14b, 64*64 for tiny)")
-    ap.add_argument("--format", default="int8", choices=("int8", "fp8", "int4", "nf4", "bf16"))
-    ap.add_argument("--kv", default="bf16", choices=("bf16", "fp8", "int8"))
-    ap.add_argument("--vram", type=float, help="budget in GB for the streamed run (default: the leanest layout)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(ap, layers_help="keep only the first N blocks (quick runs)",
+                   vram_help="budget in GB for the streamed run (default: the leanest layout)")
     ap.add_argument("--device-profile", default=None)
     ap.add_argument("--blocks", type=int, default=3, help="blocks per sample (4 steps each; the first is not timed)")
     ap.add_argument("--samples", type=int, default=5, help="timed samples of each layout, interleaved (median reported)")
@@ -164,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    cfg = PRESETS[args.preset].dit
-    if args.layers:
-        cfg = replace(cfg, num_layers=args.layers,
-                      audio_inject_layers=tuple(i for i in cfg.audio_inject_layers if i < args.layers))
-    size = parse_size(args.size or ("704*384" if args.preset == "14b" else "64*64"))
+    cfg, size = model_config(args)
     profile = get_profile(args.device_profile) if args.device_profile else probe_profile(args.device, seconds=1.0)
     units = synthetic_units(cfg, args.format, pin=args.device == "cuda")
     inp = plan_input(cfg, size, args.format, unit_sizes={u.name: u.nbytes for u in units})

@@ -13,7 +13,6 @@ see one timeline. Segments and the playlist are written temp + rename: a reader 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError, first_line
-from ..fileio import durable_replace, write_bytes_atomic
+from ..fileio import durable_replace, lock_dir, write_bytes_atomic
 from .video import AAC_RATE, VideoSpec, audio_frames, audio_layout, copy_video
 
 log = logging.getLogger(__name__)
@@ -58,18 +57,6 @@ def _owned(directory: Path) -> set[str]:
             and "/" not in n}
 
 
-def _lock_live_dir(directory: Path) -> int:
-    """An exclusive flock on the live dir (UserError if another render holds it); the descriptor."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"another render is writing its live output to {directory}; give each render its own "
-                        "--live directory") from None
-    return fd
-
-
 @dataclass(frozen=True)
 class LiveSegment:
     """One playlist entry: segment file name, the frames it holds and where they start in the video."""
@@ -100,7 +87,9 @@ class HlsWriter:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --live directory {directory}: {first_line(e)}") from None
-        fd = _lock_live_dir(directory)  # held until finish() or close(): one render per live dir
+        # held until finish() or close(): one render per live dir
+        fd = lock_dir(directory, f"another render is writing its live output to {directory}; give each render "
+                                 "its own --live directory")
         try:
             check_live_dir(directory)  # again, under the lock
             for name in _owned(directory):

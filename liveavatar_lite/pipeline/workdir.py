@@ -14,7 +14,6 @@ is refused in one line instead of deleting or loading a file elsewhere.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from typing import IO, Any
 
 from ..decode.video import ClipSegmentWriter, VideoSpec
 from ..errors import UserError, first_line
-from ..fileio import contained_path, durable_replace, file_kind, write_json_atomic
+from ..fileio import contained_path, durable_replace, file_kind, lock_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -367,13 +366,8 @@ def _lock_work_dir(root: Path, out: Path) -> int:
             kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else file_kind(st.st_mode)
             raise UserError(f"the work dir {root} of --out {out} is {kind}, not a directory; "
                             "move it away and re-run")
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"another render is writing {out} (its work dir {root} is locked); wait for it "
-                            "to finish or choose another --out") from None
+        fd = lock_dir(root, f"another render is writing {out} (its work dir {root} is locked); wait for it "
+                            "to finish or choose another --out", nofollow=True)
         try:
             now = os.lstat(root)
         except FileNotFoundError:
