@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny real-layout checkpoint, the reference manifests, GPU/upstream skips."""
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts are importable helpers for tests
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A suite started in the background by a non-interactive shell (`.ci/run &`, nohup) inherits SIGINT
+# ignored, and an ignored signal stays ignored across exec: the Ctrl-C tests' children would never
+# see it. Python's own handler here means the children start with SIGINT at its default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(tryfirst=True)

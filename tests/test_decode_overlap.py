@@ -197,11 +197,13 @@ def test_close_joins_the_dit_running_ahead() -> None:
 
 
 def test_a_cancelled_serve_render_closes_the_renderer() -> None:
+    from types import SimpleNamespace
+
     from liveavatar_lite.serve.runner import _ObservedRenderer
 
     closed = []
     inner = type("R", (), {"blocks_per_clip": 4, "close": lambda self: closed.append(True)})()
-    _ObservedRenderer(inner, None).close()
+    _ObservedRenderer(inner, SimpleNamespace(blocks_per_clip=0)).close()
     assert closed == [True]
 
 

@@ -148,15 +148,16 @@ def test_units_copied_in_pieces_are_exact_and_timed_as_waits_on_cpu():
 def test_exact_size_host_buffers():
     """host_buffer allocates exactly the bytes asked for (torch's pinned allocator rounds up to a
     power of two: 351.8 MB would take 536.9 MB) and counts them while they live."""
+    import gc
+
     from liveavatar_lite.runtime.pinned import host_buffer, host_buffer_bytes
 
+    gc.collect()  # buffers an earlier test left as garbage must not be freed mid-test (random order)
     before = host_buffer_bytes()
     buf = host_buffer(351_800_001 // 1000, pin=False, zero=True)
     assert buf.numel() == 351_800 and buf.untyped_storage().nbytes() == 351_800 and not buf.any()
     assert host_buffer_bytes() - before == 351_800
     del buf
-    import gc
-
     gc.collect()
     assert host_buffer_bytes() == before
 

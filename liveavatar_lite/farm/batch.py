@@ -75,8 +75,10 @@ def task_for(job: FarmJob, checkpoint_interval_s: float) -> RenderTask:
 
 
 def run_batch(plan: BatchPlan, executor: Any, checkpoint_interval_s: float = 600.0, max_deaths: int = 2,
-              report: TextIO = sys.stderr) -> BatchSummary:
-    """Render `plan.todo` on `executor` (started and stopped here); one line per finished job on `report`."""
+              report: TextIO | None = None) -> BatchSummary:
+    """Render `plan.todo` on `executor` (started and stopped here); one line per finished job on `report`
+    (default: the stderr of the moment of the call, not of the import)."""
+    report = sys.stderr if report is None else report
     t0 = time.perf_counter()
     outcomes = {f"line-{j.line}": JobOutcome(j) for j in plan.todo}
     skipped = [JobOutcome(j, "skipped") for j in plan.done]
