@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..runtime.device_profiles import ATTENTION_CHOICES, COMPILE_CHOICES
+from ..runtime.plan_inputs import KV_DTYPES
 
 
 def _choice(*values: str) -> Callable[[str], str]:
@@ -35,7 +36,7 @@ def _gigabytes(text: str) -> float:
     return value
 
 
-KV_CHOICES = ("bf16", "fp8", "int8")  # as runtime.plan_inputs.KV_DTYPES (ArtifactBackend.open re-checks)
+KV_CHOICES = KV_DTYPES  # what the runtime stores (ArtifactBackend.open re-checks)
 
 # key -> (PipelineOptions field, parser, default, help). A new runtime option is one line here.
 KEYS: dict[str, tuple[str, Callable[[str], Any], Any, str]] = {
