@@ -156,7 +156,7 @@ def _pipeline_report(inp, budget, profile, ranks: int, as_json: bool, ram_budget
     """`plan --ranks N`: every rank's plan, the pipeline's throughput (the split asked, or with auto
     the faster one and why), one GPU for comparison."""
     from ..errors import BudgetError
-    from ..runtime.stage_plan import plan_ranks, plan_split, predict_pipeline, rank_roles
+    from ..runtime.stage_plan import plan_ranks, plan_split, predict_pipeline, rank_roles, work_bound
 
     choice = plan_split(inp, budget, profile, ranks, split)
     plans, pred = choice.plans, choice.prediction
@@ -164,12 +164,19 @@ def _pipeline_report(inp, budget, profile, ranks: int, as_json: bool, ram_budget
         single = predict_pipeline(plan_ranks(inp, budget, profile, rank_roles(1)), inp.sample)
     except BudgetError:
         single = None
+    bound = work_bound(inp, budget, profile)
     if as_json:
         return json.dumps({"split": choice.split, "why": choice.reason, "ranks": [p.to_json() for p in plans],
                            "pipeline": pred.to_json(), "other_split": choice.other.to_json() if choice.other else None,
-                           "one_gpu": single.to_json() if single else None}, indent=1)
+                           "one_gpu": single.to_json() if single else None,
+                           "work_bound": {"work_seconds_per_clip": bound.work_seconds_per_clip,
+                                          "realtime_factor": bound.realtime_factor(ranks),
+                                          "cards_for_real_time": bound.cards_for_real_time}}, indent=1)
     text = format_pipeline(plans, pred, single, ram_budget)
-    return text + f"\nsplit       {choice.split}: {choice.reason}"
+    return (text + f"\nsplit       {choice.split}: {choice.reason}"
+            + f"\nbound       any split over {ranks} such cards: at most {bound.realtime_factor(ranks):.2f}x real time "
+            f"(all of a clip's compute, {bound.work_seconds_per_clip:.2f} s on one card, shared perfectly, no copies); "
+            f"{bound.cards_for_real_time} cards reach 1.0x at best")
 
 
 def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:

@@ -24,12 +24,13 @@ range of the layers for every step instead, balanced with the plan's per-layer c
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..config import SampleConfig
 from ..errors import BudgetError, UserError
-from .costs import block_handoff_bytes, decode_seconds_per_block, elementwise_bytes, resolve_kernels
+from .costs import block_handoff_bytes, decode_seconds_per_block, elementwise_bytes, embed_head_seconds, resolve_kernels
 from .device_profiles import DeviceProfile
 from .plan import Plan, decoder_parts, layer_compute_seconds, make_plan
 from .plan_inputs import Budget, PlanInput
@@ -219,6 +220,37 @@ def predict_pipeline(plans: Sequence[RankPlan], sample: SampleConfig) -> Pipelin
     fill = sum(p.seconds_per_clip for p in plans if p is not slow) / sample.blocks_per_clip
     fps = sample.infer_frames / per_clip if per_clip > 0 else float("inf")
     return PipelinePrediction(per_clip, slow.role.rank, fps, fps / sample.fps, per_clip + fill)
+
+
+
+@dataclass(frozen=True)
+class WorkBound:
+    """What no split of one clip's work over identical cards can beat: all of it, spread perfectly.
+
+    `work_seconds_per_clip`: the compute of one clip on one card of the profile with nothing
+    streamed and nothing copied (every layer for every step of every block, the prologue and head
+    of every call, the VAE decode). N cards take at least work / N per clip, so the real-time factor
+    is at most N x play / work, whatever the split (steps, layers, or the decoder itself divided);
+    `cards_for_real_time` is the fewest cards for which that bound reaches 1.0.
+    """
+
+    work_seconds_per_clip: float
+    play_seconds_per_clip: float
+
+    def realtime_factor(self, cards: int) -> float:
+        return cards * self.play_seconds_per_clip / self.work_seconds_per_clip
+
+    @property
+    def cards_for_real_time(self) -> int:
+        return max(1, math.ceil(self.work_seconds_per_clip / self.play_seconds_per_clip - 1e-9))
+
+
+def work_bound(inp: PlanInput, budget: Budget, profile: DeviceProfile) -> WorkBound:
+    """The perfect-balance bound of `inp`'s work under the budget's kernels (see `WorkBound`)."""
+    sample = inp.sample
+    calls = sample.num_steps * sample.blocks_per_clip  # denoising calls per clip
+    dit = (sum(layer_compute_seconds(inp, budget, profile)) + embed_head_seconds(inp, profile)) * calls
+    return WorkBound(dit + vae_decode_seconds_per_clip(inp, profile), sample.infer_frames / sample.fps)
 
 
 # ------------------------------------------------------------------------------ the layer split
