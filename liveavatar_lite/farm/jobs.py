@@ -414,8 +414,8 @@ def plan_batch(jobs: Sequence[FarmJob], identity: str, source: Path) -> BatchPla
         if job.out.parent not in writable:
             _check_writable(job.out.parent, where)
             writable.add(job.out.parent)
-        marker = _marker_key(job.out)
         if job.out.exists():
+            marker = _marker_key(job.out)  # read only beside an mp4: most outs of a new batch do not exist
             if marker is None:
                 raise UserError(f"{where}: out {job.out} exists and was not written by `farm run` (no "
                                 f"{marker_path(job.out).name} beside it); move it away or choose another out")
