@@ -130,3 +130,14 @@ def test_quick_and_full_check_accept_alike(root: Path, name: str) -> None:
     assert dataclasses.replace(again, line=1) == alone
     assert again.out == (root / doc["out"]).resolve() and again.image == root / "photo.png"
     assert (alone.clips, alone.seed, alone.size) == (1, doc.get("seed", 42), doc.get("size", "704*384"))
+
+
+def test_jobs_read_as_a_sequence(root: Path) -> None:
+    """`read_jobs` keeps rows; what it returns reads like a list of FarmJobs, in line order."""
+    (root / "jobs.jsonl").write_text("# three\n" + "".join(_line({"out": f"out/{i}.mp4", "seed": i}) + "\n"
+                                                          for i in range(3)))
+    jobs = read_jobs(root / "jobs.jsonl", JobDefaults())
+    listed = list(jobs)
+    assert len(jobs) == 3 and [j.line for j in listed] == [2, 3, 4] and [j.seed for j in listed] == [0, 1, 2]
+    assert jobs[-1] == listed[-1] and jobs[0:2] == listed[0:2] and jobs[::-1] == listed[::-1]
+    assert all(isinstance(j, FarmJob) and j.out == root.resolve() / "out" / f"{j.seed}.mp4" for j in jobs)

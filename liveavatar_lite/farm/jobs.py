@@ -87,10 +87,10 @@ class _Inputs(NamedTuple):
 
 
 class _Row(NamedTuple):
-    """One checked line, compact: a million of them fit in a few hundred MB (docs/farm.md)."""
+    """One checked line, compact: about 270 bytes with its entry in the outs index (BENCHMARKS.md, issue 25)."""
 
     line: int
-    out: str  # absolute, normalized: equal texts are equal files
+    out: str  # absolute, its directory resolved (a Path's text): no two lines may name the same
     seed: int
     inputs: _Inputs
 
