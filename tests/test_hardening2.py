@@ -318,20 +318,26 @@ def test_class8_big_batches_validate_and_report_the_bad_last_line(tmp_path: Path
 
     for name in ("photo.png", "speech.wav"):
         shutil.copy(media / name, tmp_path / name)
-    jobs = read_jobs(_batch(tmp_path, 20_000), JobDefaults())
-    assert len(jobs) == 20_000 and {(j.width, j.height, j.clips) for j in jobs} == {(64, 64, 2)}
-    assert jobs[-1].out == (tmp_path / "out" / "v19999.mp4").resolve()
+    n = 50_000  # a million-line batch in small: no timing here (tools/bench_farm_batch.py measures the speed)
+    jobs = read_jobs(_batch(tmp_path, n), JobDefaults())
+    assert len(jobs) == n and {(j.width, j.height, j.clips) for j in jobs} == {(64, 64, 2)}
+    assert jobs[-1].out == (tmp_path / "out" / f"v{n - 1}.mp4").resolve() and jobs[-1].line == n
     bad_last = {
         '{"image": "photo.png", "audio": "speech.wav", "prompt": "p", "out": "x.mp4", "sede": 1}': "unknown field",
         "[" * 30_000 + "]" * 30_000: "not JSON",
         '{"image": ' + "[" * 50 + "]" * 50 + "}": "not JSON",
         '{"image": "photo.png", "audio": "speech.wav", "prompt": "p", "out": "' + "x" * 70_000 + '.mp4"}': "64 KB",
         '{"image": "photo.png", "audio": "speech.wav", "prompt": "p", "out": "out/v5.mp4"}': "also the out of line 6",
+        '{"imgae": "photo.png", "audio": "speech.wav", "prompt": "a person talking", "out": "x.mp4"}': "'imgae'",
+        '{"image": "photo.png", "audio": "speech.wav", "prompt": "a person talking", "out": "x.mp4", '
+        '"size": "64*64", "num_clip": true}': "'num_clip' must be an integer",
+        '{"image": "photo.png", "audio": "speech.wav", "prompt": "a person talking", "out": "x.avi", '
+        '"size": "64*64"}': "must end in .mp4",
     }
     for last, match in bad_last.items():
         with pytest.raises(UserError, match=match) as e:
-            read_jobs(_batch(tmp_path, 20_000, last), JobDefaults())
-        assert "jobs.jsonl:20001:" in str(e.value) and "\n" not in str(e.value)
+            read_jobs(_batch(tmp_path, n, last), JobDefaults())
+        assert f"jobs.jsonl:{n + 1}:" in str(e.value) and "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ class 10

@@ -19,10 +19,10 @@ import hashlib
 import json
 import logging
 import os
-import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, overload
 
 from ..errors import UserError, first_line
 from ..fileio import require_file, write_json_atomic
@@ -69,21 +69,75 @@ class FarmJob:
 
 MAX_LINE_CHARS = 64 * 1024  # a job line is a few hundred characters; longer is a mistake (or an attack)
 MAX_JSON_DEPTH = 4  # a job is a flat object; this bounds the nesting json.loads ever sees
+MAX_REMEMBERED = 10_000  # distinct prompts (and input combinations) remembered as checked; more are checked per line
+_DECODER = json.JSONDecoder()  # raw_decode: json.loads without its two whitespace scans (a line is stripped)
 
 
-def read_jobs(path: Path, defaults: JobDefaults) -> list[FarmJob]:
+class _Inputs(NamedTuple):
+    """What many lines share, checked together once: the files, the prompt, size and clip count."""
+
+    image: Path
+    audio: Path
+    prompt: str
+    size: str
+    num_clip: int | None
+    clips: int
+    width: int
+    height: int
+
+
+class _Row(NamedTuple):
+    """One checked line, compact: about 270 bytes with its entry in the outs index (BENCHMARKS.md, issue 25)."""
+
+    line: int
+    out: str  # absolute, its directory resolved (a Path's text): no two lines may name the same
+    seed: int
+    inputs: _Inputs
+
+
+class Jobs(Sequence[FarmJob]):
+    """The jobs of a batch file in line order; each `FarmJob` (and its out's `Path`) is made when read."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> FarmJob: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[FarmJob]: ...
+
+    def __getitem__(self, i: int | slice) -> FarmJob | list[FarmJob]:
+        if isinstance(i, slice):
+            return [_job(row) for row in self._rows[i]]
+        return _job(self._rows[i])
+
+    def __iter__(self) -> Iterator[FarmJob]:
+        return map(_job, self._rows)
+
+
+def _job(row: _Row) -> FarmJob:
+    i = row.inputs
+    return FarmJob(row.line, i.image, i.audio, i.prompt, Path(row.out), i.size, row.seed, i.num_clip, i.clips,
+                   i.width, i.height)
+
+
+def read_jobs(path: Path, defaults: JobDefaults) -> Jobs:
     """Every job of the batch file `path`, validated (photo framing, speech, output); UserError for the first bad line.
 
-    Fast for big batches (docs/farm.md): each line's structure is checked on its own, but each
-    distinct photo (per size) and speech file is decoded once and each output directory checked
-    once (`_Media`), so a million lines over a few inputs validate in seconds, not hours. An out
-    that exists is looked at by `plan_batch` (which stats every out anyway).
+    Fast for big batches (docs/farm.md): each distinct photo (per size) and speech file is decoded
+    once and each output directory checked once (`_Media`), and a line whose inputs an earlier line
+    already had is checked only for what differs (`_parse_line`), so a million lines over a few
+    inputs validate in seconds. An out that exists is looked at by `plan_batch` (which stats every
+    out anyway).
     """
     require_file(path, "batch file", missing=f"{path}: no such batch file")  # a FIFO would block: refused
-    base = path.resolve().parent
-    jobs: list[FarmJob] = []
-    outs: dict[str, int] = {}
-    media = _Media(base, defaults)
+    rows: list[_Row] = []
+    outs: dict[str, int] = {}  # out -> the line that names it first
+    media = _Media(path.resolve().parent, defaults)
     number = 0
     try:
         with open(path, encoding="utf-8") as f:
@@ -93,20 +147,20 @@ def read_jobs(path: Path, defaults: JobDefaults) -> list[FarmJob]:
                 stripped = raw.strip()
                 if not stripped or stripped[0] == "#":
                     continue
-                job, key = _parse_line(stripped, number, media)
-                first = outs.setdefault(key, number)
+                row = _parse_line(stripped, number, media)
+                first = outs.setdefault(row.out, number)
                 if first != number:
-                    raise UserError(f"{path}:{number}: out {job.out} is also the out of line {first}")
-                jobs.append(job)
+                    raise UserError(f"{path}:{number}: out {row.out} is also the out of line {first}")
+                rows.append(row)
     except UserError as e:
         if str(e).startswith(f"{path}:"):
             raise
         raise UserError(f"{path}:{number}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else first_line(e)}") from None
-    if not jobs:
+    if not rows:
         raise UserError(f"{path}: no jobs (one JSON object per line with image, audio, prompt, out)")
-    return jobs
+    return Jobs(rows)
 
 
 def _depth(text: str) -> int:
@@ -123,7 +177,8 @@ def _depth(text: str) -> int:
 
 class _Media:
     """What the lines of one batch share, checked once: resolved directories, photos per size,
-    speech lengths, output directories, prompts. Files are looked at when first named."""
+    speech lengths, output directories, prompts, whole input combinations. Files are looked at
+    when first named."""
 
     def __init__(self, base: Path, defaults: JobDefaults) -> None:
         self.base, self.defaults = base, defaults
@@ -131,9 +186,10 @@ class _Media:
         self.inputs: dict[tuple[str, str], Path] = {}  # (field, name) -> resolved existing file
         self.photos: dict[tuple[Path, str], tuple[int, int]] = {}
         self.speech: dict[Path, int] = {}
-        self.out_dirs: set[Path] = set()
+        self.out_dirs: set[str] = set()  # texts of the resolved directories whose first out passed
         self.prompts: set[str] = set()
         self.clips: dict[tuple[Path, int | None], int] = {}
+        self.seen: dict[tuple[Any, ...], _Inputs] = {}  # (image, audio, prompt, size, num_clip) as written -> checked
 
     def directory(self, name: str) -> tuple[Path, str, str]:
         """(resolved directory, its text, the file name) of `name` relative to the batch file."""
@@ -180,32 +236,58 @@ class _Media:
             self.speech[audio] = n
         return self.speech[audio]
 
-    def out(self, name: str) -> tuple[Path, str]:
-        """The resolved out path and its text; the checks `check_output` makes, per directory once."""
+    def out(self, name: str) -> str:
+        """The resolved out path's text (a Path's str); the checks `check_output` makes, per directory once."""
         d, text, tail = self.directory(name)
         if tail in ("", ".", "..") or not tail.lower().endswith(".mp4"):
             raise UserError(f"--out {name} must end in .mp4")
-        out = d / tail
-        if d not in self.out_dirs:
+        if text not in self.out_dirs:
             from ..pipeline.workdir import check_output_path
 
-            check_output_path(out)
-            self.out_dirs.add(d)
-        return out, f"{text}/{tail}"
+            check_output_path(d / tail)
+            self.out_dirs.add(text)
+        return f"{text}/{tail}"
 
 
 _FIELD_SET = frozenset(FIELDS)
-_INT_FIELDS = ("seed", "num_clip")
 
 
-def _parse_line(text: str, number: int, media: _Media) -> tuple[FarmJob, str]:
-    """One job line -> (FarmJob, the out's text); UserError (the caller adds the file and line)."""
+def _parse_line(text: str, number: int, media: _Media) -> _Row:
+    """One job line -> its row; UserError (the caller adds the file and line).
+
+    The quick check: a line whose image, audio, prompt, size and num_clip were checked together on
+    an earlier line (`media.seen`) needs only its field names, seed and out checked. It says
+    nothing itself: any doubt goes to `_check_line`, which checks everything in order and names
+    the first problem, so a line gets the same message whichever check reads it. (`media.out`
+    may speak, but only after every check `_check_line` makes before it has passed.)
+    """
     if text.count("[") + text.count("{") > 2 * MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
         raise UserError("not JSON (nested too deeply for a job)")
     try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"not JSON ({first_line(e)})") from None
+        doc, end = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        doc, end = None, -1
+    if end != len(text):  # not JSON, or more after it: json.loads says what
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"not JSON ({first_line(e)})") from None
+    if type(doc) is dict:
+        out, seed, num_clip = doc.get("out"), doc.get("seed", media.defaults.seed), doc.get("num_clip")
+        if (type(out) is str and out and "\0" not in out and type(seed) is int and 0 <= seed <= MAX_SEED
+                and (num_clip is None or type(num_clip) is int) and _FIELD_SET.issuperset(doc)):
+            try:  # a list or an object as a value cannot be a key: never seen
+                inputs = media.seen.get((doc.get("image"), doc.get("audio"), doc.get("prompt"),
+                                         doc.get("size", media.defaults.size), num_clip))
+            except TypeError:
+                inputs = None
+            if inputs is not None:
+                return _Row(number, media.out(out), seed, inputs)
+    return _check_line(doc, number, media)
+
+
+def _check_line(doc: Any, number: int, media: _Media) -> _Row:
+    """Every check of a job line, in order; remembers its inputs in `media.seen` for `_parse_line`."""
     if type(doc) is not dict:
         raise UserError("expected a JSON object with image, audio, prompt, out")
     if not _FIELD_SET.issuperset(doc):
@@ -228,22 +310,25 @@ def _parse_line(text: str, number: int, media: _Media) -> tuple[FarmJob, str]:
         if not prompt.strip():
             raise UserError("'prompt' is empty")
         check_prompt(prompt)
-        if len(media.prompts) < 10_000:
+        if len(media.prompts) < MAX_REMEMBERED:
             media.prompts.add(prompt)
     for key in ("image", "audio", "out"):
         if not doc[key] or "\0" in doc[key]:
             raise UserError(f"{key!r} is not a path")
-    image = media.inputs.get(("image", doc["image"])) or media.input("image", doc["image"])
-    audio = media.inputs.get(("audio", doc["audio"])) or media.input("audio", doc["audio"])
-    out, key = media.out(doc["out"])
+    image = media.input("image", doc["image"])
+    audio = media.input("audio", doc["audio"])
+    out = media.out(doc["out"])
     size = doc.get("size", media.defaults.size)
-    width, height = media.photos.get((image, size)) or media.framed(image, size)
+    width, height = media.framed(image, size)
     clips = media.clips.get((audio, num_clip))
     if clips is None:
         from ..pipeline.generate import num_clips_for
 
         clips = media.clips[(audio, num_clip)] = num_clips_for(media.samples(audio), num_clip)
-    return FarmJob(number, image, audio, prompt, out, size, seed, num_clip, clips, width, height), key
+    inputs = _Inputs(image, audio, prompt, size, num_clip, clips, width, height)
+    if len(media.seen) < MAX_REMEMBERED:
+        media.seen[(doc["image"], doc["audio"], prompt, size, num_clip)] = inputs
+    return _Row(number, out, seed, inputs)
 
 
 # ------------------------------------------------------------------------------------------ ownership
@@ -309,7 +394,7 @@ class BatchPlan:
     resuming: dict[int, int]  # line -> clips already on disk (an earlier run's checkpoint)
 
 
-def plan_batch(jobs: list[FarmJob], identity: str, source: Path) -> BatchPlan:
+def plan_batch(jobs: Sequence[FarmJob], identity: str, source: Path) -> BatchPlan:
     """Which jobs are finished (mp4 + matching marker), which start or resume; UserError for an `out`
     the farm would overwrite without having written it, or a work dir of another render."""
     from ..artifact.format import file_sha256
@@ -329,8 +414,8 @@ def plan_batch(jobs: list[FarmJob], identity: str, source: Path) -> BatchPlan:
         if job.out.parent not in writable:
             _check_writable(job.out.parent, where)
             writable.add(job.out.parent)
-        marker = _marker_key(job.out)
         if job.out.exists():
+            marker = _marker_key(job.out)  # read only beside an mp4: most outs of a new batch do not exist
             if marker is None:
                 raise UserError(f"{where}: out {job.out} exists and was not written by `farm run` (no "
                                 f"{marker_path(job.out).name} beside it); move it away or choose another out")
