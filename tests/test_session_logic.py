@@ -402,3 +402,31 @@ def test_latency_in_blocks_stats_and_telemetry(pipe: Pipeline, photo: Path, tmp_
     assert [r["latency_s"] for r in recs] == [round(b.latency_s, 4) for b in blocks]
     assert [r["utterance"] for r in recs] == [0] * len(blocks)
     assert {r["features"] for r in recs} == {"streaming", "exact"}
+
+
+def test_backends_without_sessions_refuse_them_in_one_line(photo: Path) -> None:
+    from liveavatar_lite.pipeline.render import ArtifactBackend
+
+    class Plain:  # a backend that only renders files (a test fake, a wrapper)
+        def identity(self) -> str:
+            return "plain"
+
+    with pytest.raises(UserError) as e:
+        Pipeline(Plain(), progress=False, size="64*64").session(photo, "a person talking")
+    assert "cannot run talk sessions" in one_line(e)
+
+    class Ranks(ArtifactBackend):  # what a pipeline of ranks (multirank.PipelineBackend) looks like
+        def build(self, inputs: Any) -> Any:
+            raise AssertionError
+
+    ranks = object.__new__(Ranks)  # refused before anything of it is used
+    with pytest.raises(UserError) as e:
+        ranks.build_session(None)
+    assert "--ranks" in one_line(e)
+
+
+def test_session_block_is_exported() -> None:
+    import liveavatar_lite
+    from liveavatar_lite.pipeline.request import StreamBlock
+
+    assert liveavatar_lite.SessionBlock is SessionBlock and issubclass(SessionBlock, StreamBlock)
