@@ -233,6 +233,7 @@ def test_listen_renders_silence_paced_at_real_time(pipe: Pipeline, photo: Path) 
             times.append(time.monotonic())
     assert all(b.utterance is None and b.latency_s is None and b.features == "silence" for b in blocks)
     assert all(int(b.frames[0, 0, 0, 0]) == 128 for b in blocks)  # silence features
+    assert all(b.frames.shape[1:] == (sess.height, sess.width, 3) and b.fps == sess.fps == 25 for b in blocks)
     assert [b.frames.shape[0] for b in blocks] == [9, 12, 12, 12]
     assert [(b.clip, b.block) for b in blocks] == [(0, 0), (0, 1), (0, 2), (0, 3)]
     # never more than one block ahead of playback: block k is rendered no earlier than when the

@@ -145,7 +145,8 @@ class Session:
 
     def __init__(self, renderer: Any, encoder: Any, *, feature_dtype: Any, silence: Any, sample: SampleConfig,
                  idle: str, window: StreamingWindow, telemetry: Any, release: Callable[[], None],
-                 max_utterance_s: float = MAX_UTTERANCE_S) -> None:
+                 max_utterance_s: float = MAX_UTTERANCE_S, width: int = 0, height: int = 0) -> None:
+        self.width, self.height, self.fps = width, height, sample.fps  # the frames' size, known up front
         self._renderer, self._encoder = renderer, encoder
         self._dtype, self._silence = feature_dtype, silence  # silence: zero features of one block
         self._sample, self.idle, self.window = sample, idle, window
