@@ -431,3 +431,30 @@ def test_session_block_is_exported() -> None:
     from liveavatar_lite.pipeline.request import StreamBlock
 
     assert liveavatar_lite.SessionBlock is SessionBlock and issubclass(SessionBlock, StreamBlock)
+
+
+def test_a_failed_block_fails_the_session_in_one_line(pipe: Pipeline, photo: Path) -> None:
+    with pipe.session(photo, "a person talking", idle="listen") as sess:
+        renderer = pipe.backend.renderers[0]
+        renderer.block_frames = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error: out of memory"))
+        with pytest.raises(RuntimeError):
+            sess.next_block()
+        with pytest.raises(UserError) as e:  # the models' state is mid-block: no further block
+            sess.next_block()
+        assert "failed (CUDA error: out of memory)" in one_line(e)
+    assert pipe.backend.encoder_out == 0  # closing still frees everything
+
+
+def test_next_block_timeout_is_checked_and_bounds_waiting_for_another_thread(pipe: Pipeline, photo: Path) -> None:
+    with pipe.session(photo, "a person talking", idle="pause") as sess:
+        for bad in ("1", float("nan"), True):
+            with pytest.raises(UserError) as e:
+                sess.next_block(bad)
+            assert "timeout" in one_line(e)
+        waiting = threading.Thread(target=lambda: list(sess))  # holds the turn, waiting for speech
+        waiting.start()
+        while not sess._turn.locked():  # a state: the other thread is iterating
+            time.sleep(0.01)
+        assert sess.next_block(timeout=0.05) is None  # returns within its timeout instead of queueing
+        sess.close()
+        waiting.join()

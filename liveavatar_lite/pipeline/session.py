@@ -67,7 +67,7 @@ from ..conditioning.streaming_features import (
     utterance_frames,
 )
 from ..config import SampleConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .request import StreamBlock
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class Session:
         self._closed = False
         self._released = False
         self._rendering = False
+        self._failed: str | None = None  # why a block failed to render (the session is then unusable)
         # the video so far
         self._clip, self._block, self._first = 0, 0, 0
         self._anchor: float | None = None  # playback clock: monotonic time at which media time 0 plays
@@ -256,12 +257,20 @@ class Session:
         """The next block, rendered in this thread as soon as it may be; None if nothing became
         ready within `timeout` seconds (None: wait as long as it takes) or the session is closed.
         A block whose render has begun is returned even when that passes the timeout."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not math.isfinite(timeout)):
+            raise UserError(f"timeout must be a number of seconds or None, got {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
-        with self._turn:
+        # one block renders at a time: another thread iterating holds the turn (bounded by the timeout)
+        if not self._turn.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            return None
+        try:
             while True:
                 with self._cond:
                     if self._closed:
                         return None
+                    if self._failed is not None:
+                        raise UserError(f"this talk session failed ({self._failed}); close it and start a new one")
                     now = time.monotonic()
                     work, until = self._next_work(now)
                     if work is None:
@@ -273,12 +282,17 @@ class Session:
                     self._rendering = True
                 try:
                     block = self._render(work)
+                except BaseException as e:  # the models' state is mid-block: no later block can be right
+                    self._failed = first_line(e) or type(e).__name__
+                    raise
                 finally:
                     with self._cond:
                         self._rendering = False
                         self._cond.notify_all()
                 with self._cond:
                     return None if self._closed else block
+        finally:
+            self._turn.release()
 
     def _next_work(self, now: float) -> tuple[_Work | None, float | None]:
         """What to render now, or (None, when to look again: None = at the next feed/end/close)."""
