@@ -135,6 +135,9 @@ def main() -> None:
     ap.add_argument("--chunks", default="0.02,0.1,0.5,2.0")
     ap.add_argument("--lookaheads", default="0.2,0.4,0.8")
     ap.add_argument("--realtime-chunks", default="0.02,0.1,0.5")
+    ap.add_argument("--contexts", default="0,1,4",
+                    help="context_s values whose window-only feature difference is printed (no rendering)")
+    ap.add_argument("--features-only", action="store_true", help="only the context table (seconds, no renders)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -142,6 +145,9 @@ def main() -> None:
     from liveavatar_lite.conditioning.speech import load_audio
     from liveavatar_lite.conditioning.streaming_features import StreamingWindow
 
+    if args.features_only:
+        context_table(args)
+        return
     pipe = Pipeline.from_artifact(args.artifact, cache_dir=args.cache_dir, size=args.size, progress=False)
     kw = dict(image=args.photo, prompt="a person talking to the camera", size=args.size, seed=args.seed)
     ref = list(pipe.stream(audio=args.speech, **kw))
@@ -213,8 +219,29 @@ def main() -> None:
         print(f"| {r['chunk_ms']} ms | {r['blocks']} | {r['streaming_blocks']} | {r['latency_mean_s']} | "
               f"{r['latency_p50_s']} | {r['latency_p95_s']} | {r['latency_max_s']} | {r['render_mean_s']} |")
     print(f"\nblock render alone (idle blocks, no features): mean {report['idle_render_s']} s")
+    context_table(args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def context_table(args: argparse.Namespace) -> None:
+    """Window-only feature difference (every block the speech allows) for each context_s."""
+    from types import SimpleNamespace
+
+    from liveavatar_lite.artifact.format import read_manifest
+    from liveavatar_lite.conditioning.audio_features import load_wav2vec
+    from liveavatar_lite.conditioning.speech import load_audio
+    from liveavatar_lite.conditioning.streaming_features import StreamingWindow, samples_needed
+
+    art = Path(args.artifact)
+    encoder = load_wav2vec(art / read_manifest(art).paths["audio_dir"])
+    wave = load_audio(args.speech)
+    print("\n| context_s | blocks | window only: max rel |\n|---|---|---|")
+    for ctx in (float(x) for x in args.contexts.split(",")):
+        w = StreamingWindow(context_s=ctx)
+        n = sum(samples_needed(12 * (k + 1), w) <= len(wave) for k in range(10**4))
+        blocks = [SimpleNamespace(features="streaming")] * n
+        print(f"| {ctx:g} s | {n} | {feature_diff(encoder, wave, blocks, w)['feat_window_max_rel']} |")
 
 
 if __name__ == "__main__":
