@@ -267,8 +267,9 @@ def test_listen_idles_while_the_first_block_waits_for_its_lookahead(pipe: Pipeli
 # ------------------------------------------------------------------------------------------ barge-in
 
 @pytest.mark.parametrize("idle", ["pause", "listen"])
-def test_interrupt_drops_the_rest_and_the_next_utterance_renders(pipe: Pipeline, photo: Path, idle: str) -> None:
-    with pipe.session(photo, "a person talking", idle=idle) as sess:
+def test_interrupt_drops_the_rest_and_the_next_utterance_renders(pipe: Pipeline, photo: Path, idle: str,
+                                                                tmp_path: Path) -> None:
+    with pipe.session(photo, "a person talking", idle=idle, telemetry=tmp_path / "t.jsonl") as sess:
         sess.feed(speech(3.0), RATE)  # not ended: its blocks render from streaming features
         first = [sess.next_block(), sess.next_block()]
         assert [b.utterance for b in first] == [0, 0]
@@ -283,6 +284,8 @@ def test_interrupt_drops_the_rest_and_the_next_utterance_renders(pipe: Pipeline,
         nxt = [b for b in (sess.next_block(timeout=2.0) for _ in range(8)) if b is not None and b.utterance == 1]
         assert sess.stats()["utterances"] == 2
     assert len(nxt) == utterance_frames(len(wave)) // 12
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [x["utterances"] for x in lines if x["event"] == "interrupt"] == [[0]]
     renderer = pipe.backend.renderers[0]
     assert pipe.backend.builds == 1  # no reload, no restart: the same renderer, blocks in order
     done = [(c, b) for c, b, _ in renderer.calls]

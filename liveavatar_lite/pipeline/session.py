@@ -151,6 +151,7 @@ class Session:
         self._dtype, self._silence = feature_dtype, silence  # silence: zero features of one block
         self._sample, self.idle, self.window = sample, idle, window
         self._telemetry, self._release = telemetry, release
+        self._tel_lock = threading.Lock()  # telemetry lines come from the iterating and the interrupting thread
         self._max_samples = int(max_utterance_s * SAMPLE_RATE)
         self._cond = threading.Condition()  # guards everything below; feeds notify it
         self._turn = threading.Lock()  # one block renders at a time, whoever iterates
@@ -217,9 +218,10 @@ class Session:
             dropped = [u.index for u in self._utts]
             self._utts.clear()
             self._feeding = None
-            if self._telemetry is not None and dropped:
-                self._telemetry.event("interrupt", utterances=dropped)
             self._cond.notify_all()
+        if self._telemetry is not None and dropped:
+            with self._tel_lock:
+                self._telemetry.event("interrupt", utterances=dropped)
 
     def close(self) -> None:
         """End the session: iteration stops, the block in flight (if any) is awaited and dropped,
@@ -237,8 +239,9 @@ class Session:
             if close is not None:
                 close()
             if self._telemetry is not None:
-                self._telemetry.event("session_summary", **self.stats())
-                self._telemetry.close()
+                with self._tel_lock:
+                    self._telemetry.event("session_summary", **self.stats())
+                    self._telemetry.close()
         finally:
             self._release()
 
@@ -363,8 +366,9 @@ class Session:
             if latency is not None:
                 self._latencies.append(latency)
         if self._telemetry is not None:
-            self._telemetry.block_done(block.clip, block.block, n, time.perf_counter() - t0,
-                                       utterance=block.utterance, latency_s=latency, features=work.kind)
+            with self._tel_lock:  # (interrupt() may write from another thread)
+                self._telemetry.block_done(block.clip, block.block, n, time.perf_counter() - t0,
+                                           utterance=block.utterance, latency_s=latency, features=work.kind)
         return block
 
     # ---- state ----------------------------------------------------------------------------
