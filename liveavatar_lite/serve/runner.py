@@ -36,6 +36,7 @@ from .tasks import (
     RenderTask,
     Restarted,
     Resumed,
+    SessionTask,
     Started,
 )
 
@@ -164,13 +165,15 @@ class TaskRunner:
     def loads(self) -> dict[str, int]:
         return self.pipeline.loads
 
-    def run(self, task: RenderTask | AvatarTask, cancel: threading.Event, emit: Emit) -> None:
+    def run(self, task: RenderTask | AvatarTask | SessionTask, cancel: threading.Event, emit: Emit) -> None:
         """Run one task to its end, emitting its events; never raises for a task's own failure."""
         self.tasks_run += 1
         try:
             if isinstance(task, AvatarTask):
                 self._avatar(task)
                 emit(Finished(task.id, 0.0))
+            elif isinstance(task, SessionTask):
+                self._session(task, cancel, emit)
             else:
                 self._render(task, cancel, emit)
         except TaskCancelled:
@@ -223,6 +226,17 @@ class TaskRunner:
             hooks.clip_done(hooks.clip)  # the last clip (its segment is in the mp4 now)
         emit(Finished(task.id, round(result.seconds, 4), result.frames, result.clips, result.resumed_clips,
                       None if result.first_frame_seconds is None else round(result.first_frame_seconds, 4)))
+
+    def _session(self, task: SessionTask, cancel: threading.Event, emit: Emit) -> None:
+        """A talk session (session_worker.py); its blocks count as progress for the stall watchdog."""
+        from .session_worker import run_session
+
+        started = time.perf_counter()
+        # the session's own loop stops it on `cancel`; the hooks only report blocks (their flag stays clear)
+        self.backend.hooks = _Hooks(task.id, threading.Event(), emit)
+        emit(Started(task.id))
+        frames = run_session(self.pipeline, task, cancel, emit)
+        emit(Finished(task.id, round(time.perf_counter() - started, 4), frames))
 
     def _avatar(self, task: AvatarTask) -> None:
         from ..conditioning.photo import load_reference

@@ -1,0 +1,31 @@
+// The microphone's samples, in chunks of about 100 ms, to the page (talk.js), which sends them as PCM.
+"use strict";
+
+class PcmCapture extends AudioWorkletProcessor {
+  constructor() {
+    super();
+    this.chunk = new Float32Array(Math.round(sampleRate / 10));  // sampleRate: the AudioContext's (16 kHz)
+    this.filled = 0;
+  }
+
+  process(inputs) {
+    const channel = inputs[0] && inputs[0][0];  // mono: the first channel
+    if (channel) {
+      let at = 0;
+      while (at < channel.length) {
+        const n = Math.min(channel.length - at, this.chunk.length - this.filled);
+        this.chunk.set(channel.subarray(at, at + n), this.filled);
+        this.filled += n;
+        at += n;
+        if (this.filled === this.chunk.length) {
+          this.port.postMessage(this.chunk.buffer, [this.chunk.buffer]);
+          this.chunk = new Float32Array(this.chunk.length);
+          this.filled = 0;
+        }
+      }
+    }
+    return true;
+  }
+}
+
+registerProcessor("pcm-capture", PcmCapture);
