@@ -84,7 +84,8 @@ class _Keep:
                 f.write(json.dumps(meta) + "\n")
 
 
-def run_session(pipeline: Any, task: SessionTask, cancel: threading.Event, emit: Callable[[Any], None]) -> int:
+def run_session(pipeline: Any, task: SessionTask, cancel: threading.Event, emit: Callable[[Any], None],
+                connect_timeout_s: float = CONNECT_TIMEOUT_S) -> int:
     """Hold the session until the client closes it, the link ends, or `cancel`; its frame count."""
     path = Path(task.socket)
     path.unlink(missing_ok=True)
@@ -95,7 +96,7 @@ def run_session(pipeline: Any, task: SessionTask, cancel: threading.Event, emit:
         listener.listen(1)
         listener.settimeout(POLL_S)
         emit(SessionOpened(task.id))
-        conn = _accept(listener, cancel)
+        conn = _accept(listener, cancel, connect_timeout_s)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
@@ -106,8 +107,8 @@ def run_session(pipeline: Any, task: SessionTask, cancel: threading.Event, emit:
         return _Session(pipeline, task, cancel, _Link(conn)).run()
 
 
-def _accept(listener: socket.socket, cancel: threading.Event) -> socket.socket | None:
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+def _accept(listener: socket.socket, cancel: threading.Event, timeout_s: float) -> socket.socket | None:
+    deadline = time.monotonic() + timeout_s
     while not cancel.is_set() and time.monotonic() < deadline:
         try:
             conn, _ = listener.accept()
