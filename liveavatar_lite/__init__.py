@@ -23,6 +23,7 @@ _EXPORTS = {
     "RenderRequest": "liveavatar_lite.pipeline.request",
     "RenderResult": "liveavatar_lite.pipeline.request",
     "StreamBlock": "liveavatar_lite.pipeline.request",
+    "SessionBlock": "liveavatar_lite.pipeline.session",
     "UserError": "liveavatar_lite.errors",
     "BudgetError": "liveavatar_lite.errors",
 }
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         RenderResult,
         StreamBlock,
     )
+    from .pipeline.session import SessionBlock  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -61,6 +61,23 @@ def resample(wave: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE, *, zero_cr
         raise ValueError(f"sample rates must be positive, got {sr_in} -> {sr_out}")
     if sr_in == sr_out:
         return wave.astype(np.float32, copy=False)
+    kernel, up, down, pad = _resample_kernel(sr_in, sr_out, zero_crossings, rolloff, beta)
+    taps = kernel.shape[1]
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    n_out = math.ceil(len(wave) * up / down)
+    n_blocks = math.ceil(n_out / up)
+    right = max(0, n_blocks * down + taps - down - (len(wave) + pad))
+    x = F.pad(x[None, None], (pad, right))  # [1, 1, pad + N + right]
+    # conv1d correlates: y[q, i] = sum_k kernel[i, k] * x_pad[q*down + k], x_pad[q*down + k] = x[j]
+    y = F.conv1d(x, kernel[:, None, :], stride=down)  # [1, up, n_blocks]
+    y = y[0].transpose(0, 1).reshape(-1)[:n_out]  # [n_blocks * up] -> interleaved by phase
+    return y.numpy().astype(np.float32, copy=False)
+
+
+def _resample_kernel(sr_in: int, sr_out: int, zero_crossings: int = 64, rolloff: float = 0.96,
+                     beta: float = 10.0) -> tuple[torch.Tensor, int, int, int]:
+    """(kernel float32 [up, taps], up, down, pad) of `resample` from sr_in to sr_out (rates unequal):
+    one output phase per row; each output block of `up` samples reads `taps` = down + 2 * pad inputs."""
     g = math.gcd(sr_in, sr_out)
     down, up = sr_in // g, sr_out // g
     cutoff = 0.5 * rolloff * min(1.0, up / down)  # cycles per input sample
@@ -75,15 +92,67 @@ def resample(wave: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE, *, zero_cr
     window = torch.special.i0(beta * inside.sqrt()) / i0_beta
     window = torch.where(tau.abs() <= half_width, window, 0.0)
     kernel = 2 * cutoff * torch.sinc(2 * cutoff * tau) * window  # [up, taps]
-    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
-    n_out = math.ceil(len(wave) * up / down)
-    n_blocks = math.ceil(n_out / up)
-    right = max(0, n_blocks * down + taps - down - (len(wave) + pad))
-    x = F.pad(x[None, None], (pad, right))  # [1, 1, pad + N + right]
-    # conv1d correlates: y[q, i] = sum_k kernel[i, k] * x_pad[q*down + k], x_pad[q*down + k] = x[j]
-    y = F.conv1d(x, kernel.float()[:, None, :], stride=down)  # [1, up, n_blocks]
-    y = y[0].transpose(0, 1).reshape(-1)[:n_out]  # [n_blocks * up] -> interleaved by phase
-    return y.numpy().astype(np.float32, copy=False)
+    return kernel.float(), up, down, pad
+
+
+class StreamResampler:
+    """`resample` for speech that arrives in pieces (a talk session's microphone or TTS): `push(x)`
+    returns the output samples whose whole kernel window of input has arrived, `flush()` the rest
+    (the end padded with zeros exactly as `resample` pads it). The state is the input not yet
+    consumed (at most one kernel span) and the next output block. Pieces of any length give the
+    same samples as one `resample` of their concatenation (each output sample is the same dot
+    product; tests/test_session_features.py bounds the difference). Equal rates pass through.
+
+        rs = StreamResampler(48000); y = np.concatenate([rs.push(a), rs.push(b), rs.flush()])
+    """
+
+    def __init__(self, sr_in: int, sr_out: int = SAMPLE_RATE) -> None:
+        if sr_in <= 0 or sr_out <= 0:
+            raise ValueError(f"sample rates must be positive, got {sr_in} -> {sr_out}")
+        self.sr_in, self.sr_out = sr_in, sr_out
+        self.passthrough = sr_in == sr_out
+        self._n_in = 0  # input samples pushed
+        self._q = 0  # next output block (of `up` samples) to compute
+        if not self.passthrough:
+            self._kernel, self._up, self._down, pad = _resample_kernel(sr_in, sr_out)
+            self._taps = self._kernel.shape[1]
+            self._buf = np.zeros(pad, np.float32)  # the zero-padded input from sample q * down on
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Resampled output now computable after appending `x` (float32 [n]): float32 [m]."""
+        x = np.asarray(x, dtype=np.float32)
+        self._n_in += len(x)
+        if self.passthrough:
+            return x
+        self._buf = np.concatenate([self._buf, x])
+        ready = (len(self._buf) - self._taps) // self._down + 1 if len(self._buf) >= self._taps else 0
+        return self._blocks(ready)
+
+    def flush(self) -> np.ndarray:
+        """The remaining output (the input's end zero-padded): after it, len(all output) equals
+        len(resample(all input)). The resampler is spent afterwards."""
+        if self.passthrough:
+            return np.zeros(0, np.float32)
+        n_out = math.ceil(self._n_in * self._up / self._down)
+        remaining = math.ceil(n_out / self._up) - self._q
+        if remaining <= 0:
+            return np.zeros(0, np.float32)
+        want = (remaining - 1) * self._down + self._taps
+        if len(self._buf) < want:
+            self._buf = np.concatenate([self._buf, np.zeros(want - len(self._buf), np.float32)])
+        first = self._q * self._up
+        y = self._blocks(remaining)
+        return y[: n_out - first]
+
+    def _blocks(self, count: int) -> np.ndarray:
+        """Output blocks q .. q + count - 1 from the buffer, then drop the input they alone needed."""
+        if count <= 0:
+            return np.zeros(0, np.float32)
+        seg = torch.from_numpy(np.ascontiguousarray(self._buf[: (count - 1) * self._down + self._taps]))
+        y = F.conv1d(seg[None, None], self._kernel[:, None, :], stride=self._down)  # [1, up, count]
+        self._buf = self._buf[count * self._down:]
+        self._q += count
+        return y[0].transpose(0, 1).reshape(-1).numpy().astype(np.float32, copy=False)
 
 
 def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:

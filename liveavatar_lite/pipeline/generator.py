@@ -201,11 +201,14 @@ class CausalGenerator:
         cache_dtype: torch.dtype | None = None,
         noise_for_clip: Callable[[int], Tensor] | None = None,
         steps: Sequence[int] | None = None,
+        unbounded: bool = False,
     ) -> None:
         """noise_for_clip(clip) -> [16, 12, h, w] replaces the seeded noise (tests and parity runs).
 
         steps: the denoising steps this generator runs (default all): a pipeline stage
         (pipeline/multirank) runs only its own and gets each block's latents from the stage before.
+        unbounded: clips never run out and every `next_block` brings its block's audio features (a
+        talk session, pipeline/session.py: the speech arrives while the video renders).
         """
         self.dit = dit
         self.noise_for_clip = noise_for_clip
@@ -229,6 +232,7 @@ class CausalGenerator:
         if available < 1:
             raise ValueError(f"audio has {inputs.audio.shape[-1]} frames, fewer than one clip ({frames_per_clip_px})")
         self.num_clips = available if num_clips is None else min(num_clips, available)
+        self.unbounded = unbounded
         self.audio = inputs.audio
         with torch.no_grad():
             self.text = dit.embed_text(inputs.text)  # [1, text_len, dim], once per prompt
@@ -248,7 +252,7 @@ class CausalGenerator:
 
     @property
     def done(self) -> bool:
-        return self.clip >= self.num_clips
+        return not self.unbounded and self.clip >= self.num_clips
 
     @property
     def total_blocks(self) -> int:
@@ -264,11 +268,13 @@ class CausalGenerator:
         return torch.cat(outs, dim=1)
 
     @torch.no_grad()
-    def next_block(self, latents: Tensor | None = None) -> BlockOutput:
+    def next_block(self, latents: Tensor | None = None, audio: Tensor | None = None) -> BlockOutput:
         """Denoise the next block (prefilling the sink first when due).
 
         latents: the block's input [16, 3, h, w] when this generator does not run step 0 (the
         previous pipeline stage's output); default: the block's slice of the clip noise.
+        audio: the block's features [layers, audio_dim, 12] (required when `unbounded`); default:
+        the block's slice of `inputs.audio`.
         """
         if self.done:
             raise StopIteration
@@ -283,8 +289,14 @@ class CausalGenerator:
 
         frame0 = self.clip * self.frames_per_clip + self.block * fpb  # absolute latent frame
         px = fpb * self.video_frames_per_latent  # video frames per block (12)
-        a0 = self.clip * s.infer_frames + self.block * px
-        audio = self.audio[..., a0 : a0 + px].to(self.dit.compute_dtype)
+        if audio is None:
+            if self.unbounded:
+                raise ValueError("an unbounded generator needs each block's audio features")
+            a0 = self.clip * s.infer_frames + self.block * px
+            audio = self.audio[..., a0 : a0 + px]
+        elif tuple(audio.shape) != (*self.audio.shape[:2], px):
+            raise ValueError(f"block audio has shape {list(audio.shape)}; expected {[*self.audio.shape[:2], px]}")
+        audio = audio.to(self.dit.compute_dtype)
         if latents is None:
             latents = self._noise[:, self.block * fpb : (self.block + 1) * fpb]
         for i, t in enumerate(self.schedule.timesteps):

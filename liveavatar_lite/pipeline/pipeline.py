@@ -7,6 +7,9 @@
                          live="live/")                               # live/index.m3u8 grows per clip
     for block in pipe.stream(image="me.jpg", audio="hi.wav", prompt="a person talking"):
         show(block.frames)                                            # uint8 [n, H, W, 3], as decoded
+    with pipe.session(image="me.jpg", prompt="a person talking") as sess:  # speech in as it comes
+        sess.feed(pcm, 48000); sess.end()                             # (any thread; docs/talk.md)
+        for block in sess: show(block.frames)                         # SessionBlock, as each renders
 
 A second render reuses everything loaded (`pipe.loads` counts the loads); prompts and photos are
 encoded once and cached on disk by content. The `generate` command is `generate()` below: validate
@@ -18,10 +21,14 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import UserError
 from .generate import iter_blocks, prepare_inputs, render_to_file
 from .render import ArtifactBackend
+from .session import Session
 from .request import (
     Backend,
     PipelineOptions,
@@ -152,6 +159,73 @@ class Pipeline:
             if blocks is not None:
                 blocks.close()
 
+    def session(self, image: PathLike, prompt: str, *, size: str | None = None, seed: int = 42,
+                idle: str = "listen", lookahead_s: float = 0.4, context_s: float = 4.0,
+                telemetry: PathLike | None = None) -> Session:
+        """A talk session (pipeline/session.py, docs/talk.md): speech fed as it arrives, the video
+        yielded block by block as soon as each block's speech (plus `lookahead_s`) is there.
+
+        `idle`: "listen" renders silence blocks paced at real time between utterances, "pause"
+        renders nothing until speech comes. `lookahead_s` (0.1 .. 10) is how much speech past a
+        block it waits for, `context_s` (0 .. 60) how much before it wav2vec2 sees; `telemetry` a
+        JSON-lines file with one line per block (its latency). The session holds this Pipeline
+        until `close()` (a render meanwhile is refused with one line); the models stay loaded.
+
+            with pipe.session("me.jpg", "a person talking") as sess:
+                sess.feed(samples, 16000); sess.end()
+                for block in sess: ...   # SessionBlock: frames, audio, utterance, latency_s
+        """
+        from ..conditioning.photo import load_reference
+        from ..conditioning.streaming_features import StreamingWindow
+        from ..conditioning.text_tokenizer import check_prompt
+        from ..fileio import require_file
+        from .generate import check_numbers
+        from .session import IDLE_MODES
+        from .telemetry import Telemetry
+        from .workdir import check_output_path
+
+        if idle not in IDLE_MODES:
+            raise UserError(f"idle must be one of {', '.join(IDLE_MODES)}, got {idle!r}")
+        window = _streaming_window(lookahead_s, context_s)
+        request = RenderRequest(image=Path(image), audio=Path("<session>"), prompt=prompt, size=size or self.size,
+                                seed=seed, progress=self.progress)  # a session has no speech file
+        check_numbers(request)
+        check_prompt(prompt)
+        require_file(request.image, "image")
+        if telemetry is not None:
+            check_output_path(Path(telemetry), "telemetry", suffix=None)
+        reference = load_reference(request.image, request.size)  # float32 [3, H, W]; UserError if unusable
+        builder = getattr(self.backend, "build_session", None)
+        if builder is None:
+            raise UserError("this Pipeline's backend cannot run talk sessions")
+        inputs = RenderInputs(request, reference, int(reference.shape[1]), int(reference.shape[2]), 1,
+                              np.zeros(0, np.float32))
+        self._claim()  # held until the session closes
+        encoder = None
+        try:
+            renderer = builder(inputs)
+            encoder = self.backend.session_audio_encoder()
+            silence = self.backend.silence_features(request.sample.frames_per_block * 4)
+            tel = Telemetry.open(Path(telemetry), append=False) if telemetry is not None else None
+        except BaseException:
+            if encoder is not None:
+                self.backend.release_session_audio_encoder()
+            self._busy.release()
+            raise
+        backend = self.backend
+
+        def release() -> None:
+            try:
+                backend.release_session_audio_encoder()
+            finally:
+                self._busy.release()
+
+        if tel is not None:
+            tel.event("session", width=inputs.width, height=inputs.height, seed=seed, idle=idle,
+                      lookahead_s=window.lookahead_s, context_s=window.context_s)
+        return Session(renderer, encoder, feature_dtype=backend.feature_dtype, silence=silence,
+                       sample=request.sample, idle=idle, window=window, telemetry=tel, release=release)
+
     def close(self) -> None:
         """Drop the loaded models (their memory returns when nothing else refers to them)."""
         self.backend = _Closed()
@@ -173,6 +247,16 @@ class _Closed:
 
     def build(self, inputs: RenderInputs) -> None:
         raise UserError("this Pipeline is closed; create a new one")
+
+
+def _streaming_window(lookahead_s: Any, context_s: Any) -> Any:
+    """The session's StreamingWindow from its keywords; UserError (one line) when out of range."""
+    from ..conditioning.streaming_features import MIN_LOOKAHEAD_S, StreamingWindow
+
+    for name, v, lo, hi in (("lookahead_s", lookahead_s, MIN_LOOKAHEAD_S, 10.0), ("context_s", context_s, 0.0, 60.0)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+            raise UserError(f"{name} must be a number of seconds from {lo:g} to {hi:g}, got {v!r}")
+    return StreamingWindow(lookahead_s=float(lookahead_s), context_s=float(context_s))
 
 
 def _size_dims(size: str) -> tuple[int, int]:

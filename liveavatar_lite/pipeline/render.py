@@ -204,17 +204,53 @@ class ArtifactBackend:
 
         renderer = backend.build(inputs); renderer.block_frames(0, 0)  # uint8 [12, H, W, 3]
         """
-        from .generator import CausalGenerator, GenerationInputs
-
-        req = inputs.request
         plan = self._plan((inputs.width, inputs.height))  # first: a budget that cannot fit fails in a second
         _ = self.attention  # then the attention probe (one line if it cannot run), before any model loads
         text, audio, ref_latents, motion_latents = self.conditioning(inputs)
+        return self._renderer(inputs, plan, text, audio, ref_latents, motion_latents)
+
+    def build_session(self, inputs: RenderInputs) -> ArtifactRenderer:
+        """A renderer for a talk session (pipeline/session.py): as `build`, but its clips never run
+        out and each `block_frames(clip, block, audio=features)` brings its block's wav2vec2 features
+        (the speech arrives while the video renders); `inputs.wave` is not used. The DiT of a block
+        never runs ahead of its decode here (the next block's speech may not have arrived yet).
+
+        renderer = backend.build_session(inputs); renderer.block_frames(0, 0, audio=feats)
+        """
+        from ..errors import UserError
+
+        if type(self).build is not ArtifactBackend.build:
+            raise UserError("talk sessions run in one process; this Pipeline renders as a pipeline of ranks "
+                            "(--ranks): load one without it")
+        req = inputs.request
+        plan = self._plan((inputs.width, inputs.height))
+        _ = self.attention
+        text = self._prompt_states(req.prompt)
+        ref_latents, motion_latents = self._photo_latents(inputs.reference, req.sample.motion_frames)
+        placeholder = self.silence_features(req.sample.infer_frames)  # one clip's shape; blocks bring their own
+        return self._renderer(inputs, plan, text, placeholder, ref_latents.to(self.dtype),
+                              motion_latents.to(self.dtype), unbounded=True)
+
+    def silence_features(self, frames: int) -> Any:
+        """Silent features [audio_layers, audio_dim, frames] in the dtype renders use: what a render
+        feeds past the end of its speech, and what a session's idle blocks get."""
+        import torch
+
+        dit = self.manifest.dit
+        return torch.zeros(dit.audio_layers, dit.audio_dim, frames, dtype=self.dtype)
+
+    def _renderer(self, inputs: RenderInputs, plan: Any, text: Any, audio: Any, ref_latents: Any,
+                  motion_latents: Any, unbounded: bool = False) -> ArtifactRenderer:
+        """The DiT runtime, the generator over the conditioning, the decoder reset and warmed up."""
+        from .generator import CausalGenerator, GenerationInputs
+
+        req = inputs.request
         runtime = self._runtime_for(plan)
         gen_inputs = GenerationInputs(text=text.to(self.device), audio=audio,
                                       ref_latents=ref_latents, motion_latents=motion_latents)
         generator = CausalGenerator(_OnDevice(runtime.dit, self.device), gen_inputs, seed=req.seed,
-                                    sample=req.sample, num_clips=inputs.num_clips, runner=_RuntimeRunner(runtime))
+                                    sample=req.sample, num_clips=inputs.num_clips, runner=_RuntimeRunner(runtime),
+                                    unbounded=unbounded)
         decoder = self._decoder_session()
         decoder.reset()  # a new video: zero caches, first-frame rule
         # As upstream's streaming decoder (TPP rank 4): warm the causal state up on the first 7
@@ -222,7 +258,25 @@ class ArtifactBackend:
         with phase("warming the decoder up", self.options.progress):
             decoder.decode(motion_latents[:, :7].float().cpu().numpy())
         return ArtifactRenderer(generator, decoder, runtime, req.sample.blocks_per_clip, plan=plan,
-                                overlap_decode=self.options.overlap_decode)
+                                overlap_decode=self.options.overlap_decode and not unbounded)
+
+    def session_audio_encoder(self) -> Any:
+        """wav2vec2 on the compute device for a talk session's life (each block runs it; moving it per
+        block would cost more than running it). `release_session_audio_encoder()` puts it back."""
+        encoder = self._audio_encoder()
+        encoder.model.to(self.device)
+        return encoder
+
+    def release_session_audio_encoder(self) -> None:
+        """wav2vec2 back to host memory after a session (as between renders)."""
+        if self._wav2vec is not None:
+            self._wav2vec.model.to("cpu")
+            self._free()
+
+    @property
+    def feature_dtype(self) -> Any:
+        """The dtype audio features are kept in (what `extract_audio_features` is given for renders)."""
+        return self.dtype
 
     # ---- conditioning ---------------------------------------------------------------------------
 
@@ -558,16 +612,19 @@ class ArtifactRenderer:
         self.decode_seconds = 0.0  # the decoder's own time, all blocks
         self.decode_exposed_seconds = 0.0  # of it, the time not hidden behind the DiT
 
-    def block_frames(self, clip: int, block: int) -> np.ndarray:
-        """The next block's 12 frames, uint8 [12, H, W, 3]; (clip, block) must be the next in order."""
-        return self.block_output(clip, block)[1]
+    def block_frames(self, clip: int, block: int, audio: Any = None) -> np.ndarray:
+        """The next block's 12 frames, uint8 [12, H, W, 3]; (clip, block) must be the next in order.
+        `audio`: the block's features [layers, audio_dim, 12] (a session's renderer needs them)."""
+        return self.block_output(clip, block, audio)[1]
 
-    def block_output(self, clip: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    def block_output(self, clip: int, block: int, audio: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(latents float32 [16, 3, h, w], frames uint8 [12, H, W, 3]) of the next block; (clip, block)
         must be the next in order. What `block_frames` returns the frames of (eval keeps both)."""
         import time
 
-        out = self._join_ahead() if self._ahead is not None else self.generator.next_block()
+        if audio is not None and self._ahead is not None:
+            raise RuntimeError("a block's audio cannot be given while the next block is computed ahead")
+        out = self._join_ahead() if self._ahead is not None else self.generator.next_block(audio=audio)
         if (out.clip, out.block) != (clip, block):
             raise RuntimeError(f"generator produced clip {out.clip} block {out.block}, expected {clip}/{block}")
         # sync point: the block's latents on the host (waits for this block's DiT work)

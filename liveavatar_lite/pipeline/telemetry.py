@@ -5,7 +5,8 @@ now and peak) and the copy-wait fraction (time compute waited for weight and KV 
 time), and, from the artifact renderer, the wait split into weights and KV, the H2D bytes of each,
 and the memory ledger (`ledger.py`: the plan's figures next to the measured ones), which is also
 logged as a table. A `layout` line before the first clip records what the render streams and where
-its KV caches live.
+its KV caches live. A talk session (session.py) writes one `block` line per block instead, with
+its latency (`block_done`), and a `session_summary` line when it closes.
 
     tel = Telemetry.open(Path("run.jsonl"), append=False)
     tel.clip_done(index=0, frames=45, seconds=12.3, copy_wait_s=1.2)
@@ -112,6 +113,29 @@ class Telemetry:
         self._write(record)
         if self.stream is not None and record.get("ledger"):
             log.debug("%s", format_ledger(record["ledger"], f"memory ledger, clip {index} (plan vs measured):"))  # -v
+        return record
+
+    def block_done(self, clip: int, block: int, frames: int, seconds: float, *, utterance: int | None = None,
+                   latency_s: float | None = None, features: str | None = None, **extra: Any) -> dict[str, Any]:
+        """Record one block of a talk session: its render time, its utterance (None: idle) and latency
+        (seconds from the arrival of the last speech sample it waited for to its frames; None: idle).
+
+        tel.block_done(0, 1, 12, 0.31, utterance=0, latency_s=0.35, features="streaming")["latency_s"]  # 0.35
+        """
+        record: dict[str, Any] = {
+            "event": "block",
+            "time": time.time(),
+            "clip": clip,
+            "block": block,
+            "frames": frames,
+            "seconds": round(seconds, 4),
+            "utterance": utterance,
+            "latency_s": round(latency_s, 4) if latency_s is not None else None,
+            "features": features,
+            **extra,
+        }
+        self.records.append(record)
+        self._write(record)
         return record
 
     def summary(self, **extra: Any) -> dict[str, Any]:
