@@ -11,6 +11,7 @@
     POST   /v1/avatars                    multipart image [, size, prompt] -> {"id"}: pre-encode a photo
     GET    /v1/avatars/{id}
     POST   /v1/sessions                   multipart image|avatar, prompt [, size, seed, idle] -> {"id", "stream"}
+    GET    /v1/sessions                   the latest session (at most one is waiting or open)
     GET    /v1/sessions/{id}              waiting | open | ended (and why)
     DELETE /v1/sessions/{id}              end it
     WS     /v1/sessions/{id}/stream       talk: PCM in, fragmented mp4 out (sessions.py; ?token= for browsers)
@@ -277,6 +278,11 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
         if slot is None:
             raise ApiError(404, f"no session {session_id[:80]!r} (only the latest one is known)")
         return slot
+
+    @v1.get("/sessions")
+    def list_sessions() -> dict:
+        slot = broker().current
+        return {"sessions": [broker().view(slot)] if slot is not None else []}
 
     @v1.get("/sessions/{session_id}")
     def get_session(session_id: str) -> dict:

@@ -96,9 +96,10 @@ class _ObservedRenderer:
         if plan is not None:  # the plan's seconds per clip, spread over its blocks
             hooks.predicted_block_s = round(plan.predicted_seconds_per_clip / hooks.blocks_per_clip, 4)
 
-    def block_frames(self, clip: int, block: int) -> Any:
+    def block_frames(self, clip: int, block: int, **kwargs: Any) -> Any:
+        """(`kwargs`: a talk session's renderer takes each block's `audio` features here)"""
         self.hooks.before_block(clip, block)
-        frames = self.inner.block_frames(clip, block)
+        frames = self.inner.block_frames(clip, block, **kwargs)
         self.hooks.after_block()
         return frames
 
@@ -138,6 +139,26 @@ class _ObservedBackend:
         renderer = self.inner.build(inputs)
         assert self.hooks is not None, "build outside a task"
         return _ObservedRenderer(renderer, self.hooks)
+
+    # ---- talk sessions (pipeline/session.py): the same renderer observed, the rest as the inner backend
+
+    def build_session(self, inputs: RenderInputs) -> _ObservedRenderer:
+        renderer = self.inner.build_session(inputs)
+        assert self.hooks is not None, "build outside a task"
+        return _ObservedRenderer(renderer, self.hooks)
+
+    def session_audio_encoder(self) -> Any:
+        return self.inner.session_audio_encoder()
+
+    def release_session_audio_encoder(self) -> None:
+        self.inner.release_session_audio_encoder()
+
+    def silence_features(self, frames: int) -> Any:
+        return self.inner.silence_features(frames)
+
+    @property
+    def feature_dtype(self) -> Any:
+        return self.inner.feature_dtype
 
 
 class TaskRunner:

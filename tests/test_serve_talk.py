@@ -1,0 +1,302 @@
+"""Talk sessions as a client sees them: a real `serve` process (token, --keep-sessions) over HTTP + WebSocket.
+
+One server for the module (the tiny artifact, 64*64). Each test starts with no session open and the
+worker free, and waits for states (messages, session states), never for durations. The tests:
+- a session streams speech in (PCM at the speech file's own rate, 100 ms messages, then silence
+  like a microphone), ends the utterance, closes: the client gets ready, media, an init segment and
+  one fragment + metadata per block, then "ended" and close 1000; the bytes it received are the
+  bytes the server sent, and the muxer applied to the frames and speech the session rendered
+  gives those bytes again; /metrics counts the block latencies and the closed session;
+- one session at a time (429, one line), and bad input on the WebSocket (token, unknown session,
+  format, rate, PCM framing, NaN, an oversized message, an unknown control message): one-line JSON
+  error, the close code, the session ended, the worker free;
+- a client that vanishes mid-session: the session ends ("disconnected"), the same worker renders
+  the next job;
+- a client that says nothing ends its session after --session-idle;
+- the page's talk mode in headless Chromium with a fake microphone (tests/test_serve_talk_page.py).
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+av = pytest.importorskip("av")
+websocket = pytest.importorskip("websocket")  # websocket-client
+
+from render_helpers import PROMPT, SIZE  # noqa: E402
+from serve_helpers import ServeProcess, submit, until  # noqa: E402
+
+from liveavatar_lite.decode.fmp4 import FragmentMuxer, FragmentSpec  # noqa: E402
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+IDLE_S = 20  # --session-idle
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("serve-talk")
+    proc = ServeProcess(tiny_artifact, root / "state", "--keep-sessions", "--session-idle", str(IDLE_S),
+                        token=TOKEN, cache_dir=media / "cache")
+    with proc:
+        yield proc
+
+
+@pytest.fixture(autouse=True)
+def no_session(server: ServeProcess) -> None:
+    """Every test starts with no talk session waiting or open (a failed test's is ended) and the worker free."""
+    for session in server.client.get("/v1/sessions").json()["sessions"]:
+        if session["state"] != "ended":
+            server.client.delete(f"/v1/sessions/{session['id']}")
+            _ended(server, session["id"])
+    server.drain()
+
+
+def _create(server: ServeProcess, media: Path, **fields: str) -> dict:
+    r = server.client.post("/v1/sessions", files={"image": ("photo.png", (media / "photo.png").read_bytes())},
+                           data={"prompt": PROMPT, "size": SIZE, "seed": "5", **fields})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _connect(server: ServeProcess, session: dict, token: str | None = TOKEN, **query: object):
+    params = {"token": token, "rate": 16000, "format": "f32", **query}
+    q = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
+    return websocket.create_connection(f"ws://127.0.0.1:{server.port}{session['stream']}?{q}", timeout=300)
+
+
+def _messages(ws, until_text=None):
+    """(texts as dicts, binaries, close code or None): messages until `until_text(doc)` is true or the close."""
+    texts, binaries = [], []
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return texts, binaries, int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            texts.append(json.loads(data))
+            if until_text is not None and until_text(texts[-1]):
+                return texts, binaries, None
+        elif opcode == websocket.ABNF.OPCODE_BINARY:
+            binaries.append(bytes(data))
+
+
+def _one_line_error(texts: list[dict], code: int | None, expected_code: int) -> str:
+    errors = [t for t in texts if t.get("type") == "error"]
+    assert len(errors) == 1 and code == expected_code, (texts, code)
+    line = errors[0]["error"]
+    assert line and "\n" not in line and len(line) < 300
+    return line
+
+
+def _session_state(server: ServeProcess, session_id: str) -> dict:
+    r = server.client.get(f"/v1/sessions/{session_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _ended(server: ServeProcess, session_id: str) -> dict:
+    return until(lambda: (s := _session_state(server, session_id))["state"] == "ended" and s, 120,
+                 "the session to end")
+
+
+def _metric(server: ServeProcess, series: str) -> float:
+    for line in server.client.get("/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} is not in /metrics")
+
+
+def _speech(media: Path) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    wave, rate = sf.read(str(media / "speech.wav"), dtype="float32")
+    return wave.mean(axis=1).astype("<f4"), rate
+
+
+class _Microphone(threading.Thread):
+    """Sends `speech` in 100 ms messages, then {"type": "end"}, then 100 ms of silence every 100 ms
+    until stopped (a live microphone), as a client of `ws`."""
+
+    def __init__(self, ws, speech: np.ndarray, rate: int) -> None:
+        super().__init__(daemon=True)
+        self.ws, self.speech, self.rate = ws, speech, rate
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        step = self.rate // 10
+        try:
+            for at in range(0, len(self.speech), step):
+                self.ws.send_binary(self.speech[at:at + step].tobytes())
+            self.ws.send(json.dumps({"type": "end"}))
+            while not self.stop.wait(0.1):
+                self.ws.send_binary(np.zeros(step, "<f4").tobytes())
+        except (websocket.WebSocketException, OSError):
+            pass
+
+
+def reencoded(keep: Path) -> bytes:
+    """The muxer applied to what the session rendered (--keep-sessions): its frames and speech, block by block."""
+    blocks = [json.loads(line) for line in (keep / "blocks.jsonl").read_text().splitlines()]
+    frames = np.fromfile(keep / "frames.u8", np.uint8)
+    audio = np.fromfile(keep / "audio.f32", "<f4")
+    shape = blocks[0]["shape"]
+    mux = FragmentMuxer(FragmentSpec(width=shape[2], height=shape[1], fps=25))
+    out, f, a = [mux.init_segment()], 0, 0
+    for b in blocks:
+        if b["type"] == "flush":
+            out.append(mux.flush())
+            continue
+        n = int(np.prod(b["shape"]))
+        out.append(mux.block(frames[f:f + n].reshape(b["shape"]), audio[a:a + b["samples"]]))
+        f, a = f + n, a + b["samples"]
+    assert f == frames.size and a == audio.size
+    return b"".join(out)
+
+
+def session_frames(keep: Path) -> np.ndarray:
+    shape = json.loads((keep / "blocks.jsonl").read_text().splitlines()[0])["shape"]
+    return np.fromfile(keep / "frames.u8", np.uint8).reshape(-1, *shape[1:])
+
+
+def decoded(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_session_streams_speech_in_and_the_avatar_out(server: ServeProcess, media: Path) -> None:
+    worker = server.worker_pid()
+    latencies = _metric(server, "liveavatar_session_block_latency_seconds_count")
+    closed = _metric(server, 'liveavatar_sessions_total{outcome="closed"}')
+    session = _create(server, media)
+    assert session["state"] in ("waiting", "open") and session["idle"] == "listen"
+    ws = _connect(server, session, rate=None)  # rate defaults to 16000; the speech is sent at its own below
+    ws.close()
+    _ended(server, session["id"])  # a client that leaves at once: the session ends, the next one may start
+    session = _create(server, media)
+    speech, rate = _speech(media)
+    ws = _connect(server, session, rate=rate)
+    texts, binaries, code = _messages(ws, lambda t: t["type"] == "ready")
+    assert code is None and [t["type"] for t in texts][-1] == "ready"
+    mic = _Microphone(ws, speech, rate)
+    mic.start()
+    # utterance 0 (the speech) renders block by block; a block of utterance 1 (the microphone's silence
+    # after "end") means utterance 0 is complete
+    more, media_out, _ = _messages(ws, lambda t: t["type"] == "block" and t["utterance"] not in (None, 0))
+    mic.stop.set()
+    mic.join(10)
+    ws.send(json.dumps({"type": "close"}))
+    tail, tail_out, code = _messages(ws)
+    texts, binaries = texts + more + tail, binaries + media_out + tail_out
+    assert code == 1000 and texts[-1] == {"type": "ended", "reason": "closed"}, texts[-3:]
+    kinds = [t["type"] for t in texts]
+    assert kinds.index("media") < kinds.index("block") and texts[kinds.index("media")]["mime"].startswith("video/mp4")
+    blocks = [t for t in texts if t["type"] == "block"]
+    speech_blocks = [b for b in blocks if b["utterance"] == 0]
+    assert len(speech_blocks) >= 9 and all(b["latency_s"] > 0 for b in speech_blocks)
+    assert len(binaries) >= 1 + len(blocks)  # the init segment, a fragment per block (and the tail)
+
+    # what the client received is what the server sent, and the muxer applied to the session's frames
+    received = b"".join(binaries)
+    keep = server.state_dir / "sessions" / session["id"]
+    assert received == (keep / "sent.bin").read_bytes()
+    assert received == reencoded(keep)
+    frames = session_frames(keep)
+    pictures = decoded(received).astype(int)
+    assert len(frames) == sum(b["frames"] for b in blocks) and pictures.shape == frames.shape
+    # h264 at crf 23 on the random tiny model's noise-like frames loses much (about 20 dB PSNR), yet each
+    # decoded frame is far closer to its own session frame than to the next one
+    assert np.abs(pictures - frames).mean() * 2 < np.abs(pictures[:-1] - frames[1:]).mean()
+
+    state = _ended(server, session["id"])
+    assert state["reason"] == "closed"
+    assert server.worker_pid() == worker
+    assert _metric(server, "liveavatar_session_block_latency_seconds_count") - latencies >= len(speech_blocks)
+    assert _metric(server, 'liveavatar_sessions_total{outcome="closed"}') - closed >= 1
+    assert _metric(server, "liveavatar_sessions_active") == 0.0
+
+
+def test_one_session_at_a_time_and_bad_input_on_the_websocket(server: ServeProcess, media: Path) -> None:
+    c = server.client
+    # bad requests: one line each, nothing created
+    photo = {"image": ("photo.png", (media / "photo.png").read_bytes())}
+    for files, data, status in ((photo, {"prompt": PROMPT, "idle": "dance"}, 400), (photo, {"prompt": ""}, 400),
+                                (photo, {"prompt": PROMPT, "size": "huge"}, 400),
+                                (photo, {"prompt": PROMPT, "seed": "-1"}, 400),
+                                ({"image": ("photo.png", b"not an image")}, {"prompt": PROMPT}, 400),
+                                ({}, {"prompt": PROMPT}, 415), (photo, {"prompt": PROMPT, "audio": "x"}, 400)):
+        r = c.post("/v1/sessions", files=files or None, data=data)
+        assert r.status_code == status and "\n" not in r.json()["error"], (data, r.text)
+    assert c.post("/v1/sessions", data={"prompt": PROMPT},
+                  headers={"Authorization": "Bearer " + "f" * 32}).status_code == 401
+    assert c.get("/v1/sessions/" + "0" * 32).status_code == 404
+    assert all(s["state"] == "ended" for s in c.get("/v1/sessions").json()["sessions"])
+    session = _create(server, media, idle="pause")
+    # a second session while one holds the worker: 429, one line, Retry-After
+    r = c.post("/v1/sessions", files=photo, data={"prompt": PROMPT})
+    assert r.status_code == 429 and list(r.json()) == ["error"] and "one at a time" in r.json()["error"]
+    assert int(r.headers["Retry-After"]) >= 1
+
+    # a wrong or missing token, an unknown session: the session is untouched
+    for token, path in ((None, session["stream"]), ("f" * 32, session["stream"]),
+                        (TOKEN, "/v1/sessions/" + "0" * 32 + "/stream")):
+        ws = _connect(server, {"stream": path}, token=token)
+        _one_line_error(*_messages(ws)[::2], 1008)
+    assert _session_state(server, session["id"])["state"] != "ended"
+
+    def bad(query: dict, send=None, expected: int = 1003) -> str:
+        """A fresh session, one bad thing on its WebSocket: the one-line error, the close code, the end."""
+        nonlocal session
+        if _session_state(server, session["id"])["state"] == "ended":
+            session = _create(server, media, idle="pause")
+        ws = _connect(server, session, **query)
+        if send is not None:
+            _messages(ws, lambda t: t["type"] == "ready")
+            send(ws)
+        texts, _, code = _messages(ws)
+        line = _one_line_error(texts, code, expected)
+        assert _ended(server, session["id"])["reason"].startswith("error")
+        return line
+
+    assert "format" in bad({"format": "mp3"})
+    assert "rate" in bad({"rate": "fast"})
+    assert "rate" in bad({"rate": 1000})
+    assert "4-byte samples" in bad({}, lambda ws: ws.send_binary(b"\0" * 7))
+    assert "NaN" in bad({}, lambda ws: ws.send_binary(np.array([0, np.nan], "<f4").tobytes()))
+    assert "over the limit" in bad({}, lambda ws: ws.send_binary(bytes(300_000)), expected=1009)
+    assert "type" in bad({}, lambda ws: ws.send('{"type": "sing"}'))
+    assert "type" in bad({}, lambda ws: ws.send("not json"))
+    until(lambda: not server.wait_ready()["worker"]["busy"], 120, "the worker to be free")
+
+
+def test_a_client_that_vanishes_mid_session_leaves_the_worker_serving(server: ServeProcess, media: Path) -> None:
+    worker = server.worker_pid()
+    session = _create(server, media)
+    speech, rate = _speech(media)
+    ws = _connect(server, session, rate=rate)
+    _messages(ws, lambda t: t["type"] == "ready")
+    mic = _Microphone(ws, speech, rate)
+    mic.start()
+    _messages(ws, lambda t: t["type"] == "block" and t["utterance"] == 0)  # mid-utterance
+    ws.sock.shutdown(socket.SHUT_RDWR)  # gone without a close frame (a crashed tab, a pulled cable)
+    ws.sock.close()
+    mic.stop.set()
+    assert _ended(server, session["id"])["reason"] == "disconnected"
+    job = submit(server, media, seed=3, num_clip=1)
+    assert server.wait_for(job, "done", timeout=600)["clips_done"] == 1
+    assert server.worker_pid() == worker
+
+
+def test_a_silent_client_ends_its_session_after_the_idle_timeout(server: ServeProcess, media: Path) -> None:
+    session = _create(server, media, idle="pause")
+    ws = _connect(server, session)
+    texts, _, code = _messages(ws)  # nothing sent: after --session-idle the server ends it
+    assert code == 1000 and texts[-1] == {"type": "ended", "reason": "idle"}
+    assert _ended(server, session["id"])["reason"].startswith("idle")
+    assert _metric(server, 'liveavatar_sessions_total{outcome="idle"}') >= 1
