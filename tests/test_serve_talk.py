@@ -17,8 +17,11 @@ worker free, and waits for states (messages, session states), never for duration
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -269,6 +272,7 @@ def test_one_session_at_a_time_and_bad_input_on_the_websocket(server: ServeProce
     assert "rate" in bad({"rate": 1000})
     assert "4-byte samples" in bad({}, lambda ws: ws.send_binary(b"\0" * 7))
     assert "NaN" in bad({}, lambda ws: ws.send_binary(np.array([0, np.nan], "<f4").tobytes()))
+    assert "[-1, 1]" in bad({}, lambda ws: ws.send_binary(np.array([0, 1.5], "<f4").tobytes()))
     assert "over the limit" in bad({}, lambda ws: ws.send_binary(bytes(300_000)), expected=1009)
     assert "type" in bad({}, lambda ws: ws.send('{"type": "sing"}'))
     assert "type" in bad({}, lambda ws: ws.send("not json"))
@@ -284,13 +288,27 @@ def test_a_client_that_vanishes_mid_session_leaves_the_worker_serving(server: Se
     mic = _Microphone(ws, speech, rate)
     mic.start()
     _messages(ws, lambda t: t["type"] == "block" and t["utterance"] == 0)  # mid-utterance
+    job = submit(server, media, seed=3, num_clip=1)  # a job waits while the session holds the worker
+    assert server.job(job)["state"] == "queued" and server.wait_ready()["worker"]["busy"]
     ws.sock.shutdown(socket.SHUT_RDWR)  # gone without a close frame (a crashed tab, a pulled cable)
     ws.sock.close()
     mic.stop.set()
     assert _ended(server, session["id"])["reason"] == "disconnected"
-    job = submit(server, media, seed=3, num_clip=1)
     assert server.wait_for(job, "done", timeout=600)["clips_done"] == 1
     assert server.worker_pid() == worker
+
+
+def test_a_worker_death_ends_the_session_with_one_line(server: ServeProcess, media: Path) -> None:
+    session = _create(server, media)
+    ws = _connect(server, session)
+    _messages(ws, lambda t: t["type"] == "ready")
+    pid = server.worker_pid()
+    os.kill(pid, signal.SIGKILL)
+    texts, _, code = _messages(ws)
+    assert "worker" in _one_line_error(texts, code, 1011)
+    assert _ended(server, session["id"])["reason"].startswith("worker_died")
+    assert server.wait_ready(300)["worker"]["pid"] != pid  # a fresh worker, ready for the next session
+    assert _metric(server, 'liveavatar_sessions_total{outcome="worker_died"}') >= 1
 
 
 def test_a_silent_client_ends_its_session_after_the_idle_timeout(server: ServeProcess, media: Path) -> None:
@@ -300,3 +318,67 @@ def test_a_silent_client_ends_its_session_after_the_idle_timeout(server: ServePr
     assert code == 1000 and texts[-1] == {"type": "ended", "reason": "idle"}
     assert _ended(server, session["id"])["reason"].startswith("idle")
     assert _metric(server, 'liveavatar_sessions_total{outcome="idle"}') >= 1
+
+
+# ---- the page's talk mode in headless Chromium, with a fake microphone ---------------------------------
+
+
+def test_page_talks_in_chromium_with_a_fake_microphone(server: ServeProcess, media: Path, tmp_path: Path) -> None:
+    """The page captures the fake microphone (speech.wav, looped) at 16 kHz, streams it over the
+    WebSocket, and plays the avatar through Media Source Extensions; the bytes it received are the
+    bytes the server sent and the muxer applied to the session's own frames, and the video played."""
+    from test_serve import BROWSER_FLAGS, CHROMEDRIVER, CHROMIUM
+
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no Chromium: `apt-get install chromium chromium-driver` (tools/setup.sh does it as root)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={media / 'speech.wav'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    talk = lambda: driver.execute_script(  # noqa: E731 - what the page saw, without the media bytes
+        "const t = window.__talk; return {state: t.state, errors: t.errors, blocks: t.blocks, bytes: t.bytes, "
+        "closeCode: t.closeCode}")
+    try:
+        driver.get(server.url + "/")
+        by_id = driver.find_element
+        until(lambda: by_id("id", "auth").is_displayed(), 30, "the token prompt")
+        by_id("id", "token").send_keys(TOKEN)
+        by_id("id", "save-token").click()
+        by_id("id", "talk-image").send_keys(str(media / "photo.png"))
+        by_id("id", "talk-size").send_keys(SIZE)
+        by_id("id", "talk-start").click()
+        # the microphone's speech comes back as the avatar, and the video plays it
+        until(lambda: talk()["errors"] or sum(b["utterance"] == 0 for b in talk()["blocks"]) >= 4, 300,
+              "speech blocks in the page")
+        until(lambda: talk()["errors"] or driver.execute_script(
+            "return document.getElementById('talk-video').currentTime > 0.5"), 120, "the avatar to play")
+        assert not talk()["errors"], talk()["errors"]
+        assert by_id("id", "talk-state").text == "talking"
+        assert driver.save_screenshot(str(tmp_path / "talk.png"))
+        by_id("id", "talk-stop").click()
+        until(lambda: talk()["state"] in ("ended", "error"), 120, "the session to end in the page")
+        page = talk()
+        assert page["state"] == "ended" and page["closeCode"] == 1000 and not page["errors"], page["errors"]
+        video = driver.execute_script("const v = document.getElementById('talk-video'); "
+                                      "return [v.error === null, v.videoWidth, v.videoHeight, v.currentTime]")
+        assert video[0] and video[1:3] == [64, 64] and video[3] > 0.5
+        received = base64.b64decode(driver.execute_script(
+            "let s = ''; for (const p of window.__talk.received) for (let i = 0; i < p.length; i += 8192) "
+            "s += String.fromCharCode.apply(null, p.subarray(i, i + 8192)); return btoa(s)"))
+    finally:
+        driver.quit()
+    assert len(received) == page["bytes"]
+    session = server.client.get("/v1/sessions").json()["sessions"][0]
+    assert _ended(server, session["id"])["reason"] == "closed"
+    keep = server.state_dir / "sessions" / session["id"]
+    assert received == (keep / "sent.bin").read_bytes() == reencoded(keep)
+    frames = session_frames(keep)
+    assert decoded(received).shape == frames.shape and len(frames) == sum(b["frames"] for b in page["blocks"])
+    assert sum(b["utterance"] == 0 for b in page["blocks"]) >= 4

@@ -336,8 +336,12 @@ async def _client_to_worker(websocket: Any, writer: Any, policy: Any, sample_byt
             if len(data) % sample_bytes:
                 raise _Closing(1003, "error", f"a PCM message of {len(data)} bytes is not whole {sample_bytes}-byte "
                                               "samples (mono, little-endian)")
-            if sample_bytes == 4 and not np.isfinite(np.frombuffer(data, "<f4")).all():
-                raise _Closing(1003, "error", "the PCM holds NaN or infinite samples")
+            if sample_bytes == 4:
+                samples = np.frombuffer(data, "<f4")
+                if not np.isfinite(samples).all():
+                    raise _Closing(1003, "error", "the PCM holds NaN or infinite samples")
+                if samples.size and np.abs(samples).max() > 1.0:
+                    raise _Closing(1003, "error", "float32 PCM must lie in [-1, 1] (scale or clip it)")
             writer.write(pack(PCM, data))
         elif text is not None:
             try:
