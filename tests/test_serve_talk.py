@@ -69,6 +69,15 @@ def _create(server: ServeProcess, media: Path, **fields: str) -> dict:
     return r.json()
 
 
+def _create_from_avatar(server: ServeProcess, avatar: str) -> dict:
+    """A session from a pre-encoded photo (POST /v1/avatars): multipart without a file."""
+    r = server.client.post("/v1/sessions", files={"avatar": (None, avatar), "prompt": (None, PROMPT),
+                                                  "seed": (None, "5")})
+    assert r.status_code == 201, r.text
+    assert r.json()["size"] == SIZE  # the avatar's size
+    return r.json()
+
+
 def _connect(server: ServeProcess, session: dict, token: str | None = TOKEN, **query: object):
     params = {"token": token, "rate": 16000, "format": "f32", **query}
     q = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
@@ -252,6 +261,13 @@ def test_one_session_at_a_time_and_bad_input_on_the_websocket(server: ServeProce
         ws = _connect(server, {"stream": path}, token=token)
         _one_line_error(*_messages(ws)[::2], 1008)
     assert _session_state(server, session["id"])["state"] != "ended"
+    # a second client on the same session: refused, the first one goes on; DELETE ends the session
+    first = _connect(server, session)
+    _messages(first, lambda t: t["type"] == "ready")
+    assert "already has a client" in _one_line_error(*_messages(_connect(server, session))[::2], 1008)
+    assert c.delete(f"/v1/sessions/{session['id']}").status_code == 200
+    texts, _, code = _messages(first)
+    assert code == 1000 and texts[-1]["type"] == "ended" and _ended(server, session["id"])["reason"] == "closed"
 
     def bad(query: dict, send=None, expected: int = 1003) -> str:
         """A fresh session, one bad thing on its WebSocket: the one-line error, the close code, the end."""
@@ -281,7 +297,12 @@ def test_one_session_at_a_time_and_bad_input_on_the_websocket(server: ServeProce
 
 def test_a_client_that_vanishes_mid_session_leaves_the_worker_serving(server: ServeProcess, media: Path) -> None:
     worker = server.worker_pid()
-    session = _create(server, media)
+    r = server.client.post("/v1/avatars", files={"image": ("photo.png", (media / "photo.png").read_bytes())},
+                           data={"size": SIZE, "prompt": PROMPT})
+    assert r.status_code in (200, 201), r.text
+    avatar = r.json()["id"]
+    until(lambda: server.client.get(f"/v1/avatars/{avatar}").json()["state"] == "ready", 300, "the avatar")
+    session = _create_from_avatar(server, avatar)
     speech, rate = _speech(media)
     ws = _connect(server, session, rate=rate)
     _messages(ws, lambda t: t["type"] == "ready")
@@ -311,7 +332,10 @@ def test_a_worker_death_ends_the_session_with_one_line(server: ServeProcess, med
     assert _metric(server, 'liveavatar_sessions_total{outcome="worker_died"}') >= 1
 
 
+@pytest.mark.slow
 def test_a_silent_client_ends_its_session_after_the_idle_timeout(server: ServeProcess, media: Path) -> None:
+    session = _create(server, media, idle="pause")  # nobody connects: it expires after --session-idle
+    assert _ended(server, session["id"])["reason"].startswith("expired")
     session = _create(server, media, idle="pause")
     ws = _connect(server, session)
     texts, _, code = _messages(ws)  # nothing sent: after --session-idle the server ends it
@@ -325,8 +349,9 @@ def test_a_silent_client_ends_its_session_after_the_idle_timeout(server: ServePr
 
 def test_page_talks_in_chromium_with_a_fake_microphone(server: ServeProcess, media: Path, tmp_path: Path) -> None:
     """The page captures the fake microphone (speech.wav, looped) at 16 kHz, streams it over the
-    WebSocket, and plays the avatar through Media Source Extensions; the bytes it received are the
-    bytes the server sent and the muxer applied to the session's own frames, and the video played."""
+    WebSocket, and plays the avatar through Media Source Extensions; its end / interrupt / stop
+    buttons reach the session; the bytes it received are the bytes the server sent and the muxer
+    applied to the session's own frames, and the video played without a media error."""
     from test_serve import BROWSER_FLAGS, CHROMEDRIVER, CHROMIUM
 
     if not (CHROMIUM and CHROMEDRIVER):
@@ -362,6 +387,12 @@ def test_page_talks_in_chromium_with_a_fake_microphone(server: ServeProcess, med
         assert not talk()["errors"], talk()["errors"]
         assert by_id("id", "talk-state").text == "talking"
         assert driver.save_screenshot(str(tmp_path / "talk.png"))
+        # "End of utterance": the microphone's next speech is utterance 1; "Interrupt" drops the rest of
+        # it and the speech after is utterance 2 (the microphone never stops)
+        by_id("id", "talk-end").click()
+        until(lambda: talk()["errors"] or any(b["utterance"] == 1 for b in talk()["blocks"]), 300, "utterance 1")
+        by_id("id", "talk-interrupt").click()
+        until(lambda: talk()["errors"] or any(b["utterance"] == 2 for b in talk()["blocks"]), 300, "utterance 2")
         by_id("id", "talk-stop").click()
         until(lambda: talk()["state"] in ("ended", "error"), 120, "the session to end in the page")
         page = talk()
