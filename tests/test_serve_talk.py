@@ -12,7 +12,8 @@ worker free, and waits for states (messages, session states), never for duration
   error, the close code, the session ended, the worker free;
 - a client that vanishes mid-session: the session ends ("disconnected"), the same worker renders
   the next job;
-- a client that says nothing ends its session after --session-idle;
+- a session nobody connects to expires, and a client that says nothing ends its session, after
+  --session-idle (longer than the HTTP guard's body deadline: a WebSocket outlives it);
 - the page's talk mode in headless Chromium with a fake microphone (tests/test_serve_talk_page.py).
 """
 from __future__ import annotations
@@ -41,13 +42,16 @@ from liveavatar_lite.decode.fmp4 import FragmentMuxer, FragmentSpec  # noqa: E40
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 IDLE_S = 20  # --session-idle
+# --request-timeout: an upload's limit; the HTTP guard gives a request's body that plus 15 s (server.py), and
+# a WebSocket must outlive it (the idle test's session lasts IDLE_S > 1 + 15 s)
+REQUEST_TIMEOUT_S = 1
 
 
 @pytest.fixture(scope="module")
 def server(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve-talk")
     proc = ServeProcess(tiny_artifact, root / "state", "--keep-sessions", "--session-idle", str(IDLE_S),
-                        token=TOKEN, cache_dir=media / "cache")
+                        "--request-timeout", str(REQUEST_TIMEOUT_S), token=TOKEN, cache_dir=media / "cache")
     with proc:
         yield proc
 
