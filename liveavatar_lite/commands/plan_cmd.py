@@ -88,15 +88,31 @@ def run(args: argparse.Namespace) -> int:
             print(note)
         return 0
     plan = make_plan(inp, budget, profile)
+    talk = talk_prediction(inp, profile, plan.predicted_seconds_per_clip, plan.decode_seconds_per_clip)
     if args.json:
         print(json.dumps({**plan.to_json(), "predicted_clip_seconds": plan.clip_seconds,
                           "predicted_realtime_factor": predicted_realtime_factor(plan),
-                          "predicted_dit_realtime_factor": predicted_realtime_factor(plan, dit_only=True)}, indent=1))
+                          "predicted_dit_realtime_factor": predicted_realtime_factor(plan, dit_only=True),
+                          "predicted_talk": talk.to_json()}, indent=1))
     else:
         print(format_plan(plan, ram))
+        print(talk.describe())
         if note:
             print(note)
     return 0
+
+
+def talk_prediction(inp, profile, dit_seconds_per_clip: float, decode_seconds_per_clip: float,
+                    interval_seconds_per_clip: float | None = None):
+    """A talk session's per-block latency and real-time factor (runtime/plan.TalkPrediction) at the
+    session's default window (conditioning/streaming_features.StreamingWindow: context + block + lookahead)."""
+    from ..conditioning.streaming_features import StreamingWindow
+    from ..runtime.plan import predict_talk
+
+    w = StreamingWindow()
+    block_s = inp.sample.frames_per_block * 4 / inp.sample.fps
+    return predict_talk(inp, profile, dit_seconds_per_clip, decode_seconds_per_clip,
+                        w.context_s + block_s + w.lookahead_s, w.lookahead_s, interval_seconds_per_clip)
 
 
 def predicted_realtime_factor(plan, dit_only: bool = False) -> float:
@@ -156,7 +172,7 @@ def _pipeline_report(inp, budget, profile, ranks: int, as_json: bool, ram_budget
     """`plan --ranks N`: every rank's plan, the pipeline's throughput (the split asked, or with auto
     the faster one and why), one GPU for comparison."""
     from ..errors import BudgetError
-    from ..runtime.stage_plan import plan_ranks, plan_split, predict_pipeline, rank_roles
+    from ..runtime.stage_plan import plan_ranks, plan_split, predict_pipeline, rank_roles, vae_decode_seconds_per_clip
 
     choice = plan_split(inp, budget, profile, ranks, split)
     plans, pred = choice.plans, choice.prediction
@@ -164,12 +180,18 @@ def _pipeline_report(inp, budget, profile, ranks: int, as_json: bool, ram_budget
         single = predict_pipeline(plan_ranks(inp, budget, profile, rank_roles(1)), inp.sample)
     except BudgetError:
         single = None
+    # a talk session's block crosses every rank (DiT and hand-offs), then the decode runs in full;
+    # while speech keeps coming, blocks follow each other at the pipeline's pace (its slowest rank)
+    talk = talk_prediction(inp, profile, sum(p.dit_seconds_per_clip + p.handoff_seconds_per_clip for p in plans),
+                           vae_decode_seconds_per_clip(inp, profile), pred.seconds_per_clip)
     if as_json:
         return json.dumps({"split": choice.split, "why": choice.reason, "ranks": [p.to_json() for p in plans],
                            "pipeline": pred.to_json(), "other_split": choice.other.to_json() if choice.other else None,
-                           "one_gpu": single.to_json() if single else None}, indent=1)
+                           "one_gpu": single.to_json() if single else None, "predicted_talk": talk.to_json()},
+                          indent=1)
     text = format_pipeline(plans, pred, single, ram_budget)
-    return text + f"\nsplit       {choice.split}: {choice.reason}"
+    return (text + f"\nsplit       {choice.split}: {choice.reason}\n{talk.describe()} "
+            "[a session on this pipeline: Pipeline.session runs on one GPU today]")
 
 
 def format_pipeline(plans, pred, single, ram_budget: float | None) -> str:

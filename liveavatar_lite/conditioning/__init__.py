@@ -1,7 +1,8 @@
 """Stage 2, what the DiT is conditioned on: the photo, the speech and the prompt, and their caches.
 
 Owns: photo framing and its exact constant-video VAE encode (`photo.py`), speech decoding and
-resampling (`speech.py`), wav2vec2 features per video frame (`audio_features.py`), prompt
+resampling (`speech.py`, also streamed), wav2vec2 features per video frame (`audio_features.py`;
+of speech still arriving, with a fixed lookahead: `streaming_features.py`), prompt
 tokenization (`text_tokenizer.py`) and the on-disk caches of prompt states and photo latents
 (`caches.py`).
 

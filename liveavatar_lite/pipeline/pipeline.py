@@ -224,7 +224,8 @@ class Pipeline:
             tel.event("session", width=inputs.width, height=inputs.height, seed=seed, idle=idle,
                       lookahead_s=window.lookahead_s, context_s=window.context_s)
         return Session(renderer, encoder, feature_dtype=backend.feature_dtype, silence=silence,
-                       sample=request.sample, idle=idle, window=window, telemetry=tel, release=release)
+                       sample=request.sample, idle=idle, window=window, telemetry=tel, release=release,
+                       width=inputs.width, height=inputs.height)
 
     def close(self) -> None:
         """Drop the loaded models (their memory returns when nothing else refers to them)."""

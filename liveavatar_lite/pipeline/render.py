@@ -624,7 +624,10 @@ class ArtifactRenderer:
 
         if audio is not None and self._ahead is not None:
             raise RuntimeError("a block's audio cannot be given while the next block is computed ahead")
-        out = self._join_ahead() if self._ahead is not None else self.generator.next_block(audio=audio)
+        if self._ahead is not None:
+            out = self._join_ahead()
+        else:  # (a render's generator slices its own audio; a session's gets each block's)
+            out = self.generator.next_block() if audio is None else self.generator.next_block(audio=audio)
         if (out.clip, out.block) != (clip, block):
             raise RuntimeError(f"generator produced clip {out.clip} block {out.block}, expected {clip}/{block}")
         # sync point: the block's latents on the host (waits for this block's DiT work)

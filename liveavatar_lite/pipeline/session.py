@@ -67,7 +67,7 @@ from ..conditioning.streaming_features import (
     utterance_frames,
 )
 from ..config import SampleConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .request import StreamBlock
 
 log = logging.getLogger(__name__)
@@ -145,11 +145,13 @@ class Session:
 
     def __init__(self, renderer: Any, encoder: Any, *, feature_dtype: Any, silence: Any, sample: SampleConfig,
                  idle: str, window: StreamingWindow, telemetry: Any, release: Callable[[], None],
-                 max_utterance_s: float = MAX_UTTERANCE_S) -> None:
+                 max_utterance_s: float = MAX_UTTERANCE_S, width: int = 0, height: int = 0) -> None:
+        self.width, self.height, self.fps = width, height, sample.fps  # the frames' size, known up front
         self._renderer, self._encoder = renderer, encoder
         self._dtype, self._silence = feature_dtype, silence  # silence: zero features of one block
         self._sample, self.idle, self.window = sample, idle, window
         self._telemetry, self._release = telemetry, release
+        self._tel_lock = threading.Lock()  # telemetry lines come from the iterating and the interrupting thread
         self._max_samples = int(max_utterance_s * SAMPLE_RATE)
         self._cond = threading.Condition()  # guards everything below; feeds notify it
         self._turn = threading.Lock()  # one block renders at a time, whoever iterates
@@ -159,6 +161,7 @@ class Session:
         self._closed = False
         self._released = False
         self._rendering = False
+        self._failed: str | None = None  # why a block failed to render (the session is then unusable)
         # the video so far
         self._clip, self._block, self._first = 0, 0, 0
         self._anchor: float | None = None  # playback clock: monotonic time at which media time 0 plays
@@ -215,9 +218,10 @@ class Session:
             dropped = [u.index for u in self._utts]
             self._utts.clear()
             self._feeding = None
-            if self._telemetry is not None and dropped:
-                self._telemetry.event("interrupt", utterances=dropped)
             self._cond.notify_all()
+        if self._telemetry is not None and dropped:
+            with self._tel_lock:
+                self._telemetry.event("interrupt", utterances=dropped)
 
     def close(self) -> None:
         """End the session: iteration stops, the block in flight (if any) is awaited and dropped,
@@ -235,8 +239,9 @@ class Session:
             if close is not None:
                 close()
             if self._telemetry is not None:
-                self._telemetry.event("session_summary", **self.stats())
-                self._telemetry.close()
+                with self._tel_lock:
+                    self._telemetry.event("session_summary", **self.stats())
+                    self._telemetry.close()
         finally:
             self._release()
 
@@ -255,12 +260,20 @@ class Session:
         """The next block, rendered in this thread as soon as it may be; None if nothing became
         ready within `timeout` seconds (None: wait as long as it takes) or the session is closed.
         A block whose render has begun is returned even when that passes the timeout."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not math.isfinite(timeout)):
+            raise UserError(f"timeout must be a number of seconds or None, got {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
-        with self._turn:
+        # one block renders at a time: another thread iterating holds the turn (bounded by the timeout)
+        if not self._turn.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            return None
+        try:
             while True:
                 with self._cond:
                     if self._closed:
                         return None
+                    if self._failed is not None:
+                        raise UserError(f"this talk session failed ({self._failed}); close it and start a new one")
                     now = time.monotonic()
                     work, until = self._next_work(now)
                     if work is None:
@@ -272,12 +285,17 @@ class Session:
                     self._rendering = True
                 try:
                     block = self._render(work)
+                except BaseException as e:  # the models' state is mid-block: no later block can be right
+                    self._failed = first_line(e) or type(e).__name__
+                    raise
                 finally:
                     with self._cond:
                         self._rendering = False
                         self._cond.notify_all()
                 with self._cond:
                     return None if self._closed else block
+        finally:
+            self._turn.release()
 
     def _next_work(self, now: float) -> tuple[_Work | None, float | None]:
         """What to render now, or (None, when to look again: None = at the next feed/end/close)."""
@@ -348,8 +366,9 @@ class Session:
             if latency is not None:
                 self._latencies.append(latency)
         if self._telemetry is not None:
-            self._telemetry.block_done(block.clip, block.block, n, time.perf_counter() - t0,
-                                       utterance=block.utterance, latency_s=latency, features=work.kind)
+            with self._tel_lock:  # (interrupt() may write from another thread)
+                self._telemetry.block_done(block.clip, block.block, n, time.perf_counter() - t0,
+                                           utterance=block.utterance, latency_s=latency, features=work.kind)
         return block
 
     # ---- state ----------------------------------------------------------------------------

@@ -19,15 +19,24 @@ Attention is priced at the chosen backend's rate in both modes (`DeviceProfile.a
     k = resolve_kernels("on", "auto", prof)              # Kernels(fused=True, attention="flash")
     costs = layer_step_costs(inp, prof, k, "fp8")        # one LayerCost per layer
     decode_seconds_per_block(inp, prof)                  # 1.16 s on the rtx4090 profile at 704*384
+    audio_feature_seconds(4.88, inp, prof)               # wav2vec2 over one talk-session window
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PRESETS, preset_for_dit
+from ..config import PRESETS, Wav2VecConfig, preset_for_dit
 from ..errors import UserError
 from .device_profiles import COMPILE_CHOICES, DeviceProfile, resolve_attention_name
 from .plan_inputs import PlanInput
+
+# wav2vec2 runs in fp32 (conditioning/audio_features.py; torch leaves TF32 off for matmuls): no
+# tensor cores, so it is priced at this fraction of the bf16 tensor rate (RTX 4090: 82.6 of 165
+# TFLOP/s = 0.5; H100: 67 of 989 = 0.07; 1/8 between them). Its share of a talk block is ~1 %.
+WAV2VEC_FP32_OF_BF16 = 0.125
+# wav2vec2's conv front-end (512 channels, kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2):
+# sum over layers of 2 * C_in * C_out * k * (output rate): 4.9 GFLOP per second of 16 kHz audio.
+WAV2VEC_FRONTEND_FLOP_PER_S = 4.9e9
 
 # The streaming VAE decoder's work per latent frame at 704*384 after the first (4 video frames):
 # 9.13 TFLOP, counted with meta-device hooks (LIVEAVATAR.md §3); it scales with the pixels and with
@@ -155,6 +164,27 @@ def decode_flops_per_block(inp: PlanInput) -> float:
 def decode_seconds_per_block(inp: PlanInput, profile: DeviceProfile) -> float:
     """Seconds the VAE decoder takes for one block on `profile`'s device (`DeviceProfile.vae_rate`)."""
     return decode_flops_per_block(inp) / (profile.vae_rate() * 1e12)
+
+
+def wav2vec_flops(seconds: float, cfg: Wav2VecConfig | None = None) -> float:
+    """FLOPs of one wav2vec2 forward over `seconds` of speech (50 frames/s): the conv front-end, the
+    feature projection, the conv position embedding, and per layer the attention projections,
+    scores and FFN (wav2vec2-large-xlsr-53: ~36 GFLOP per second of speech at a 5 s window)."""
+    c = cfg or PRESETS["14b"].wav2vec
+    t = 50.0 * seconds  # frames
+    d, f = c.hidden_size, c.intermediate_size
+    per_frame = 2 * c.conv_dim[-1] * d + 2 * d * (d // c.num_conv_pos_embedding_groups) * c.num_conv_pos_embeddings
+    per_layer = 2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * t * d  # q, k, v, o; FFN; scores and weighted sum
+    scale = c.conv_dim[-1] / 512  # the front-end figure is for 512 channels
+    return WAV2VEC_FRONTEND_FLOP_PER_S * seconds * scale ** 2 + t * (per_frame + c.num_hidden_layers * per_layer)
+
+
+def audio_feature_seconds(window_seconds: float, inp: PlanInput, profile: DeviceProfile) -> float:
+    """Seconds of wav2vec2 over one talk-session window (context + block + lookahead) on `profile`'s
+    device, in fp32 (`WAV2VEC_FP32_OF_BF16`)."""
+    cfg = preset_for_dit(inp.dit, default=PRESETS["14b"]).wav2vec if inp.dit is not None else None
+    rate = profile.bf16_tflops * profile.gemm_efficiency * WAV2VEC_FP32_OF_BF16 * 1e12
+    return wav2vec_flops(window_seconds, cfg) / rate
 
 
 def block_handoff_bytes(inp: PlanInput, itemsize: int = 2) -> int:

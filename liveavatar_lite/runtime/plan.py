@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from ..errors import BudgetError, gb_pair
 from .costs import (
     Kernels,
+    audio_feature_seconds,
     clip_with_decode,
     decode_seconds_per_block,
     embed_head_seconds,
@@ -108,6 +109,64 @@ class Plan:
     def pinned_host_bytes(self) -> int:
         """Host bytes the runtime page-locks: streamed weights (or the disk staging buffers) + host KV."""
         return int(sum(v for k, v in self.host_breakdown.items() if k != "baseline"))
+
+
+@dataclass(frozen=True)
+class TalkPrediction:
+    """One block of a talk session (pipeline/session.py) as the plan predicts it: from the arrival of
+    the last speech sample the block waits for (its end + the lookahead) to its frames: wav2vec2 over
+    the window, the DiT's 4 steps, the VAE decode (a session decodes each block before the next
+    starts: nothing hides it). `realtime_factor`: seconds of video per second of rendering while
+    speech keeps coming: one block per `interval_seconds` (a pipeline of ranks holds several blocks
+    in flight: its slowest rank's time per block), else one block after another (the latency);
+    below 1 the latency grows with every block."""
+
+    block_video_seconds: float  # 12 frames at 25 fps
+    lookahead_seconds: float
+    features_seconds: float
+    dit_seconds: float
+    decode_seconds: float
+    interval_seconds: float | None = None  # None: blocks rendered one after another
+
+    @property
+    def latency_seconds(self) -> float:
+        return self.features_seconds + self.dit_seconds + self.decode_seconds
+
+    @property
+    def realtime_factor(self) -> float:
+        per_block = self.latency_seconds if self.interval_seconds is None else self.interval_seconds
+        return self.block_video_seconds / per_block if per_block > 0 else float("inf")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "latency_seconds": self.latency_seconds, "realtime_factor": self.realtime_factor}
+
+    def describe(self) -> str:
+        """One line: the latency, its parts, the real-time factor (labelled a prediction)."""
+        per_block = self.block_video_seconds / self.realtime_factor
+        pace = ("keeps up with speech" if self.realtime_factor >= 1
+                else f"slower than speech: the latency grows by {per_block - self.block_video_seconds:.2f} s per block")
+        return (f"talk        per-block latency {self.latency_seconds:.2f} s after its speech + "
+                f"{self.lookahead_seconds:g} s lookahead arrive (features {self.features_seconds:.3f} + DiT "
+                f"{self.dit_seconds:.2f} + decode {self.decode_seconds:.2f}), session real-time factor "
+                f"{self.realtime_factor:.3f}: {pace} (predictions)")
+
+
+def predict_talk(inp: PlanInput, profile: DeviceProfile, dit_seconds_per_clip: float, decode_seconds_per_clip: float,
+                 window_seconds: float, lookahead_seconds: float,
+                 interval_seconds_per_clip: float | None = None) -> TalkPrediction:
+    """A talk session's block from a clip's predicted DiT and decode seconds (one GPU's plan, or the
+    sum over a pipeline's ranks: a block crosses them all) and wav2vec2 over `window_seconds`;
+    `interval_seconds_per_clip`: a pipeline's seconds per clip (its slowest rank), None for one GPU.
+
+        predict_talk(inp, prof, plan.predicted_seconds_per_clip, plan.decode_seconds_per_clip, 4.88, 0.4)
+    """
+    blocks = inp.workload.blocks_per_clip
+    s = inp.sample
+    return TalkPrediction(block_video_seconds=s.frames_per_block * 4 / s.fps, lookahead_seconds=lookahead_seconds,
+                          features_seconds=audio_feature_seconds(window_seconds, inp, profile),
+                          dit_seconds=dit_seconds_per_clip / blocks, decode_seconds=decode_seconds_per_clip / blocks,
+                          interval_seconds=None if interval_seconds_per_clip is None
+                          else interval_seconds_per_clip / blocks)
 
 
 # ---------------------------------------------------------------- the planner
