@@ -170,7 +170,9 @@ class _Session:
                 latency = None if block.latency_s is None else block.latency_s + (time.monotonic() - out_at)
                 meta = {"type": "block", "index": blocks, "frames": int(len(block.frames)),
                         "first_frame": int(block.first_frame), "utterance": block.utterance,
-                        "latency_s": None if latency is None else round(latency, 4), "bytes": len(fragment),
+                        "latency_s": None if latency is None else round(latency, 4),
+                        "render_latency_s": None if block.latency_s is None else round(block.latency_s, 4),
+                        "bytes": len(fragment),
                         "sent_at": time.monotonic()}
                 self.keep.block(block.frames, audio, meta)
                 self.link.send(JSON, meta)
