@@ -14,7 +14,10 @@ worker free, and waits for states (messages, session states), never for duration
   the next job;
 - a session nobody connects to expires, and a client that says nothing ends its session, after
   --session-idle (longer than the HTTP guard's body deadline: a WebSocket outlives it);
-- the page's talk mode in headless Chromium with a fake microphone (tests/test_serve_talk_page.py).
+- a worker killed mid-session: one error line, close 1011, a fresh worker;
+- a drain waits for the open session, refuses new ones, then the server exits 0;
+- the page's talk mode in headless Chromium with a fake microphone: it streams the speech in, its
+  buttons reach the session, it plays the avatar, and the bytes it received are the session's.
 """
 from __future__ import annotations
 
@@ -296,6 +299,15 @@ def test_one_session_at_a_time_and_bad_input_on_the_websocket(server: ServeProce
     assert "over the limit" in bad({}, lambda ws: ws.send_binary(bytes(300_000)), expected=1009)
     assert "type" in bad({}, lambda ws: ws.send('{"type": "sing"}'))
     assert "type" in bad({}, lambda ws: ws.send("not json"))
+    # far over the limit (more than 4x): the WebSocket layer refuses the message itself, 1009 without a text
+    if _session_state(server, session["id"])["state"] == "ended":
+        session = _create(server, media, idle="pause")
+    ws = _connect(server, session)
+    _messages(ws, lambda t: t["type"] == "ready")
+    ws.send_binary(bytes(1_100_000))
+    texts, _, code = _messages(ws)
+    assert code == 1009 and not [t for t in texts if t["type"] == "error"]
+    assert _ended(server, session["id"])["reason"] == "disconnected"
     until(lambda: not server.wait_ready()["worker"]["busy"], 120, "the worker to be free")
 
 
@@ -417,3 +429,22 @@ def test_page_talks_in_chromium_with_a_fake_microphone(server: ServeProcess, med
     frames = session_frames(keep)
     assert decoded(received).shape == frames.shape and len(frames) == sum(b["frames"] for b in page["blocks"])
     assert sum(b["utterance"] == 0 for b in page["blocks"]) >= 4
+
+
+def test_a_drain_waits_for_the_open_session_then_exits(tiny_artifact: Path, media: Path, tmp_path: Path) -> None:
+    """A server of its own (the drain stops it): new sessions get 503, the open one goes on until its
+    client closes it, then the server exits 0."""
+    with ServeProcess(tiny_artifact, tmp_path / "state", token=TOKEN, cache_dir=media / "cache") as own:
+        session = _create(own, media, idle="pause")
+        ws = _connect(own, session)
+        _messages(ws, lambda t: t["type"] == "ready")
+        assert own.client.post("/v1/admin/drain").status_code == 202
+        r = own.client.post("/v1/sessions", files={"image": ("photo.png", (media / "photo.png").read_bytes())},
+                            data={"prompt": PROMPT})
+        assert r.status_code == 503 and "draining" in r.json()["error"]
+        assert own.proc is not None and own.proc.poll() is None  # the session holds the server up
+        assert _session_state(own, session["id"])["state"] == "open"
+        ws.send(json.dumps({"type": "close"}))
+        texts, _, code = _messages(ws)
+        assert code == 1000 and texts[-1]["type"] == "ended"
+        assert own.proc.wait(timeout=120) == 0

@@ -245,3 +245,27 @@ def test_worker_session_ends_when_nobody_connects(tmp_path: Path) -> None:
     pipe, thread, _, result = _start_worker_session(tmp_path, connect_timeout_s=0.5)
     thread.join(10)
     assert result["frames"] == 0 and not pipe.sessions and not (tmp_path / "s.sock").exists()
+
+
+def test_session_sockets_move_to_a_short_private_dir_under_a_deep_state_dir(tmp_path: Path) -> None:
+    """A Unix socket's path holds 108 bytes: under a deep state dir the sockets go to a temp dir (0700)."""
+    import shutil
+
+    from liveavatar_lite.pipeline.request import PipelineOptions
+    from liveavatar_lite.serve.config import ServeConfig
+    from liveavatar_lite.serve.layout import StateDir
+    from liveavatar_lite.serve.sessions import MAX_SOCKET_PATH, SessionBroker
+
+    def broker(root: Path) -> SessionBroker:
+        config = ServeConfig(pipeline=PipelineOptions(Path("art")), state_dir=root)
+        return SessionBroker(config, StateDir(root), threading.Event())
+
+    short = broker(Path("/tmp/s")).socket_path("a" * 32)  # (nothing is created for it)
+    assert short.parent == Path("/tmp/s/sessions")
+    deep = broker(tmp_path / ("d" * 60) / ("e" * 60))
+    path = deep.socket_path("b" * 32)
+    try:
+        assert len(str(path)) <= MAX_SOCKET_PATH and path.parent.stat().st_mode & 0o777 == 0o700
+        assert deep.socket_path("c" * 32).parent == path.parent  # one dir for the server's life
+    finally:
+        shutil.rmtree(path.parent)

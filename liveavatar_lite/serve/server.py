@@ -200,5 +200,7 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     finally:
         notifier.send("STOPPING=1")
         dispatcher.stop()
+        if dispatcher.sessions is not None:
+            dispatcher.sessions.stop()
         lock.close()
         sock.close()

@@ -93,6 +93,11 @@ class SessionBroker:
             shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def stop(self) -> None:
+        """At server stop: the private socket dir (if one was made) goes."""
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
     def socket_path(self, session_id: str) -> Path:
         path = self.root / f"{session_id}.sock"
         if len(str(path.resolve())) <= MAX_SOCKET_PATH:
