@@ -461,3 +461,40 @@ def test_next_block_timeout_is_checked_and_bounds_waiting_for_another_thread(pip
         assert sess.next_block(timeout=0.05) is None  # returns within its timeout instead of queueing
         sess.close()
         waiting.join()
+
+
+def test_an_utterance_under_way_waits_for_its_speech_without_idling(pipe: Pipeline, photo: Path) -> None:
+    with pipe.session(photo, "a person talking", idle="listen") as sess:
+        sess.feed(speech(1.2), RATE)  # enough for block 0 only (0.48 + 0.4 s); not ended
+        assert sess.next_block().utterance == 0
+        # listening would render an idle block within one block (0.48 s); a started utterance waits
+        assert sess.next_block(timeout=1.0) is None
+        sess.end()
+        assert sess.next_block(timeout=1.0).utterance == 0
+
+
+def test_close_awaits_the_block_in_flight_and_drops_it(pipe: Pipeline, photo: Path) -> None:
+    with pipe.session(photo, "a person talking", idle="listen") as sess:
+        renderer = pipe.backend.renderers[0]
+        entered, release = threading.Event(), threading.Event()
+        plain = renderer.block_frames
+
+        def slow(*a: Any, **k: Any) -> np.ndarray:
+            entered.set()
+            release.wait()
+            return plain(*a, **k)
+
+        renderer.block_frames = slow
+        got: list = []
+        it = threading.Thread(target=lambda: got.append(sess.next_block()))
+        it.start()
+        entered.wait()  # the block is rendering in the other thread
+        closer = threading.Thread(target=sess.close)
+        closer.start()
+        while not sess.closed:  # a state: close() has begun
+            time.sleep(0.01)
+        assert closer.is_alive() and pipe.backend.encoder_out == 1  # it waits for the block in flight
+        release.set()
+        closer.join()
+        it.join()
+    assert got == [None] and renderer.calls and pipe.backend.encoder_out == 0
