@@ -69,6 +69,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                         help="a task without progress (a rendered block) for this long, or 10 of the plan's "
                              "block times if longer, has its worker restarted (default: %(default)s)")
+    parser.add_argument("--session-idle", type=positive_float, default=120.0, metavar="SECONDS",
+                        help="a talk session with no message from its client (or no client yet) for this long "
+                             "ends (default: %(default)s)")
+    parser.add_argument("--keep-sessions", action="store_true",
+                        help="keep each talk session's frames, speech and the bytes sent under "
+                             "STATE/sessions/<id>/ (debugging and tests; grows without limit)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.config import (
         Limits,
         ServeConfig,
+        SessionPolicy,
         WorkerPolicy,
         default_state_dir,
         read_token,
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         worker=WorkerPolicy(memory_ceiling_bytes=int(args.worker_memory_gb * 1e9) if args.worker_memory_gb else None,
                             recycle_after_jobs=args.recycle_after, checkpoint_interval_s=args.checkpoint_interval,
                             stall_timeout_s=args.stall_timeout),
+        sessions=SessionPolicy(idle_s=args.session_idle, keep=args.keep_sessions),
         keep_jobs=args.keep_jobs, max_state_bytes=int(args.max_state_gb * 1e9) if args.max_state_gb else None,
         min_free_bytes=int(args.min_free_mb * 1e6))
     serve(config, _ray_executor(args, config) if args.backend == "ray" else None)

@@ -10,6 +10,11 @@
     GET    /v1/jobs/{id}/events           progress as server-sent events, until the job ends
     POST   /v1/avatars                    multipart image [, size, prompt] -> {"id"}: pre-encode a photo
     GET    /v1/avatars/{id}
+    POST   /v1/sessions                   multipart image|avatar, prompt [, size, seed, idle] -> {"id", "stream"}
+    GET    /v1/sessions                   the latest session (at most one is waiting or open)
+    GET    /v1/sessions/{id}              waiting | open | ended (and why)
+    DELETE /v1/sessions/{id}              end it
+    WS     /v1/sessions/{id}/stream       talk: PCM in, fragmented mp4 out (sessions.py; ?token= for browsers)
     POST   /v1/admin/drain                finish the running job, start nothing more, then exit 0
     GET    /healthz  /readyz  /metrics    liveness, ready for work (else why not), Prometheus
 
@@ -27,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -109,7 +114,7 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, executor_status: Any,
-               token: str | None, drain: Any = None) -> FastAPI:
+               token: str | None, drain: Any = None, sessions: Any = None) -> FastAPI:
     """The FastAPI app over a running service (server.py wires the parts)."""
     app = FastAPI(title="liveavatar-lite", docs_url=None, redoc_url=None, openapi_url=None)
     config = service.config
@@ -247,6 +252,58 @@ def create_app(service: JobService, layout: StateDir, metrics: ServeMetrics, exe
     @v1.get("/avatars/{avatar_id}")
     def get_avatar(avatar_id: str) -> dict:
         return service.avatar_view(service.avatar(avatar_id))
+
+    # ---- talk sessions (sessions.py) ------------------------------------------------------------
+
+    def broker() -> Any:
+        if sessions is None:
+            raise ApiError(501, "talk sessions need the local worker (serve --backend local)")
+        return sessions
+
+    @v1.post("/sessions", status_code=201)
+    async def create_session(request: Request) -> JSONResponse:
+        from .sessions import SESSION_FIELDS, create_session
+
+        b = broker()
+        service.check_accepting()
+        form = await receive_form(request, SESSION_FIELDS, layout.tmp, config.limits)
+        try:
+            slot = await validated(lambda f: create_session(service, b, f), form)
+        finally:
+            form.cleanup()
+        return JSONResponse(b.view(slot), status_code=201, headers={"Location": f"/v1/sessions/{slot.id}"})
+
+    def session_slot(session_id: str) -> Any:
+        slot = broker().get(session_id)
+        if slot is None:
+            raise ApiError(404, f"no session {session_id[:80]!r} (only the latest one is known)")
+        return slot
+
+    @v1.get("/sessions")
+    def list_sessions() -> dict:
+        slot = broker().current
+        return {"sessions": [broker().view(slot)] if slot is not None else []}
+
+    @v1.get("/sessions/{session_id}")
+    def get_session(session_id: str) -> dict:
+        return broker().view(session_slot(session_id))
+
+    @v1.delete("/sessions/{session_id}")
+    def end_session(session_id: str) -> dict:
+        slot = session_slot(session_id)
+        broker().close(slot.id, "closed")
+        return broker().view(slot)
+
+    @app.websocket("/v1/sessions/{session_id}/stream")
+    async def session_stream(websocket: WebSocket, session_id: str) -> None:
+        from .sessions import bridge
+
+        if sessions is None:
+            await websocket.accept()
+            await websocket.send_text(json.dumps({"error": "talk sessions need the local worker"}))
+            await websocket.close(1008)
+            return
+        await bridge(websocket, sessions, session_id, token, metrics)
 
     @v1.post("/admin/drain", status_code=202)
     def drain_now() -> JSONResponse:

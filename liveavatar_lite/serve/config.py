@@ -41,6 +41,17 @@ class WorkerPolicy:
 
 
 @dataclass(frozen=True)
+class SessionPolicy:
+    """Talk sessions (POST /v1/sessions + the WebSocket; docs/serve.md, "Talk mode")."""
+
+    idle_s: float = 120.0  # no message from the client (or no client yet) for this long -> the session ends
+    max_message_bytes: int = 256 * 1024  # one PCM message (4 s of float32 at 16 kHz); more -> error, close 1009
+    max_backlog_s: float = 60.0  # speech received but not yet rendered; more -> error, close 1008
+    send_timeout_s: float = 30.0  # a client that does not take a fragment for this long is dropped
+    keep: bool = False  # keep each session's frames, speech and sent bytes under state/sessions/ (debug, tests)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything `liveavatar-lite serve` runs with."""
 
@@ -52,6 +63,7 @@ class ServeConfig:
     size: str = "704*384"  # the size the worker is planned for, and a job's default
     limits: Limits = field(default_factory=Limits)
     worker: WorkerPolicy = field(default_factory=WorkerPolicy)
+    sessions: SessionPolicy = field(default_factory=SessionPolicy)
     keep_jobs: int = 1000  # finished jobs (and their videos) kept; older ones are deleted
     max_state_bytes: int | None = None  # prune live segments of done jobs and caches (LRU) to stay under this
     min_free_bytes: int = 1_000_000_000  # free disk below this (plus a job's own need) -> jobs wait, uploads 507

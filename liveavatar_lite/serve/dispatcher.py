@@ -54,6 +54,8 @@ from .tasks import (
     RenderTask,
     Restarted,
     Resumed,
+    SessionOpened,
+    SessionTask,
     Task,
     WorkerFailed,
     WorkerReady,
@@ -88,6 +90,7 @@ class Dispatcher:
         self._disk_checked = 0.0
         self._disk_retry_s = DISK_RETRY_S
         self._disk_retry_at = 0.0
+        self.sessions = None  # a SessionBroker (sessions.py) when the executor runs talk sessions
 
     def start(self) -> None:
         self._thread.start()
@@ -168,6 +171,8 @@ class Dispatcher:
             self.wake.set()
 
     def _next_task(self) -> Task | None:
+        if self.sessions is not None and self.sessions.holds_worker():
+            return self.sessions.take()  # a talk session goes before queued work, and holds the worker
         avatar = self.store.next_pending_avatar()
         if avatar is not None and avatar.id not in self._running:
             return AvatarTask(avatar.id, str(self.blobs.path(avatar.image)), avatar.size, avatar.prompt)
@@ -189,8 +194,14 @@ class Dispatcher:
             checkpoint_interval_s=self.config.worker.checkpoint_interval_s, resume=True)
 
     def _send_cancels(self) -> None:
+        if self.sessions is not None:
+            self.sessions.expire()
+            session_id = self.sessions.to_cancel()
+            if session_id is not None and session_id in self._running and session_id not in self._cancel_sent:
+                self._cancel_sent.add(session_id)
+                self.executor.cancel(session_id)
         for task_id in list(self._running):
-            if task_id in self._cancel_sent or isinstance(self._running[task_id], AvatarTask):
+            if task_id in self._cancel_sent or isinstance(self._running[task_id], AvatarTask | SessionTask):
                 continue
             job = self.store.get(task_id)
             if job is not None and job.cancel_requested:
@@ -208,6 +219,9 @@ class Dispatcher:
             return  # a task already handled (e.g. a result after its full disk): the store keeps its state
         if isinstance(task, AvatarTask):
             self._apply_avatar(task, event)
+            return
+        if isinstance(task, SessionTask):
+            self._apply_session(task, event)
             return
         if isinstance(event, FirstFrame):
             self.store.progress(event.task_id, first_frame_s=event.seconds)
@@ -257,6 +271,25 @@ class Dispatcher:
         else:
             return
         self._running.pop(task.id, None)
+
+    def _apply_session(self, task: SessionTask, event: Event) -> None:
+        """A talk session's task: opened, then over however it ends (the broker logs the one line)."""
+        assert self.sessions is not None
+        if isinstance(event, SessionOpened):
+            self.sessions.opened(task.id)
+            return
+        if isinstance(event, Finished | Cancelled):
+            reason = None
+        elif isinstance(event, Failed | NoSpace):
+            reason = f"error: {event.message}"
+        elif isinstance(event, Lost):
+            reason = f"worker_died: {event.reason}"
+            self.metrics.failure(event.kind)
+        else:
+            return
+        self._running.pop(task.id, None)
+        self._cancel_sent.discard(task.id)
+        self.sessions.ended(task.id, reason)
 
     def _no_space(self, event: NoSpace) -> None:
         """The disk filled under a running job: it waits, its work kept, and nothing starts for a while."""

@@ -9,6 +9,7 @@ hundred connections that never finish their headers make every request, /healthz
   response on a kept-alive one); else the connection is closed;
 - its body must arrive within `body_timeout_s` of its headers (uploads have their own, shorter
   limit in the API: `--request-timeout`);
+- a request that upgrades to a WebSocket (a talk session) leaves both deadlines behind;
 - one client address holds at most `per_client` connections still waiting for headers: a new
   connection past that closes that client's oldest waiting one, so the dawdler pays, not the
   newcomer (a kiosk's page or a health check from the same address still gets through).
@@ -42,6 +43,12 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client:
                 # the headers are in: the body (if any) gets its own deadline
                 self._forget()
                 self._arm(body_timeout_s, h11.SEND_BODY)
+
+        def handle_websocket_upgrade(self, event: h11.Request) -> None:
+            # the connection becomes a WebSocket (a talk session, sessions.py) and outlives any body
+            # deadline: h11 still says SEND_BODY for it, so the timer armed at its headers must go
+            self._forget()
+            super().handle_websocket_upgrade(event)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

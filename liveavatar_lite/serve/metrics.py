@@ -13,6 +13,10 @@
     liveavatar_host_memory_bytes{process}          RSS of the server and the worker
     liveavatar_device_memory_bytes                 accelerator memory the worker's torch holds
     liveavatar_state_free_bytes                    free disk under the state dir (measured each second)
+    liveavatar_session_block_latency_seconds       talk sessions: a block's last speech sample in -> its
+                                                   fragment sent to the client (histogram)
+    liveavatar_sessions_total{outcome}             ended talk sessions by outcome (sessions.OUTCOMES)
+    liveavatar_sessions_active                     talk sessions waiting for the worker or open (0 or 1)
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from .store import TERMINAL, JobRow
 from .supervisor import rss_bytes
 from .tasks import Memory, WorkerFailed, WorkerReady
 
+_BLOCK_SECONDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)  # real time: a block is 0.48 s
 _SECONDS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
 # The labels every scrape shows from the start (at 0), so a dashboard or a rate() sees a series
 # before its first event: failure kinds (tasks.Failed, tasks.Lost) and worker restart reasons.
@@ -59,6 +64,15 @@ class ServeMetrics:
         self.device_memory = Gauge("liveavatar_device_memory_bytes", "accelerator memory held by the worker",
                                    registry=r)
         self.free_bytes = Gauge("liveavatar_state_free_bytes", "free disk under the state dir", registry=r)
+        self.block_latency = Histogram("liveavatar_session_block_latency_seconds",
+                                       "talk session: last speech sample of a block in -> its fragment out",
+                                       buckets=_BLOCK_SECONDS, registry=r)
+        self.sessions = Counter("liveavatar_sessions", "ended talk sessions by outcome", ["outcome"], registry=r)
+        self.sessions_active = Gauge("liveavatar_sessions_active", "talk sessions waiting or open", registry=r)
+        from .sessions import OUTCOMES
+
+        for outcome in OUTCOMES:
+            self.sessions.labels(outcome=outcome)
         for state in TERMINAL:
             self.jobs.labels(state=state)
         for kind in FAILURE_KINDS:
@@ -87,6 +101,15 @@ class ServeMetrics:
                 self.job_seconds.observe(job.render_s)
             if job.finished is not None:
                 self.latency.observe(job.finished - job.created)
+
+    def session_block(self, latency_s: float) -> None:
+        self.block_latency.observe(latency_s)
+
+    def session_ended(self, reason: str | None) -> None:
+        from .sessions import OUTCOMES
+
+        outcome = (reason or "closed").split(":")[0]
+        self.sessions.labels(outcome=outcome if outcome in OUTCOMES else "error").inc()
 
     def worker_event(self, event: WorkerReady | WorkerFailed | Memory) -> None:
         if isinstance(event, Memory) and event.device_bytes is not None:

@@ -36,6 +36,7 @@ from .tasks import (
     RenderTask,
     Restarted,
     Resumed,
+    SessionTask,
     Started,
 )
 
@@ -95,9 +96,10 @@ class _ObservedRenderer:
         if plan is not None:  # the plan's seconds per clip, spread over its blocks
             hooks.predicted_block_s = round(plan.predicted_seconds_per_clip / hooks.blocks_per_clip, 4)
 
-    def block_frames(self, clip: int, block: int) -> Any:
+    def block_frames(self, clip: int, block: int, **kwargs: Any) -> Any:
+        """(`kwargs`: a talk session's renderer takes each block's `audio` features here)"""
         self.hooks.before_block(clip, block)
-        frames = self.inner.block_frames(clip, block)
+        frames = self.inner.block_frames(clip, block, **kwargs)
         self.hooks.after_block()
         return frames
 
@@ -138,6 +140,26 @@ class _ObservedBackend:
         assert self.hooks is not None, "build outside a task"
         return _ObservedRenderer(renderer, self.hooks)
 
+    # ---- talk sessions (pipeline/session.py): the same renderer observed, the rest as the inner backend
+
+    def build_session(self, inputs: RenderInputs) -> _ObservedRenderer:
+        renderer = self.inner.build_session(inputs)
+        assert self.hooks is not None, "build outside a task"
+        return _ObservedRenderer(renderer, self.hooks)
+
+    def session_audio_encoder(self) -> Any:
+        return self.inner.session_audio_encoder()
+
+    def release_session_audio_encoder(self) -> None:
+        self.inner.release_session_audio_encoder()
+
+    def silence_features(self, frames: int) -> Any:
+        return self.inner.silence_features(frames)
+
+    @property
+    def feature_dtype(self) -> Any:
+        return self.inner.feature_dtype
+
 
 class TaskRunner:
     """A warm Pipeline (models loaded once) that renders tasks and pre-encodes avatars."""
@@ -164,13 +186,15 @@ class TaskRunner:
     def loads(self) -> dict[str, int]:
         return self.pipeline.loads
 
-    def run(self, task: RenderTask | AvatarTask, cancel: threading.Event, emit: Emit) -> None:
+    def run(self, task: RenderTask | AvatarTask | SessionTask, cancel: threading.Event, emit: Emit) -> None:
         """Run one task to its end, emitting its events; never raises for a task's own failure."""
         self.tasks_run += 1
         try:
             if isinstance(task, AvatarTask):
                 self._avatar(task)
                 emit(Finished(task.id, 0.0))
+            elif isinstance(task, SessionTask):
+                self._session(task, cancel, emit)
             else:
                 self._render(task, cancel, emit)
         except TaskCancelled:
@@ -223,6 +247,17 @@ class TaskRunner:
             hooks.clip_done(hooks.clip)  # the last clip (its segment is in the mp4 now)
         emit(Finished(task.id, round(result.seconds, 4), result.frames, result.clips, result.resumed_clips,
                       None if result.first_frame_seconds is None else round(result.first_frame_seconds, 4)))
+
+    def _session(self, task: SessionTask, cancel: threading.Event, emit: Emit) -> None:
+        """A talk session (session_worker.py); its blocks count as progress for the stall watchdog."""
+        from .session_worker import run_session
+
+        started = time.perf_counter()
+        # the session's own loop stops it on `cancel`; the hooks only report blocks (their flag stays clear)
+        self.backend.hooks = _Hooks(task.id, threading.Event(), emit)
+        emit(Started(task.id))
+        frames = run_session(self.pipeline, task, cancel, emit)
+        emit(Finished(task.id, round(time.perf_counter() - started, 4), frames))
 
     def _avatar(self, task: AvatarTask) -> None:
         from ..conditioning.photo import load_reference

@@ -38,6 +38,7 @@ from .malloc_policy import steady_malloc
 from .metrics import ServeMetrics
 from .notify import SystemdNotifier
 from .service import JobService
+from .sessions import SessionBroker
 from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, WAITING_FOR_DISK, JobStore
 from .supervisor import LocalWorkerExecutor
 from .uploads import ApiError
@@ -97,6 +98,13 @@ def build(config: ServeConfig, executor: Executor | None = None) -> tuple[object
     metrics = ServeMetrics(lambda: store.count(QUEUED), executor.status)
     blob_lock = threading.Lock()
     dispatcher = Dispatcher(store, executor, layout, blobs, config, metrics, blob_lock)
+    sessions = None
+    if isinstance(executor, LocalWorkerExecutor):  # talk sessions need the worker's live socket (sessions.py)
+        sessions = SessionBroker(config, layout, dispatcher.wake, on_end=lambda slot: metrics.session_ended(slot.reason))
+        sessions.start()
+        dispatcher.sessions = sessions
+        metrics.sessions_active.set_function(lambda: 1.0 if sessions.current and sessions.current.state != "ended"
+                                             else 0.0)
 
     def refusal() -> ApiError | None:
         if dispatcher.draining.is_set():
@@ -127,7 +135,7 @@ def build(config: ServeConfig, executor: Executor | None = None) -> tuple[object
     service = JobService(config, layout, store, blobs, blob_lock, dispatcher.wake, refusal=refusal,
                          progress=dispatcher.progress,
                          predicted_clip_s=lambda: executor.status().get("seconds_per_clip"))
-    app = create_app(service, layout, metrics, status, config.token, drain=dispatcher.drain)
+    app = create_app(service, layout, metrics, status, config.token, drain=dispatcher.drain, sessions=sessions)
     return BodyLimit(app, config.limits.max_upload_bytes), dispatcher, lock
 
 
@@ -168,7 +176,10 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     app, dispatcher, lock = build(config, executor)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-        limit_concurrency=MAX_CONNECTIONS,
+        limit_concurrency=MAX_CONNECTIONS, ws="websockets",
+        # a talk session's PCM message over its limit gets a one-line error from sessions.py; one far over it
+        # (more than this) is refused by uvicorn itself (close 1009)
+        ws_max_size=4 * config.sessions.max_message_bytes,
         http=guarded_protocol(HEADER_TIMEOUT_S, config.limits.request_timeout_s + BODY_SLACK_S, PENDING_PER_CLIENT)))
     notifier = SystemdNotifier.from_env()
     dispatcher.on_step = notifier.ping  # the watchdog ping comes from the loop that does the work
@@ -189,5 +200,7 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
     finally:
         notifier.send("STOPPING=1")
         dispatcher.stop()
+        if dispatcher.sessions is not None:
+            dispatcher.sessions.stop()
         lock.close()
         sock.close()

@@ -43,6 +43,23 @@ class AvatarTask:
 
 
 @dataclass(frozen=True)
+class SessionTask:
+    """Hold a talk session (serve/session_worker.py): listen on `socket` for the HTTP side, then render
+    the speech it streams in until it closes. `keep`: a directory that receives the session's frames,
+    speech and block boundaries (`serve --keep-sessions`, for tests and debugging), or None."""
+
+    id: str
+    image: str
+    prompt: str
+    size: str
+    seed: int
+    idle: str  # listen | pause
+    socket: str
+    keep: str | None = None
+    max_backlog_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Stop task `task_id` at the next block boundary (a control message, not a task)."""
 
@@ -114,6 +131,13 @@ class Restarted:
 
 
 @dataclass(frozen=True)
+class SessionOpened:
+    """The worker listens on the session's socket: the HTTP side may connect."""
+
+    task_id: str
+
+
+@dataclass(frozen=True)
 class FirstFrame:
     task_id: str
     seconds: float  # from the task's start to its first decoded frame
@@ -170,12 +194,12 @@ class Memory:
     device_bytes: int | None
 
 
-Task = RenderTask | AvatarTask
+Task = RenderTask | AvatarTask | SessionTask
 Event = (WorkerReady | WorkerFailed | Started | Resumed | BlockDone | NoSpace | Restarted | FirstFrame | ClipDone
-         | Finished | Failed | Cancelled | Lost | Memory)
+         | Finished | Failed | Cancelled | Lost | Memory | SessionOpened)
 
 _TYPES: dict[str, type] = {t.__name__: t for t in (
-    RenderTask, AvatarTask, Cancel, Stop,
+    RenderTask, AvatarTask, SessionTask, Cancel, Stop, SessionOpened,
     WorkerReady, WorkerFailed, Started, Resumed, BlockDone, NoSpace, Restarted, FirstFrame, ClipDone, Finished, Failed,
     Cancelled, Lost, Memory)}
 
