@@ -535,3 +535,17 @@ def test_page_shows_why_not_ready_and_why_a_job_failed(tiny_artifact: Path, tmp_
     finally:
         driver.quit()
         server.stop()
+
+
+@pytest.mark.slow
+def test_worker_log_is_capped_by_a_running_server(tiny_artifact: Path, media: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with _serving(ServeProcess(tiny_artifact, state, "--worker-log-mb", "0.0002")) as server:  # 200 bytes
+        log, old = state / "worker.log", state / "worker.log.1"
+        until(old.is_file, 60, "the first rotation")  # the worker's start alone writes more than 200 bytes
+        job = submit(server, media, num_clip=1)
+        server.wait_for(job, "done")
+        # the job's lines (over 200 bytes) passed the cap again: moved to worker.log.1 by the next check
+        until(lambda: job.encode() in old.read_bytes(), 60, "a rotation after the job")
+        assert log.stat().st_size <= old.stat().st_size  # emptied, then only what came since
+        assert not log.read_bytes().startswith(b"\0")  # the worker appends at the new end: no hole of zeros
