@@ -105,9 +105,10 @@ def cache_entries(cache_dir: Path) -> list[Path]:
 
 def prune_to(layout: StateDir, store: JobStore, cache_dir: Path | None, limit_bytes: int,
              finishing: str | None = None, reserve: int = 0) -> int:
-    """Bring the state dir under `limit_bytes` less `reserve` (room kept for a job about to start):
-    live segments of done jobs (oldest finished first; then those of `finishing`, a job whose mp4 is
-    complete and which is about to be marked done), then cache entries (least recently used first). Returns the bytes it removed."""
+    """Bring the state dir under `limit_bytes` less `reserve` (room kept for running jobs): live
+    segments of done jobs (oldest finished first; then those of `finishing`, a job whose mp4 is
+    complete and which is about to be marked done), then cache entries (least recently used first).
+    Returns the bytes it removed."""
     used = tree_bytes(layout.root)
     if cache_dir is not None and not _inside(cache_dir, layout.root):
         used += tree_bytes(cache_dir)

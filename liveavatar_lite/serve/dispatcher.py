@@ -9,14 +9,15 @@ A job whose worker died (or stalled: supervisor.py) is requeued at the head (res
 checkpoint); the `max_deaths_per_job`-th time it is failed with the reason instead of being retried forever.
 
 Disk: no job starts while the state dir's filesystem has less than `min_free_bytes` plus the job's
-own bytes free (disk.job_bytes: its video, live segments, photo-cache entry and checkpoints, from its
-clip count, size and the artifact's plan); a job that hits a full disk (ENOSPC) waits as `waiting_for_disk` with its work kept, and goes back to the
-head of the queue once space returns (checked every second; nothing starts until DISK_RETRY_S after
-the latest full disk, doubling while the disk keeps filling, so the waiting jobs go first). With
-`max_state_bytes`, finished jobs' live segments and least recently used caches are pruned (disk.py)
-so that the state dir stays under it: before a job starts, down to the limit less that job's own
-bytes; when a job finishes, before it is marked done (its own live segments may go too, its mp4
-holds the frames); and after any upload, within one step of this loop.
+own bytes free (disk.job_bytes: its video, live segments, photo-cache entry and checkpoints, from
+its clip count, size and the artifact's plan); a job that hits a full disk (ENOSPC) waits as
+`waiting_for_disk` with its work kept, and goes back to the head of the queue once space returns
+(checked every second; nothing starts until DISK_RETRY_S after the latest full disk, doubling
+while the disk keeps filling, so the waiting jobs go first). With `max_state_bytes`, finished jobs'
+live segments and least recently used caches are pruned (disk.py) so that the state dir stays
+under it: before a job starts, down to the limit less the running jobs' own bytes; when a job
+finishes, before it is marked done (its own live segments may go too: its mp4 holds the frames);
+and after any upload, within one step of this loop.
 
 Drain (`drain()`: SIGUSR1 or POST /v1/admin/drain): nothing new starts; once the running task is
 done, `on_drained` is called (the server then exits 0). Queued jobs stay queued for the next start.
@@ -94,7 +95,7 @@ class Dispatcher:
         self._disk_retry_s = DISK_RETRY_S
         self._disk_retry_at = 0.0
         self._room_logged: str | None = None  # the job last logged as waiting for room (logged once)
-        self._reserved = 0  # bytes kept free under max_state_bytes for the running job
+        self._reserved: dict[str, int] = {}  # running job id -> its bytes, kept free under max_state_bytes
         try:  # the plan's model (checkpoint sizes); a test's fake artifact has none: no checkpoints counted
             self._dit = read_manifest(config.pipeline.artifact).dit
         except Exception:  # noqa: BLE001 - the worker reports a bad artifact in its own words
@@ -208,7 +209,7 @@ class Dispatcher:
         job = self.store.claim_next()
         if job is None:
             return None
-        self._reserved, self._room_logged = self.job_bytes(job), None
+        self._reserved[job.id], self._room_logged = self.job_bytes(job), None
         self._prune_state()  # room for this job's own bytes under --max-state-gb before it writes any
         self.layout.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         self._clips_total[job.id] = job.clips_total
@@ -267,7 +268,7 @@ class Dispatcher:
         elif isinstance(event, NoSpace):
             self._no_space(event)
         elif isinstance(event, Finished):
-            self._reserved = 0
+            self._reserved.pop(event.task_id, None)
             self._prune_state(finishing=event.task_id)  # before `done` is visible: a client never sees it over
             self.store.finish(event.task_id, DONE, render_s=event.seconds, clips_done=event.clips)
             self._ended(event.task_id, DONE)
@@ -311,7 +312,7 @@ class Dispatcher:
         """Drop what the loop holds for a task; a job that will resume keeps its progress (never going back)."""
         self._running.pop(job_id, None)
         self._cancel_sent.discard(job_id)
-        self._reserved = 0  # (one job runs at a time)
+        self._reserved.pop(job_id, None)
         if ended:
             self.progress.pop(job_id, None)
             self._clips_total.pop(job_id, None)
@@ -363,4 +364,4 @@ class Dispatcher:
         if self.config.max_state_bytes is not None:
             cache = self.config.pipeline.cache_dir
             disk.prune_to(self.layout, self.store, Path(cache) if cache else None, self.config.max_state_bytes,
-                          finishing=finishing, reserve=self._reserved)
+                          finishing=finishing, reserve=sum(self._reserved.values()))
