@@ -13,8 +13,11 @@ taken after them:
   /dev/full (a real ENOSPC) and the server's free-space probe reads 0 (its test hook) for
   --full-seconds; uploads meanwhile get 507 and are retried after.
 Printed: jobs done / lost (must be 0), the 507s, the stalls caught, the state dir's size against the
-limit (largest seen after any job, and at the end), and the RSS of the server and the (last) worker
-after job --baseline and after the last job, with the queue drained (growth must stay within 1 %).
+limit (largest seen right after any job, largest of a sample every 0.5 s, and at the end), and the
+RSS of the server and the (last) worker after job --baseline and after the last job, with the queue
+drained (growth must stay within 1 %); every 20 jobs a trend line (one unsettled RSS sample).
+--max-wall stops submitting after that many seconds (the queued jobs finish and are measured): the
+run then reports the jobs it did, not --jobs.
 """
 from __future__ import annotations
 
