@@ -25,6 +25,7 @@ import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -350,6 +351,7 @@ def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: 
         later = submit(server, media, seed=7, num_clip=1)
         server.wait_for(running, "running")
         worker = server.worker_pid()
+        os.kill(worker, signal.SIGUSR1)  # `systemctl kill -s USR1` reaches the whole control group: ignored
         r = server.client.post("/v1/admin/drain")
         assert r.status_code == 202 and r.json() == {"draining": True}
         _one_line_error(server.client.post("/v1/jobs", files=job_files(media), data=job_data()), 503)
@@ -362,7 +364,7 @@ def test_drain_finishes_the_running_job_and_exits_0(tiny_artifact: Path, media: 
     assert _db_state(state, running) == "done" and _db_state(state, later) == "queued"
     assert np.array_equal(decoded_frames(state / "jobs" / running / "video.mp4"),
                           decoded_frames(clean_render["out"])[:CLIP01])
-    assert "drained" in server.log.read_text()
+    assert "drained" in server.log.read_text() and server.log.read_text().count("worker started") == 1
 
     # the next start runs the queued job; SIGUSR1 drains too
     server.start(READY_S)
@@ -404,3 +406,147 @@ def test_checkpoint_of_another_artifact_restarts_the_job_from_scratch(tiny_artif
     assert _states_logged(server, job_id) == ["queued", "running", "queued", "running", "running", "done"]
     telemetry = (state / "jobs" / job_id / "telemetry.jsonl").read_text()
     assert '"event": "resume"' not in telemetry
+
+
+# ---- a job's own bytes before it starts -----------------------------------------------------------
+
+def test_job_bytes_is_the_plans_video_and_checkpoints(clean_render: dict) -> None:
+    from liveavatar_lite.config import PRESETS, SampleConfig
+    from liveavatar_lite.runtime.plan_inputs import kv_specs
+    from liveavatar_lite.serve.disk import ENCODED_FRACTION, job_bytes
+
+    tiny, big = PRESETS["tiny"].dit, PRESETS["14b"].dit
+    raw_clip = 64 * 64 * 3 * SampleConfig().infer_frames
+    # the measured mp4 of the 3-clip reference render fits the bound on one encoded copy
+    assert clean_render["out"].stat().st_size <= 3 * raw_clip * ENCODED_FRACTION
+    one = job_bytes(tiny, (64, 64), 1)
+    assert one == job_bytes(None, (64, 64), 1)  # one clip: no checkpoint is ever written
+    assert job_bytes(tiny, (64, 64), 2) - one > 2 * sum(k.nbytes("bf16") for k in kv_specs(tiny, (64, 64)))
+    # docs/generate.md: a 14B checkpoint holds about 40 GB of K/V at 704*384 (bf16), about half with 8-bit K/V;
+    # two exist at once
+    bf16, fp8 = job_bytes(big, (704, 384), 16), job_bytes(big, (704, 384), 16, "fp8")
+    assert 80e9 < bf16 < 100e9 and 40e9 < fp8 < 0.6 * bf16
+
+
+class _RecordingExecutor:
+    """An executor whose one slot finishes each task at the next events() call; records the state
+    dir's size at each submit (what the job would find)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.submitted, self.sizes, self._pending = root, [], [], []
+
+    def start(self) -> None:
+        self._pending.append(WorkerReady(os.getpid(), {}, None))
+
+    def free_slots(self) -> int:
+        return 0 if any(isinstance(e, Finished) for e in self._pending) else 1
+
+    def submit(self, task) -> None:
+        self.submitted.append(task.id)
+        self.sizes.append(tree_bytes(self.root))
+        self._pending.append(Finished(task.id, 0.1, CLIP0, 1, 0, None))
+
+    def cancel(self, task_id: str) -> None:
+        pass
+
+    def events(self, timeout: float) -> list:
+        out, self._pending = self._pending, []
+        return out
+
+    def status(self) -> dict:
+        return {"ready": True}
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_job_starts_only_with_room_for_its_own_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    from liveavatar_lite.serve.blobs import BlobStore
+    from liveavatar_lite.serve.dispatcher import Dispatcher
+    from liveavatar_lite.serve.disk import job_bytes
+    from liveavatar_lite.serve.metrics import ServeMetrics
+
+    free_file = tmp_path / "free_bytes"
+    monkeypatch.setenv(FREE_BYTES_HOOK, str(free_file))
+    layout, store = _store_with(tmp_path / "state")
+    need, floor = job_bytes(None, (64, 64), 1), 1000  # (no manifest here: a one-clip job has no checkpoint anyway)
+    for i in range(4):  # photo-cache entries, a quarter of the job's bytes each, the least recently used first
+        entry = layout.cache / "photos" / f"{i:064x}.safetensors"
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_bytes(bytes(need // 4))
+        os.utime(entry, (100.0 + i, 100.0 + i))
+    # the job's bytes fit only once two entries are pruned (need // 8: room for the queue database's growth)
+    limit = tree_bytes(layout.root) + need // 2 + need // 8
+    config = ServeConfig(pipeline=PipelineOptions(tmp_path / "no-artifact", cache_dir=layout.cache),
+                         state_dir=layout.root, size=SIZE, min_free_bytes=floor, max_state_bytes=limit)
+    executor = _RecordingExecutor(layout.root)
+    dispatcher = Dispatcher(store, executor, layout, BlobStore(layout.blobs), config,
+                            ServeMetrics(lambda: 0, executor.status), threading.Lock())
+    free_file.write_text(str(floor + need - 1))  # room for the floor, not for the job
+    store.add(_row("5" * 32, QUEUED), max_queued=10)
+    with caplog.at_level("WARNING", logger="liveavatar_lite.serve.dispatcher"):
+        dispatcher.start()
+        try:
+            until(lambda: "waits for disk space" in caplog.text, 30, "the log line")
+            assert executor.submitted == [] and store.get("5" * 32).state == QUEUED
+            assert not dispatcher.disk_short()  # above the floor: uploads are still taken
+            (tmp_path / "free.tmp").write_text(str(floor + need))
+            os.replace(tmp_path / "free.tmp", free_file)
+            until(lambda: store.get("5" * 32).state == DONE, 30, "the job")
+        finally:
+            dispatcher.stop()
+    assert caplog.text.count("waits for disk space") == 1  # once per job, not every loop
+    assert executor.sizes[0] <= limit - need  # pruned to leave the job its bytes before it started
+    left = sorted(p.name for p in (layout.cache / "photos").iterdir())
+    assert left == [f"{i:064x}.safetensors" for i in (2, 3)]  # the least recently used went
+    store.close()
+
+
+# ---- the page says why --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_page_shows_why_not_ready_and_why_a_job_failed(tiny_artifact: Path, tmp_path: Path) -> None:
+    from test_serve import _chromium
+
+    from liveavatar_lite.serve.store import FAILED
+
+    layout, store = _store_with(tmp_path / "state")  # a job that failed before this start, with its reason
+    store.add(replace(_row("6" * 32, FAILED, 5.0), error="the worker died 2 times on this job; not retried again",
+                      error_kind="worker_died"), max_queued=10)
+    store.close()
+    server = ServeProcess(tiny_artifact, layout.root, "--ram", "0.001")  # a budget the model cannot load in
+    server.start(READY_S, wait=False)
+    driver = _chromium(tmp_path)
+    try:
+        def load_error() -> str | None:
+            reason = server.client.get("/readyz").json()["reason"] or ""
+            return reason if "cannot load" in reason else None
+
+        reason = until(load_error, READY_S, "the load error")
+        assert "--ram" in reason
+        driver.get(server.url + "/")
+        badge = until(lambda: (t := driver.find_element("id", "ready").text) != "loading the model…" and t, 60,
+                      "the badge")
+        assert badge == reason  # /readyz's reason, word for word
+        row = until(lambda: driver.find_element("id", "queue").text, 60, "the queue table")
+        assert "failed: the worker died 2 times on this job" in row
+    finally:
+        driver.quit()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_worker_log_is_capped_by_a_running_server(tiny_artifact: Path, media: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with _serving(ServeProcess(tiny_artifact, state, "--worker-log-mb", "0.0002")) as server:  # 200 bytes
+        log, old = state / "worker.log", state / "worker.log.1"
+        until(old.is_file, 60, "the first rotation")  # the worker's start alone writes more than 200 bytes
+        job = submit(server, media, num_clip=1)
+        server.wait_for(job, "done")
+        # the job's lines (over 200 bytes) passed the cap again: moved to worker.log.1 by the next check
+        until(lambda: job.encode() in old.read_bytes(), 60, "a rotation after the job")
+        assert log.stat().st_size <= old.stat().st_size  # emptied, then only what came since
+        assert not log.read_bytes().startswith(b"\0")  # the worker appends at the new end: no hole of zeros

@@ -13,8 +13,11 @@ taken after them:
   /dev/full (a real ENOSPC) and the server's free-space probe reads 0 (its test hook) for
   --full-seconds; uploads meanwhile get 507 and are retried after.
 Printed: jobs done / lost (must be 0), the 507s, the stalls caught, the state dir's size against the
-limit (largest seen after any job, and at the end), and the RSS of the server and the (last) worker
-after job --baseline and after the last job, with the queue drained (growth must stay within 1 %).
+limit (largest seen right after any job, largest of a sample every 0.5 s, and at the end), and the
+RSS of the server and the (last) worker after job --baseline and after the last job, with the queue
+drained (growth must stay within 1 %); every 20 jobs a trend line (one unsettled RSS sample).
+--max-wall stops submitting after that many seconds (the queued jobs finish and are measured): the
+run then reports the jobs it did, not --jobs.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ def main() -> None:
     ap.add_argument("--baseline", type=int, default=30, help="the job after which the RSS baseline is taken")
     ap.add_argument("--max-state-gb", type=float, default=0.02)
     ap.add_argument("--stall-timeout", type=float, default=20.0)
+    ap.add_argument("--keep-jobs", type=int, default=40, help="the server's --keep-jobs (results kept)")
+    ap.add_argument("--max-wall", type=float, default=None,
+                    help="stop submitting after this many seconds, finish the queued jobs and report what ran")
     ap.add_argument("--artifact", type=Path, default=None, help="a tiny artifact (default: build one)")
     args = ap.parse_args()
 
@@ -68,7 +74,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "liveavatar_lite.cli", "serve", str(artifact), "--state-dir", str(state),
                "--port", str(port), "--size", SIZE, "--max-queue", str(args.inflight + 2), "--checkpoint-interval", "0",
                "--max-state-gb", str(args.max_state_gb), "--stall-timeout", str(args.stall_timeout),
-               "--min-free-mb", "1"]
+               "--min-free-mb", "1", "--keep-jobs", str(args.keep_jobs)]
         log = open(work / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
         server = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
@@ -89,12 +95,19 @@ def main() -> None:
 
         t_start = time.time()
         refused, stalls, largest, done, filled = 0, 0, 0, {}, False
+        largest_any, sampled = 0, 0.0  # the state dir's size at any moment (sampled each 0.5 s), not only after jobs
         try:
             ready()
             pending: list[tuple[int, str]] = []
             submitted = 0
             rss: dict[int, tuple] = {}
             while len(done) < args.jobs:
+                if args.max_wall and time.time() - t_start > args.max_wall and submitted < args.jobs \
+                        and submitted > args.baseline:
+                    print(f"--max-wall {args.max_wall:.0f} s reached: {submitted} jobs submitted, no more", flush=True)
+                    args.jobs = submitted  # the queued ones finish; the end sample is taken after the last
+                if time.time() - sampled > 0.5:
+                    largest_any, sampled = max(largest_any, tree_bytes(state)), time.time()
                 drain = submitted >= args.baseline and len(done) < args.baseline
                 while submitted < args.jobs and len(pending) <= args.inflight and not drain:
                     face = faces[submitted % args.faces]
@@ -132,8 +145,12 @@ def main() -> None:
                     done[index] = job
                     pending.pop(0)
                     largest = max(largest, tree_bytes(state))
-                    if len(done) % 20 == 0:
-                        print(f"{len(done)} jobs, {time.time() - t_start:.0f} s", flush=True)
+                    if len(done) % 20 == 0:  # a trend line: one RSS sample mid-run (jobs queued, not settled)
+                        from bench_serve import _rss
+                        wpid = client.get("/readyz").json()["worker"]["pid"]
+                        print(f"{len(done)} jobs, {time.time() - t_start:.0f} s; state dir largest "
+                              f"{largest_any / 1e6:.2f} MB; RSS server {_rss(server.pid)[0] / 1e6:.1f} MB, "
+                              f"worker {_rss(wpid)[0] / 1e6:.1f} MB (pid {wpid})", flush=True)
                     if len(done) in (args.baseline, args.jobs) and not pending:
                         time.sleep(1.0)
                         worker = client.get("/readyz").json()["worker"]["pid"]
@@ -156,8 +173,9 @@ def main() -> None:
           + (f" ({done[lost[0]]['error']})" if lost else ""))
     print(f"stalls injected and caught: {stalls} (worker restarts: {restarts}); 507s while the disk was full: "
           f"{refused}; waiting_for_disk log lines: {text.count(' waiting_for_disk ')}")
-    print(f"state dir: largest after a job {largest / 1e6:.2f} MB, at the end {final_state / 1e6:.2f} MB; "
-          f"limit {args.max_state_gb * 1e3:.0f} MB")
+    print(f"state dir: largest after a job {largest / 1e6:.2f} MB, largest at any 0.5 s sample "
+          f"{largest_any / 1e6:.2f} MB, at the end {final_state / 1e6:.2f} MB; limit {args.max_state_gb * 1e3:.0f} MB "
+          f"(--keep-jobs {args.keep_jobs}); 'still holds' warnings: {text.count('still holds')}")
     (s0, w0, pid0), (s1, w1, pid1) = rss[args.baseline], rss[args.jobs]
     assert pid0 == pid1, "the worker was restarted after the baseline"
     for name, a, b in (("server", s0, s1), ("worker", w0, w1)):

@@ -75,6 +75,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-sessions", action="store_true",
                         help="keep each talk session's frames, speech and the bytes sent under "
                              "STATE/sessions/<id>/ (debugging and tests; grows without limit)")
+    parser.add_argument("--worker-log-mb", type=positive_float, default=20.0, metavar="MB",
+                        help="worker.log past this is moved to worker.log.1 (one old copy kept) and emptied "
+                             "(default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                       max_audio_seconds=args.max_audio_seconds, request_timeout_s=args.request_timeout),
         worker=WorkerPolicy(memory_ceiling_bytes=int(args.worker_memory_gb * 1e9) if args.worker_memory_gb else None,
                             recycle_after_jobs=args.recycle_after, checkpoint_interval_s=args.checkpoint_interval,
-                            stall_timeout_s=args.stall_timeout),
+                            stall_timeout_s=args.stall_timeout, log_max_bytes=int(args.worker_log_mb * 1e6)),
         sessions=SessionPolicy(idle_s=args.session_idle, keep=args.keep_sessions),
         keep_jobs=args.keep_jobs, max_state_bytes=int(args.max_state_gb * 1e9) if args.max_state_gb else None,
         min_free_bytes=int(args.min_free_mb * 1e6))

@@ -38,6 +38,7 @@ class WorkerPolicy:
     checkpoint_interval_s: float = 600.0  # resume checkpoints of service jobs (0: after every clip)
     stall_timeout_s: float = 600.0  # the least time a task may go without progress before its worker is killed
     stall_blocks: float = 10.0  # ... or this many of the plan's predicted block times, if that is longer
+    log_max_bytes: int = 20_000_000  # worker.log beyond this is moved to worker.log.1 (one old copy kept)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,16 @@ One loop, every 0.2 s or sooner when an event arrives:
 A job whose worker died (or stalled: supervisor.py) is requeued at the head (resumable from its
 checkpoint); the `max_deaths_per_job`-th time it is failed with the reason instead of being retried forever.
 
-Disk: no job starts while the state dir's filesystem has less than `min_free_bytes` free; a job
-that hits a full disk (ENOSPC) waits as `waiting_for_disk` with its work kept, and goes back to the
-head of the queue once space returns (checked every second; nothing starts until DISK_RETRY_S after
-the latest full disk, doubling while the disk keeps filling, so the waiting jobs go first). With
-`max_state_bytes`, finished jobs' live segments and least recently used caches are pruned after
-each job (disk.py).
+Disk: no job starts while the state dir's filesystem has less than `min_free_bytes` plus the job's
+own bytes free (disk.job_bytes: its video, live segments, photo-cache entry and checkpoints, from
+its clip count, size and the artifact's plan); a job that hits a full disk (ENOSPC) waits as
+`waiting_for_disk` with its work kept, and goes back to the head of the queue once space returns
+(checked every second; nothing starts until DISK_RETRY_S after the latest full disk, doubling
+while the disk keeps filling, so the waiting jobs go first). With `max_state_bytes`, finished jobs'
+live segments and least recently used caches are pruned (disk.py) so that the state dir stays
+under it: before a job starts, down to the limit less the running jobs' own bytes; when a job
+finishes, before it is marked done (its own live segments may go too: its mp4 holds the frames);
+and after any upload, within one step of this loop.
 
 Drain (`drain()`: SIGUSR1 or POST /v1/admin/drain): nothing new starts; once the running task is
 done, `on_drained` is called (the server then exits 0). Queued jobs stay queued for the next start.
@@ -31,6 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..artifact.format import read_manifest
+from ..runtime.plan_inputs import parse_size
 from . import disk
 from .blobs import BlobStore
 from .config import ServeConfig
@@ -91,6 +97,12 @@ class Dispatcher:
         self._disk_retry_s = DISK_RETRY_S
         self._disk_retry_at = 0.0
         self.sessions = None  # a SessionBroker (sessions.py) when the executor runs talk sessions
+        self._room_logged: str | None = None  # the job last logged as waiting for room (logged once)
+        self._reserved: dict[str, int] = {}  # running job id -> its bytes, kept free under max_state_bytes
+        try:  # the plan's model (checkpoint sizes); a test's fake artifact has none: no checkpoints counted
+            self._dit = read_manifest(config.pipeline.artifact).dit
+        except Exception:  # noqa: BLE001 - the worker reports a bad artifact in its own words
+            self._dit = None
 
     def start(self) -> None:
         self._thread.start()
@@ -129,9 +141,31 @@ class Dispatcher:
         finally:
             self.executor.stop()
 
+    def job_bytes(self, job: JobRow) -> int:
+        """What `job` will write under the state dir (an upper estimate: disk.job_bytes)."""
+        return disk.job_bytes(self._dit, parse_size(job.size), job.clips_total, self.config.pipeline.kv_dtype)
+
+    def _room_for_next(self) -> bool:
+        """Whether the next queued job fits: free space >= --min-free-mb plus its own bytes."""
+        job = self.store.next_queued()
+        if job is None or self.free_bytes is None:
+            return True
+        need = self.job_bytes(job)
+        if self.free_bytes >= self.config.min_free_bytes + need:
+            return True
+        if self._room_logged != job.id:
+            self._room_logged = job.id
+            log.warning("job %s waits for disk space: it needs about %.0f MB (its video, live segments, photo cache "
+                        "and checkpoints) above --min-free-mb %.0f MB; %.0f MB free", job.id, need / 1e6,
+                        self.config.min_free_bytes / 1e6, self.free_bytes / 1e6)
+        return False
+
     def _step(self) -> None:
-        timeout = 0.05 if self.wake.is_set() else 0.2
+        woken = self.wake.is_set()
+        timeout = 0.05 if woken else 0.2
         self.wake.clear()
+        if woken:
+            self._prune_state()  # an upload may have added bytes: back under the limit at once
         if self.on_step is not None:
             self.on_step()
         for event in self.executor.events(timeout=timeout):
@@ -139,7 +173,8 @@ class Dispatcher:
         self._send_cancels()
         self._check_disk()
         while (self.executor.free_slots() > 0 and not self._stop.is_set() and not self.draining.is_set()
-               and not self.disk_short() and time.monotonic() >= self._disk_retry_at):  # (waiting jobs first)
+               and not self.disk_short() and time.monotonic() >= self._disk_retry_at  # (waiting jobs first)
+               and (self.store.next_pending_avatar() is not None or self._room_for_next())):
             task = self._next_task()
             if task is None:
                 break
@@ -179,6 +214,8 @@ class Dispatcher:
         job = self.store.claim_next()
         if job is None:
             return None
+        self._reserved[job.id], self._room_logged = self.job_bytes(job), None
+        self._prune_state()  # room for this job's own bytes under --max-state-gb before it writes any
         self.layout.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         self._clips_total[job.id] = job.clips_total
         self.progress[job.id] = max(self.progress.get(job.id, 0.0), job.clips_done / max(1, job.clips_total))
@@ -245,6 +282,8 @@ class Dispatcher:
         elif isinstance(event, NoSpace):
             self._no_space(event)
         elif isinstance(event, Finished):
+            self._reserved.pop(event.task_id, None)
+            self._prune_state(finishing=event.task_id)  # before `done` is visible: a client never sees it over
             self.store.finish(event.task_id, DONE, render_s=event.seconds, clips_done=event.clips)
             self._ended(event.task_id, DONE)
         elif isinstance(event, Failed):
@@ -306,6 +345,7 @@ class Dispatcher:
         """Drop what the loop holds for a task; a job that will resume keeps its progress (never going back)."""
         self._running.pop(job_id, None)
         self._cancel_sent.discard(job_id)
+        self._reserved.pop(job_id, None)
         if ended:
             self.progress.pop(job_id, None)
             self._clips_total.pop(job_id, None)
@@ -350,6 +390,11 @@ class Dispatcher:
         if removed:
             with self.blob_lock:
                 self.blobs.remove_except(self.store.blob_refs())
+        self._prune_state()
+
+    def _prune_state(self, finishing: str | None = None) -> None:
+        """Under --max-state-gb, less the bytes kept for the running job (disk.prune_to)."""
         if self.config.max_state_bytes is not None:
             cache = self.config.pipeline.cache_dir
-            disk.prune_to(self.layout, self.store, Path(cache) if cache else None, self.config.max_state_bytes)
+            disk.prune_to(self.layout, self.store, Path(cache) if cache else None, self.config.max_state_bytes,
+                          finishing=finishing, reserve=sum(self._reserved.values()))

@@ -184,6 +184,7 @@ class JobStore:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back to 4 MB after a checkpoint
             db.execute("PRAGMA busy_timeout=30000")
             db.execute(f"PRAGMA cache_size=-{self.CACHE_KIB}")
             self._db = db
@@ -239,6 +240,12 @@ class JobStore:
         order = [_job(r) for r in rows]
         ids = [j.id for j in order]
         return order[: ids.index(job_id)] if job_id in ids else order
+
+    def next_queued(self) -> JobRow | None:
+        """The job claim_next would take, left queued (None if none)."""
+        rows = self._read(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE state = ? ORDER BY resume DESC, seq "
+                          "LIMIT 1", (QUEUED,))
+        return _job(rows[0]) if rows else None
 
     def claim_next(self) -> JobRow | None:
         """The next queued job (interrupted ones first, then oldest), marked running; None if none."""

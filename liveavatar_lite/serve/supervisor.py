@@ -14,7 +14,7 @@ on every `events()` call does its housekeeping:
   first block, which also encodes inputs and restores a checkpoint, 3 times that) has its worker
   killed (SIGKILL works on a stopped or wedged process too) and restarted; the task comes back as
   `Lost` ("stalled"), resumable, and counts toward the job's death limit;
-- worker.log is kept under WORKER_LOG_MAX_BYTES (copied to worker.log.1, then truncated: the worker
+- worker.log is kept under the policy's `log_max_bytes` (--worker-log-mb; copied to worker.log.1, then truncated: the worker
   writes with O_APPEND, so it carries on at the new end).
 
 Linux's PR_SET_PDEATHSIG is per *thread*: the worker gets SIGKILL when the thread that started it
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 _EXITED = object()  # the reader's end-of-file marker
 MAX_BACKOFF_S = 60.0
-WORKER_LOG_MAX_BYTES = 20_000_000  # worker.log beyond this is moved to worker.log.1 (one old copy kept)
 LOG_CHECK_S = 5.0
 FIRST_PROGRESS_FACTOR = 3  # a task's first block also encodes its inputs and loads its checkpoint: 3 deadlines
 _PROGRESS = (Started, Resumed, Restarted, BlockDone, FirstFrame, ClipDone)
@@ -303,7 +302,7 @@ class LocalWorkerExecutor:
         now = time.monotonic()
         if now - self._log_checked > LOG_CHECK_S:
             self._log_checked = now
-            rotate_log(self.log_path, WORKER_LOG_MAX_BYTES)
+            rotate_log(self.log_path, self.policy.log_max_bytes)
         deadline = self.stall_deadline() * (1 if self._task_progressed else FIRST_PROGRESS_FACTOR)
         if self._task is not None and now - self._progress_at > deadline:
             age = now - self._progress_at

@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.parent_pid)
     steady_malloc()  # before the Pipeline allocates: no RSS step some jobs into a long run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us in order
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a drain is the server's; `systemctl kill` sends it to us too
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     logging.getLogger("liveavatar_lite").setLevel(logging.INFO)
     channel = _Channel(args.fd)
