@@ -174,7 +174,8 @@ class Dispatcher:
         self._check_disk()
         while (self.executor.free_slots() > 0 and not self._stop.is_set() and not self.draining.is_set()
                and not self.disk_short() and time.monotonic() >= self._disk_retry_at  # (waiting jobs first)
-               and (self.store.next_pending_avatar() is not None or self._room_for_next())):
+               and (self.sessions is not None and self.sessions.holds_worker()  # a session writes no job bytes
+                    or self.store.next_pending_avatar() is not None or self._room_for_next())):
             task = self._next_task()
             if task is None:
                 break
