@@ -1,0 +1,145 @@
+"""Issue 25, round three: new variants of each class of test_hardening2*.py, as a reviewer would try them.
+
+Each fixes a class, not an example: a damaged queue database anywhere in the file or from a newer
+version (class 1), slow clients from many addresses (class 2), control characters in every text
+field (class 9), ... Against a real `serve` process where it is the service.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("av")
+
+from render_helpers import SIZE  # noqa: E402
+from serve_helpers import ServeProcess, job_data, job_files  # noqa: E402
+from test_hardening2_serve import _closed_by_server, _one_line_error, _render_one, _start_refused  # noqa: E402
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact: Path, media: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("serve-hostile3")
+    with ServeProcess(tiny_artifact, root / "state", "--request-timeout", "4", token=TOKEN,
+                      cache_dir=media / "cache") as proc:
+        yield proc
+
+
+# ------------------------------------------------------------------------------------------ class 1
+
+def _state_with_jobs(root: Path, n: int = 300) -> tuple[Path, dict[str, bytes]]:
+    """A state dir whose database lists `n` done jobs (enough rows for many pages), each with its folder."""
+    from liveavatar_lite.serve.layout import StateDir
+    from liveavatar_lite.serve.store import DONE, JobRow, JobStore
+
+    layout = StateDir(root)
+    layout.create()
+    store = JobStore(layout.database)
+    finished = {}
+    for i in range(n):
+        job_id = uuid.uuid4().hex
+        store.add(JobRow(id=job_id, state="queued", created=time.time(), image="a" * 64, audio="b" * 64,
+                         prompt=f"a person talking {i} " * 8, size=SIZE, seed=i, clips_total=1), max_queued=10**6)
+        store.finish(job_id, DONE)
+        (layout.jobs / job_id).mkdir()
+        (layout.jobs / job_id / "video.mp4").write_bytes(b"finished %d" % i)
+        finished[f"jobs/{job_id}/video.mp4"] = b"finished %d" % i
+    store._connect().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+    store.close()
+    return layout.database, finished
+
+
+def _garble_page(db: Path, page: int) -> None:
+    data = bytearray(db.read_bytes())
+    data[4096 * page: 4096 * page + 400] = os.urandom(400)
+    db.write_bytes(bytes(data))
+
+
+def _newer_version(db: Path) -> None:
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA user_version = 99")
+    con.commit()
+    con.close()
+
+
+def _newer_required_column(db: Path) -> None:
+    """The jobs table of a newer version: one more column that every insert must set."""
+    from liveavatar_lite.serve.store import _SCHEMA
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    con = sqlite3.connect(db)
+    con.executescript(_SCHEMA.replace("error_kind TEXT\n", "error_kind TEXT,\n    tenant TEXT NOT NULL\n", 1))
+    con.close()
+
+
+def _truncated_mid_page(db: Path) -> None:
+    db.write_bytes(db.read_bytes()[: db.stat().st_size // 2 + 1000])
+
+
+DAMAGED_DATABASES = {"garbled-page-2": lambda db: _garble_page(db, 2), "garbled-page-40": lambda db: _garble_page(db, 40),
+                     "truncated-mid-page": _truncated_mid_page, "newer-version": _newer_version,
+                     "newer-required-column": _newer_required_column}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED_DATABASES))
+def test_class1_a_database_that_does_not_vouch_for_itself_is_refused(tmp_path: Path, name: str) -> None:
+    """Damage a start's first queries do not read (a page in the middle, a newer version's schema)
+    used to start the server and fail later (500s, or jobs misread): refused when the store opens,
+    one line naming the file, every job folder kept."""
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.serve.store import JobStore
+
+    db, finished = _state_with_jobs(tmp_path / "state")
+    DAMAGED_DATABASES[name](db)
+    with pytest.raises(UserError) as e:
+        JobStore(db)
+    line = str(e.value)
+    assert str(db) in line and "queue database" in line and "\n" not in line, line
+    if name.startswith("newer"):
+        assert "newer" in line or "requires tenant" in line, line
+    for rel, content in finished.items():
+        assert (tmp_path / "state" / rel).read_bytes() == content, (name, rel)
+
+
+def test_class1_a_damaged_page_refuses_the_server_start(tiny_artifact: Path, tmp_path: Path) -> None:
+    """The same through `serve`: exit 2 with one line, nothing deleted."""
+    db, finished = _state_with_jobs(tmp_path / "state")
+    _garble_page(db, 40)
+    line = _start_refused(tiny_artifact, tmp_path / "state")
+    assert str(db) in line and "damaged" in line, line
+    for rel, content in finished.items():
+        assert (tmp_path / "state" / rel).read_bytes() == content, rel
+
+
+def test_class1_a_wal_without_its_database_deletes_nothing(tmp_path: Path) -> None:
+    """The main file lost (a WAL left beside nothing): the start keeps every folder the WAL's rows do not list."""
+    from liveavatar_lite.serve.blobs import BlobStore
+    from liveavatar_lite.serve.layout import StateDir
+    from liveavatar_lite.serve.server import recover
+    from liveavatar_lite.serve.store import JobRow, JobStore
+
+    db, finished = _state_with_jobs(tmp_path / "state", n=20)
+    store = JobStore(db)
+    store.add(JobRow(id=uuid.uuid4().hex, state="queued", created=time.time(), image="c" * 64, audio="d" * 64,
+                     prompt="one more", size=SIZE, seed=1, clips_total=1), max_queued=99)  # its row in the WAL only
+    wal = Path(f"{db}-wal").read_bytes()
+    store.close()
+    db.unlink()
+    Path(f"{db}-wal").write_bytes(wal)
+    layout = StateDir(tmp_path / "state")
+    store = JobStore(db)
+    recover(layout, store, BlobStore(layout.blobs, known=store.known_blobs, on_put=store.know_blob,
+                                     forget=store.forget_blobs))
+    store.close()
+    for rel, content in finished.items():
+        assert (tmp_path / "state" / rel).read_bytes() == content, rel
