@@ -11,9 +11,12 @@ hundred connections that never finish their headers make every request, /healthz
   limit in the API: `--request-timeout`);
 - one client address holds at most `per_client` connections still waiting for headers: a new
   connection past that closes that client's oldest waiting one, so the dawdler pays, not the
-  newcomer (a kiosk's page or a health check from the same address still gets through).
+  newcomer (a kiosk's page or a health check from the same address still gets through);
+- all addresses together hold at most `max_waiting` such connections (a LAN has many addresses:
+  16 each from 40 of them would fill any connection limit): past it the oldest waiting one of
+  any address is closed, so connections that send their headers at once always find room.
 
-    server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(10.0, 120.0, 16), ...))
+    server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(10.0, 120.0, 16, 192), ...))
 """
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client: int) -> type[H11Protocol]:
+def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client: int,
+                     max_waiting: int | None = None) -> type[H11Protocol]:
     """A subclass of uvicorn's h11 protocol with the limits above (its own registry of waiting connections)."""
     waiting: dict[str, OrderedDict[int, GuardedH11Protocol]] = defaultdict(OrderedDict)
+    waiting_all: OrderedDict[int, GuardedH11Protocol] = OrderedDict()  # every address's, oldest first
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -60,7 +65,11 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client:
             while len(clients) >= per_client:  # the oldest dawdler of this address makes room
                 _, oldest = clients.popitem(last=False)
                 oldest._close()
-            clients[id(self)] = self
+            while max_waiting is not None and len(waiting_all) >= max_waiting:  # ... and of all addresses
+                _, oldest = waiting_all.popitem(last=False)
+                oldest._close()
+            waiting[self._address][id(self)] = self  # (looked up again: a close above may have dropped it)
+            waiting_all[id(self)] = self
             self._arm(header_timeout_s, h11.IDLE)
 
         def _arm(self, seconds: float, state: Any) -> None:
@@ -78,6 +87,7 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client:
             if self._guard_timer is not None:
                 self._guard_timer.cancel()
                 self._guard_timer = None
+            waiting_all.pop(id(self), None)
             clients = waiting.get(self._address)
             if clients is not None:
                 clients.pop(id(self), None)
