@@ -143,3 +143,60 @@ def test_class1_a_wal_without_its_database_deletes_nothing(tmp_path: Path) -> No
     store.close()
     for rel, content in finished.items():
         assert (tmp_path / "state" / rel).read_bytes() == content, rel
+
+
+# ------------------------------------------------------------------------------------------ class 2
+
+def test_class2_dawdlers_from_many_addresses_cannot_starve_the_server(server: ServeProcess, media: Path) -> None:
+    """16 unfinished connections from each of 38 addresses (608, past the 256 connections in all): the
+    per-address quota alone left /healthz a 503; the oldest dawdlers of any address make room."""
+    from liveavatar_lite.serve.server import HEADER_TIMEOUT_S
+
+    sockets = []
+    for a in range(2, 40):
+        for _ in range(16):
+            s = socket.socket()
+            s.settimeout(10)
+            s.bind((f"127.0.0.{a}", 0))
+            s.connect(("127.0.0.1", server.port))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # headers never end
+            sockets.append(s)
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert server.client.get("/healthz").status_code == 200
+            assert server.client.get("/v1/jobs").status_code == 200
+            assert time.monotonic() - t0 < 10
+        _render_one(server, media, seed=21)
+        assert all(_closed_by_server(s, HEADER_TIMEOUT_S + 30) for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# ------------------------------------------------------------------------------------------ class 9
+
+CONTROL_TEXT = {"escape": "a person\x1b[2J talking", "delete": "a person\x7f talking", "c1": "a person\x85 talking",
+                "bell": "a person\x07 talking"}
+
+
+def test_class9_control_characters_in_every_text_field(server: ServeProcess, media: Path) -> None:
+    """A prompt with an escape sequence was accepted (and echoed back in every job view); NUL was the
+    only one refused. Every text field of both endpoints now refuses control characters in one line."""
+    photo = {"image": ("p.png", (media / "photo.png").read_bytes(), "image/png")}
+    before = server.client.get("/v1/jobs", params={"limit": 500}).json()
+    for name, text in CONTROL_TEXT.items():
+        r = server.client.post("/v1/jobs", files=job_files(media), data=job_data(prompt=text))
+        assert "control character" in _one_line_error(r, 400), name
+        r = server.client.post("/v1/avatars", files=photo, data={"prompt": text, "size": SIZE})
+        assert "control character" in _one_line_error(r, 400), name
+        for field in ("size", "seed", "num_clip"):  # (U+0085 is whitespace to str.strip: "1\x85" read as 1)
+            r = server.client.post("/v1/jobs", files=job_files(media), data=job_data(**{field: f"1{text[8]}"}))
+            assert "control character" in _one_line_error(r, 400), (name, field)
+        r = server.client.post("/v1/jobs", data=job_data(avatar=f"av_{text}"), files={"audio": job_files(media)["audio"]})
+        assert "control character" in _one_line_error(r, 400), name
+    assert server.client.get("/v1/jobs", params={"limit": 500}).json() == before  # nothing was queued
+    r = server.client.post("/v1/jobs", files=job_files(media), data=job_data(prompt="a person\ttalking, calm\n"))
+    assert r.status_code == 201, r.text  # tabs and newlines are whitespace, still fine
+    server.wait_for(r.json()["id"], "done", timeout=600)
+    _render_one(server, media, seed=22)
