@@ -200,3 +200,55 @@ def test_class9_control_characters_in_every_text_field(server: ServeProcess, med
     assert r.status_code == 201, r.text  # tabs and newlines are whitespace, still fine
     server.wait_for(r.json()["id"], "done", timeout=600)
     _render_one(server, media, seed=22)
+
+
+# ------------------------------------------------------------------------------------------ class 8
+
+def _farm_media(root: Path) -> str:
+    from media_fixtures import write_photo, write_speech
+
+    write_photo(root / "photo.png")
+    write_speech(root / "speech.wav", 1.0)
+    return ('{"image": "photo.png", "audio": "speech.wav", "prompt": "a person talking", "out": "out/v%d.mp4", '
+            '"size": "64*64"}')
+
+
+def test_class8_a_huge_line_costs_a_line_not_the_file(tmp_path: Path) -> None:
+    """200 MB without a newline was read whole (and decoded: ~3x its size in RSS) before its length was
+    checked; now the read stops at the limit. Measured in a child process (its own peak RSS)."""
+    import subprocess
+    import sys
+
+    line = _farm_media(tmp_path)
+    with open(tmp_path / "jobs.jsonl", "wb") as f:
+        f.write((line % 0 + "\n").encode())
+        chunk = b"[" * (1 << 20)
+        for _ in range(200):
+            f.write(chunk)
+    script = ("import resource, sys\nfrom pathlib import Path\n"
+              "from liveavatar_lite.errors import UserError\nfrom liveavatar_lite.farm.jobs import JobDefaults, read_jobs\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "try:\n    read_jobs(Path(sys.argv[1]), JobDefaults())\nexcept UserError as e:\n    print(e)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "jobs.jsonl")], capture_output=True, text=True,
+                       timeout=300)
+    message, grown_kib = r.stdout.strip().splitlines()
+    assert message == f"{tmp_path / 'jobs.jsonl'}:2: the line is longer than 64 KB", r.stdout + r.stderr
+    assert int(grown_kib) < 50_000, grown_kib  # KiB: not the 200 MB line
+
+
+def test_class8_byte_order_mark_crlf_and_bad_utf8_with_its_line(tmp_path: Path) -> None:
+    """A batch saved by a Windows editor (BOM, CRLF) reads as the same jobs; bytes that are not UTF-8
+    name their line (they named none)."""
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.farm.jobs import JobDefaults, read_jobs
+
+    line = _farm_media(tmp_path)
+    unix = "".join(line % i + "\n" for i in range(3))
+    (tmp_path / "unix.jsonl").write_text(unix)
+    (tmp_path / "win.jsonl").write_bytes(b"\xef\xbb\xbf" + unix.replace("\n", "\r\n").encode())
+    assert [j.out for j in read_jobs(tmp_path / "win.jsonl", JobDefaults())] == \
+        [j.out for j in read_jobs(tmp_path / "unix.jsonl", JobDefaults())]
+    (tmp_path / "bad.jsonl").write_bytes(unix.encode() + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:4: not UTF-8 text"):
+        read_jobs(tmp_path / "bad.jsonl", JobDefaults())

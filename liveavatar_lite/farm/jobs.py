@@ -15,12 +15,14 @@ refuses an `out` that exists without a marker: the farm never overwrites what it
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, overload
 
@@ -140,8 +142,18 @@ def read_jobs(path: Path, defaults: JobDefaults) -> Jobs:
     media = _Media(path.resolve().parent, defaults)
     number = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, raw in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            # lines read at most MAX_LINE_CHARS (+1) bytes at a time: a 1 GB file without a newline costs
+            # 64 KB, not 1 GB; each line decoded alone, so bad UTF-8 is reported with its line number
+            for number, data in enumerate(iter(partial(f.readline, MAX_LINE_CHARS + 2), b""), start=1):
+                if len(data) > MAX_LINE_CHARS and data[-1:] != b"\n":
+                    raise UserError(f"{path}:{number}: the line is longer than {MAX_LINE_CHARS // 1024} KB")
+                if number == 1 and data.startswith(codecs.BOM_UTF8):
+                    data = data[3:]  # a byte-order mark, as Windows editors write: not part of the JSON
+                try:
+                    raw = data.decode()
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
                 if len(raw) > MAX_LINE_CHARS:
                     raise UserError(f"{path}:{number}: the line is longer than {MAX_LINE_CHARS // 1024} KB")
                 stripped = raw.strip()
@@ -156,8 +168,8 @@ def read_jobs(path: Path, defaults: JobDefaults) -> Jobs:
         if str(e).startswith(f"{path}:"):
             raise
         raise UserError(f"{path}:{number}: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else first_line(e)}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
     if not rows:
         raise UserError(f"{path}: no jobs (one JSON object per line with image, audio, prompt, out)")
     return Jobs(rows)
