@@ -252,3 +252,59 @@ def test_class8_byte_order_mark_crlf_and_bad_utf8_with_its_line(tmp_path: Path) 
     (tmp_path / "bad.jsonl").write_bytes(unix.encode() + b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(UserError, match=r"bad\.jsonl:4: not UTF-8 text"):
         read_jobs(tmp_path / "bad.jsonl", JobDefaults())
+
+
+# ------------------------------------------------------------------------------------------ class 3 + 4
+
+def test_class4_a_16_bit_grey_png_is_not_a_white_photo(tmp_path: Path) -> None:
+    """Pillow's convert("RGB") clips 16-bit grey to 255: such a photo rendered a white avatar, silently.
+    It now reads as its top 8 bits, the same frame as the 8-bit PNG of the same picture."""
+    import numpy as np
+    from PIL import Image
+
+    from liveavatar_lite.conditioning.photo import load_reference
+
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (96, 128), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    Image.fromarray((grey16 >> 8).astype(np.uint8), "L").save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    assert np.array_equal(load_reference(tmp_path / "g16.png", SIZE), load_reference(tmp_path / "g8.png", SIZE))
+
+
+def _foreign_image(fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1" if fmt == "XBM" else "RGB", (64, 64)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+FOREIGN_AS_JPG = {"tiff": lambda: _foreign_image("TIFF"), "xbm": lambda: _foreign_image("XBM"),
+                  "ppm": lambda: _foreign_image("PPM"), "tga": lambda: _foreign_image("TGA"),
+                  "jpeg2000": lambda: _foreign_image("JPEG2000"),
+                  "svg": lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>',
+                  "eps": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"}
+
+
+def test_class4_other_formats_named_jpg_are_refused_by_their_content(server: ServeProcess, media: Path,
+                                                                      tmp_path: Path) -> None:
+    """The allow-list looks at the bytes, not the name: each format saved as photo.jpg, through the
+    Python API and the service (the CLI shares read_rgb with the API: test_hardening2 covers it)."""
+    from test_generate import FakeBackend
+
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.pipeline.pipeline import Pipeline
+
+    pipe = Pipeline(FakeBackend(), progress=False, size=SIZE)
+    for name, make in FOREIGN_AS_JPG.items():
+        (tmp_path / "photo.jpg").write_bytes(make())
+        with pytest.raises(UserError, match="not a photo in a supported format"):
+            pipe.render(tmp_path / "photo.jpg", media / "speech.wav", "a person", tmp_path / "out" / "o.mp4")
+        r = server.client.post("/v1/jobs", files={**job_files(media), "image": ("photo.jpg", make(), "image/jpeg")},
+                               data=job_data())
+        assert "not a photo in a supported format" in _one_line_error(r, 400), name
+    assert not (tmp_path / "out").exists()
+    _render_one(server, media, seed=23)
