@@ -308,3 +308,55 @@ def test_class4_other_formats_named_jpg_are_refused_by_their_content(server: Ser
         assert "not a photo in a supported format" in _one_line_error(r, 400), name
     assert not (tmp_path / "out").exists()
     _render_one(server, media, seed=23)
+
+
+# ------------------------------------------------------------------------------------------ class 5
+
+API_BAD_TYPES = {"size=64": dict(size=64), "prompt=None": dict(prompt=None), "prompt=bytes": dict(prompt=b"a person"),
+                 "image=None": dict(image=None), "audio=3": dict(audio=3), "live=5": dict(live=5),
+                 "resume='no'": dict(resume="no"), "checkpoint_interval_s='5'": dict(checkpoint_interval_s="5"),
+                 "checkpoint_interval_s=nan": dict(checkpoint_interval_s=float("nan")),
+                 "checkpoint_interval_s=-5": dict(checkpoint_interval_s=-5), "seed=np.bool_": "np.bool_",
+                 "seed=np.uint64(2^63+5)": "np.uint64"}
+
+
+@pytest.mark.parametrize("name", sorted(API_BAD_TYPES))
+def test_class5_wrong_types_fail_in_one_line_before_any_file(tmp_path: Path, media: Path, name: str) -> None:
+    """The Python API passes anything: each was an AttributeError/TypeError (a string checkpoint interval
+    one after the work dir was made), or accepted ("no" read as resume=True)."""
+    import numpy as np
+    from test_generate import FakeBackend
+
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.pipeline.pipeline import Pipeline
+
+    bad = API_BAD_TYPES[name]
+    if bad == "np.bool_":
+        bad = dict(seed=np.bool_(True))
+    elif bad == "np.uint64":
+        bad = dict(seed=np.uint64(2**63 + 5))
+    pipe = Pipeline(FakeBackend(), progress=False, size=SIZE)
+    kw = {"image": media / "photo.png", "audio": media / "speech.wav", "prompt": "a person talking", **bad}
+    field = name.split("=")[0]
+    with pytest.raises(UserError, match=field):
+        pipe.render(out=tmp_path / "out" / "o.mp4", **kw)
+    if field not in ("live", "resume", "checkpoint_interval_s"):  # (render only)
+        with pytest.raises(UserError, match=field):
+            pipe.stream(**kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_class5_numpy_integers_are_integers(tmp_path: Path, media: Path) -> None:
+    """seed=np.int64(7) (a seed from a numpy RNG) was refused as "not an integer": it renders as seed 7."""
+    import numpy as np
+    from test_generate import FakeBackend
+
+    from liveavatar_lite.pipeline.pipeline import Pipeline
+
+    pipe = Pipeline(FakeBackend(), progress=False, size=SIZE)
+    kw = dict(image=media / "photo.png", audio=media / "speech.wav", prompt="a person talking")
+    pipe.render(out=tmp_path / "a.mp4", seed=np.int64(7), num_clip=np.int32(1), **kw)
+    pipe.render(out=tmp_path / "b.mp4", seed=7, num_clip=1, **kw)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+    blocks = [b.frames for b in pipe.stream(seed=np.uint16(7), num_clip=np.int8(1), **kw)]
+    assert len(blocks) >= 1

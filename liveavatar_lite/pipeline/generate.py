@@ -16,6 +16,7 @@ mp4 (with the speech as aac) is muxed to `OUT.tmp` and renamed only when complet
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import time
 from collections.abc import Iterator
@@ -69,7 +70,20 @@ MIN_SPEECH_SECONDS = 0.1  # shorter speech gives wav2vec2 too few samples for on
 
 
 def check_numbers(request: RenderRequest) -> None:
-    """UserError unless seed and num_clip are what the CLI's flags accept (checked before any file)."""
+    """UserError unless seed, num_clip and every other field have what the CLI's flags accept
+    (the Python API passes anything: a None prompt, an int size, a string resume; checked before any file)."""
+    for name in ("prompt", "size"):
+        if not isinstance(getattr(request, name), str):
+            raise UserError(f"{name} must be a string, got {type(getattr(request, name)).__name__} "
+                            f"{getattr(request, name)!r:.60}")
+    for name in ("image", "audio", "out", "live", "telemetry"):
+        if not isinstance(getattr(request, name, None), Path if name in ("image", "audio") else (Path, type(None))):
+            raise UserError(f"{name} must be a path (str or os.PathLike), got {getattr(request, name)!r:.60}")
+    if not isinstance(request.resume, bool):
+        raise UserError(f"resume must be True or False, got {request.resume!r:.60}")
+    interval = request.checkpoint_interval_s
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
+        raise UserError(f"checkpoint_interval_s must be a number of seconds >= 0, got {interval!r:.60}")
     seed, num_clip = request.seed, request.num_clip
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise UserError(f"seed must be an integer from 0 to 2^63-1, got {seed!r}")
