@@ -21,6 +21,7 @@ pytest.importorskip("av")
 
 from render_helpers import SIZE  # noqa: E402
 from serve_helpers import ServeProcess, job_data, job_files  # noqa: E402
+from test_hardening2 import fake_backend  # noqa: E402,F401 (a fixture)
 from test_hardening2_serve import _closed_by_server, _one_line_error, _render_one, _start_refused  # noqa: E402
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -360,3 +361,33 @@ def test_class5_numpy_integers_are_integers(tmp_path: Path, media: Path) -> None
     assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
     blocks = [b.frames for b in pipe.stream(seed=np.uint16(7), num_clip=np.int8(1), **kw)]
     assert len(blocks) >= 1
+
+
+# ------------------------------------------------------------------------------------------ class 6
+
+def test_class6_live_in_another_renders_work_dir_or_a_dangling_link(capsys: pytest.CaptureFixture[str],
+                                                                    tmp_path: Path, media: Path,
+                                                                    fake_backend: None) -> None:
+    """Only the render's own work dir was refused: --live inside another render's work dir (deleted
+    when that one ends or resumes) rendered, and a dangling symlink failed with "File exists".
+    Spellings of the own work dir (a trailing slash, a relative path through ..) stay refused."""
+    from hostile_fixtures import assert_one_line, run_cli
+    from test_hardening2 import gen
+
+    from liveavatar_lite.pipeline.workdir import RenderWorkDir
+
+    out = tmp_path / "out" / "o.mp4"
+    other_work = RenderWorkDir.path_for(tmp_path / "other" / "b.mp4")
+    other_work.mkdir(parents=True)
+    (other_work / "clip_00000.mp4").write_bytes(b"the other render's clip")
+    os.symlink(tmp_path / "nowhere" / "x", tmp_path / "dangling")
+    own = RenderWorkDir.path_for(out)
+    cases = {other_work / "live": "another render's work dir", other_work: "another render's work dir",
+             tmp_path / "dangling": "symbolic link to nothing", Path(f"{own}/"): "the render's work dir",
+             Path(os.path.relpath(own)) / ".." / own.name / "live": "the render's work dir"}
+    for live, match in cases.items():
+        code, err = run_cli(capsys, *gen(tmp_path, media, "--live", str(live), out=out))
+        assert_one_line(code, err, match, exit_code=2)
+        assert not out.parent.exists(), live
+    assert sorted(p.name for p in other_work.iterdir()) == ["clip_00000.mp4"]
+    assert not (tmp_path / "nowhere").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import logging
 import time
 from collections.abc import Iterator
@@ -102,6 +103,12 @@ def check_live(out: Path, live: Path) -> None:
         raise UserError(f"--live {live} is the --out file; pass a directory for the HLS playlist")
     if where == work or work in where.parents:
         raise UserError(f"--live {live} is inside the render's work dir {work}, which is deleted when it ends")
+    for d in (where, *where.parents):  # ... or another render's (deleted when that one ends or resumes)
+        if RenderWorkDir.is_work_dir_name(d.name):
+            raise UserError(f"--live {live} is inside {d}, another render's work dir, which is deleted when it ends")
+    if live.is_symlink() and not live.exists():
+        raise UserError(f"--live {live} is a symbolic link to nothing ({os.readlink(live)}); remove it or "
+                        "pass a directory")
     check_live_dir(live)
     check_output_path(live / PLAYLIST_NAME, "--live", suffix=None)  # a parent that is a file, read-only, ...
 

@@ -111,6 +111,11 @@ class RenderWorkDir:
         return out.parent / f".{out.name}.work"
 
     @staticmethod
+    def is_work_dir_name(name: str) -> bool:
+        """Whether `name` is what `path_for` names a work dir: '.OUT.mp4.work'."""
+        return name.startswith(".") and name.endswith(".mp4.work") and len(name) > len("..mp4.work")
+
+    @staticmethod
     def state_name(clip: int) -> str:
         """The resume state written after clip `clip`: 'state_00003.pt'."""
         return f"state_{clip:05d}.pt"
