@@ -391,3 +391,62 @@ def test_class6_live_in_another_renders_work_dir_or_a_dangling_link(capsys: pyte
         assert not out.parent.exists(), live
     assert sorted(p.name for p in other_work.iterdir()) == ["clip_00000.mp4"]
     assert not (tmp_path / "nowhere").exists()
+
+
+# ------------------------------------------------------------------------------------------ class 10
+
+def _another_renders_segment(work: Path, other: Path) -> None:
+    import shutil
+
+    shutil.copy(other / "clip_00000.mp4", work / "clip_00000.mp4")
+
+
+WORK_DAMAGE = {"missing-segment": lambda work, other: (work / "clip_00001.mp4").unlink(),
+               "another-renders-segment": _another_renders_segment,  # a valid mp4, the wrong frames
+               "missing-state": lambda work, other: next(work.glob("state_*.pt")).unlink()}
+
+
+@pytest.mark.parametrize("name", sorted(WORK_DAMAGE))
+def test_class10_resume_over_missing_or_foreign_work_renders_it_again(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path, media: Path,
+                                                                     fake_backend: None, name: str) -> None:
+    """A missing segment or state was "cannot resume: ... lacks ...; run without --resume" (the finished
+    clips given up); another render's valid segment must not pass. Each renders again, identically."""
+    from hostile_fixtures import run_cli
+    from test_hardening2 import _interrupted, gen
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert run_cli(capsys, *gen(clean, media))[0] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    other_work = _interrupted(capsys, other, media, "--seed", "99")
+    work = _interrupted(capsys, tmp_path, media)
+    WORK_DAMAGE[name](work, other_work)
+    code, err = run_cli(capsys, *gen(tmp_path, media, "--resume"))
+    assert code == 0, err
+    assert (tmp_path / "out" / "o.mp4").read_bytes() == (clean / "out" / "o.mp4").read_bytes()
+    assert not work.exists() and other_work.is_dir()
+
+
+def test_class10_an_unreadable_journal_is_one_line_and_keeps_the_clips(capsys: pytest.CaptureFixture[str],
+                                                                      tmp_path: Path, media: Path,
+                                                                      fake_backend: None) -> None:
+    """A journal cut short, garbled or replaced by a directory: nothing vouches for the clips, so the
+    resume is refused in one line, and the clips stay for whoever wants them."""
+    from hostile_fixtures import assert_one_line, run_cli
+    from test_hardening2 import _interrupted, gen
+
+    work = _interrupted(capsys, tmp_path, media)
+    journal = work / "journal.json"
+    text = journal.read_bytes()
+    clips = {p.name: p.read_bytes() for p in work.glob("clip_*.mp4")}
+    for damage in (lambda: journal.write_bytes(text[: len(text) // 2]), lambda: journal.write_bytes(os.urandom(200)),
+                   lambda: (journal.unlink(), journal.mkdir())):
+        if journal.is_dir():
+            journal.rmdir()
+        damage()
+        code, err = run_cli(capsys, *gen(tmp_path, media, "--resume"))
+        assert_one_line(code, err, "cannot resume", exit_code=2)
+        assert {p.name: p.read_bytes() for p in work.glob("clip_*.mp4")} == clips
+        assert not (tmp_path / "out" / "o.mp4").exists()
