@@ -450,3 +450,34 @@ def test_class10_an_unreadable_journal_is_one_line_and_keeps_the_clips(capsys: p
         assert_one_line(code, err, "cannot resume", exit_code=2)
         assert {p.name: p.read_bytes() for p in work.glob("clip_*.mp4")} == clips
         assert not (tmp_path / "out" / "o.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------ class 7 + 9: token files
+
+def test_class7_9_token_files_that_are_no_token(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A 50 MB file (the wrong file picked) was read whole and became a 50 MB token no client could ever
+    send; a directory, a symlink to /dev/zero: refused without reading. Each in one line, before any state."""
+    import subprocess
+
+    from render_helpers import cli_command, render_env
+
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.serve.config import read_token
+
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        for _ in range(50):
+            f.write(b"a" * (1 << 20))
+    os.symlink("/dev/zero", tmp_path / "zero-link")
+    (tmp_path / "adir").mkdir()
+    for path, match in ((big, "longer than 1024"), (tmp_path / "zero-link", "character device"),
+                        (tmp_path / "adir", "directory")):
+        with pytest.raises(UserError, match=match):
+            read_token(path)
+    t0 = time.monotonic()
+    proc = subprocess.run(cli_command("serve", str(tiny_artifact), "--state-dir", str(tmp_path / "state"), "--port", "0",
+                                      "--token-file", str(big)), env=render_env(), capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "longer than 1024" in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 120 and not (tmp_path / "state").exists()
