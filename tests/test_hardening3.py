@@ -481,3 +481,42 @@ def test_class7_9_token_files_that_are_no_token(tiny_artifact: Path, tmp_path: P
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "longer than 1024" in lines[0], proc.stderr
     assert time.monotonic() - t0 < 120 and not (tmp_path / "state").exists()
+
+
+# ------------------------------------------------------------------------------------------ farm: plan_batch's fast path
+
+def test_plan_batch_fast_keys_and_listing_agree_with_the_plain_ones(tmp_path: Path) -> None:
+    """plan_batch hashes what lines share once and lists each out directory once: the keys are
+    farm_key's and job_key's exactly, the same for a Jobs and a plain list, and an out that exists
+    (or a dangling link in its place, which `exists()` calls absent, as before) is looked at as before."""
+    import json
+
+    from liveavatar_lite.errors import UserError
+    from liveavatar_lite.farm.jobs import JobDefaults, farm_key, plan_batch, read_jobs
+    from liveavatar_lite.pipeline.generate import job_key
+    from liveavatar_lite.pipeline.workdir import RenderWorkDir
+
+    _farm_media(tmp_path)
+    lines = [{"image": "photo.png", "audio": "speech.wav", "prompt": p, "out": f"{d}/v{i}.mp4", "seed": i,
+              "size": size} for i, (p, d, size) in enumerate([("a person", "out", "64*64"), ("a person", "out", "64*64"),
+                                                             ("another", "out2", "64*64"), ("a person", "out", "128*64"),
+                                                             ("ü ñ 中", "out2", "64*64")])]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    jobs = read_jobs(tmp_path / "jobs.jsonl", JobDefaults())
+    plan = plan_batch(jobs, "art-id", tmp_path / "jobs.jsonl")
+    assert plan.keys == {j.line: farm_key(j, "art-id") for j in jobs}
+    assert plan_batch(list(jobs), "art-id", tmp_path / "jobs.jsonl") == plan
+    assert [j.line for j in plan.todo] == [1, 2, 3, 4, 5] and not plan.done and not plan.resuming
+    (tmp_path / "out2").mkdir()
+    os.symlink(tmp_path / "nowhere.mp4", jobs[2].out)  # a dangling link: not an existing out
+    work = RenderWorkDir.path_for(jobs[4].out)
+    work.mkdir()
+    (work / "journal.json").write_text(json.dumps({"job_key": job_key(jobs[4].request(), "art-id"), "state_clips": 1}))
+    again = plan_batch(jobs, "art-id", tmp_path / "jobs.jsonl")
+    assert again.resuming == {5: 1} and [j.line for j in again.todo] == [1, 2, 3, 4, 5]
+    with pytest.raises(UserError, match="unfinished render of other inputs"):
+        plan_batch(jobs, "another-id", tmp_path / "jobs.jsonl")
+    jobs[0].out.parent.mkdir()
+    jobs[0].out.write_bytes(b"someone's video")
+    with pytest.raises(UserError, match=r"jobs\.jsonl:1: out .* exists and was not written by `farm run`"):
+        plan_batch(jobs, "art-id", tmp_path / "jobs.jsonl")
