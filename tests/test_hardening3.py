@@ -520,3 +520,33 @@ def test_plan_batch_fast_keys_and_listing_agree_with_the_plain_ones(tmp_path: Pa
     jobs[0].out.write_bytes(b"someone's video")
     with pytest.raises(UserError, match=r"jobs\.jsonl:1: out .* exists and was not written by `farm run`"):
         plan_batch(jobs, "art-id", tmp_path / "jobs.jsonl")
+
+
+def test_class2_9_malformed_requests_get_a_json_400_and_the_server_carries_on(server: ServeProcess) -> None:
+    """A header line past h11's 16 KB, 2 500 header lines, a NUL in a header, a negative Content-Length:
+    h11 refuses each; the answer was uvicorn's plain text, now the API's one-line JSON error. (Each
+    request fits one read of the server, so its close never resets a connection with unread bytes.)"""
+    bad = {"huge-header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000,  # (no end: over the
+           "many-headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 2_500,  # limit, unfinished)
+           "nul-in-token": b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ab\x00cd\r\n\r\n",
+           "negative-length": b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"}
+    import json
+
+    for name, request in bad.items():
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        try:
+            s.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before all was sent: read the answer
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        s.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, (name, answer[:300])
+        error = json.loads(body)["error"]
+        assert "malformed HTTP request" in error and "\n" not in error, name
+    assert server.client.get("/healthz").status_code == 200

@@ -54,6 +54,20 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client:
                 self._expect_headers()  # a kept-alive connection waits for the next request's headers
             # (a client still sending a body nobody reads stays under the body deadline set at its headers)
 
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot parse (a header line over its limit, bytes no header may hold): the API's
+            one-line JSON error, not uvicorn's plain text, then the connection closes."""
+            body = b'{"error":"malformed HTTP request (a header too large, or bytes a header may not hold)"}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            try:
+                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+                self.transport.write(self.conn.send(h11.Data(data=body)))
+                self.transport.write(self.conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError:  # h11 cannot answer in its state: closing is the answer
+                pass
+            self.transport.close()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._forget()
             super().connection_lost(exc)
