@@ -156,8 +156,8 @@ async def _receive(request: Request, allowed: dict[str, str], tmp_dir: Path, lim
                     raise ApiError(400, f"field {name!r} must be text, not a file")
                 bad = _CONTROL.search(value)
                 if bad is not None:  # no field's value has any; whitespace rules (strip, int) would hide some
-                    raise ApiError(400, f"field {name!r} contains a control character (U+{ord(bad.group()):04X}) "
-                                        f"at character {bad.start()}")
+                    what = "a NUL character" if bad.group() == "\0" else f"a control character (U+{ord(bad.group()):04X})"
+                    raise ApiError(400, f"field {name!r} contains {what} at character {bad.start()}")
                 received.text[name] = value
 
 
