@@ -11,7 +11,9 @@ hundred connections that never finish their headers make every request, /healthz
   limit in the API: `--request-timeout`);
 - one client address holds at most `per_client` connections still waiting for headers: a new
   connection past that closes that client's oldest waiting one, so the dawdler pays, not the
-  newcomer (a kiosk's page or a health check from the same address still gets through);
+  newcomer (a kiosk's page or a health check from the same address still gets through); an idle
+  kept-alive connection is not counted (it closes after 5 idle seconds, and closing a client's pooled
+  connection for a newcomer would reset that client's next request);
 - all addresses together hold at most `max_waiting` such connections (a LAN has many addresses:
   16 each from 40 of them would fill any connection limit): past it the oldest waiting one of
   any address is closed, so connections that send their headers at once always find room.
@@ -39,19 +41,25 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client:
             super().connection_made(transport)
             self._guard_timer: asyncio.TimerHandle | None = None
             self._address = self.client[0] if self.client else "?"
+            self._awaiting_headers = True
             self._expect_headers()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE and id(self) in waiting.get(self._address, {}):
+            if self.conn.their_state is not h11.IDLE and self._awaiting_headers:
                 # the headers are in: the body (if any) gets its own deadline
+                self._awaiting_headers = False
                 self._forget()
                 self._arm(body_timeout_s, h11.SEND_BODY)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._expect_headers()  # a kept-alive connection waits for the next request's headers
+                # a kept-alive connection waits for the next request's headers, under the same deadline;
+                # it is not one the quotas close for newcomers (a client's pooled connection would be
+                # reset under its next request), and uvicorn closes it after 5 idle seconds anyway
+                self._awaiting_headers = True
+                self._arm(header_timeout_s, h11.IDLE)
             # (a client still sending a body nobody reads stays under the body deadline set at its headers)
 
         def send_400_response(self, msg: str) -> None:
