@@ -442,8 +442,7 @@ JOURNAL_CASES = {
     "state-truncated": (lambda w: (w / "state_00000.pt").write_bytes((w / "state_00000.pt").read_bytes()[:100]),
                         "state_00000.pt"),
     "state-wrong-content": (lambda w: torch.save({"nothing": torch.zeros(1)}, w / "state_00000.pt"), "state_00000.pt"),
-    "segment-missing": (lambda w: (w / "clip_00000.mp4").unlink(), "lacks clip_00000.mp4"),
-}
+}  # (a missing segment is rendered again: test_hardening3.py class 10)
 
 
 @pytest.mark.parametrize("kind", sorted(JOURNAL_CASES))

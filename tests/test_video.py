@@ -154,12 +154,12 @@ def test_resume_refuses_another_job_and_fresh_start_discards(tmp_path: Path) -> 
     assert [p.name for p in fresh.root.iterdir()] == ["journal.json"]
 
 
-def test_resume_with_missing_segment_is_refused(tmp_path: Path) -> None:
+def test_resume_with_missing_segment_renders_it_again(tmp_path: Path) -> None:
     work = _render(tmp_path, [45, 48])
-    (work.root / "clip_00000.mp4").unlink()
+    (work.root / "clip_00001.mp4").unlink()  # a missing segment is damage: from it on, rendered again (issue 25)
     work.unlock()
-    with pytest.raises(UserError, match="lacks clip_00000.mp4"):
-        RenderWorkDir.open(tmp_path / "out.mp4", "job", resume=True)
+    again = RenderWorkDir.open(tmp_path / "out.mp4", "job", resume=True)
+    assert again.clips_done < 2 and all(p.is_file() for p in again.segment_paths())
 
 
 def test_journal_is_written_after_segment_and_state(tmp_path: Path) -> None:

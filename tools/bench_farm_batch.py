@@ -5,6 +5,7 @@
     # this tree                   200000     2.52          79,300    1.14               175,885  306 (+55)
     # baseline /tmp/farm25base    200000     6.28          31,844    2.84                70,431  409 (+155)
     # this tree / baseline: 2.5x per wall-second, 2.5x per CPU-second; the goal is 100,000 lines per second
+    # (then the same for `plan_batch`, the ownership check `farm run` makes next: jobs per second)
 
 Each source reads the same batch in a child process of its own, one after the other at whatever load
 the machine has. A one-line batch is read first, not timed (the imports, the first decode); the timed
@@ -59,7 +60,14 @@ def child(batch: Path) -> None:
     jobs = read_jobs(batch, JobDefaults())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"lines": len(jobs), "wall": wall, "cpu": cpu, "rss_before": before, "peak": peak}))
+    from liveavatar_lite.farm.jobs import plan_batch
+
+    plan_wall, plan_cpu = time.perf_counter(), time.process_time()
+    plan = plan_batch(jobs, "bench-identity", batch)  # what `farm run` does next: the ownership check
+    plan_wall, plan_cpu = time.perf_counter() - plan_wall, time.process_time() - plan_cpu
+    assert len(plan.todo) == len(jobs)
+    print(json.dumps({"lines": len(jobs), "wall": wall, "cpu": cpu, "rss_before": before, "peak": peak,
+                      "plan_wall": plan_wall, "plan_cpu": plan_cpu}))
 
 
 def measure(batch: Path, source: Path) -> dict:
@@ -91,10 +99,16 @@ def main() -> None:
         print(f"{name:{width}}  {r['lines']:>8}  {r['wall']:>7.2f}  {r['lines'] / r['wall']:>14,.0f}  "
               f"{r['cpu']:>6.2f}  {r['lines'] / r['cpu']:>20,.0f}  "
               f"{r['peak']:.0f} (+{r['peak'] - r['rss_before']:.0f})")
+    print(f"\nplan_batch (the ownership check after validation: a key and the out's files per job)\n"
+          f"{'source':{width}}  {'jobs':>8}  {'wall s':>7}  {'jobs/s (wall)':>14}  {'CPU s':>6}  {'jobs per CPU-second':>20}")
+    for name, r in results:
+        print(f"{name:{width}}  {r['lines']:>8}  {r['plan_wall']:>7.2f}  {r['lines'] / r['plan_wall']:>14,.0f}  "
+              f"{r['plan_cpu']:>6.2f}  {r['lines'] / r['plan_cpu']:>20,.0f}")
     if len(results) == 2:
         (_, new), (_, old) = results
-        print(f"this tree / baseline: {old['wall'] / new['wall']:.1f}x per wall-second, "
-              f"{old['cpu'] / new['cpu']:.1f}x per CPU-second; the goal is {GOAL:,} lines per second")
+        print(f"this tree / baseline: validation {old['wall'] / new['wall']:.1f}x per wall-second, "
+              f"{old['cpu'] / new['cpu']:.1f}x per CPU-second; plan_batch {old['plan_wall'] / new['plan_wall']:.1f}x "
+              f"per wall-second, {old['plan_cpu'] / new['plan_cpu']:.1f}x per CPU-second; the goal is {GOAL:,} per second")
 
 
 if __name__ == "__main__":

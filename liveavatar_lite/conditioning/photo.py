@@ -141,6 +141,9 @@ def read_rgb(path: str | Path) -> "PIL.Image.Image":  # noqa: F821
             if w * h > MAX_PHOTO_PIXELS:
                 raise UserError(f"image {path} is {w}x{h} pixels; photos up to {MAX_PHOTO_PIXELS / 1e6:g} "
                                 "megapixels are accepted (scale it down)")
+            if im.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit grey (PNG): Pillow's convert clips it
+                grey = np.asarray(im).astype(np.uint32) >> 8  # to 255 (a white photo); keep the top 8 bits
+                return Image.fromarray(grey.clip(0, 255).astype(np.uint8), "L").convert("RGB")
             return im.convert("RGB")  # decodes fully here, so truncated files fail inside the try
     except UnidentifiedImageError:
         raise UserError(f"cannot read image {path}: not a photo in a supported format "

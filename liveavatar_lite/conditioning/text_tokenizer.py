@@ -21,21 +21,26 @@ from ..errors import CheckpointError, UserError, first_line
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # T5 / umT5 special token ids
 SPECIALS = ("<pad>", "</s>", "<unk>")
 MAX_PROMPT_CHARS = 20_000  # umT5 sees 512 tokens (~2-3k characters); far longer text is a mistake
+# Control characters (C0 but tab/newline/CR, DEL, C1) are no text a person types: an escape sequence
+# pasted by mistake, or one aimed at whoever later reads the prompt in a terminal or a log.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def check_prompt(prompt: str) -> str:
     """The prompt, if it is text the tokenizer can take; else UserError (one line).
 
-    Refused: bytes that are not UTF-8 (Python hands them over as lone surrogates), NUL characters,
-    and prompts over MAX_PROMPT_CHARS characters. check_prompt("a person talking")
+    Refused: bytes that are not UTF-8 (Python hands them over as lone surrogates), NUL and other
+    control characters (tab, newline and CR are whitespace), and prompts over MAX_PROMPT_CHARS characters. check_prompt("a person talking")
     """
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise UserError(f"--prompt is not valid UTF-8 text (bad byte at character {e.start}); "
                         "save it as UTF-8 or pass it from a UTF-8 terminal") from None
-    if "\0" in prompt:
-        raise UserError("--prompt contains a NUL character")
+    bad = _CONTROL.search(prompt)
+    if bad is not None:
+        what = "a NUL character" if bad.group() == "\0" else f"a control character (U+{ord(bad.group()):04X})"
+        raise UserError(f"--prompt contains {what} at character {bad.start()}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"--prompt has {len(prompt)} characters; umT5 reads at most 512 tokens, "
                         f"so keep it under {MAX_PROMPT_CHARS}")

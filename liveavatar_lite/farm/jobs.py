@@ -15,12 +15,14 @@ refuses an `out` that exists without a marker: the farm never overwrites what it
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, overload
 
@@ -100,6 +102,7 @@ class Jobs(Sequence[FarmJob]):
 
     def __init__(self, rows: list[_Row]) -> None:
         self._rows = rows
+        self._parents: dict[str, Path] = {}  # an out directory's text -> its Path (made once: a child is cheaper)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -112,17 +115,27 @@ class Jobs(Sequence[FarmJob]):
 
     def __getitem__(self, i: int | slice) -> FarmJob | list[FarmJob]:
         if isinstance(i, slice):
-            return [_job(row) for row in self._rows[i]]
-        return _job(self._rows[i])
+            return [self._job(row) for row in self._rows[i]]
+        return self._job(self._rows[i])
 
     def __iter__(self) -> Iterator[FarmJob]:
-        return map(_job, self._rows)
+        return map(self._job, self._rows)
 
+    def with_out_text(self) -> Iterator[tuple[FarmJob, str]]:
+        """Each job with its out's text (what plan_batch splits, without making it from the Path again)."""
+        for row in self._rows:
+            yield self._job(row), row.out
 
-def _job(row: _Row) -> FarmJob:
-    i = row.inputs
-    return FarmJob(row.line, i.image, i.audio, i.prompt, Path(row.out), i.size, row.seed, i.num_clip, i.clips,
-                   i.width, i.height)
+    def _job(self, row: _Row) -> FarmJob:
+        i = row.inputs
+        directory, _, name = row.out.rpartition("/")  # (an absolute path: directory is "" only for "/")
+        parent = self._parents.get(directory)
+        if parent is None:
+            parent = Path(directory or "/")
+            if len(self._parents) < MAX_REMEMBERED:
+                self._parents[directory] = parent
+        return FarmJob(row.line, i.image, i.audio, i.prompt, parent / name, i.size, row.seed, i.num_clip, i.clips,
+                       i.width, i.height)
 
 
 def read_jobs(path: Path, defaults: JobDefaults) -> Jobs:
@@ -140,8 +153,18 @@ def read_jobs(path: Path, defaults: JobDefaults) -> Jobs:
     media = _Media(path.resolve().parent, defaults)
     number = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, raw in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            # lines read at most MAX_LINE_CHARS (+1) bytes at a time: a 1 GB file without a newline costs
+            # 64 KB, not 1 GB; each line decoded alone, so bad UTF-8 is reported with its line number
+            for number, data in enumerate(iter(partial(f.readline, MAX_LINE_CHARS + 2), b""), start=1):
+                if len(data) > MAX_LINE_CHARS and data[-1:] != b"\n":
+                    raise UserError(f"{path}:{number}: the line is longer than {MAX_LINE_CHARS // 1024} KB")
+                if number == 1 and data.startswith(codecs.BOM_UTF8):
+                    data = data[3:]  # a byte-order mark, as Windows editors write: not part of the JSON
+                try:
+                    raw = data.decode()
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
                 if len(raw) > MAX_LINE_CHARS:
                     raise UserError(f"{path}:{number}: the line is longer than {MAX_LINE_CHARS // 1024} KB")
                 stripped = raw.strip()
@@ -156,8 +179,8 @@ def read_jobs(path: Path, defaults: JobDefaults) -> Jobs:
         if str(e).startswith(f"{path}:"):
             raise
         raise UserError(f"{path}:{number}: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else first_line(e)}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
     if not rows:
         raise UserError(f"{path}: no jobs (one JSON object per line with image, audio, prompt, out)")
     return Jobs(rows)
@@ -394,45 +417,91 @@ class BatchPlan:
     resuming: dict[int, int]  # line -> clips already on disk (an earlier run's checkpoint)
 
 
+class _Keys:
+    """`job_key` and `farm_key` of many jobs, fast: the hash of what lines share (identity, prompt,
+    size) is computed once per input combination and copied, and each input file hashed once.
+    The same bytes as `job_key` hashes (tests/test_farm_jobs.py checks they agree)."""
+
+    def __init__(self, identity: str) -> None:
+        from ..artifact.format import file_sha256
+
+        self.identity, self._sha = identity, file_sha256
+        self._digests: dict[Path, bytes] = {}
+        self._prefixes: dict[tuple[str, str, Path, Path], Any] = {}
+
+    def _digest(self, path: Path) -> bytes:
+        found = self._digests.get(path)
+        if found is None:
+            found = self._digests[path] = bytes.fromhex(self._sha(path))
+        return found
+
+    def digest_hex(self, path: Path) -> str:
+        return self._digest(path).hex()
+
+    def job_and_farm(self, job: FarmJob) -> tuple[str, str]:
+        """(job_key(job.request(), identity), farm_key(job, identity))."""
+        shared = (job.prompt, job.size, job.image, job.audio)
+        prefix = self._prefixes.get(shared)
+        if prefix is None:
+            prefix = hashlib.sha256()
+            for part in (self.identity, job.prompt, job.size):
+                data = part.encode()
+                prefix.update(len(data).to_bytes(8, "little") + data)
+            if len(self._prefixes) < MAX_REMEMBERED:
+                self._prefixes[shared] = prefix
+        h = prefix.copy()
+        seed = str(job.seed).encode()
+        h.update(len(seed).to_bytes(8, "little") + seed)
+        h.update(self._digest(job.image))
+        h.update(self._digest(job.audio))
+        key = h.hexdigest()
+        farm = hashlib.sha256(key.encode())
+        farm.update(f":{job.clips}".encode())
+        return key, farm.hexdigest()
+
+
 def plan_batch(jobs: Sequence[FarmJob], identity: str, source: Path) -> BatchPlan:
     """Which jobs are finished (mp4 + matching marker), which start or resume; UserError for an `out`
-    the farm would overwrite without having written it, or a work dir of another render."""
-    from ..artifact.format import file_sha256
+    the farm would overwrite without having written it, or a work dir of another render.
 
+    Each out directory is listed once (the names in it), so a job whose mp4 and work dir are not
+    there costs no file-system call; a name that is listed is looked at as before."""
     todo, done, keys, resuming = [], [], {}, {}
-    digests: dict[Path, str] = {}
-    writable: set[Path] = set()
+    maker = _Keys(identity)
+    listed: dict[str, frozenset[str]] = {}  # an out directory (text) -> the names in it (checked writable first)
 
-    def digest(p: Path) -> str:  # each input hashed once, however many lines use it
-        if p not in digests:
-            digests[p] = file_sha256(p)
-        return digests[p]
-
-    for job in jobs:
-        where = f"{source}:{job.line}"
-        key = keys[job.line] = farm_key(job, identity, digest)
-        if job.out.parent not in writable:
-            _check_writable(job.out.parent, where)
-            writable.add(job.out.parent)
-        if job.out.exists():
+    pairs = jobs.with_out_text() if isinstance(jobs, Jobs) else ((job, str(job.out)) for job in jobs)
+    for job, out_text in pairs:
+        job_k, key = maker.job_and_farm(job)
+        keys[job.line] = key
+        directory, _, name = out_text.rpartition("/")
+        names = listed.get(directory)
+        if names is None:
+            _check_writable(job.out.parent, f"{source}:{job.line}")
+            try:
+                with os.scandir(job.out.parent) as entries:
+                    names = listed[directory] = frozenset(e.name for e in entries)
+            except (FileNotFoundError, NotADirectoryError):
+                names = listed[directory] = frozenset()
+        if name in names and job.out.exists():
             marker = _marker_key(job.out)  # read only beside an mp4: most outs of a new batch do not exist
             if marker is None:
-                raise UserError(f"{where}: out {job.out} exists and was not written by `farm run` (no "
+                raise UserError(f"{source}:{job.line}: out {job.out} exists and was not written by `farm run` (no "
                                 f"{marker_path(job.out).name} beside it); move it away or choose another out")
             if marker == key:
                 done.append(job)
                 continue
             log.info("line %d: %s was rendered from other inputs; rendering it again", job.line, job.out)
-        work = RenderWorkDir.path_for(job.out)
-        journal = work / "journal.json"
-        if journal.exists():
-            try:
-                doc = json.loads(journal.read_text())
-            except (OSError, ValueError):
-                doc = {}
-            if doc.get("job_key") != job_key(job.request(), identity, digest):
-                raise UserError(f"{where}: {work} holds an unfinished render of other inputs; remove it or "
-                                "choose another out")
-            resuming[job.line] = int(doc.get("state_clips") or 0)
+        if f".{name}.work" in names:  # (RenderWorkDir.path_for's name)
+            work = RenderWorkDir.path_for(job.out)
+            if (work / "journal.json").exists():
+                try:
+                    doc = json.loads((work / "journal.json").read_text())
+                except (OSError, ValueError):
+                    doc = {}
+                if doc.get("job_key") != job_k:
+                    raise UserError(f"{source}:{job.line}: {work} holds an unfinished render of other inputs; "
+                                    "remove it or choose another out")
+                resuming[job.line] = int(doc.get("state_clips") or 0)
         todo.append(job)
     return BatchPlan(todo, done, keys, resuming)

@@ -16,6 +16,8 @@ mp4 (with the speech as aac) is muxed to `OUT.tmp` and renamed only when complet
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import logging
 import time
 from collections.abc import Iterator
@@ -69,7 +71,20 @@ MIN_SPEECH_SECONDS = 0.1  # shorter speech gives wav2vec2 too few samples for on
 
 
 def check_numbers(request: RenderRequest) -> None:
-    """UserError unless seed and num_clip are what the CLI's flags accept (checked before any file)."""
+    """UserError unless seed, num_clip and every other field have what the CLI's flags accept
+    (the Python API passes anything: a None prompt, an int size, a string resume; checked before any file)."""
+    for name in ("prompt", "size"):
+        if not isinstance(getattr(request, name), str):
+            raise UserError(f"{name} must be a string, got {type(getattr(request, name)).__name__} "
+                            f"{getattr(request, name)!r:.60}")
+    for name in ("image", "audio", "out", "live", "telemetry"):
+        if not isinstance(getattr(request, name, None), Path if name in ("image", "audio") else (Path, type(None))):
+            raise UserError(f"{name} must be a path (str or os.PathLike), got {getattr(request, name)!r:.60}")
+    if not isinstance(request.resume, bool):
+        raise UserError(f"resume must be True or False, got {request.resume!r:.60}")
+    interval = request.checkpoint_interval_s
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
+        raise UserError(f"checkpoint_interval_s must be a number of seconds >= 0, got {interval!r:.60}")
     seed, num_clip = request.seed, request.num_clip
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise UserError(f"seed must be an integer from 0 to 2^63-1, got {seed!r}")
@@ -88,6 +103,12 @@ def check_live(out: Path, live: Path) -> None:
         raise UserError(f"--live {live} is the --out file; pass a directory for the HLS playlist")
     if where == work or work in where.parents:
         raise UserError(f"--live {live} is inside the render's work dir {work}, which is deleted when it ends")
+    for d in (where, *where.parents):  # ... or another render's (deleted when that one ends or resumes)
+        if RenderWorkDir.is_work_dir_name(d.name):
+            raise UserError(f"--live {live} is inside {d}, another render's work dir, which is deleted when it ends")
+    if live.is_symlink() and not live.exists():
+        raise UserError(f"--live {live} is a symbolic link to nothing ({os.readlink(live)}); remove it or "
+                        "pass a directory")
     check_live_dir(live)
     check_output_path(live / PLAYLIST_NAME, "--live", suffix=None)  # a parent that is a file, read-only, ...
 

@@ -18,10 +18,14 @@ the inputs, load a Pipeline planned for their size, render once.
 from __future__ import annotations
 
 import logging
+import numbers
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import numpy as np
 
@@ -110,10 +114,10 @@ class Pipeline:
         per finished clip while rendering. Returns the mp4's clips, frames, size and timings.
         """
         return self.run(RenderRequest(
-            image=Path(image), audio=Path(audio), prompt=prompt, out=Path(out), size=size or self.size,
-            num_clip=num_clip,
-            seed=seed, resume=resume, telemetry=None if telemetry is None else Path(telemetry),
-            live=None if live is None else Path(live), checkpoint_interval_s=checkpoint_interval_s,
+            image=_path(image), audio=_path(audio), prompt=prompt, out=_path(out), size=size or self.size,
+            num_clip=_integer(num_clip),
+            seed=_integer(seed), resume=resume, telemetry=None if telemetry is None else _path(telemetry),
+            live=None if live is None else _path(live), checkpoint_interval_s=checkpoint_interval_s,
             progress=self.progress))
 
     def run(self, request: RenderRequest, inputs: RenderInputs | None = None) -> RenderResult:
@@ -129,8 +133,8 @@ class Pipeline:
         """Yield the video block by block as it is decoded (no file): `StreamBlock.frames` uint8
         [n, H, W, 3] and the span of speech it plays over. Same frames as `render` with the same inputs.
         """
-        request = RenderRequest(image=Path(image), audio=Path(audio), prompt=prompt, size=size or self.size,
-                                seed=seed, num_clip=num_clip, progress=self.progress)
+        request = RenderRequest(image=_path(image), audio=_path(audio), prompt=prompt, size=size or self.size,
+                                seed=_integer(seed), num_clip=_integer(num_clip), progress=self.progress)
         inputs = prepare_inputs(request)  # bad input fails here, at the call, not at the first next()
         return self._stream(inputs)
 
@@ -258,6 +262,19 @@ def _streaming_window(lookahead_s: Any, context_s: Any) -> Any:
         if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
             raise UserError(f"{name} must be a number of seconds from {lo:g} to {hi:g}, got {v!r}")
     return StreamingWindow(lookahead_s=float(lookahead_s), context_s=float(context_s))
+
+
+def _path(value: object) -> object:
+    """A str or os.PathLike as a Path; anything else as it is, for check_numbers to refuse in one line."""
+    return Path(value) if isinstance(value, (str, os.PathLike)) else value
+
+
+def _integer(value: object) -> object:
+    """A numpy (or other Integral) integer as an int, so seed=np.int64(7) is seed 7; bools and the
+    rest as they are (check_numbers refuses them)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return value
 
 
 def _size_dims(size: str) -> tuple[int, int]:

@@ -111,6 +111,11 @@ class RenderWorkDir:
         return out.parent / f".{out.name}.work"
 
     @staticmethod
+    def is_work_dir_name(name: str) -> bool:
+        """Whether `name` is what `path_for` names a work dir: '.OUT.mp4.work'."""
+        return name.startswith(".") and name.endswith(".mp4.work") and len(name) > len("..mp4.work")
+
+    @staticmethod
     def state_name(clip: int) -> str:
         """The resume state written after clip `clip`: 'state_00003.pt'."""
         return f"state_{clip:05d}.pt"
@@ -315,11 +320,20 @@ class RenderWorkDir:
             keep.add(self._journal["state"])
             keep.update(p.name for p in self._companions(self._journal["state"]))
         _clear(self.root, keep)
-        missing = [p.name for p in self.segment_paths() if not p.is_file()]
-        if self.state_path is not None and not self.state_path.is_file():
-            missing.append(self.state_path.name)
+        # a missing segment with a checksum is damage like any other (_drop_damaged renders it again);
+        # without one (an older journal) nothing says the rest is sound
+        missing = [s["name"] for s in self._journal["segments"]
+                   if "sha256" not in s and not (self.root / s["name"]).is_file()]
         if missing:
             raise UserError(f"cannot resume: {self.root} lacks {', '.join(missing)}; run without --resume")
+        if self.state_path is not None and not self.state_path.is_file():
+            # the state to continue from is gone: the clips are rendered again from the first (the same
+            # frames, a render being deterministic)
+            log.warning("%s lacks %s; rendering again from the first clip", self.root, self.state_path.name)
+            journal = {**self._journal, "segments": [], "state": None, "state_clips": 0}
+            write_json_atomic(self.root / "journal.json", journal)
+            self._journal = journal
+            _clear(self.root, {"journal.json"})
 
 
 class _WholeWrites:

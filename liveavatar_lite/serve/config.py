@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..pipeline.request import PipelineOptions
 
+MAX_TOKEN_CHARS = 1024  # a header line a client can send whole (h11 takes up to 16 KB of headers)
 MIN_TOKEN_CHARS = 16
 
 
@@ -93,11 +94,15 @@ def read_token(path: Path) -> str:
 
     require_file(path, "--token-file", missing=f"cannot read --token-file {path}: no such file")
     try:
-        text = path.read_text()
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_TOKEN_CHARS * 4 + 64)  # what a token line can be: never a whole large file
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read --token-file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
     lines = text.strip().splitlines()
     token = lines[0].strip() if lines else ""
+    if len(token) > MAX_TOKEN_CHARS:  # no client could send it (an HTTP header line is limited)
+        raise UserError(f"--token-file {path}: the token's first line is longer than {MAX_TOKEN_CHARS} characters "
+                        "(is it the right file?); e.g. `openssl rand -hex 32 > FILE`")
     if len(token) < MIN_TOKEN_CHARS:
         raise UserError(f"--token-file {path}: the token must be at least {MIN_TOKEN_CHARS} characters "
                         "(e.g. `openssl rand -hex 32 > FILE`)")

@@ -163,6 +163,7 @@ HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this (http_gua
 BODY_SLACK_S = 15.0  # a body may take the upload timeout (--request-timeout) plus this; then the connection closes
 PENDING_PER_CLIENT = 16  # connections one address may hold while they wait for their headers
 MAX_CONNECTIONS = 256  # open connections in all; past this a request gets 503
+MAX_WAITING = 192  # of them, still waiting for their headers (all addresses): a quarter stays for real requests
 
 
 def serve(config: ServeConfig, executor: Executor | None = None) -> None:
@@ -180,7 +181,8 @@ def serve(config: ServeConfig, executor: Executor | None = None) -> None:
         # a talk session's PCM message over its limit gets a one-line error from sessions.py; one far over it
         # (more than this) is refused by uvicorn itself (close 1009)
         ws_max_size=4 * config.sessions.max_message_bytes,
-        http=guarded_protocol(HEADER_TIMEOUT_S, config.limits.request_timeout_s + BODY_SLACK_S, PENDING_PER_CLIENT)))
+        http=guarded_protocol(HEADER_TIMEOUT_S, config.limits.request_timeout_s + BODY_SLACK_S, PENDING_PER_CLIENT,
+                              MAX_WAITING)))
     notifier = SystemdNotifier.from_env()
     dispatcher.on_step = notifier.ping  # the watchdog ping comes from the loop that does the work
 

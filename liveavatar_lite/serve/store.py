@@ -71,6 +71,11 @@ CREATE TABLE IF NOT EXISTS known_blobs (   -- every blob this database put in bl
 """
 
 
+# The schema's version, kept in SQLite's user_version: a database written by a newer version (a
+# larger number) is refused at start rather than half-understood (its rows could mean other things).
+SCHEMA_VERSION = 1
+
+
 class QueueFull(Exception):
     """More queued jobs than the limit allows."""
 
@@ -153,6 +158,7 @@ class JobStore:
                 db = self._connect()
                 had_known = self._check_schema(db)
                 db.executescript(_SCHEMA)  # (executescript commits by itself)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 if not had_known:  # a database from before the table: the blobs its rows name are its own
                     with self._tx() as tx:
                         tx.execute("INSERT OR IGNORE INTO known_blobs SELECT image FROM jobs UNION "
@@ -167,6 +173,15 @@ class JobStore:
     def _check_schema(db: sqlite3.Connection) -> bool:
         """DatabaseError unless every table of ours that exists has the columns we read; whether
         the known_blobs table exists."""
+        # a damaged page anywhere (a file cut mid-page, garbage written over one) is found now, not
+        # as a 500 on the query that first reads it (a queue database is small: this takes milliseconds)
+        problems = [r[0] for r in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"damaged: {' '.join(' '.join(problems).split())[:160]}")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"written by a newer liveavatar-lite (schema {version}, this one "
+                                        f"reads {SCHEMA_VERSION}); upgrade, or use another --state-dir")
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table, columns in (("jobs", _JOB_COLUMNS), ("avatars", _AVATAR_COLUMNS)):
             if table not in tables:
@@ -175,6 +190,12 @@ class JobStore:
             missing = [c for c in columns if c not in have]
             if missing:
                 raise sqlite3.DatabaseError(f"its {table} table lacks {', '.join(missing[:3])}: another schema")
+            # a column we never write that must be set (NOT NULL, no default) makes every insert fail later
+            unknown = [r[1] for r in db.execute(f"PRAGMA table_info({table})")
+                       if r[1] not in columns and r[3] and r[4] is None and not r[5]]
+            if unknown:
+                raise sqlite3.DatabaseError(f"its {table} table requires {', '.join(unknown[:3])}, which this "
+                                            "version does not write: another schema")
         return "known_blobs" in tables
 
     def _connect(self) -> sqlite3.Connection:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ JOB_FIELDS = {"image": "file", "audio": "file", "avatar": "text", "prompt": "tex
               "num_clip": "text"}
 AVATAR_FIELDS = {"image": "file", "size": "text", "prompt": "text"}
 _CHUNK = 1 << 20
+# Control characters in a text field (C0 but tab/newline/CR, DEL, C1): refused for every field of
+# every endpoint, as a render refuses them in a prompt (conditioning/text_tokenizer.check_prompt).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 DRAIN_BYTES = 64 * 1024 * 1024  # what we read and drop after refusing a body, so the client sees the error
@@ -150,6 +154,10 @@ async def _receive(request: Request, allowed: dict[str, str], tmp_dir: Path, lim
             else:
                 if isinstance(value, UploadFile):
                     raise ApiError(400, f"field {name!r} must be text, not a file")
+                bad = _CONTROL.search(value)
+                if bad is not None:  # no field's value has any; whitespace rules (strip, int) would hide some
+                    what = "a NUL character" if bad.group() == "\0" else f"a control character (U+{ord(bad.group()):04X})"
+                    raise ApiError(400, f"field {name!r} contains {what} at character {bad.start()}")
                 received.text[name] = value
 
 
