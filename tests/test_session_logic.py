@@ -498,3 +498,18 @@ def test_close_awaits_the_block_in_flight_and_drops_it(pipe: Pipeline, photo: Pa
         closer.join()
         it.join()
     assert got == [None] and renderer.calls and pipe.backend.encoder_out == 0
+
+
+@pytest.mark.parametrize("kw", [dict(image=None), dict(prompt=None), dict(prompt=b"x"), dict(seed=1.5),
+                                dict(seed=np.bool_(True)), dict(seed=2**64)])
+def test_session_arguments_of_the_wrong_type_fail_in_one_line_first(kw: dict) -> None:
+    """As render and stream (issue 25, class 5): each argument is checked before the backend is used."""
+    from liveavatar_lite.pipeline.pipeline import Pipeline
+
+    class NoBackend:
+        loads: dict = {}
+
+    args = dict(image="/nonexistent/photo.png", prompt="a person talking") | kw
+    with pytest.raises(UserError) as e:
+        Pipeline(NoBackend(), progress=False, size="64*64").session(args.pop("image"), args.pop("prompt"), **args)
+    assert "\n" not in str(e.value)

@@ -191,8 +191,8 @@ class Pipeline:
         if idle not in IDLE_MODES:
             raise UserError(f"idle must be one of {', '.join(IDLE_MODES)}, got {idle!r}")
         window = _streaming_window(lookahead_s, context_s)
-        request = RenderRequest(image=Path(image), audio=Path("<session>"), prompt=prompt, size=size or self.size,
-                                seed=seed, progress=self.progress)  # a session has no speech file
+        request = RenderRequest(image=_path(image), audio=Path("<session>"), prompt=prompt, size=size or self.size,
+                                seed=_integer(seed), progress=self.progress)  # a session has no speech file
         check_numbers(request)
         check_prompt(prompt)
         require_file(request.image, "image")
