@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("av")
 
 from render_helpers import SIZE  # noqa: E402
-from serve_helpers import ServeProcess, job_data, job_files  # noqa: E402
+from serve_helpers import PROMPT, ServeProcess, job_data, job_files  # noqa: E402
 from test_hardening2 import fake_backend  # noqa: E402,F401 (a fixture)
 from test_hardening2_serve import _closed_by_server, _one_line_error, _render_one, _start_refused  # noqa: E402
 
@@ -550,3 +550,42 @@ def test_class2_9_malformed_requests_get_a_json_400_and_the_server_carries_on(se
         error = json.loads(body)["error"]
         assert "malformed HTTP request" in error and "\n" not in error, name
     assert server.client.get("/healthz").status_code == 200
+
+
+def _multipart(fields: dict[str, bytes], files: dict[str, tuple[str, bytes]], charset: str | None = None
+               ) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body written by hand (the text fields' bytes exactly as given)."""
+    boundary = "h3boundary7f3a"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v + b"\r\n"
+             for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{n}"\r\n'
+              f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for k, (n, data) in files.items()]
+    kind = f"multipart/form-data; boundary={boundary}" + (f"; charset={charset}" if charset else "")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"content-type": kind}
+
+
+def test_class9_a_text_field_that_is_not_utf8_is_refused_not_read_as_latin1(server: ServeProcess, media: Path) -> None:
+    """Starlette reads a text field whose bytes are not UTF-8 as Latin-1, silently ('\\xff\\xfe' became
+    'ÿþ' in the prompt). A body in UTF-8 (the default) now gets a one-line 400 naming the field; UTF-8
+    text with accents and CJK is kept as sent; a body that declares another charset is read in it."""
+    photo, speech = (media / "photo.png").read_bytes(), (media / "speech.wav").read_bytes()
+    before = server.client.get("/v1/jobs", params={"limit": 500}).json()
+    for field, raw in (("prompt", b"a person \xff\xfe talking"), ("size", SIZE.encode() + b"\xe9"),
+                       ("prompt", b"caf\xe9 au lait"), ("seed", b"1\xc3")):  # (a cut two-byte sequence last)
+        fields = {"prompt": PROMPT.encode(), "size": SIZE.encode()} | {field: raw}
+        body, headers = _multipart(fields, {"image": ("p.png", photo), "audio": ("s.wav", speech)})
+        r = server.client.post("/v1/jobs", content=body, headers=headers)
+        assert f"field {field!r} is not UTF-8 text" in _one_line_error(r, 400), (field, raw)
+        body, headers = _multipart({"prompt": raw, "size": SIZE.encode()}, {"image": ("p.png", photo)})
+        r = server.client.post("/v1/avatars", content=body, headers=headers)
+        assert "is not UTF-8 text" in _one_line_error(r, 400), raw
+    assert server.client.get("/v1/jobs", params={"limit": 500}).json() == before  # nothing was queued
+    for prompt, charset, expect in (("a person talking, café, Grüße, 日本語", None, "a person talking, café, Grüße, 日本語"),
+                                    (None, "iso-8859-1", "a person talking, café")):
+        raw = prompt.encode() if prompt is not None else "a person talking, café".encode("latin-1")
+        body, headers = _multipart({"prompt": raw, "size": SIZE.encode()},
+                                   {"image": ("p.png", photo), "audio": ("s.wav", speech)}, charset)
+        r = server.client.post("/v1/jobs", content=body, headers=headers)
+        assert r.status_code == 201, r.text
+        job = server.wait_for(r.json()["id"], "done", timeout=600)
+        assert job["prompt"] == expect

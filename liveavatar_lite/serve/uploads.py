@@ -10,6 +10,7 @@ or raises `ApiError` with a one-line reason. The temp files are the caller's to 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import errno
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from .config import Limits
@@ -133,11 +135,56 @@ class _Tail:
         return delimiter in self.tail
 
 
+class _Utf8FieldsParser(MultiPartParser):
+    """Starlette's multipart parser, refusing a text field whose bytes are not UTF-8 (Starlette reads
+    such a field as Latin-1, silently: a garbled prompt). Each part's bytes pass through an
+    incremental UTF-8 decoder as they arrive (nothing is kept; a file's first invalid byte ends its
+    check); at a part's end, a text field that did not decode is refused. Only for a body in UTF-8,
+    the default (a body that names another charset is decoded in it by Starlette)."""
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._utf8, self._utf8_ok = codecs.getincrementaldecoder("utf-8")(), True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        super().on_part_data(data, start, end)
+        if self._utf8_ok:
+            try:
+                self._utf8.decode(data[start:end])
+            except UnicodeDecodeError:
+                self._utf8_ok = False
+
+    def on_part_end(self) -> None:
+        count = len(self.items)
+        super().on_part_end()
+        if self._utf8_ok:
+            try:
+                self._utf8.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self._utf8_ok = False
+        if not self._utf8_ok and len(self.items) > count and isinstance(self.items[-1][1], str):
+            raise MultiPartException(f"field {self.items[-1][0][:40]!r} is not UTF-8 text")
+
+
+_OTHER_CHARSET = re.compile(r";\s*charset\s*=\s*\"?(?!utf-?8\b)", re.I)
+
+
+async def _parse_form(request: Request, max_files: int, max_fields: int, max_part_size: int) -> Any:
+    """The request's multipart fields (Starlette's FormData; the caller closes it); ApiError 400 when malformed."""
+    cls = MultiPartParser if _OTHER_CHARSET.search(request.headers.get("content-type", "")) else _Utf8FieldsParser
+    parser = cls(request.headers, request.stream(), max_files=max_files, max_fields=max_fields,
+                 max_part_size=max_part_size)
+    try:
+        return await parser.parse()
+    except MultiPartException as e:
+        raise ApiError(400, str(e.message)) from None
+
+
 async def _receive(request: Request, allowed: dict[str, str], tmp_dir: Path, limits: Limits,
                    received: ReceivedForm) -> None:
     files = sum(1 for k in allowed.values() if k == "file")
-    async with request.form(max_files=files, max_fields=len(allowed),
-                            max_part_size=4 * limits.max_prompt_chars + 1024) as form:
+    form = await _parse_form(request, files, len(allowed), 4 * limits.max_prompt_chars + 1024)
+    try:
         for name in form:
             if name not in allowed:
                 raise ApiError(400, f"unknown field {name[:40]!r}; this endpoint takes {', '.join(sorted(allowed))}")
@@ -159,6 +206,8 @@ async def _receive(request: Request, allowed: dict[str, str], tmp_dir: Path, lim
                     what = "a NUL character" if bad.group() == "\0" else f"a control character (U+{ord(bad.group()):04X})"
                     raise ApiError(400, f"field {name!r} contains {what} at character {bad.start()}")
                 received.text[name] = value
+    finally:
+        await form.close()
 
 
 def _spool(upload: UploadFile, path: Path) -> int:
