@@ -55,7 +55,9 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, per_client:
 
         def handle_websocket_upgrade(self, event: h11.Request) -> None:
             # the connection becomes a WebSocket (a talk session, sessions.py) and outlives any body
-            # deadline: h11 still says SEND_BODY for it, so the timer armed at its headers must go
+            # deadline: h11 still says SEND_BODY for it, so the timer armed at its headers must go, and
+            # none may be armed after it (this runs inside data_received, before its headers check)
+            self._awaiting_headers = False
             self._forget()
             super().handle_websocket_upgrade(event)
 
