@@ -174,7 +174,7 @@ class Dispatcher:
         self._check_disk()
         while (self.executor.free_slots() > 0 and not self._stop.is_set() and not self.draining.is_set()
                and not self.disk_short() and time.monotonic() >= self._disk_retry_at  # (waiting jobs first)
-               and (self.sessions is not None and self.sessions.holds_worker()  # a session writes no job bytes
+               and (self._session_holds_worker()  # a session writes no job bytes
                     or self.store.next_pending_avatar() is not None or self._room_for_next())):
             task = self._next_task()
             if task is None:
@@ -206,8 +206,12 @@ class Dispatcher:
                           f"{self.free_bytes / 1e6:.0f} MB free again; it resumes from its checkpoint")
             self.wake.set()
 
+    def _session_holds_worker(self) -> bool:
+        """Whether a talk session waits for (or holds) the worker: it goes before queued work."""
+        return self.sessions is not None and self.sessions.holds_worker()
+
     def _next_task(self) -> Task | None:
-        if self.sessions is not None and self.sessions.holds_worker():
+        if self._session_holds_worker():
             return self.sessions.take()  # a talk session goes before queued work, and holds the worker
         avatar = self.store.next_pending_avatar()
         if avatar is not None and avatar.id not in self._running:
