@@ -528,7 +528,8 @@ def test_page_shows_why_not_ready_and_why_a_job_failed(tiny_artifact: Path, tmp_
         reason = until(load_error, READY_S, "the load error")
         assert "--ram" in reason
         driver.get(server.url + "/")
-        badge = until(lambda: (t := driver.find_element("id", "ready").text) != "loading the model…" and t, 60,
+        badge = until(lambda: (t := driver.find_element("id", "ready").text) not in ("loading the model…", "checking…")
+                      and t, 60,  # (the page says "checking…" until its first /readyz answer)
                       "the badge")
         assert badge == reason  # /readyz's reason, word for word
         row = until(lambda: driver.find_element("id", "queue").text, 60, "the queue table")
