@@ -277,6 +277,16 @@ class SampleConfig:
     def blocks_per_clip(self) -> int:
         return self.latent_frames_per_clip // self.frames_per_block
 
+    @property
+    def video_frames_per_block(self) -> int:
+        """Pixel frames one block decodes to (the VAE's 4x temporal stride): 12."""
+        return self.frames_per_block * 4
+
+    @property
+    def block_seconds(self) -> float:
+        """Seconds of video (and of speech) one block covers: 0.48."""
+        return self.video_frames_per_block / self.fps
+
 
 PRESETS: dict[str, ModelPreset] = {
     "14b": ModelPreset(name="14b", dit=DiTConfig(), vae=VAEConfig(), t5=T5Config(), wav2vec=Wav2VecConfig()),

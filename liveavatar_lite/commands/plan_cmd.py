@@ -110,7 +110,7 @@ def talk_prediction(inp, profile, dit_seconds_per_clip: float, decode_seconds_pe
     from ..runtime.plan import predict_talk
 
     w = StreamingWindow()
-    block_s = inp.sample.frames_per_block * 4 / inp.sample.fps
+    block_s = inp.sample.block_seconds
     return predict_talk(inp, profile, dit_seconds_per_clip, decode_seconds_per_clip,
                         w.context_s + block_s + w.lookahead_s, w.lookahead_s, interval_seconds_per_clip)
 

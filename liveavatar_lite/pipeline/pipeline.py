@@ -209,7 +209,7 @@ class Pipeline:
         try:
             renderer = builder(inputs)
             encoder = self.backend.session_audio_encoder()
-            silence = self.backend.silence_features(request.sample.frames_per_block * 4)
+            silence = self.backend.silence_features(request.sample.video_frames_per_block)
             tel = Telemetry.open(Path(telemetry), append=False) if telemetry is not None else None
         except BaseException:
             if encoder is not None:

@@ -167,7 +167,7 @@ class Session:
         self._anchor: float | None = None  # playback clock: monotonic time at which media time 0 plays
         self._latencies: list[float] = []
         self._counts = {"blocks": 0, "speech_blocks": 0, "idle_blocks": 0}
-        self._px = sample.frames_per_block * 4  # video frames per block (12)
+        self._px = sample.video_frames_per_block  # 12
 
     # ---- input (any thread) ---------------------------------------------------------------
 

@@ -162,7 +162,7 @@ def predict_talk(inp: PlanInput, profile: DeviceProfile, dit_seconds_per_clip: f
     """
     blocks = inp.workload.blocks_per_clip
     s = inp.sample
-    return TalkPrediction(block_video_seconds=s.frames_per_block * 4 / s.fps, lookahead_seconds=lookahead_seconds,
+    return TalkPrediction(block_video_seconds=s.block_seconds, lookahead_seconds=lookahead_seconds,
                           features_seconds=audio_feature_seconds(window_seconds, inp, profile),
                           dit_seconds=dit_seconds_per_clip / blocks, decode_seconds=decode_seconds_per_clip / blocks,
                           interval_seconds=None if interval_seconds_per_clip is None

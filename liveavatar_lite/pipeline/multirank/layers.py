@@ -156,7 +156,7 @@ class LayerStage:
         s = self.sample
         clip, blk = divmod(g, s.blocks_per_clip)
         offset = self._offset(g, step)
-        fpb, px = s.frames_per_block, s.frames_per_block * 4
+        fpb, px = s.frames_per_block, s.video_frames_per_block
         frame0 = clip * s.latent_frames_per_clip + blk * fpb
         a0 = clip * s.infer_frames + blk * px
         audio = self.audio[..., a0: a0 + px].to(self.dit.compute_dtype)
