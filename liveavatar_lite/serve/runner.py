@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import BudgetError, UserError, first_line
 from ..pipeline.pipeline import Pipeline
 from ..pipeline.request import PipelineOptions, RenderInputs, RenderRequest
+from .malloc_policy import release_free_memory
 from .tasks import (
     AvatarTask,
     BlockDone,
@@ -208,6 +209,7 @@ class TaskRunner:
                 self._failed(task, e, emit)
         finally:
             self.backend.hooks = None
+            release_free_memory()  # the heap's free pages back to the OS: RSS between tasks is what is held
             emit(Memory(*memory_now()))
 
     def _failed(self, task: RenderTask | AvatarTask, e: Exception, emit: Emit) -> None:
