@@ -2,8 +2,10 @@
 observed renderer's cancel/progress hooks, and the supervisor against a fake worker process."""
 from __future__ import annotations
 
+import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,59 @@ def test_observed_renderer_reports_and_cancels_between_blocks() -> None:
     cancel.set()
     with pytest.raises(TaskCancelled):
         renderer.block_frames(2, 1)
+
+
+
+def test_worker_applies_cancels_and_keeps_nothing_per_finished_task() -> None:
+    """serve_tasks: a Cancel before its task starts cancels it; one for the running task sets its flag;
+    one that crosses a task's end (or names an unknown task) is dropped, so nothing piles up over weeks."""
+    from liveavatar_lite.serve.tasks import Cancel, Stop
+    from liveavatar_lite.serve.worker import CancelBook, serve_tasks
+
+    inbox: queue.Queue = queue.Queue()
+    ran: list[tuple[str, bool]] = []
+    a_runs, a_may_end = threading.Event(), threading.Event()
+
+    class Channel:
+        def send(self, message: object) -> None:
+            pass
+
+        def lines(self):  # never reaches end of file (that would _exit the process)
+            while True:
+                yield to_wire(inbox.get())
+
+    class Runner:
+        def run(self, task, cancel, emit) -> None:
+            if task.id == "a":
+                a_runs.set()
+                assert a_may_end.wait(10)
+            ran.append((task.id, cancel.is_set()))
+
+    def task(task_id: str) -> RenderTask:
+        return RenderTask(id=task_id, image="i", audio="a", prompt="p", size="64*64", seed=0, num_clip=None,
+                          out="o.mp4", live=None, telemetry=None, checkpoint_interval_s=0.0)
+
+    book = CancelBook()
+    inbox.put(task("a"))
+    inbox.put(task("b"))
+    worker = threading.Thread(target=serve_tasks, args=(Channel(), Runner(), book), daemon=True)
+    worker.start()
+    assert a_runs.wait(10)
+    for message in (Cancel("b"), Cancel("a"), Cancel("unknown")):  # b waits behind a, a runs
+        inbox.put(message)
+    deadline = time.monotonic() + 10
+    while inbox.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the reader applies the last one
+    a_may_end.set()
+    for _ in range(100):  # cancels crossing a finished task, as when a job ends as the user cancels it
+        inbox.put(Cancel("a"))
+    inbox.put(task("c"))
+    inbox.put(Stop())
+    worker.join(10)
+    assert not worker.is_alive()
+    assert ran == [("a", True), ("b", True), ("c", False)]
+    assert len(book) == 0
 
 
 _FAKE_WORKER = r'''

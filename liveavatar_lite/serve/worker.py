@@ -56,39 +56,60 @@ class _Channel:
         return self.sock.makefile("rb")
 
 
-def serve_tasks(channel: _Channel, runner: TaskRunner) -> None:
+class CancelBook:
+    """Which task's cancel flag a Cancel sets: the running task's, or one received and not started.
+
+    A Cancel for a task that has already ended (it crossed the task's Finished on the socket) is
+    dropped, so a worker that runs for weeks keeps nothing per finished task."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flags: dict[str, threading.Event] = {}  # received and not ended: its cancel flag
+
+    def received(self, task_id: str) -> None:
+        with self._lock:
+            self._flags[task_id] = threading.Event()
+
+    def start(self, task_id: str) -> threading.Event:
+        """The flag the task runs with (set already if its Cancel came first)."""
+        with self._lock:
+            return self._flags.setdefault(task_id, threading.Event())
+
+    def cancel(self, task_id: str) -> None:
+        with self._lock:
+            flag = self._flags.get(task_id)
+        if flag is not None:
+            flag.set()
+
+    def ended(self, task_id: str) -> None:
+        with self._lock:
+            self._flags.pop(task_id, None)
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+
+def serve_tasks(channel: _Channel, runner: TaskRunner, book: CancelBook | None = None) -> None:
     """Run tasks in arrival order until Stop; a reader thread applies Cancel as it arrives."""
     tasks: queue.Queue = queue.Queue()
-    lock = threading.Lock()
-    current: dict[str, object] = {"id": None, "cancel": threading.Event()}
-    cancelled: set[str] = set()  # cancels that arrived before their task started
+    book = book if book is not None else CancelBook()
 
     def read() -> None:
         for line in channel.lines():
             message = from_wire(line)
             if isinstance(message, Cancel):
-                with lock:
-                    if current["id"] == message.task_id:
-                        current["cancel"].set()  # type: ignore[attr-defined]
-                    else:
-                        cancelled.add(message.task_id)
+                book.cancel(message.task_id)
             elif isinstance(message, Stop):
                 tasks.put(None)
             else:
+                book.received(message.id)
                 tasks.put(message)
         os._exit(0)  # end of file: the server is gone, and so is the reason to live
 
     threading.Thread(target=read, name="worker-reader", daemon=True).start()
     while (task := tasks.get()) is not None:
-        cancel = threading.Event()
-        with lock:
-            current["id"], current["cancel"] = task.id, cancel
-            if task.id in cancelled:
-                cancelled.discard(task.id)
-                cancel.set()
-        runner.run(task, cancel, channel.send)
-        with lock:
-            current["id"] = None
+        runner.run(task, book.start(task.id), channel.send)
+        book.ended(task.id)
 
 
 def main(argv: list[str] | None = None) -> int:
