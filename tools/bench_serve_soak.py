@@ -154,7 +154,7 @@ def main() -> None:
                     if len(done) in (args.baseline, args.jobs) and not pending:
                         time.sleep(1.0)
                         worker = client.get("/readyz").json()["worker"]["pid"]
-                        rss[len(done)] = (_settled_rss(server.pid), _settled_rss(worker), worker)
+                        rss[len(done)] = (_settled_rss(server.pid), _settled_rss(worker), worker, _mappings(worker))
                     continue
                 time.sleep(0.1)
             final_state = tree_bytes(state)
@@ -176,13 +176,31 @@ def main() -> None:
     print(f"state dir: largest after a job {largest / 1e6:.2f} MB, largest at any 0.5 s sample "
           f"{largest_any / 1e6:.2f} MB, at the end {final_state / 1e6:.2f} MB; limit {args.max_state_gb * 1e3:.0f} MB "
           f"(--keep-jobs {args.keep_jobs}); 'still holds' warnings: {text.count('still holds')}")
-    (s0, w0, pid0), (s1, w1, pid1) = rss[args.baseline], rss[args.jobs]
+    (s0, w0, pid0, m0), (s1, w1, pid1, m1) = rss[args.baseline], rss[args.jobs]
     assert pid0 == pid1, "the worker was restarted after the baseline"
     for name, a, b in (("server", s0, s1), ("worker", w0, w1)):
         for i, kind in enumerate(("RSS", "RssAnon")):
             growth = (b[i] - a[i]) / a[i] * 100
             print(f"{kind:7s} {name}: {a[i] / 1e6:7.1f} MB after job {args.baseline}, {b[i] / 1e6:7.1f} MB after job "
                   f"{args.jobs} ({growth:+.2f} %, {'within' if abs(growth) <= 1 else 'OUTSIDE'} 1 %)")
+    grown = sorted(((m1.get(k, 0) - m0.get(k, 0), k) for k in set(m0) | set(m1)), reverse=True)
+    print("worker's resident kB by mapping, largest changes: "
+          + ", ".join(f"{name} {kb:+d}" for kb, name in sorted(grown, key=lambda g: -abs(g[0]))[:6]))
+
+
+def _mappings(pid: int) -> dict[str, int]:
+    """Resident kB of `pid` by what is mapped: a file's path, [heap], [stack], or [anon] (every
+    anonymous mapping together: glibc's other arena, thread stacks, Python's object arenas)."""
+    out: dict[str, int] = {}
+    name = "?"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first, _, rest = line.partition(" ")
+        if "-" in first and not first.endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            fields = rest.split(None, 4)
+            name = fields[4].strip() if len(fields) > 4 else "[anon]"
+        elif first == "Rss:":
+            out[name] = out.get(name, 0) + int(rest.split()[0])
+    return out
 
 
 def _fill(client, state: Path, job_id: str, free_file: Path) -> None:
