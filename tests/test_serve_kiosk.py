@@ -305,6 +305,25 @@ def test_pruning_removes_least_recently_used_and_only_what_the_database_vouches_
     store.close()
 
 
+def test_a_cache_hit_makes_its_entry_the_most_recently_used(tmp_path: Path) -> None:
+    """A prompt every job reads must not be the first pruned: on a relatime mount a read alone does
+    not update atime more than once a day, so the cache marks a hit itself."""
+    import torch
+
+    from liveavatar_lite.conditioning.caches import PromptCache
+    from liveavatar_lite.serve.disk import cache_entries
+
+    cache = PromptCache(tmp_path)
+    for i, prompt in enumerate(("hot", "cold")):
+        cache.put(prompt, "art", torch.zeros(2, 4))
+        os.utime(cache.path(prompt, "art"), (100.0 + i, 100.0 + i))  # "hot" was stored first
+    assert cache_entries(tmp_path)[0] == cache.path("hot", "art")
+    assert cache.get("hot", "art") is not None  # every job reads it
+    assert cache_entries(tmp_path) == [cache.path("cold", "art"), cache.path("hot", "art")]
+    # marked through its mtime, which no mount option skips (atime may or may not have moved here)
+    assert cache.path("hot", "art").stat().st_mtime > 1e9 and cache.path("cold", "art").stat().st_mtime == 101.0
+
+
 def test_worker_log_is_rotated(tmp_path: Path) -> None:
     log = tmp_path / "worker.log"
     log.write_bytes(b"x" * 100)

@@ -60,6 +60,16 @@ def prompt_key(prompt: str, artifact_id: str) -> str:
     return cache_key(artifact_id, prompt)
 
 
+def _mark_used(path: Path) -> None:
+    """Set the entry's times to now: a pruner keeps the most recently used entries (serve's
+    --max-state-gb), and a read alone does not say so on a relatime or noatime mount (Linux's
+    default updates atime at most once a day), so a prompt every job uses would look the oldest."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: it is not pruned either
+        pass
+
+
 class TensorCache:
     """Named tensors stored as one safetensors file per key under `root/kind/`."""
 
@@ -78,10 +88,12 @@ class TensorCache:
         if not path.exists():
             return None
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except (OSError, SafetensorError) as e:
             log.warning("ignoring damaged cache entry %s (%s)", path, e)
             return None
+        _mark_used(path)
+        return tensors
 
     def store(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Store `tensors` atomically; an unwritable cache only logs a warning."""
