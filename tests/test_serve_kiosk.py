@@ -73,6 +73,18 @@ def _video(server: ServeProcess, job_id: str) -> np.ndarray:
     return decoded_frames(server.state_dir / "jobs" / job_id / "video.mp4")
 
 
+def _frames_report(video: np.ndarray, clean: np.ndarray, job: dict, server: ServeProcess) -> str:
+    """What a failed frame comparison needs for its diagnosis (it failed once in a loaded CI run,
+    2026-12-07, and passed in every rerun): which frames differ, the job, the worker's log."""
+    if video.shape != clean.shape:
+        return f"shape {video.shape} != {clean.shape}; job {job}"
+    differ = [i for i in range(len(clean)) if not np.array_equal(video[i], clean[i])]
+    worst = max(int(np.abs(video[i].astype(int) - clean[i]).max()) for i in differ) if differ else 0
+    worker_log = (server.state_dir / "worker.log").read_text(errors="replace")[-4000:]
+    return (f"{len(differ)} of {len(clean)} frames differ (first {differ[:1]}, last {differ[-1:]}, max |diff| "
+            f"{worst}); job {job}; server log tail:\n{server.log.read_text()[-3000:]}\nworker log tail:\n{worker_log}")
+
+
 def _states_logged(server: ServeProcess, job_id: str) -> list[str]:
     """The states of `job_id`'s log lines, in order (joblog.py: `job ID STATE seconds=... reason=...`)."""
     return re.findall(rf"job {job_id} (\w+)", server.log.read_text())
@@ -242,7 +254,8 @@ def test_full_disk_keeps_every_job_and_resumes_them_all(
         job = server.job(first)
         assert job["resumed"] and job["worker_deaths"] == 0 and job["error"] is None
         clean = decoded_frames(clean_render["out"])
-        assert np.array_equal(_video(server, first), clean)
+        video = _video(server, first)
+        assert np.array_equal(video, clean), _frames_report(video, clean, job, server)
         for job_id in waiting:
             assert np.array_equal(_video(server, job_id), clean[:CLIP0])
         assert _states_logged(server, first) == ["queued", "running", "waiting_for_disk", "queued", "running", "done"]
