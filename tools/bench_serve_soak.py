@@ -183,9 +183,9 @@ def main() -> None:
             growth = (b[i] - a[i]) / a[i] * 100
             print(f"{kind:7s} {name}: {a[i] / 1e6:7.1f} MB after job {args.baseline}, {b[i] / 1e6:7.1f} MB after job "
                   f"{args.jobs} ({growth:+.2f} %, {'within' if abs(growth) <= 1 else 'OUTSIDE'} 1 %)")
-    grown = sorted(((m1.get(k, 0) - m0.get(k, 0), k) for k in set(m0) | set(m1)), reverse=True)
+    changes = sorted(((m1.get(k, 0) - m0.get(k, 0), k) for k in set(m0) | set(m1)), key=lambda c: -abs(c[0]))
     print("worker's resident kB by mapping, largest changes: "
-          + ", ".join(f"{name} {kb:+d}" for kb, name in sorted(grown, key=lambda g: -abs(g[0]))[:6]))
+          + ", ".join(f"{name} {kb:+d}" for kb, name in changes[:6]))
 
 
 def _mappings(pid: int) -> dict[str, int]:
